@@ -1,0 +1,32 @@
+"""Install megatron_anyflow and its Triton kernels.
+
+The kernels live in the top-level ``kernels/`` folder but are installed under the import name
+``megatron_anyflow_kernels``: the bare name ``kernels`` is taken by another PyPI distribution.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_anyflow",
+    version="0.1.0",
+    description="AnyFlow (any-step video diffusion by on-policy flow-map distillation) on megatron-core",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_anyflow", "megatron_anyflow.*"]) + ["megatron_anyflow_kernels"],
+    package_dir={"megatron_anyflow_kernels": "kernels"},
+    # torch is deliberately not listed: a bare `torch` requirement pulls the CUDA build (several GB).
+    # Install the torch build for your machine first (see README).
+    install_requires=[
+        "megatron-core>=0.16,<0.17",
+        "diffusers>=0.42",
+        "transformers>=4.50",
+        "safetensors",
+        "psutil",
+        "einops",
+        "numpy",
+        "tqdm",
+        "tensorboard",
+    ],
+    extras_require={
+        "test": ["pytest", "triton>=3.0"],
+        "gpu": ["transformer-engine[pytorch]", "flash-attn", "triton>=3.0"],
+    },
+)
