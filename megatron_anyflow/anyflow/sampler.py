@@ -1,0 +1,232 @@
+"""Samplers: the AnyFlow flow-map Euler sampler and the teacher's CFG Euler ODE sampler.
+
+Model callables follow ``model(z, t, r, text) -> u``: ``z`` latents ``[b, f, c, h, w]``; ``t`` and ``r``
+float32 ``[b, f]`` on the **0..1000 scale**; ``text`` ``[b, L, d]``; ``u`` of ``z``'s shape, the average
+velocity on ``[r, t]`` per unit of t in ``[0, 1]`` (at ``r = t`` the instantaneous velocity).
+Both samplers use the grid :func:`~megatron_anyflow.anyflow.timesteps.flow_map_time_grid`
+(``shift(linspace(1, 0, N + 1))``), feed the network ``to_model_scale(t)`` (float32), and form the update
+with the float64 grid differences in float64 arithmetic, rounded once to the state's dtype, like diffusers'
+``FlowMapEulerDiscreteScheduler.step``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Tuple, Union
+
+import torch
+
+from .timesteps import flow_map_time_grid, to_model_scale
+
+__all__ = ["FlowMapEulerSampler", "TeacherEulerSampler"]
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+def _progress(iterable, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency, but stay usable without it
+        return iterable
+    return tqdm(iterable, desc=desc)
+
+
+def _check_noise(noise: torch.Tensor) -> None:
+    if not torch.is_tensor(noise) or noise.dim() != 5:
+        raise ValueError("noise must be a [b, f, c, h, w] tensor")
+    if not noise.is_floating_point():
+        raise ValueError("noise must be a floating-point tensor")
+
+
+def _euler_update(z: torch.Tensor, dt: float, u: torch.Tensor) -> torch.Tensor:
+    """``z - dt * u`` formed in float64 and rounded once to ``z.dtype``.
+
+    This is what diffusers' ``FlowMapEulerDiscreteScheduler.step`` does (its sigmas are float64 tensors
+    of rank >= 1, so type promotion computes in float64 before ``.to(model_output.dtype)``); our rollout
+    is bitwise identical to the scheduler loop for float32 states.
+    """
+    return (z.to(torch.float64) - dt * u.to(torch.float64)).to(z.dtype)
+
+
+def _check_steps_shift(num_steps: int, shift: float) -> None:
+    # flow_map_time_grid validates both; call it once so the constructor fails early.
+    flow_map_time_grid(num_steps, shift)
+
+
+class FlowMapEulerSampler:
+    """Any-step flow-map Euler sampler: ``z_r = z_t - (t - r) u(z_t, t, r)`` (ANYFLOW.md section 1).
+
+    For ``i = 0..N-1`` with ``(t, r) = (grid[i], grid[i+1])``, ``grid = flow_map_time_grid(N, shift)``:
+    ``z <- z - (t - r) * model(z, T, R, text)`` where ``T = to_model_scale(t)``, ``R = to_model_scale(r)``
+    expanded to float32 ``[b, f]``. Guidance is fused into the model (guidance scale 1, paper eq. 6), so
+    there is one model call per step. With the exact average velocity the result is exact for any N.
+
+    Args:
+        num_steps: number of steps ``N >= 1`` (NFE).
+        shift: time shift ``s > 0`` (5.0 for Wan2.1 / AnyFlow).
+
+    Raises:
+        ValueError: ``num_steps`` < 1 or not an integer; ``shift <= 0``.
+
+    Attributes:
+        times: float64 ``[N + 1]`` grid in ``[0, 1]``, from 1 to 0.
+
+    Image-to-video (``condition_frames``): the first ``fc`` latent frames are held at the given clean
+    latents for the whole rollout and are fed to the model with ``t = r = 0`` (a clean frame, flow-map
+    boundary at data); the model's output for them is discarded. Note: the reference / diffusers AnyFlow
+    pipelines set only ``t = 0`` for context frames and leave their ``r`` at the step's ``r``; pass
+    ``reference_condition_r=True`` to reproduce that.
+    """
+
+    def __init__(self, num_steps: int, shift: float = 5.0):
+        _check_steps_shift(num_steps, shift)
+        self.num_steps = int(num_steps)
+        self.shift = float(shift)
+        self.times = flow_map_time_grid(self.num_steps, self.shift)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        model: ModelFn,
+        noise: torch.Tensor,
+        text: Optional[torch.Tensor],
+        progress: bool = False,
+        trajectory: bool = False,
+        condition_frames: Optional[torch.Tensor] = None,
+        reference_condition_r: bool = False,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Roll out from ``noise`` (the state at t = 1) to t = 0.
+
+        Args:
+            model: ``model(z, T, R, text) -> u`` (T, R float32 ``[b, f]`` on 0..1000).
+            noise: ``[b, f, c, h, w]`` initial state at t = 1 (its dtype is the state's dtype; float32
+                recommended). Not modified.
+            text: text embedding ``[b, L, d]`` passed through to the model (may be ``None``).
+            progress: show a tqdm progress bar.
+            trajectory: also return the list of the ``N + 1`` states ``[z_1, ..., z_0]`` (clones).
+            condition_frames: optional clean latents ``[b, fc, c, h, w]`` for the first ``fc`` frames
+                (image-to-video: ``fc = 1``), see the class docstring.
+            reference_condition_r: with ``condition_frames``, give the condition frames ``r`` = the
+                step's r (reference pipeline) instead of 0.
+
+        Returns:
+            ``x0`` ``[b, f, c, h, w]`` in ``noise``'s dtype; with ``trajectory=True`` ``(x0, states)``.
+
+        Raises:
+            ValueError: bad ``noise`` rank/dtype, or ``condition_frames`` of the wrong shape.
+
+        Runs under ``torch.no_grad()``.
+        """
+        _check_noise(noise)
+        b, f = noise.shape[:2]
+        fc = 0
+        if condition_frames is not None:
+            if (condition_frames.dim() != 5 or condition_frames.shape[0] != b
+                    or condition_frames.shape[2:] != noise.shape[2:] or not (1 <= condition_frames.shape[1] <= f)):
+                raise ValueError(
+                    f"condition_frames must be [b, fc, c, h, w] with 1 <= fc <= f matching noise "
+                    f"{tuple(noise.shape)}, got {tuple(condition_frames.shape)}"
+                )
+            fc = condition_frames.shape[1]
+            condition_frames = condition_frames.to(device=noise.device, dtype=noise.dtype)
+
+        z = noise.clone()
+        if fc:
+            z[:, :fc] = condition_frames
+        states = [z.clone()] if trajectory else None
+        times = self.times.tolist()
+        for i in _progress(range(self.num_steps), progress, "flow-map sampling"):
+            t, r = times[i], times[i + 1]
+            T = to_model_scale(t).to(noise.device).expand(b, f).clone()
+            R = to_model_scale(r).to(noise.device).expand(b, f).clone()
+            if fc:
+                T[:, :fc] = 0.0
+                if not reference_condition_r:
+                    R[:, :fc] = 0.0
+            u = model(z, T, R, text)
+            z = _euler_update(z, t - r, u)
+            if fc:
+                z[:, :fc] = condition_frames
+            if trajectory:
+                states.append(z.clone())
+        if trajectory:
+            return z, states
+        return z
+
+
+class TeacherEulerSampler:
+    """Euler ODE sampler of the (single-time) teacher with classifier-free guidance.
+
+    Same grid as :class:`FlowMapEulerSampler`. Per step ``(t, r)``:
+    ``v = v_u + g (v_c - v_u)`` with ``v_c = model(z, T, T, text)``, ``v_u = model(z, T, T, negative_text)``
+    (the teacher is called with ``r = t``, where the AnyFlow time embedding equals the pretrained one),
+    then ``z <- z - (t - r) v``. ``guidance_scale == 1`` skips the unconditional call. This is the
+    Wan2.1 flow-matching Euler sampler with CFG (the design's DMD "real" score uses the same combination).
+
+    Args:
+        num_steps: number of Euler steps ``N >= 1`` (NFE = N, or 2N with CFG).
+        shift: time shift ``s > 0``.
+        guidance_scale: CFG scale ``g`` (3.0 by default; 1.0 disables CFG).
+
+    Raises:
+        ValueError: ``num_steps`` < 1, ``shift <= 0``, non-finite ``guidance_scale``.
+    """
+
+    def __init__(self, num_steps: int, shift: float = 5.0, guidance_scale: float = 3.0):
+        _check_steps_shift(num_steps, shift)
+        guidance_scale = float(guidance_scale)
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
+        self.num_steps = int(num_steps)
+        self.shift = float(shift)
+        self.guidance_scale = guidance_scale
+        self.times = flow_map_time_grid(self.num_steps, self.shift)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        model: ModelFn,
+        noise: torch.Tensor,
+        text: Optional[torch.Tensor],
+        negative_text: Optional[torch.Tensor] = None,
+        progress: bool = False,
+        trajectory: bool = False,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Integrate the guided PF-ODE from ``noise`` (t = 1) to t = 0.
+
+        Args:
+            model: ``model(z, T, R, text) -> v``; called with ``R = T`` (float32 ``[b, f]``, 0..1000).
+            noise: ``[b, f, c, h, w]`` state at t = 1 (its dtype is the state's dtype).
+            text: conditional text embedding ``[b, L, d]``.
+            negative_text: negative-prompt embedding ``[b, L', d]``; required when ``guidance_scale != 1``.
+            progress: tqdm progress bar.
+            trajectory: also return the ``N + 1`` states.
+
+        Returns:
+            ``x0`` in ``noise``'s dtype, or ``(x0, states)`` with ``trajectory=True``.
+
+        Raises:
+            ValueError: bad ``noise``; ``negative_text`` missing while ``guidance_scale != 1``.
+        """
+        _check_noise(noise)
+        g = self.guidance_scale
+        if g != 1.0 and negative_text is None:
+            raise ValueError("negative_text is required when guidance_scale != 1")
+        b, f = noise.shape[:2]
+        z = noise.clone()
+        states = [z.clone()] if trajectory else None
+        times = self.times.tolist()
+        for i in _progress(range(self.num_steps), progress, "teacher sampling"):
+            t, r = times[i], times[i + 1]
+            T = to_model_scale(t).to(noise.device).expand(b, f).clone()
+            v = model(z, T, T, text).to(z.dtype)
+            if g != 1.0:
+                v_u = model(z, T, T, negative_text).to(z.dtype)
+                v = v_u + g * (v - v_u)
+            z = _euler_update(z, t - r, v)
+            if trajectory:
+                states.append(z.clone())
+        if trajectory:
+            return z, states
+        return z
