@@ -1,0 +1,135 @@
+"""Model configuration for the Wan2.1 / AnyFlow DiT.
+
+`WanConfig` extends megatron-core's `TransformerConfig` (so TP / SP / CP sizes, dtypes, FP8 and
+recomputation settings live where a Megatron user expects them) with the Wan-specific fields.
+Presets follow diffusers' `WanTransformer3DModel` configs (ANYFLOW.md section 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (Wan's FFN activation, diffusers ``gelu-approximate``)."""
+    return F.gelu(x, approximate="tanh")
+
+
+@dataclass
+class WanConfig(TransformerConfig):
+    """Configuration of the Wan2.1 DiT with AnyFlow's second time input.
+
+    Fields beyond `TransformerConfig`:
+        in_channels / out_channels: latent channels (16 for the Wan VAE).
+        patch_size: (t, h, w) patch of the patch embedding, (1, 2, 2) for Wan2.1.
+        text_dim: width of the text-encoder states (4096 for umT5-XXL).
+        freq_dim: width of the sinusoidal timestep projection (256).
+        rope_theta: base of the 3D rotary embedding (1e4); head dims split 44:42:42 (t:h:w) for 128.
+        cross_attn_norm: affine LayerNorm before cross-attention (True for Wan2.1).
+        delta_embedder: build AnyFlow's second time embedder (``condition_embedder.delta_embedder``).
+        delta_gate: g in ``emb = (1 - g) emb_t(t) + g emb_r(r)`` (AnyFlow ref: 0.25).
+        deltatime_type: ``"r"`` (the embedder sees r, AnyFlow default) or ``"t-r"``.
+        backend: ``"local"`` (megatron-core tensor-parallel linears + PyTorch attention, runs on CPU)
+            or ``"te"`` (Transformer Engine modules; FP8-capable, GPU only).
+        attention_impl: core attention for the local backend: ``"sdpa"`` (PyTorch SDPA) or ``"math"``.
+        lora_rank / lora_alpha: LoRA adapter size (AnyFlow: 256 / 256).
+
+    Raises:
+        ValueError: for a hidden size not divisible by the heads, a head dim that is odd or too
+            small for the 3D RoPE split, or an unknown backend.
+    """
+
+    in_channels: int = 16
+    out_channels: int = 16
+    patch_size: Tuple[int, int, int] = (1, 2, 2)
+    text_dim: int = 4096
+    freq_dim: int = 256
+    rope_theta: float = 10000.0
+    rope_max_seq_len: int = 1024
+    cross_attn_norm: bool = True
+    delta_embedder: bool = True
+    delta_gate: float = 0.25
+    deltatime_type: str = "r"
+    backend: str = "local"
+    attention_impl: str = "sdpa"
+    lora_rank: int = 256
+    lora_alpha: float = 256.0
+
+    def __post_init__(self):
+        if self.kv_channels is None and self.num_attention_heads:
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+        super().__post_init__()
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                f"{self.num_attention_heads}"
+            )
+        head_dim = self.hidden_size // self.num_attention_heads
+        if head_dim % 2 != 0 or head_dim < 6:
+            raise ValueError(f"head dim {head_dim} must be even and >= 6 for the 3D RoPE split")
+        if self.backend not in ("local", "te"):
+            raise ValueError(f"backend={self.backend!r}; expected 'local' or 'te'")
+        if self.deltatime_type not in ("r", "t-r"):
+            raise ValueError(f"deltatime_type={self.deltatime_type!r}; expected 'r' or 't-r'")
+        if self.attention_impl not in ("sdpa", "math"):
+            raise ValueError(f"attention_impl={self.attention_impl!r}; expected 'sdpa' or 'math'")
+        self.patch_size = tuple(int(p) for p in self.patch_size)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_split(self) -> Tuple[int, int, int]:
+        """Head-dim split of the 3D RoPE (t, h, w): 44:42:42 for 128 (diffusers' rule)."""
+        hw = 2 * (self.head_dim // 6)
+        return self.head_dim - 2 * hw, hw, hw
+
+
+# name -> (hidden, heads, layers, ffn, text_dim); the two Wan2.1 sizes follow diffusers' configs.
+PRESETS = {
+    "tiny": dict(hidden_size=64, num_attention_heads=4, num_layers=2, ffn_hidden_size=160, text_dim=384,
+                 freq_dim=32, lora_rank=8, lora_alpha=8.0),
+    "wan2.1-1.3b": dict(hidden_size=1536, num_attention_heads=12, num_layers=30, ffn_hidden_size=8960),
+    "wan2.1-14b": dict(hidden_size=5120, num_attention_heads=40, num_layers=40, ffn_hidden_size=13824),
+}
+
+
+def wan_config(preset: str = "tiny", **overrides) -> WanConfig:
+    """Build a `WanConfig` from a preset name (``tiny``, ``wan2.1-1.3b``, ``wan2.1-14b``).
+
+    ``overrides`` are any `WanConfig` / `TransformerConfig` fields (e.g. ``tensor_model_parallel_size=2,
+    sequence_parallel=True, bf16=True``). Wan's fixed choices (eps 1e-6, biases, GELU-tanh, no dropout)
+    are filled in unless overridden.
+
+    Raises:
+        ValueError: unknown preset name, or an unknown field in ``overrides``.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    known = {f.name for f in dataclasses.fields(WanConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown WanConfig field(s) {unknown}")
+    kwargs = dict(
+        layernorm_epsilon=1e-6,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        activation_func=gelu_tanh,
+        gated_linear_unit=False,
+        use_cpu_initialization=True,
+        normalization="LayerNorm",
+    )
+    kwargs.update(PRESETS[preset])
+    kwargs.update(overrides)
+    if kwargs.get("bf16") and "params_dtype" not in overrides:
+        kwargs["params_dtype"] = torch.bfloat16
+    return WanConfig(**kwargs)

@@ -1,0 +1,204 @@
+"""State-dict conversion between diffusers' Wan / AnyFlow transformers and `WanModel`.
+
+"Full" state dicts hold unsharded tensors (TP = 1 layout); `shard_state_dict` / `gather_full_state_dict`
+move between the full layout and a tensor-parallel rank's shards using the parameters'
+``tensor_model_parallel`` / ``partition_dim`` attributes (megatron-core's convention).
+
+Name mapping (diffusers -> this project), i = block index:
+
+    blocks.i.attn1.{to_q,to_k,to_v}   -> blocks.i.self_attention.linear_qkv  (rows head by head: q, k, v)
+    blocks.i.attn1.to_out.0           -> blocks.i.self_attention.linear_proj
+    blocks.i.attn1.norm_{q,k}         -> blocks.i.self_attention.{q,k}_layernorm
+    blocks.i.attn2.to_q               -> blocks.i.cross_attention.linear_q
+    blocks.i.attn2.{to_k,to_v}        -> blocks.i.cross_attention.linear_kv  (rows head by head: k, v)
+    blocks.i.attn2.to_out.0           -> blocks.i.cross_attention.linear_proj
+    blocks.i.attn2.norm_{q,k}         -> blocks.i.cross_attention.{q,k}_layernorm
+    blocks.i.norm2                    -> blocks.i.cross_attn_norm
+    blocks.i.ffn.net.0.proj           -> blocks.i.mlp.linear_fc1
+    blocks.i.ffn.net.2                -> blocks.i.mlp.linear_fc2
+    everything else (patch_embedding, condition_embedder.*, scale_shift_table, proj_out,
+    blocks.i.scale_shift_table)       -> same name
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, Iterable, List, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megatron_anyflow.parallel.tensor_parallel import tp_rank, tp_world_size
+
+StateDict = Dict[str, torch.Tensor]
+
+_RENAMES = [  # (diffusers suffix, project suffix) inside blocks.i.
+    ("attn1.to_out.0", "self_attention.linear_proj"),
+    ("attn1.norm_q", "self_attention.q_layernorm"),
+    ("attn1.norm_k", "self_attention.k_layernorm"),
+    ("attn2.to_q", "cross_attention.linear_q"),
+    ("attn2.to_out.0", "cross_attention.linear_proj"),
+    ("attn2.norm_q", "cross_attention.q_layernorm"),
+    ("attn2.norm_k", "cross_attention.k_layernorm"),
+    ("norm2", "cross_attn_norm"),
+    ("ffn.net.0.proj", "mlp.linear_fc1"),
+    ("ffn.net.2", "mlp.linear_fc2"),
+]
+_FUSED = [  # (diffusers parts, project name)
+    (("attn1.to_q", "attn1.to_k", "attn1.to_v"), "self_attention.linear_qkv"),
+    (("attn2.to_k", "attn2.to_v"), "cross_attention.linear_kv"),
+]
+_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+class ConversionError(ValueError):
+    """A state dict does not match the model: missing / unexpected keys or a shape mismatch."""
+
+
+def interleave_heads(parts: List[torch.Tensor], head_dim: int) -> torch.Tensor:
+    """Fuse [n*d, ...] tensors into [n*g*d, ...] rows ordered (head, part, d)."""
+    n = parts[0].shape[0] // head_dim
+    stacked = torch.stack([p.reshape(n, head_dim, *p.shape[1:]) for p in parts], dim=1)
+    return stacked.reshape(n * len(parts) * head_dim, *parts[0].shape[1:])
+
+
+def deinterleave_heads(fused: torch.Tensor, groups: int, head_dim: int) -> List[torch.Tensor]:
+    """Inverse of `interleave_heads`."""
+    n = fused.shape[0] // (groups * head_dim)
+    x = fused.reshape(n, groups, head_dim, *fused.shape[1:])
+    return [x[:, g].reshape(n * head_dim, *fused.shape[1:]).contiguous() for g in range(groups)]
+
+
+def hf_to_megatron(hf: StateDict, head_dim: int) -> StateDict:
+    """Rename and fuse a diffusers `WanTransformer3DModel` / `AnyFlowTransformer3DModel` state dict.
+
+    Returns a full (TP = 1) state dict of `WanModel`. Keys it does not know are passed through under
+    their own name so that `check_state_dict` can report them as unexpected.
+    """
+    out: StateDict = {}
+    used = set()
+    blocks = sorted({int(m.group(1)) for k in hf for m in [_BLOCK.match(k)] if m})
+    for i in blocks:
+        for parts, name in _FUSED:
+            for kind in ("weight", "bias"):
+                keys = [f"blocks.{i}.{p}.{kind}" for p in parts]
+                if all(k in hf for k in keys):
+                    out[f"blocks.{i}.{name}.{kind}"] = interleave_heads([hf[k] for k in keys], head_dim)
+                    used.update(keys)
+    for k, v in hf.items():
+        if k in used:
+            continue
+        m = _BLOCK.match(k)
+        if m:
+            i, mid, kind = m.groups()
+            for src, dst in _RENAMES:
+                if mid == src:
+                    k = f"blocks.{i}.{dst}.{kind}"
+                    break
+        out[k] = v
+    return out
+
+
+def megatron_to_hf(sd: StateDict, head_dim: int) -> StateDict:
+    """Inverse of `hf_to_megatron` on a full state dict (``_extra_state`` entries dropped)."""
+    out: StateDict = {}
+    for k, v in sd.items():
+        if k.endswith("_extra_state") or v is None:
+            continue
+        m = _BLOCK.match(k)
+        if not m:
+            out[k] = v
+            continue
+        i, mid, kind = m.groups()
+        fused = [parts for parts, name in _FUSED if name == mid]
+        if fused:
+            for p, t in zip(fused[0], deinterleave_heads(v, len(fused[0]), head_dim)):
+                out[f"blocks.{i}.{p}.{kind}"] = t
+            continue
+        for src, dst in _RENAMES:
+            if mid == dst:
+                k = f"blocks.{i}.{src}.{kind}"
+                break
+        out[k] = v
+    return out
+
+
+def model_full_shapes(model: torch.nn.Module) -> Dict[str, Tuple[Tuple[int, ...], torch.Tensor]]:
+    """name -> (full unsharded shape, the local tensor) for the model's parameters and persistent buffers."""
+    tp = tp_world_size()
+    params = dict(model.named_parameters())
+    out = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        if v is None or k.endswith("_extra_state"):
+            continue
+        shape = list(v.shape)
+        p = params.get(k)
+        if p is not None and getattr(p, "tensor_model_parallel", False):
+            shape[p.partition_dim] *= tp
+        out[k] = (tuple(shape), v)
+    return out
+
+
+def check_state_dict(model: torch.nn.Module, full: StateDict, source: str = "checkpoint",
+                     ignore: Iterable[str] = ()) -> None:
+    """Raise `ConversionError` naming missing / unexpected keys and shape mismatches (full layout)."""
+    ignore = tuple(ignore)
+    expected = {k: s for k, (s, _) in model_full_shapes(model).items() if not k.startswith(ignore)}
+    given = {k for k in full if not k.endswith("_extra_state") and not k.startswith(ignore)}
+    missing = sorted(set(expected) - given)
+    unexpected = sorted(given - set(expected))
+    bad = [f"{k}: expected {expected[k]}, found {tuple(full[k].shape)}"
+           for k in sorted(given & set(expected)) if tuple(full[k].shape) != expected[k]]
+    msgs = []
+    if missing:
+        msgs.append(f"missing keys ({len(missing)}): {missing[:20]}")
+    if unexpected:
+        msgs.append(f"unexpected keys ({len(unexpected)}): {unexpected[:20]}")
+    if bad:
+        msgs.append("shape mismatches: " + "; ".join(bad[:20]))
+    if msgs:
+        raise ConversionError(f"{source} does not match the model: " + " | ".join(msgs))
+
+
+def shard_state_dict(model: torch.nn.Module, full: StateDict) -> StateDict:
+    """This TP rank's slice of a full state dict, following each parameter's partition attributes."""
+    tp, rank = tp_world_size(), tp_rank()
+    params = dict(model.named_parameters())
+    out = {}
+    for k, v in full.items():
+        p = params.get(k)
+        if p is not None and getattr(p, "tensor_model_parallel", False) and tp > 1:
+            v = v.chunk(tp, dim=p.partition_dim)[rank]
+        out[k] = v
+    return out
+
+
+def load_full_state_dict(model: torch.nn.Module, full: StateDict, source: str = "checkpoint",
+                         strict: bool = True) -> None:
+    """Check ``full`` against ``model`` (full shapes) and copy this rank's shards into it."""
+    if strict:
+        check_state_dict(model, full, source)
+    local = shard_state_dict(model, full)
+    own = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for k, v in local.items():
+            if k in own and own[k] is not None:
+                own[k].copy_(v.to(own[k].dtype))
+
+
+def gather_full_state_dict(model: torch.nn.Module) -> StateDict:
+    """Full (unsharded) state dict gathered over the TP group; every TP rank gets all of it."""
+    tp = tp_world_size()
+    params = dict(model.named_parameters())
+    out = {}
+    for k, (shape, v) in model_full_shapes(model).items():
+        v = v.detach()
+        p = params.get(k)
+        if p is not None and getattr(p, "tensor_model_parallel", False) and tp > 1:
+            from megatron.core import parallel_state
+
+            parts = [torch.empty_like(v) for _ in range(tp)]
+            dist.all_gather(parts, v.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+            v = torch.cat(parts, dim=p.partition_dim)
+        out[k] = v.clone()
+    return out

@@ -1,0 +1,266 @@
+"""The Wan2.1 DiT with AnyFlow's two-time conditioning, on megatron-core.
+
+Equivalent to diffusers' `AnyFlowTransformer3DModel` (with the delta embedder) and
+`WanTransformer3DModel` (without it); tested against both.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from megatron_anyflow.models.wan.config import WanConfig
+from megatron_anyflow.models.wan.layer import FrameSegments, _modulate
+from megatron_anyflow.models.wan.rope import RotaryCache
+from megatron_anyflow.models.wan.specs import get_wan_layer_spec
+from megatron_anyflow.parallel.tensor_parallel import mark_sequence_parallel, tp_rank, tp_world_size
+
+
+def timestep_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal timestep projection, diffusers `Timesteps(dim, flip_sin_to_cos=True, shift=0)`.
+
+    Args:
+        t: [n] timesteps on the 0..1000 scale; computed in float32 whatever the input dtype (bf16
+            timesteps are 4 apart near 1000 and break stage 1's finite difference).
+    Returns:
+        [n, dim] float32, ``cat(cos, sin)``.
+    """
+    half = dim // 2
+    exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    args = t.float()[:, None] * torch.exp(exponent)[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """``linear_2(silu(linear_1(sinusoid)))``, diffusers `TimestepEmbedding` (freq_dim -> hidden)."""
+
+    def __init__(self, freq_dim: int, hidden: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(freq_dim, hidden)
+        self.linear_2 = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class TextEmbedder(nn.Module):
+    """``linear_2(gelu_tanh(linear_1(text)))``, diffusers `PixArtAlphaTextProjection`."""
+
+    def __init__(self, text_dim: int, hidden: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(text_dim, hidden)
+        self.linear_2 = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+
+
+class ConditionEmbedder(nn.Module):
+    """Time (and AnyFlow delta-time) and text embedders.
+
+    AnyFlow interpolated timestep conditioning (paper sec. 4.2.1; ref ``delta_embedder``):
+    ``emb = (1 - g) emb_t(t) + g emb_r(r)``, g = 0.25, computed as ``emb_t + g (emb_r - emb_t)`` so that
+    with ``delta_embedder`` a copy of ``time_embedder`` and t = r the result is exactly ``emb_t(t)``.
+    """
+
+    def __init__(self, config: WanConfig):
+        super().__init__()
+        h = config.hidden_size
+        self.freq_dim = config.freq_dim
+        self.gate = config.delta_gate
+        self.deltatime_type = config.deltatime_type
+        self.time_embedder = TimestepEmbedder(config.freq_dim, h)
+        self.delta_embedder = TimestepEmbedder(config.freq_dim, h) if config.delta_embedder else None
+        self.time_proj = nn.Linear(h, 6 * h)
+        self.text_embedder = TextEmbedder(config.text_dim, h)
+
+    def reset_delta_embedder(self) -> None:
+        """Initialise the delta embedder as a copy of the time embedder (AnyFlow stage-1 start)."""
+        if self.delta_embedder is None:
+            raise ValueError("this model has no delta embedder (WanConfig.delta_embedder=False)")
+        self.delta_embedder.load_state_dict(self.time_embedder.state_dict())
+
+    def time_embedding(self, t: torch.Tensor, r: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """Fused time embedding [n, h] in ``dtype`` from t, r [n] on the 0..1000 scale (float32)."""
+        emb_dtype = self.time_embedder.linear_1.weight.dtype
+        temb = self.time_embedder(timestep_sinusoid(t, self.freq_dim).to(emb_dtype)).to(dtype)
+        if self.delta_embedder is None:
+            return temb
+        d = r if self.deltatime_type == "r" else t - r
+        demb = self.delta_embedder(timestep_sinusoid(d, self.freq_dim).to(emb_dtype)).to(dtype)
+        return temb + self.gate * (demb - temb)
+
+
+class WanModel(MegatronModule):
+    """Wan2.1 DiT predicting AnyFlow's average velocity ``u(z_t, t, r)``.
+
+    Inputs:
+        latents: [b, f, c, H, W] (frame-major latents, AnyFlow / diffusers layout); H, W divisible by
+            the patch size, f by the temporal patch.
+        t: [b] or [b, f] source time on the 0..1000 scale (float32 kept into the sinusoid).
+        r: [b] or [b, f] target time on the 0..1000 scale; ignored (may be None) without the delta
+            embedder; None means r = t.
+        text: [b, L, text_dim] text-encoder states.
+    Returns:
+        u: [b, f, c_out, H, W] in the model dtype; flow map ``f(z_t, t, r) = z_t - (t - r)/1000 * u``.
+
+    Parallelism: tokens are split over the tensor-parallel group when ``config.sequence_parallel``;
+    the output is gathered whole on every rank. Per-frame timesteps give per-frame modulation.
+
+    Raises:
+        ValueError: bad input shapes (naming the shape and what was expected) or a token count that does
+            not divide by the tensor-parallel size under sequence parallelism.
+    """
+
+    def __init__(self, config: WanConfig, layer_spec: Optional[ModuleSpec] = None):
+        super().__init__(config=config)
+        self.config: WanConfig = config
+        h = config.hidden_size
+        p = config.patch_size
+        self.patch_embedding = nn.Conv3d(config.in_channels, h, kernel_size=p, stride=p)
+        self.condition_embedder = ConditionEmbedder(config)
+        spec = layer_spec if layer_spec is not None else get_wan_layer_spec(config.backend)
+        self.blocks = nn.ModuleList(
+            [build_module(spec, config=config, layer_number=i + 1) for i in range(config.num_layers)]
+        )
+        self.proj_out = nn.Linear(h, config.out_channels * math.prod(p))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, h) / h ** 0.5)
+        self.rope = RotaryCache(config.rope_split, config.rope_theta)
+        if config.params_dtype != torch.float32:
+            self._cast_low_precision(config.params_dtype)
+        if config.sequence_parallel and tp_world_size() > 1:
+            # Replicated parameters used on the rank's token slice only: their gradients are partial
+            # sums over TP ranks (allreduce_sequence_parallel_grads sums them).
+            ce = self.condition_embedder
+            mark_sequence_parallel(ce.time_embedder.parameters())
+            mark_sequence_parallel(ce.time_proj.parameters())
+            if ce.delta_embedder is not None:
+                mark_sequence_parallel(ce.delta_embedder.parameters())
+            mark_sequence_parallel([self.scale_shift_table, *self.proj_out.parameters()])
+            for blk in self.blocks:
+                mark_sequence_parallel([blk.scale_shift_table])
+                if blk.cross_attn_norm is not None:
+                    mark_sequence_parallel(blk.cross_attn_norm.parameters())
+
+    def _cast_low_precision(self, dtype):
+        """Cast to ``dtype`` but keep diffusers' fp32 modules (time embedders, adaLN tables, norms)."""
+        keep = {id(p) for m in (self.condition_embedder.time_embedder, self.condition_embedder.delta_embedder)
+                if m is not None for p in m.parameters()}
+        keep.add(id(self.scale_shift_table))
+        for blk in self.blocks:
+            keep.add(id(blk.scale_shift_table))
+            if blk.cross_attn_norm is not None:
+                keep.update(id(p) for p in blk.cross_attn_norm.parameters())
+            for norm in (blk.self_attention.q_layernorm, blk.self_attention.k_layernorm,
+                         blk.cross_attention.q_layernorm, blk.cross_attention.k_layernorm):
+                keep.add(id(norm.weight))
+        for p in self.parameters():
+            if id(p) not in keep:
+                p.data = p.data.to(dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.proj_out.weight.dtype
+
+    # ------------------------------------------------------------------------------------------
+    def _check_inputs(self, latents, t, r, text):
+        cfg = self.config
+        if latents.dim() != 5:
+            raise ValueError(f"latents must be [b, f, c, H, W]; got shape {tuple(latents.shape)}")
+        b, f, c, H, W = latents.shape
+        pt, ph, pw = cfg.patch_size
+        if c != cfg.in_channels:
+            raise ValueError(f"latents have {c} channels; the model expects in_channels={cfg.in_channels}")
+        if f % pt or H % ph or W % pw:
+            raise ValueError(f"latent shape (f={f}, H={H}, W={W}) is not divisible by patch_size {cfg.patch_size}")
+        if text.dim() != 3 or text.shape[0] != b or text.shape[2] != cfg.text_dim:
+            raise ValueError(f"text must be [b={b}, L, text_dim={cfg.text_dim}]; got {tuple(text.shape)}")
+        out = []
+        for name, x in (("t", t), ("r", r)):
+            if x is None:
+                out.append(None)
+                continue
+            x = torch.as_tensor(x, device=latents.device)
+            if x.dim() == 0:
+                x = x.expand(b)
+            if x.dim() == 1:
+                x = x[:, None].expand(b, f)
+            if tuple(x.shape) != (b, f):
+                raise ValueError(f"{name} must be [b] or [b, f] = [{b}] or [{b}, {f}]; got {tuple(x.shape)}")
+            out.append(x.float())
+        return out
+
+    def forward(self, latents: torch.Tensor, t: torch.Tensor, r: Optional[torch.Tensor], text: torch.Tensor):
+        cfg = self.config
+        t, r = self._check_inputs(latents, t, r, text)
+        if r is None:
+            r = t
+        b, f, _, H, W = latents.shape
+        pt, ph, pw = cfg.patch_size
+        grid = (f // pt, H // ph, W // pw)
+        tokens_per_frame = grid[1] * grid[2]
+        seq = grid[0] * tokens_per_frame
+        dtype = self.dtype
+
+        # Patch embedding -> [S, b, h]
+        x = self.patch_embedding(latents.permute(0, 2, 1, 3, 4).to(self.patch_embedding.weight.dtype))
+        x = x.flatten(2).permute(2, 0, 1).contiguous().to(dtype)
+
+        # Per-(patched-)frame times; collapse to one frame when all frames agree (the usual case).
+        t_f, r_f = t[:, ::pt], r[:, ::pt]
+        uniform = bool((t_f == t_f[:, :1]).all() and (r_f == r_f[:, :1]).all())
+        if uniform:
+            t_f, r_f = t_f[:, :1], r_f[:, :1]
+        nf = t_f.shape[1]
+        temb = self.condition_embedder.time_embedding(t_f.reshape(-1), r_f.reshape(-1), dtype)  # [b*nf, h]
+        e = self.condition_embedder.time_proj(F.silu(temb))  # [b*nf, 6h]
+        temb = temb.view(b, nf, -1).transpose(0, 1)  # [nf, b, h]
+        e = e.view(b, nf, 6, -1).transpose(0, 1)  # [nf, b, 6, h]
+        txt = self.condition_embedder.text_embedder(text.to(self.condition_embedder.text_embedder.linear_1.weight.dtype))
+        txt = txt.to(dtype).transpose(0, 1).contiguous()  # [L, b, h]
+
+        # Sequence parallelism: this rank keeps a contiguous slice of the tokens.
+        tp = tp_world_size()
+        sp = cfg.sequence_parallel and tp > 1
+        start, length = 0, seq
+        if sp:
+            if seq % tp:
+                raise ValueError(f"{seq} tokens (grid {grid}) do not divide by the tensor-parallel size {tp} "
+                                 "under sequence parallelism; change the latent size or disable SP")
+            length = seq // tp
+            start = tp_rank() * length
+            x = tensor_parallel.scatter_to_sequence_parallel_region(x)
+        segments = FrameSegments.build(grid[0], tokens_per_frame, start, length, uniform)
+        rope = self.rope.get(grid, x.device)
+
+        for blk in self.blocks:
+            x = blk(x, e, txt, rope, segments)
+
+        # Output head with its own modulation, on the local tokens.
+        shift, scale = (self.scale_shift_table[None] + temb[:, :, None, :].float()).unbind(2)
+        y = F.layer_norm(x.float(), (x.shape[-1],), eps=cfg.layernorm_epsilon)
+        y = segments.apply(_modulate, (y,), (shift, scale)).type_as(x)
+        y = self.proj_out(y.to(self.proj_out.weight.dtype))  # [s, b, c_out * prod(p)]
+        if sp:
+            # The loss is computed identically on every TP rank: the output gradient is replicated, so
+            # the gather's backward must split, not reduce-scatter (that would scale grads by TP).
+            y = tensor_parallel.gather_from_sequence_parallel_region(y, tensor_parallel_output_grad=False)
+        return self._unpatchify(y, b, grid)
+
+    def _unpatchify(self, y: torch.Tensor, b: int, grid: Tuple[int, int, int]) -> torch.Tensor:
+        pt, ph, pw = self.config.patch_size
+        fq, hq, wq = grid
+        c = self.config.out_channels
+        y = y.transpose(0, 1).reshape(b, fq, hq, wq, pt, ph, pw, c)
+        y = y.permute(0, 1, 4, 7, 2, 5, 3, 6)  # b, fq, pt, c, hq, ph, wq, pw
+        return y.reshape(b, fq * pt, c, hq * ph, wq * pw)

@@ -1,0 +1,58 @@
+"""Process-group set-up: torchrun or a single process, NCCL on GPU and gloo on CPU."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def initialize_parallel(tensor_model_parallel_size: int = 1, context_parallel_size: int = 1,
+                        backend: str | None = None) -> None:
+    """Initialise torch.distributed and megatron-core's `parallel_state`.
+
+    Works under ``torchrun`` (reads RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT) and as a plain
+    ``python`` process (world size 1 on a free local port). Backend: NCCL when CUDA is available,
+    gloo otherwise. Idempotent for the same sizes.
+
+    Raises:
+        ValueError: the world size does not divide by TP x CP.
+    """
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend)
+    world = dist.get_world_size()
+    if world % (tensor_model_parallel_size * context_parallel_size):
+        raise ValueError(f"world size {world} does not divide by tensor_model_parallel_size="
+                         f"{tensor_model_parallel_size} x context_parallel_size={context_parallel_size}")
+    if parallel_state.model_parallel_is_initialized():
+        if (parallel_state.get_tensor_model_parallel_world_size() == tensor_model_parallel_size
+                and parallel_state.get_context_parallel_world_size() == context_parallel_size):
+            return
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size, context_parallel_size=context_parallel_size)
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron-core's groups and the default process group."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,99 @@
+"""Tensor / sequence-parallel helpers the Wan layers need beyond megatron-core's mappings."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+
+def tp_world_size() -> int:
+    """Tensor-parallel size, 1 when model parallelism is not initialised."""
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def tp_rank() -> int:
+    """Tensor-parallel rank, 0 when model parallelism is not initialised."""
+    if not parallel_state.model_parallel_is_initialized():
+        return 0
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the TP group in forward and in backward.
+
+    The q/k RMSNorm statistic is a sum over all heads; each TP rank holds some heads and uses the summed
+    statistic for its own channels only, so the gradient of that sum is the sum of every rank's
+    gradient (unlike megatron's reduce-from-region, whose backward is the identity).
+    """
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum_tp(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum of ``x`` over the tensor-parallel group (identity at TP = 1)."""
+    if tp_world_size() == 1:
+        return x
+    return _AllReduceSum.apply(x, parallel_state.get_tensor_model_parallel_group())
+
+
+def mark_sequence_parallel(params: Iterable[torch.nn.Parameter]) -> None:
+    """Flag replicated parameters whose gradients are partial sums over sequence-parallel tokens.
+
+    `allreduce_sequence_parallel_grads` sums these over the TP group after backward (megatron-core's
+    convention: the ``sequence_parallel`` attribute, as on LayerNorm weights and row-parallel biases).
+    """
+    for p in params:
+        setattr(p, "sequence_parallel", True)
+
+
+def allreduce_sequence_parallel_grads(model: torch.nn.Module) -> None:
+    """Sum the gradients of ``sequence_parallel`` parameters over the TP group, in one flat buffer.
+
+    Must run after backward and before clipping / the optimiser whenever sequence parallelism is on.
+    No-op at TP = 1.
+    """
+    if tp_world_size() == 1:
+        return
+    grads = [p.grad for p in model.parameters()
+             if p.requires_grad and p.grad is not None and getattr(p, "sequence_parallel", False)]
+    if not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=parallel_state.get_tensor_model_parallel_group())
+    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
+
+
+def allreduce_data_parallel_grads(model: torch.nn.Module, group: Optional[dist.ProcessGroup] = None) -> None:
+    """Average trainable gradients over the data-parallel (x context-parallel) group, one flat buffer."""
+    if group is None:
+        if not parallel_state.model_parallel_is_initialized():
+            return
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    size = dist.get_world_size(group)
+    if size == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    if not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    flat.div_(size)
+    dist.all_reduce(flat, group=group)
+    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
