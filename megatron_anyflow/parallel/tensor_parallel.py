@@ -97,3 +97,21 @@ def allreduce_data_parallel_grads(model: torch.nn.Module, group: Optional[dist.P
     dist.all_reduce(flat, group=group)
     for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
         g.copy_(synced)
+
+
+def grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """Total L2 norm of the gradients of a tensor-parallel model (float32 scalar, same on all TP ranks).
+
+    Tensor-parallel shards (``tensor_model_parallel``) contribute from every rank; replicated parameters
+    are counted once (from TP rank 0). Call after `allreduce_sequence_parallel_grads`.
+    """
+    params = [p for p in params if p.grad is not None]
+    device = params[0].grad.device if params else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    rank0 = tp_rank() == 0
+    for p in params:
+        if getattr(p, "tensor_model_parallel", False) or rank0:
+            total += p.grad.detach().float().pow(2).sum()
+    if tp_world_size() > 1:
+        dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
+    return total.sqrt()

@@ -1,0 +1,290 @@
+"""LoRA over (tensor-parallel) linears: several named adapters on one frozen base.
+
+``y = base(x) + (alpha / rank) * B(A(x))`` (Hu et al., 2021), with A initialised Kaiming-uniform and
+B at zero so a fresh adapter leaves the model unchanged.
+
+Sharding follows the wrapped weight, so every rank only stores and multiplies its own part:
+
+- column-parallel base ``W [out/tp, in]``: A ``[r, in]`` replicated, B ``[out/tp, r]`` sharded on rows.
+  A's rank-r output enters the TP region the same way the base input does (all-gather under sequence
+  parallelism, copy with an all-reduced gradient otherwise); the collective is on r channels, not h.
+- row-parallel base ``W [out, in/tp]``: A ``[r, in/tp]`` sharded on columns, B ``[out, r]`` replicated;
+  A's partial output is summed over TP exactly like the base output (reduce-scatter under SP,
+  all-reduce otherwise).
+- replicated ``nn.Linear`` (time / delta embedders): plain LoRA.
+
+Fused outputs (``linear_qkv`` laid out (head, {q,k,v}, d)) get one A / B pair per part (q, k, v), so
+the adapters are exactly diffusers / PEFT's ``to_q`` / ``to_k`` / ``to_v`` LoRAs.
+
+A replicated LoRA weight that only sees the rank's token slice under sequence parallelism inherits the
+``sequence_parallel`` flag, so `allreduce_sequence_parallel_grads` sums its gradient over TP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import math
+import zlib
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+from megatron_anyflow.parallel.tensor_parallel import tp_rank, tp_world_size
+
+# AnyFlow's targets (ANYFLOW.md section 1): self-attention q/k/v/o, FFN, time and delta embedders.
+DEFAULT_TARGETS = (
+    "blocks.*.self_attention.linear_qkv",
+    "blocks.*.self_attention.linear_proj",
+    "blocks.*.mlp.linear_fc1",
+    "blocks.*.mlp.linear_fc2",
+    "condition_embedder.time_embedder.linear_1",
+    "condition_embedder.time_embedder.linear_2",
+    "condition_embedder.delta_embedder.linear_1",
+    "condition_embedder.delta_embedder.linear_2",
+)
+
+
+def _kind(base: nn.Module) -> str:
+    if isinstance(base, ColumnParallelLinear) or getattr(base, "parallel_mode", None) == "column":
+        return "column"
+    if isinstance(base, RowParallelLinear) or getattr(base, "parallel_mode", None) == "row":
+        return "row"
+    if isinstance(base, nn.Linear):
+        return "replicated"
+    raise TypeError(f"LoRA cannot wrap {type(base).__name__}: expected a megatron column/row-parallel "
+                    "linear or nn.Linear")
+
+
+def _seeded_kaiming(shape, seed: int) -> torch.Tensor:
+    """Kaiming-uniform(a=sqrt(5)) init of a full [r, in] matrix from a fixed seed.
+
+    The full matrix is drawn on every rank from the same seed and then sliced, so an adapter starts
+    identically at any TP size.
+    """
+    g = torch.Generator().manual_seed(seed)
+    fan_in = shape[1]
+    bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform with a = sqrt(5)
+    return (torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1).mul(bound).float()
+
+
+class LoRAAdapter(nn.Module):
+    """Weights of one adapter on one linear: ``lora_A`` [groups * r, in_local], ``lora_B`` [groups, out_g, r]."""
+
+    def __init__(self, in_local: int, out_local: int, rank: int, alpha: float, groups: int,
+                 a_init: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.rank, self.alpha, self.groups = rank, alpha, groups
+        self.scaling = alpha / rank
+        self.lora_A = nn.Parameter(a_init.to(dtype))
+        self.lora_B = nn.Parameter(torch.zeros(groups, out_local // groups, rank, dtype=dtype))
+
+
+class LoRALinear(nn.Module):
+    """A base linear plus named LoRA adapters; at most one adapter is active at a time.
+
+    Forward returns what the base returns (``(out, bias)`` for megatron linears, a tensor for nn.Linear).
+
+    Args:
+        base: `ColumnParallelLinear`, `RowParallelLinear` (or their TE twins) or `nn.Linear`.
+        name: the module's path in the model (seeds the adapter init so it is TP-size independent).
+    """
+
+    def __init__(self, base: nn.Module, name: str):
+        super().__init__()
+        self.base = base
+        self.name = name
+        self.kind = _kind(base)
+        self.adapters = nn.ModuleDict()
+        self.active: Optional[str] = None
+        groups, head_dim = getattr(base, "lora_out_groups", (1, None))
+        self.groups, self.head_dim = groups, head_dim
+        w = base.weight
+        self.out_local, self.in_local = w.shape
+        self._sp_flag = bool(getattr(w, "sequence_parallel", False) or getattr(base.bias, "sequence_parallel", False)
+                             if base.bias is not None else getattr(w, "sequence_parallel", False))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped base weight (so code reading ``linear.weight.dtype`` keeps working)."""
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    # -- adapters ---------------------------------------------------------------------------------
+    def add_adapter(self, adapter: str, rank: int, alpha: float, seed: int = 0) -> None:
+        """Create adapter ``adapter`` (A seeded from (seed, module name, adapter), B = 0)."""
+        if adapter in self.adapters:
+            raise ValueError(f"adapter {adapter!r} already exists on {self.name}")
+        tp, r = tp_world_size(), tp_rank()
+        in_full = self.in_local * tp if self.kind == "row" else self.in_local
+        key = zlib.crc32(f"{seed}:{self.name}:{adapter}".encode())
+        a = torch.cat([_seeded_kaiming((rank, in_full), key + g) for g in range(self.groups)])
+        if self.kind == "row" and tp > 1:
+            a = a.chunk(tp, dim=1)[r].contiguous()
+        dtype = self.base.weight.dtype
+        ad = LoRAAdapter(self.in_local, self.out_local, rank, alpha, self.groups, a, dtype)
+        ad.to(self.base.weight.device)
+        if self.kind == "column" and tp > 1:
+            ad.lora_B.tensor_model_parallel, ad.lora_B.partition_dim, ad.lora_B.partition_stride = True, 1, 1
+        if self.kind == "row" and tp > 1:
+            ad.lora_A.tensor_model_parallel, ad.lora_A.partition_dim, ad.lora_A.partition_stride = True, 1, 1
+        sp = self._sequence_parallel()
+        if sp:
+            # Weights applied on the rank's token slice only: A of a column linear, B of a row linear,
+            # and both of a replicated linear that is used on local tokens.
+            if self.kind == "column":
+                ad.lora_A.sequence_parallel = True
+            elif self.kind == "row":
+                ad.lora_B.sequence_parallel = True
+            elif self._sp_flag:
+                ad.lora_A.sequence_parallel = ad.lora_B.sequence_parallel = True
+        self.adapters[adapter] = ad
+
+    def _sequence_parallel(self) -> bool:
+        if self.kind == "replicated":
+            return self._sp_flag and tp_world_size() > 1
+        return bool(getattr(self.base, "sequence_parallel", False)) and tp_world_size() > 1
+
+    # -- forward ----------------------------------------------------------------------------------
+    def _delta(self, x: torch.Tensor, ad: LoRAAdapter) -> torch.Tensor:
+        a = F.linear(x.to(ad.lora_A.dtype), ad.lora_A)  # [..., groups * r]
+        sp = self._sequence_parallel()
+        if self.kind == "column" and tp_world_size() > 1:
+            a = (tensor_parallel.gather_from_sequence_parallel_region(a) if sp
+                 else tensor_parallel.copy_to_tensor_model_parallel_region(a))
+        elif self.kind == "row" and tp_world_size() > 1:
+            a = (tensor_parallel.reduce_scatter_to_sequence_parallel_region(a) if sp
+                 else tensor_parallel.reduce_from_tensor_model_parallel_region(a))
+        parts = a.split(ad.rank, dim=-1)
+        outs = [F.linear(p, ad.lora_B[g]) for g, p in enumerate(parts)]
+        if self.groups == 1:
+            d = outs[0]
+        else:  # interleave (head, group, d) like the fused base weight
+            shp = outs[0].shape[:-1]
+            d = torch.stack([o.view(*shp, -1, self.head_dim) for o in outs], dim=-2).reshape(*shp, -1)
+        return d * ad.scaling
+
+    def forward(self, x, *args, **kwargs):
+        out = self.base(x, *args, **kwargs)
+        if self.active is None:
+            return out
+        ad = self.adapters[self.active]
+        if isinstance(out, tuple):
+            y, bias = out
+            return (y + self._delta(x, ad).to(y.dtype), bias)
+        return out + self._delta(x, ad).to(out.dtype)
+
+    # -- merge ------------------------------------------------------------------------------------
+    def delta_weight(self, adapter: str) -> torch.Tensor:
+        """``scaling * B @ A`` in the base weight's local layout [out_local, in_local] (float32)."""
+        ad = self.adapters[adapter]
+        A = ad.lora_A.float().split(ad.rank, dim=0)
+        outs = [ad.lora_B[g].float() @ A[g] for g in range(self.groups)]
+        if self.groups == 1:
+            d = outs[0]
+        else:
+            d = torch.stack([o.view(-1, self.head_dim, o.shape[-1]) for o in outs], dim=1).reshape(-1, outs[0].shape[-1])
+        return d * ad.scaling
+
+    @torch.no_grad()
+    def merge(self, adapter: str) -> None:
+        """Add the adapter into the base weight (the adapter is kept; deactivate it afterwards)."""
+        w = self.base.weight
+        w.copy_((w.float() + self.delta_weight(adapter)).to(w.dtype))
+
+
+# ------------------------------------------------------------------------------------------------
+def _match(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def apply_lora(model: nn.Module, adapters: Iterable[str], rank: int, alpha: float,
+               targets: Sequence[str] = DEFAULT_TARGETS, seed: int = 0) -> List[str]:
+    """Wrap every target linear of ``model`` in `LoRALinear` and add the named adapters.
+
+    Freezes all base parameters (LoRA weights stay trainable). Targets are fnmatch patterns over module
+    paths; patterns that match nothing are ignored (the delta embedder is absent on a plain Wan model).
+    Returns the wrapped module paths.
+
+    Raises:
+        ValueError: rank < 1, or no module matched any target.
+    """
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1; got {rank}")
+    adapters = list(adapters)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear) or not _match(name, targets):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        lora = LoRALinear(module, name)
+        for a in adapters:
+            lora.add_adapter(a, rank, alpha, seed)
+        setattr(parent, attr, lora)
+        wrapped.append(name)
+    if not wrapped:
+        raise ValueError(f"no module matched the LoRA targets {list(targets)}")
+    return wrapped
+
+
+def lora_modules(model: nn.Module) -> Iterator[LoRALinear]:
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            yield m
+
+
+def set_active_adapter(model: nn.Module, adapter: Optional[str]) -> None:
+    """Select the adapter used by every LoRA linear (None = the frozen base alone).
+
+    Raises:
+        KeyError: ``adapter`` is not defined on some wrapped linear.
+    """
+    for m in lora_modules(model):
+        if adapter is not None and adapter not in m.adapters:
+            raise KeyError(f"adapter {adapter!r} is not defined on {m.name}; have {list(m.adapters)}")
+        m.active = adapter
+
+
+@contextlib.contextmanager
+def use_adapter(model: nn.Module, adapter: Optional[str]):
+    """Context manager: run with ``adapter`` active, restore the previous choice afterwards."""
+    prev = {m: m.active for m in lora_modules(model)}
+    set_active_adapter(model, adapter)
+    try:
+        yield
+    finally:
+        for m, a in prev.items():
+            m.active = a
+
+
+def adapter_parameters(model: nn.Module, adapter: str) -> List[nn.Parameter]:
+    """The trainable parameters of one adapter across the model."""
+    return [p for m in lora_modules(model) if adapter in m.adapters for p in m.adapters[adapter].parameters()]
+
+
+def merge_adapter(model: nn.Module, adapter: str) -> None:
+    """Merge ``adapter`` into the base weights and deactivate adapters (exporting a plain model)."""
+    for m in lora_modules(model):
+        if adapter in m.adapters:
+            m.merge(adapter)
+    set_active_adapter(model, None)
+
+
+def unwrap_lora_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Drop adapter weights and the ``.base`` level from a state dict: the base model's own names."""
+    out = {}
+    for k, v in sd.items():
+        if ".adapters." in k:
+            continue
+        out[k.replace(".base.", ".")] = v
+    return out
