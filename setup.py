@@ -17,6 +17,7 @@ setup(
     install_requires=[
         "megatron-core>=0.16,<0.17",
         "diffusers>=0.42",
+        "accelerate",
         "transformers>=4.50",
         "safetensors",
         "psutil",

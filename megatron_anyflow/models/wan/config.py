@@ -81,6 +81,18 @@ class WanConfig(TransformerConfig):
             raise ValueError(f"attention_impl={self.attention_impl!r}; expected 'sdpa' or 'math'")
         self.patch_size = tuple(int(p) for p in self.patch_size)
 
+    # Fields that define the architecture (what a checkpoint records); parallel / precision settings
+    # are the run's business and are not stored.
+    ARCH_FIELDS = ("hidden_size", "num_attention_heads", "num_layers", "ffn_hidden_size", "in_channels",
+                   "out_channels", "patch_size", "text_dim", "freq_dim", "rope_theta", "rope_max_seq_len",
+                   "cross_attn_norm", "delta_embedder", "delta_gate", "deltatime_type", "layernorm_epsilon")
+
+    def arch_dict(self) -> dict:
+        """The architecture fields as a JSON-serialisable dict (stored in checkpoints)."""
+        d = {k: getattr(self, k) for k in self.ARCH_FIELDS}
+        d["patch_size"] = list(d["patch_size"])
+        return d
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
@@ -101,8 +113,11 @@ PRESETS = {
 }
 
 
-def wan_config(preset: str = "tiny", **overrides) -> WanConfig:
-    """Build a `WanConfig` from a preset name (``tiny``, ``wan2.1-1.3b``, ``wan2.1-14b``).
+def wan_config(preset: Optional[str] = "tiny", **overrides) -> WanConfig:
+    """Build a `WanConfig` from a preset name (``tiny``, ``wan2.1-1.3b``, ``wan2.1-14b``) or None.
+
+    With ``preset=None`` every architecture field must come from ``overrides`` (e.g. a checkpoint's
+    `WanConfig.arch_dict`).
 
     ``overrides`` are any `WanConfig` / `TransformerConfig` fields (e.g. ``tensor_model_parallel_size=2,
     sequence_parallel=True, bf16=True``). Wan's fixed choices (eps 1e-6, biases, GELU-tanh, no dropout)
@@ -111,7 +126,7 @@ def wan_config(preset: str = "tiny", **overrides) -> WanConfig:
     Raises:
         ValueError: unknown preset name, or an unknown field in ``overrides``.
     """
-    if preset not in PRESETS:
+    if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
     known = {f.name for f in dataclasses.fields(WanConfig)}
     unknown = sorted(set(overrides) - known)
@@ -128,7 +143,7 @@ def wan_config(preset: str = "tiny", **overrides) -> WanConfig:
         use_cpu_initialization=True,
         normalization="LayerNorm",
     )
-    kwargs.update(PRESETS[preset])
+    kwargs.update(PRESETS[preset] if preset is not None else {})
     kwargs.update(overrides)
     if kwargs.get("bf16") and "params_dtype" not in overrides:
         kwargs["params_dtype"] = torch.bfloat16

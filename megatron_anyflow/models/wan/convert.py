@@ -51,6 +51,10 @@ _FUSED = [  # (diffusers parts, project name)
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$")
 
 
+HF_ANYFLOW = "AnyFlowTransformer3DModel"
+HF_WAN = "WanTransformer3DModel"
+
+
 class ConversionError(ValueError):
     """A state dict does not match the model: missing / unexpected keys or a shape mismatch."""
 
@@ -202,3 +206,50 @@ def gather_full_state_dict(model: torch.nn.Module) -> StateDict:
             v = torch.cat(parts, dim=p.partition_dim)
         out[k] = v.clone()
     return out
+
+
+def arch_from_hf_config(hf_cfg: dict) -> dict:
+    """`WanConfig` architecture fields from a diffusers transformer ``config.json`` dict.
+
+    Raises:
+        ConversionError: unsupported class or features (image conditioning, no qk norm across heads).
+    """
+    cls = hf_cfg.get("_class_name")
+    if cls not in (HF_ANYFLOW, HF_WAN):
+        raise ConversionError(f"config _class_name={cls!r}; expected {HF_ANYFLOW!r} or {HF_WAN!r}")
+    if hf_cfg.get("image_dim") is not None or hf_cfg.get("added_kv_proj_dim") is not None:
+        raise ConversionError("image-conditioned (I2V) Wan transformers (image_dim / added_kv_proj_dim set) are "
+                              "not supported; convert a T2V checkpoint")
+    if cls == HF_WAN and hf_cfg.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
+        raise ConversionError(f"qk_norm={hf_cfg.get('qk_norm')!r}; only 'rms_norm_across_heads' is supported")
+    heads, hd = hf_cfg.get("num_attention_heads", 40), hf_cfg.get("attention_head_dim", 128)
+    arch = dict(
+        hidden_size=heads * hd, num_attention_heads=heads, num_layers=hf_cfg.get("num_layers", 40),
+        ffn_hidden_size=hf_cfg.get("ffn_dim", 13824), in_channels=hf_cfg.get("in_channels", 16),
+        out_channels=hf_cfg.get("out_channels", 16) or hf_cfg.get("in_channels", 16),
+        patch_size=list(hf_cfg.get("patch_size", (1, 2, 2))), text_dim=hf_cfg.get("text_dim", 4096),
+        freq_dim=hf_cfg.get("freq_dim", 256), rope_max_seq_len=hf_cfg.get("rope_max_seq_len", 1024),
+        cross_attn_norm=hf_cfg.get("cross_attn_norm", True), layernorm_epsilon=hf_cfg.get("eps", 1e-6),
+        delta_embedder=cls == HF_ANYFLOW,
+    )
+    if cls == HF_ANYFLOW:
+        arch.update(delta_gate=hf_cfg.get("gate_value", 0.25), deltatime_type=hf_cfg.get("deltatime_type", "r"))
+    return arch
+
+
+def hf_config_from_arch(arch: dict) -> dict:
+    """diffusers ``config.json`` for `AnyFlowTransformer3DModel` (with a delta embedder) or
+    `WanTransformer3DModel` (without) from `WanConfig.arch_dict()`."""
+    heads = arch["num_attention_heads"]
+    common = dict(
+        patch_size=list(arch["patch_size"]), num_attention_heads=heads,
+        attention_head_dim=arch["hidden_size"] // heads, in_channels=arch["in_channels"],
+        out_channels=arch["out_channels"], text_dim=arch["text_dim"], freq_dim=arch["freq_dim"],
+        ffn_dim=arch["ffn_hidden_size"], num_layers=arch["num_layers"], cross_attn_norm=arch["cross_attn_norm"],
+        eps=arch["layernorm_epsilon"], image_dim=None, rope_max_seq_len=arch["rope_max_seq_len"],
+    )
+    if arch["delta_embedder"]:
+        return dict(_class_name=HF_ANYFLOW, **common, gate_value=arch["delta_gate"],
+                    deltatime_type=arch["deltatime_type"])
+    return dict(_class_name=HF_WAN, **common, qk_norm="rms_norm_across_heads", added_kv_proj_dim=None,
+                pos_embed_seq_len=None)

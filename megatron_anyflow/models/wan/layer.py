@@ -191,14 +191,28 @@ def _init_method(config: WanConfig):
     return lambda w: nn.init.normal_(w, mean=0.0, std=std)
 
 
+def _mark_partition(t: Optional[torch.Tensor], dim: int) -> None:
+    # megatron-core only sets these while initialising weights (not with perform_initialization=False);
+    # checkpoint sharding and conversion rely on them, so set them whatever the init path.
+    if t is not None:
+        t.tensor_model_parallel, t.partition_dim, t.partition_stride = True, dim, 1
+
+
 def _column(spec, config, in_size, out_size):
-    return build_module(spec, in_size, out_size, config=config, init_method=_init_method(config), bias=True,
-                        gather_output=False, skip_bias_add=False, is_expert=False)
+    lin = build_module(spec, in_size, out_size, config=config, init_method=_init_method(config), bias=True,
+                       gather_output=False, skip_bias_add=False, is_expert=False)
+    _mark_partition(lin.weight, 0)
+    _mark_partition(lin.bias, 0)
+    return lin
 
 
 def _row(spec, config, in_size, out_size):
-    return build_module(spec, in_size, out_size, config=config, init_method=_init_method(config), bias=True,
-                        input_is_parallel=True, skip_bias_add=False, is_expert=False)
+    lin = build_module(spec, in_size, out_size, config=config, init_method=_init_method(config), bias=True,
+                       input_is_parallel=True, skip_bias_add=False, is_expert=False)
+    _mark_partition(lin.weight, 1)
+    if lin.bias is not None:
+        lin.bias.tensor_model_parallel = False
+    return lin
 
 
 def _heads_local(config: WanConfig) -> int:

@@ -257,6 +257,18 @@ class WanModel(MegatronModule):
             y = tensor_parallel.gather_from_sequence_parallel_region(y, tensor_parallel_output_grad=False)
         return self._unpatchify(y, b, grid)
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """megatron-core distributed-checkpoint view of the model (see `parallel.sharding`).
+
+        Raises:
+            ValueError: ``sharded_offsets`` given (there is no pipeline parallelism to offset by).
+        """
+        from megatron_anyflow.parallel.sharding import module_sharded_state_dict
+
+        if sharded_offsets:
+            raise ValueError("pipeline-parallel sharded_offsets are not supported (no pipeline parallelism)")
+        return module_sharded_state_dict(self, prefix)
+
     def _unpatchify(self, y: torch.Tensor, b: int, grid: Tuple[int, int, int]) -> torch.Tensor:
         pt, ph, pw = self.config.patch_size
         fq, hq, wq = grid
@@ -264,3 +276,4 @@ class WanModel(MegatronModule):
         y = y.transpose(0, 1).reshape(b, fq, hq, wq, pt, ph, pw, c)
         y = y.permute(0, 1, 4, 7, 2, 5, 3, 6)  # b, fq, pt, c, hq, ph, wq, pw
         return y.reshape(b, fq * pt, c, hq * ph, wq * pw)
+

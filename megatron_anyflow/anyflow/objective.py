@@ -1,0 +1,493 @@
+"""AnyFlow training objectives: stage-1 forward flow-map training and the teacher's flow matching.
+
+Conventions (shared with :mod:`~megatron_anyflow.anyflow.timesteps` and
+:mod:`~megatron_anyflow.anyflow.sampler`):
+
+* times ``t, r`` lie in ``[0, 1]`` (``t = 1`` noise, ``t = 0`` data); ``z_t = (1 - t) x + t eps`` and the
+  instantaneous velocity target is ``v = eps - x``;
+* the network is called as ``model(z, T, R, text) -> u`` with ``z`` ``[b, f, c, h, w]``, ``T = 1000 t`` and
+  ``R = 1000 r`` **float32** ``[b, f]`` (one time per sample and latent frame, never bf16: see
+  ``shared/design/ANYFLOW.md`` section 6), ``text`` ``[b, L, d]``; ``u`` has ``z``'s shape and is the average
+  velocity on ``[r, t]`` per unit of t in ``[0, 1]``, so the flow map is ``f(z_t, t, r) = z_t - (t - r) u``;
+* ``x`` (clean latents) is in the model's dtype. ``z`` and its finite-difference perturbations are formed
+  in float32 and rounded once to ``x.dtype``. With bf16 ``x`` the ``+/- v e/1000`` perturbation
+  (``e/1000 = 0.005``) is close to bf16's resolution (``2^-8`` relative), so the finite difference in the
+  ``z`` direction is coarse; a model that accepts float32 latents (casting after its patch embedding)
+  avoids that: pass float32 ``x``.
+
+Sources: the AnyFlow paper (Alg. 1; eq. 3 MeanFlow objective, eq. 4 central difference, eq. 6
+guidance-fused prediction, eq. 7 adaptive loss reweighting) and the public reference implementation
+(ANYFLOW.md section 1). The fused per-sample loss and the reweighting run in
+:mod:`megatron_anyflow_kernels` (Triton on CUDA, PyTorch reference elsewhere).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megatron_anyflow_kernels import adaptive_reweight, flow_map_loss, flow_map_target
+
+from .timesteps import KIND_BOUNDARY, TimeSamplerConfig, logit_normal_t, loss_weight, sample_t_r, to_model_scale
+
+__all__ = [
+    "FlowMapObjectiveConfig",
+    "TeacherObjectiveConfig",
+    "stage1_loss",
+    "flow_matching_loss",
+]
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+_BACKENDS = ("auto", "torch", "triton")
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _check_prob(name: str, value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}") from exc
+    if not (0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+    return value
+
+
+@dataclass
+class FlowMapObjectiveConfig:
+    """Constants of the stage-1 forward flow-map objective (reference defaults).
+
+    Attributes:
+        guidance: CFG scale ``g`` fused into the prediction, ``u = (u_c - (1 - g) sg(u_null)) / g``
+            (paper eq. 6; 3.0). Also divides the finite difference, ``du/dt = (u_+ - u_-) / (2 e g)``
+            (paper Alg. 1), which uses the *conditional* outputs only: for a model whose conditional and
+            null outputs coincide (e.g. one that ignores the text), the derivative of the fused ``u`` is
+            ``g`` times that, so the MeanFlow fixed point is the true flow map only at ``g = 1``.
+            Must be non-zero and finite.
+        fd_eps: finite-difference step ``e`` in timestep units (0..1000 scale; paper eq. 4; 5.0): the two
+            extra forwards run at ``(z +/- v e/1000, T +/- e, R)``. Must be > 0. ``T +/- e`` is not
+            clamped to ``[0, 1000]`` (as in the reference).
+        text_dropout: probability that a sample's prompt is replaced by the negative-prompt embedding in
+            the conditional (and +/-) forwards (0.1).
+        i2v_prob: probability that a sample's latent frame 0 is a clean condition frame (image-to-video):
+            its ``t = r = 0`` (so ``z = x`` there), it is not perturbed in the +/- forwards and its loss is
+            masked (frame weight 0) (0.0).
+        adaptive_reweight: apply the adaptive loss reweighting of paper eq. 7 (True); False: plain mean.
+        reweight_eps: the constant ``c`` of eq. 7 (1e-5).
+        time: the (t, r) sampler and loss-weight configuration (:class:`TimeSamplerConfig`).
+        kernel_backend: backend of the fused loss kernels: ``"auto"`` (Triton for CUDA tensors, the torch
+            reference elsewhere), ``"torch"`` or ``"triton"`` (CPU tensors need ``TRITON_INTERPRET=1``).
+
+    Raises:
+        ValueError: on construction, for a zero / non-finite guidance, ``fd_eps <= 0``, a probability
+            outside ``[0, 1]``, ``reweight_eps < 0``, a ``time`` that is not a :class:`TimeSamplerConfig`
+            or an unknown backend.
+    """
+
+    guidance: float = 3.0
+    fd_eps: float = 5.0
+    text_dropout: float = 0.1
+    i2v_prob: float = 0.0
+    adaptive_reweight: bool = True
+    reweight_eps: float = 1e-5
+    time: TimeSamplerConfig = field(default_factory=TimeSamplerConfig)
+    kernel_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.guidance = float(self.guidance)
+        if not math.isfinite(self.guidance) or self.guidance == 0.0:
+            raise ValueError(f"guidance must be a finite non-zero number, got {self.guidance!r}")
+        self.fd_eps = float(self.fd_eps)
+        if not math.isfinite(self.fd_eps) or self.fd_eps <= 0.0:
+            raise ValueError(f"fd_eps must be a positive finite number (timestep units), got {self.fd_eps!r}")
+        self.text_dropout = _check_prob("text_dropout", self.text_dropout)
+        self.i2v_prob = _check_prob("i2v_prob", self.i2v_prob)
+        self.adaptive_reweight = bool(self.adaptive_reweight)
+        self.reweight_eps = float(self.reweight_eps)
+        if not math.isfinite(self.reweight_eps) or self.reweight_eps < 0.0:
+            raise ValueError(f"reweight_eps must be a finite number >= 0, got {self.reweight_eps!r}")
+        if not isinstance(self.time, TimeSamplerConfig):
+            raise ValueError(f"time must be a TimeSamplerConfig, got {type(self.time).__name__}")
+        if self.kernel_backend not in _BACKENDS:
+            raise ValueError(f"kernel_backend must be one of {_BACKENDS}, got {self.kernel_backend!r}")
+
+
+@dataclass
+class TeacherObjectiveConfig:
+    """Constants of the plain flow-matching (teacher / critic) objective.
+
+    Attributes:
+        shift: time shift ``s`` applied to the logit-normal draw (5.0, Wan2.1).
+        logit_mean, logit_std: of the normal before the sigmoid (0.0, 1.0).
+        text_dropout: probability that a prompt is replaced by the negative-prompt embedding (0.1).
+
+    Raises:
+        ValueError: ``shift <= 0``, ``logit_std <= 0`` or ``text_dropout`` outside ``[0, 1]``.
+    """
+
+    shift: float = 5.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    text_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.shift = float(self.shift)
+        if not math.isfinite(self.shift) or self.shift <= 0.0:
+            raise ValueError(f"shift must be a positive finite number, got {self.shift!r}")
+        self.logit_mean = float(self.logit_mean)
+        self.logit_std = float(self.logit_std)
+        if not math.isfinite(self.logit_std) or self.logit_std <= 0.0:
+            raise ValueError(f"logit_std must be a positive finite number, got {self.logit_std!r}")
+        self.text_dropout = _check_prob("text_dropout", self.text_dropout)
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+def _check_latent_and_text(x, text, negative_text):
+    if not torch.is_tensor(x) or x.dim() != 5:
+        shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"x must be a 5-D tensor [b, f, c, h, w] of clean latents, got {shape}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"x is empty: shape {tuple(x.shape)}")
+    b = x.shape[0]
+    if not torch.is_tensor(text) or text.dim() != 3:
+        shape = tuple(text.shape) if torch.is_tensor(text) else type(text).__name__
+        raise ValueError(f"text must be a 3-D tensor [b, L, d], got {shape}")
+    if text.shape[0] != b:
+        raise ValueError(f"text batch {text.shape[0]} does not match x batch {b} "
+                         f"(text {tuple(text.shape)}, x {tuple(x.shape)})")
+    if not torch.is_tensor(negative_text) or negative_text.dim() != 3:
+        shape = tuple(negative_text.shape) if torch.is_tensor(negative_text) else type(negative_text).__name__
+        raise ValueError(f"negative_text must be a 3-D tensor [1 or b, L, d], got {shape}")
+    if negative_text.shape[0] not in (1, b) or negative_text.shape[1:] != text.shape[1:]:
+        raise ValueError(f"negative_text must be [1 or b, L, d] = [1 or {b}, {text.shape[1]}, {text.shape[2]}] "
+                         f"(same L and d as text), got {tuple(negative_text.shape)}")
+
+
+def _check_noise(noise, x):
+    if noise is None:
+        return
+    if not torch.is_tensor(noise) or tuple(noise.shape) != tuple(x.shape):
+        shape = tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__
+        raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {shape}")
+    if not noise.is_floating_point():
+        raise ValueError(f"noise must be a floating-point tensor, got {noise.dtype}")
+
+
+def _gen_device(generator: Optional[torch.Generator]) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def _draw_noise(x, noise, generator):
+    """``eps`` in x's dtype/device: ``noise`` if given, else ``randn(x.shape, dtype=x.dtype)`` from ``generator``."""
+    if noise is not None:
+        return noise.to(device=x.device, dtype=x.dtype)
+    eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=_gen_device(generator))
+    return eps.to(x.device)
+
+
+def _draw_mask(b, prob, generator, device):
+    """``rand(b) < prob`` (always drawn, so the generator stream does not depend on ``prob``)."""
+    u = torch.rand((b,), generator=generator, dtype=torch.float32, device=_gen_device(generator))
+    return (u < prob).to(device)
+
+
+def _select_text(text, negative_text, drop):
+    """Rows of ``text`` with ``drop`` replaced by the negative embedding (broadcast to b)."""
+    b = text.shape[0]
+    neg = negative_text.to(device=text.device, dtype=text.dtype).expand(b, -1, -1)
+    return torch.where(drop.view(b, 1, 1), neg, text), neg.contiguous()
+
+
+def _bcast(t: torch.Tensor) -> torch.Tensor:
+    """[b, f] -> [b, f, 1, 1, 1] for broadcasting against latents."""
+    return t.reshape(*t.shape, 1, 1, 1)
+
+
+def _check_output(u, z, what):
+    if not torch.is_tensor(u) or tuple(u.shape) != tuple(z.shape):
+        shape = tuple(u.shape) if torch.is_tensor(u) else type(u).__name__
+        raise ValueError(f"model output ({what}) must have z's shape {tuple(z.shape)}, got {shape}")
+
+
+def _dp_world(dp_group) -> int:
+    if dp_group is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group=dp_group)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 1: forward flow-map training (paper Alg. 1)
+# --------------------------------------------------------------------------------------------------
+def stage1_loss(
+    model: ModelFn,
+    x: torch.Tensor,
+    text: torch.Tensor,
+    negative_text: torch.Tensor,
+    cfg: Optional[FlowMapObjectiveConfig] = None,
+    *,
+    time_generator: Optional[torch.Generator],
+    noise_generator: Optional[torch.Generator],
+    global_batch: int,
+    global_offset: int,
+    dp_group=None,
+    noise: Optional[torch.Tensor] = None,
+    return_tensors: bool = False,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """AnyFlow stage-1 forward flow-map loss of one data-parallel rank's micro-batch (paper Alg. 1).
+
+    Procedure:
+
+    1. ``(t, r, kind) = sample_t_r(global_batch, time_generator, cfg.time)`` and this rank takes rows
+       ``[global_offset, global_offset + b)``. The boundary (r = t) / r = 0 / free split is by index over
+       the **global** data-parallel micro-batch (ANYFLOW.md section 6): every DP rank passes the same
+       ``time_generator`` state and its own offset (e.g. ``dp_rank * b``); TP / CP peers of one sample pass
+       identical generators (and offsets) so they draw identical times, noise and masks.
+    2. From ``noise_generator`` (each DP rank its own state), in this order: ``eps = randn(x.shape,
+       dtype=x.dtype)`` (skipped when ``noise`` is given), the text-dropout uniforms ``rand(b)`` (sample
+       ``i`` dropped iff ``u_i < cfg.text_dropout``), the image-to-video uniforms ``rand(b)`` (frame 0 of
+       sample ``i`` is a clean condition frame iff ``u_i < cfg.i2v_prob``). Both uniform draws always
+       happen, whatever the probabilities. The draws are made on the generator's device.
+    3. Per sample and frame ``t, r`` ``[b, f]`` (condition frames: ``t = r = 0``);
+       ``z = (1 - t) x + t eps``, ``v = eps - x`` (float32 arithmetic, rounded once to ``x.dtype``);
+       ``T = to_model_scale(t)``, ``R = to_model_scale(r)`` float32 ``[b, f]``.
+    4. Four forwards: ``u_c = model(z, T, R, c)`` **with** grad; under ``torch.no_grad()``:
+       ``u_null = model(z, T, R, negative)``, ``u_+ = model(z + v e/1000, T + e, R, c)``,
+       ``u_- = model(z - v e/1000, T - e, R, c)`` with ``e = cfg.fd_eps``, ``c`` the prompts after
+       dropout, ``negative`` the negative embedding expanded to ``b``; condition frames are not perturbed.
+    5. Per-sample loss (:func:`megatron_anyflow_kernels.flow_map_loss`; paper eq. 3, 4, 6)::
+
+           u      = (u_c - (1 - g) u_null) / g
+           u_tgt  = v - (T - R) (u_+ - u_-) / (2 e g)        (stop-gradient)
+           loss_i = w(t_i) * mean over trained frames and elements of (u - u_tgt)^2
+
+       with ``w`` = :func:`~megatron_anyflow.anyflow.timesteps.loss_weight` of the sample's ``t`` and
+       frame weight 0 on condition frames.
+    6. Adaptive reweighting (paper eq. 7; if ``cfg.adaptive_reweight``): with no grad, ``(sum of boundary
+       losses, number of boundary samples)`` is all-reduced (float64) over ``dp_group`` (a local
+       computation when ``dp_group`` is None or has one rank), ``boundary_mean = sum / max(count, 1)``;
+       then :func:`megatron_anyflow_kernels.adaptive_reweight` scales every non-boundary loss by
+       ``boundary_mean / (loss_i + cfg.reweight_eps)`` (boundary samples by 1). With no boundary sample in
+       the whole group the scales are 1. ``cfg.adaptive_reweight = False``: plain mean.
+
+    The returned loss is the mean over the **local** batch ``b``. Data-parallel gradient averaging (the
+    usual DDP / distributed-optimizer all-reduce-mean over equal local batches) then yields the gradient
+    of the mean over the global batch; the boundary mean is already global, so DP = n with ``b`` samples
+    per rank gives the same gradient as DP = 1 with ``n b`` samples (tests/test_dp_reweight.py).
+    ``dp_group`` should span the ranks holding *different* samples (megatron-core's
+    ``parallel_state.get_data_parallel_group()``); ranks that hold the same samples (TP, and CP when each
+    CP rank computes the loss on full outputs) must not be in it, or their losses are counted twice.
+    Every rank of ``dp_group`` must call this function (it contains a collective) when the group has more
+    than one rank and ``cfg.adaptive_reweight`` is on.
+
+    Args:
+        model: ``model(z, T, R, text) -> u`` (see the module docstring). Called four times; only the first
+            call builds an autograd graph.
+        x: ``[b, f, c, h, w]`` clean latents, floating point (the model's dtype).
+        text: ``[b, L, d]`` prompt embeddings.
+        negative_text: ``[1, L, d]`` or ``[b, L, d]`` negative-prompt embedding (same ``L``, ``d``).
+        cfg: :class:`FlowMapObjectiveConfig` (defaults if None).
+        time_generator: generator of the (t, r) draw, the same state on every DP rank (None: the global
+            RNG, which then must be seeded identically everywhere).
+        noise_generator: generator of eps and the dropout / i2v draws, different per DP rank (None: the
+            global RNG).
+        global_batch: size of the data-parallel micro-batch summed over the DP ranks (``n >= b``).
+        global_offset: index of this rank's first sample in it (``0 <= offset <= n - b``).
+        dp_group: the data-parallel process group for the boundary-loss gather (None: local).
+        noise: optional ``eps`` of ``x``'s shape to use instead of drawing it (e.g. slices of one global
+            noise tensor, to reproduce a DP = 1 run at DP = n); cast to ``x.dtype``.
+        return_tensors: also put the fused prediction ``u_pred`` and the target ``u_target`` (float32,
+            ``x``'s shape, detached) in ``stats`` (costs one more pass over the outputs).
+
+    Returns:
+        ``(loss, stats)``: ``loss`` 0-d float32 with grad; ``stats`` a dict of detached tensors (no host
+        synchronisation): ``loss``; ``per_sample_loss`` [b] (before reweighting, including ``w(t)``);
+        ``scales`` [b] (reweighting factors, ones without reweighting); ``boundary_mean`` 0-d (global
+        mean boundary loss; 0 when there is none or reweighting is off); ``num_boundary`` 0-d (global
+        count; local count when reweighting is off); ``num_boundary_local``; ``t``, ``r`` [b] (sampled, in
+        [0, 1]), ``kind`` [b] (0 boundary, 1 r = 0, 2 free); ``t_mean``, ``r_mean``; ``sample_weight`` [b];
+        ``text_dropped`` [b] bool; ``i2v`` [b] bool; optionally ``u_pred``, ``u_target``.
+
+    Raises:
+        ValueError: ``x`` not a 5-D floating tensor; ``text`` not ``[b, L, d]``; ``negative_text`` not
+            ``[1 or b, L, d]``; ``noise`` not of ``x``'s shape; ``global_batch`` / ``global_offset`` not
+            integers with ``0 <= global_offset`` and ``global_offset + b <= global_batch``;
+            ``cfg.i2v_prob > 0`` with a single latent frame; a model output not of ``z``'s shape.
+    """
+    cfg = cfg if cfg is not None else FlowMapObjectiveConfig()
+    if not isinstance(cfg, FlowMapObjectiveConfig):
+        raise ValueError(f"cfg must be a FlowMapObjectiveConfig, got {type(cfg).__name__}")
+    _check_latent_and_text(x, text, negative_text)
+    _check_noise(noise, x)
+    b, f = x.shape[:2]
+    for name, val in (("global_batch", global_batch), ("global_offset", global_offset)):
+        if isinstance(val, bool) or not isinstance(val, int):
+            raise ValueError(f"{name} must be an int, got {val!r}")
+    if global_offset < 0 or global_offset + b > global_batch:
+        raise ValueError(f"need 0 <= global_offset and global_offset + b <= global_batch, got "
+                         f"global_offset={global_offset}, b={b}, global_batch={global_batch}")
+    if cfg.i2v_prob > 0.0 and f < 2:
+        raise ValueError(f"i2v_prob > 0 needs at least 2 latent frames (frame 0 is the condition), got f={f}")
+    device = x.device
+    g, e = cfg.guidance, cfg.fd_eps
+
+    # 1-2. Random draws.
+    t_all, r_all, kind_all = sample_t_r(global_batch, time_generator, cfg.time)
+    sl = slice(global_offset, global_offset + b)
+    t_s, r_s, kind = t_all[sl].to(device), r_all[sl].to(device), kind_all[sl].to(device)
+    eps = _draw_noise(x, noise, noise_generator)
+    drop = _draw_mask(b, cfg.text_dropout, noise_generator, device)
+    i2v = _draw_mask(b, cfg.i2v_prob, noise_generator, device)
+
+    # 3. Per-frame times, noisy latents, velocity.
+    t = t_s[:, None].expand(b, f).clone()
+    r = r_s[:, None].expand(b, f).clone()
+    frame_weight = torch.ones((b, f), dtype=torch.float32, device=device)
+    if cfg.i2v_prob > 0.0:
+        cond = torch.zeros((b, f), dtype=torch.bool, device=device)
+        cond[:, 0] = i2v
+        t = t.masked_fill(cond, 0.0)
+        r = r.masked_fill(cond, 0.0)
+        frame_weight = frame_weight.masked_fill(cond, 0.0)
+        perturb = (~cond).to(torch.float32)
+    else:
+        perturb = None
+    x32, eps32 = x.to(torch.float32), eps.to(torch.float32)
+    z32 = (1.0 - _bcast(t)) * x32 + _bcast(t) * eps32
+    v32 = eps32 - x32
+    z = z32.to(x.dtype)
+    v = v32.to(x.dtype)
+    T = to_model_scale(t)
+    R = to_model_scale(r)
+    step = v32 * (e / 1000.0) if perturb is None else v32 * (e / 1000.0) * _bcast(perturb)
+    step_T = torch.full_like(T, e) if perturb is None else e * perturb
+    text_used, neg = _select_text(text, negative_text, drop)
+
+    # 4. Forwards.
+    u_cond = model(z, T, R, text_used)
+    _check_output(u_cond, z, "conditional")
+    with torch.no_grad():
+        u_null = model(z, T, R, neg)
+        u_plus = model((z32 + step).to(x.dtype), T + step_T, R, text_used)
+        u_minus = model((z32 - step).to(x.dtype), T - step_T, R, text_used)
+    for name, u in (("null", u_null), ("plus", u_plus), ("minus", u_minus)):
+        _check_output(u, z, name)
+
+    # 5. Per-sample loss (fused kernel). All five latents in one dtype (fp32 or bf16).
+    lat_dtype = u_cond.dtype if u_cond.dtype in _KERNEL_DTYPES else torch.float32
+    lat = [u.to(lat_dtype) for u in (u_cond, u_null, u_plus, u_minus, v)]
+    dt = (T - R).to(torch.float32)
+    sample_weight = loss_weight(t_s, cfg.time).to(device)
+    per_sample = flow_map_loss(*lat, dt, frame_weight, sample_weight, guidance=g, fd_eps=e,
+                               backend=cfg.kernel_backend)
+
+    # 6. Adaptive reweighting (eq. 7) with the boundary mean gathered over the DP group.
+    is_boundary = kind == KIND_BOUNDARY
+    n_b_local = is_boundary.sum()
+    if cfg.adaptive_reweight:
+        with torch.no_grad():
+            acc = torch.stack([
+                (per_sample.detach().to(torch.float64) * is_boundary).sum(),
+                n_b_local.to(torch.float64),
+            ])
+            if _dp_world(dp_group) > 1:
+                dist.all_reduce(acc, op=dist.ReduceOp.SUM, group=dp_group)
+            n_b_global = acc[1]
+            boundary_mean = (acc[0] / acc[1].clamp_min(1.0)).to(torch.float32)
+            # No boundary sample anywhere in the group: treat every sample as a boundary one (scales 1),
+            # without a host synchronisation.
+            scale_one = is_boundary | (n_b_global == 0)
+        loss, scales = adaptive_reweight(per_sample, scale_one, boundary_mean, eps=cfg.reweight_eps,
+                                         backend=cfg.kernel_backend)
+    else:
+        loss, scales = per_sample.mean(), torch.ones_like(per_sample)
+        boundary_mean = torch.zeros((), dtype=torch.float32, device=device)
+        n_b_global = n_b_local.to(torch.float64)
+
+    stats: Dict[str, torch.Tensor] = {
+        "loss": loss.detach(),
+        "per_sample_loss": per_sample.detach(),
+        "scales": scales.detach(),
+        "boundary_mean": boundary_mean.detach(),
+        "num_boundary": n_b_global.detach(),
+        "num_boundary_local": n_b_local.detach(),
+        "t": t_s, "r": r_s, "kind": kind,
+        "t_mean": t_s.mean(), "r_mean": r_s.mean(),
+        "sample_weight": sample_weight,
+        "text_dropped": drop, "i2v": i2v,
+    }
+    if return_tensors:
+        with torch.no_grad():
+            u_pred, u_tgt = flow_map_target(*[u.detach() for u in lat], dt, guidance=g, fd_eps=e)
+        stats["u_pred"], stats["u_target"] = u_pred, u_tgt
+    return loss, stats
+
+
+# --------------------------------------------------------------------------------------------------
+# Teacher: plain flow matching
+# --------------------------------------------------------------------------------------------------
+def flow_matching_loss(
+    model: ModelFn,
+    x: torch.Tensor,
+    text: torch.Tensor,
+    negative_text: torch.Tensor,
+    cfg: Optional[TeacherObjectiveConfig] = None,
+    *,
+    noise_generator: Optional[torch.Generator],
+    noise: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Plain flow-matching (v-prediction MSE) loss of a single-time model: the teacher objective.
+
+    Run this first to fine-tune the teacher on one's own data (and it is the stage-2 critic's loss on
+    generated samples; ANYFLOW.md section 1). From ``noise_generator``, in this order:
+    ``t = logit_normal_t(b, ..., shift, logit_mean, logit_std)`` (one time per sample, all frames),
+    ``eps = randn(x.shape, dtype=x.dtype)`` (skipped when ``noise`` is given), text-dropout uniforms
+    ``rand(b)`` (prompt ``i`` replaced by the negative embedding iff ``u_i < cfg.text_dropout``). Then
+    ``z = (1 - t) x + t eps`` (float32, rounded to ``x.dtype``), ``v = eps - x``,
+    ``pred = model(z, T, T, text_used)`` with ``T = to_model_scale(t)`` float32 ``[b, f]`` (``r = t``: the
+    single-time / boundary case of the AnyFlow time embedding), and
+    ``loss = mean_i mean_{f,c,h,w} (pred - v)^2`` (float32 arithmetic).
+
+    Args:
+        model: ``model(z, T, R, text) -> v`` (called once, with grad).
+        x: ``[b, f, c, h, w]`` clean latents. text: ``[b, L, d]``. negative_text: ``[1 or b, L, d]``.
+        cfg: :class:`TeacherObjectiveConfig` (defaults if None).
+        noise_generator: generator of t, eps and the dropout draw (None: global RNG).
+        noise: optional eps of ``x``'s shape (then not drawn).
+
+    Returns:
+        ``(loss, stats)``: 0-d float32 loss with grad; ``stats``: detached ``loss``, ``per_sample_loss``
+        [b], ``t`` [b] (in [0, 1]), ``t_mean``, ``text_dropped`` [b] bool.
+
+    Raises:
+        ValueError: bad shapes (as :func:`stage1_loss`), or a model output not of ``z``'s shape.
+    """
+    cfg = cfg if cfg is not None else TeacherObjectiveConfig()
+    if not isinstance(cfg, TeacherObjectiveConfig):
+        raise ValueError(f"cfg must be a TeacherObjectiveConfig, got {type(cfg).__name__}")
+    _check_latent_and_text(x, text, negative_text)
+    _check_noise(noise, x)
+    b, f = x.shape[:2]
+    device = x.device
+    t_s = logit_normal_t(b, noise_generator, shift=cfg.shift, mean=cfg.logit_mean, std=cfg.logit_std).to(device)
+    eps = _draw_noise(x, noise, noise_generator)
+    drop = _draw_mask(b, cfg.text_dropout, noise_generator, device)
+    t = t_s[:, None].expand(b, f)
+    x32, eps32 = x.to(torch.float32), eps.to(torch.float32)
+    z = ((1.0 - _bcast(t)) * x32 + _bcast(t) * eps32).to(x.dtype)
+    v32 = eps32 - x32
+    T = to_model_scale(t)
+    text_used, _ = _select_text(text, negative_text, drop)
+    pred = model(z, T, T.clone(), text_used)
+    _check_output(pred, z, "velocity")
+    per_sample = (pred.to(torch.float32) - v32).square().reshape(b, -1).mean(dim=1)
+    loss = per_sample.mean()
+    stats = {"loss": loss.detach(), "per_sample_loss": per_sample.detach(), "t": t_s, "t_mean": t_s.mean(),
+             "text_dropped": drop}
+    return loss, stats
