@@ -107,6 +107,14 @@ def compare(ref_path, out_path, sp):
         n_got = sum(1 for p in model.parameters() if p.grad is not None)
         errs.update(worst_grad=worst, worst_grad_name=worst_name, missing=missing, n_grads=n_got, n_ref_grads=n_ref)
         report[case] = errs
+    if sp:
+        # 1 x 3 x 1 patched tokens = 3 tokens: not divisible by TP = 2 under sequence parallelism.
+        model = build(False, True, 2)
+        try:
+            model(torch.randn(1, 1, 16, 2, 6), torch.full((1,), 500.0), None, torch.randn(1, 7, 384))
+            report["indivisible_error"] = None
+        except ValueError as err:
+            report["indivisible_error"] = str(err)
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(report, f, indent=1)
