@@ -28,15 +28,15 @@ def initialize_parallel(tensor_model_parallel_size: int = 1, context_parallel_si
         ValueError: the world size does not divide by TP x CP.
     """
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend)
+        if "RANK" in os.environ:
+            dist.init_process_group(backend=backend)
+        else:  # a plain process: world of one, without touching os.environ (child processes inherit it)
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1)
     world = dist.get_world_size()
     if world % (tensor_model_parallel_size * context_parallel_size):
         raise ValueError(f"world size {world} does not divide by tensor_model_parallel_size="
