@@ -288,3 +288,12 @@ def unwrap_lora_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
             continue
         out[k.replace(".base.", ".")] = v
     return out
+
+
+def remove_lora(model: nn.Module) -> None:
+    """Replace every `LoRALinear` by its base linear (adapters dropped; merge first to keep them)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, module.base)

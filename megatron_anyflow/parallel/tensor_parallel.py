@@ -81,29 +81,44 @@ def allreduce_sequence_parallel_grads(model: torch.nn.Module) -> None:
 
 
 def allreduce_data_parallel_grads(model: torch.nn.Module, group: Optional[dist.ProcessGroup] = None) -> None:
-    """Average trainable gradients over the data-parallel (x context-parallel) group, one flat buffer."""
+    """Reduce trainable gradients over the data-parallel x context-parallel group, one flat buffer.
+
+    Default (``group=None``): one all-reduce over ``get_data_parallel_group(with_context_parallel=True)``
+    of the gradients divided by the data-parallel size only, i.e. SUM over context-parallel ranks and
+    AVERAGE over data-parallel ranks. Under CP each rank back-propagates only its tokens (the model
+    gathers its output and the loss is replicated over CP, see `parallel.context_parallel`), so every
+    gradient - TP-sharded or replicated - is a partial sum over CP ranks; DP ranks hold different
+    samples whose gradients are averaged. At CP = 1 this is the plain DP average.
+
+    With an explicit ``group`` the gradients are averaged over that group (no CP handling).
+    """
     if group is None:
         if not parallel_state.model_parallel_is_initialized():
             return
         group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    size = dist.get_world_size(group)
-    if size == 1:
+        divisor = parallel_state.get_data_parallel_world_size(with_context_parallel=False)
+    else:
+        divisor = dist.get_world_size(group)
+    if dist.get_world_size(group) == 1:
         return
     grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
     if not grads:
         return
     flat = torch._utils._flatten_dense_tensors(grads)
-    flat.div_(size)
+    if divisor > 1:
+        flat.div_(divisor)
     dist.all_reduce(flat, group=group)
     for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
         g.copy_(synced)
 
 
 def grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
-    """Total L2 norm of the gradients of a tensor-parallel model (float32 scalar, same on all TP ranks).
+    """Total L2 norm of the gradients of a tensor-parallel model (float32 scalar, same on all ranks).
 
-    Tensor-parallel shards (``tensor_model_parallel``) contribute from every rank; replicated parameters
-    are counted once (from TP rank 0). Call after `allreduce_sequence_parallel_grads`.
+    Tensor-parallel shards (``tensor_model_parallel``) contribute from every TP rank; replicated
+    parameters are counted once (from TP rank 0). The sum of squares is all-reduced over the TP group
+    only: call after `finalize_model_grads` (or `allreduce_sequence_parallel_grads` without CP / DP),
+    when every CP and DP rank holds the same gradients, which must not be summed again.
     """
     params = [p for p in params if p.grad is not None]
     device = params[0].grad.device if params else torch.device("cpu")
@@ -115,3 +130,29 @@ def grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
     if tp_world_size() > 1:
         dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
     return total.sqrt()
+
+
+def finalize_model_grads(model: torch.nn.Module) -> None:
+    """Make every rank's gradients the gradient of the global-batch mean loss, after backward.
+
+    1. Sequence parallel: sum ``sequence_parallel`` parameters' partial gradients over the TP group.
+    2. Context parallel: each CP rank saw other tokens of the same samples, so every gradient is a
+       partial sum over CP: sum over CP.
+    3. Data parallel: each DP rank's loss is its local mean: average over DP.
+    Steps 2 and 3 are one all-reduce over the DP x CP group followed by a division by the DP size.
+    """
+    allreduce_sequence_parallel_grads(model)
+    if not parallel_state.model_parallel_is_initialized():
+        return
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    if dist.get_world_size(group) == 1:
+        return
+    dp = parallel_state.get_data_parallel_world_size()
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    if not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group)
+    flat.div_(dp)
+    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)

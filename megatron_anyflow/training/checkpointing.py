@@ -157,11 +157,13 @@ def load_rank_state(ckpt_dir: str) -> Optional[Dict[str, Any]]:
     return torch.load(path, weights_only=False)
 
 
-def load_model_weights(model: torch.nn.Module, path: str, require_adapters: bool = False) -> str:
+def load_model_weights(model: torch.nn.Module, path: str, require_adapters: bool = False,
+                       allow_missing: tuple = ()) -> str:
     """Load a model's weights from a checkpoint root or directory (any TP layout it was saved with).
 
     Every base-model tensor must be present. Adapter tensors (``.adapters.``) that the checkpoint lacks
-    keep their fresh initialisation unless ``require_adapters``. Returns the checkpoint directory.
+    keep their fresh initialisation unless ``require_adapters``; so do tensors whose key starts with one
+    of ``allow_missing`` (e.g. the delta embedder of a plain Wan base). Returns the checkpoint directory.
 
     Raises:
         FileNotFoundError: no checkpoint at ``path``.
@@ -172,7 +174,8 @@ def load_model_weights(model: torch.nn.Module, path: str, require_adapters: bool
     ckpt_dir = resolve_checkpoint_dir(path)
     sharded = model.sharded_state_dict()
     available = set(dist_checkpointing.load_tensors_metadata(ckpt_dir).keys())
-    missing = sorted(k for k in sharded if k not in available and (require_adapters or ".adapters." not in k))
+    missing = sorted(k for k in sharded if k not in available and (require_adapters or ".adapters." not in k)
+                     and not k.startswith(tuple(allow_missing)))
     if missing:
         raise KeyError(f"checkpoint {ckpt_dir!r} lacks {len(missing)} model tensor(s): {missing[:20]}")
     loaded = load_checkpoint(ckpt_dir, sharded, strict=False)

@@ -1,0 +1,175 @@
+"""Datasets of precomputed latents and text embeddings, and the resumable data-parallel sampler.
+
+On-disk format (written by ``tools/prepare_dataset.py``)::
+
+    DATASET/index.json                {"format": "anyflow-latents-v1", "num_samples": N,
+                                       "latent_shape": [f, c, h, w], "text_len": L, "text_dim": d,
+                                       "shards": [{"file": "shard_00000.safetensors", "num_samples": n}, ...],
+                                       "negative": "negative.safetensors", ...}
+    DATASET/shard_00000.safetensors   "latents" [n, f, c, h, w], "text" [n, L, d]
+    DATASET/negative.safetensors      "text" [1, L, d]  (the negative-prompt embedding)
+
+Latents are already normalised by the codec (the Wan VAE's latents mean / std, or the tiny preset's
+pixel codec); ``text`` is the text encoder's last hidden state, zero beyond the prompt's tokens
+(Wan's convention).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterator, List, Sequence, Tuple
+
+import torch
+
+FORMAT = "anyflow-latents-v1"
+
+
+class LatentDataset:
+    """Random access to a precomputed-latent dataset directory.
+
+    ``ds[i]`` returns (latents [f, c, h, w], text [L, d]); `negative_text` is [1, L, d].
+
+    Raises:
+        FileNotFoundError: no ``index.json`` or a listed shard is missing (named).
+        ValueError: the index has another format or inconsistent counts.
+    """
+
+    def __init__(self, path: str):
+        index_path = os.path.join(path, "index.json")
+        if not os.path.isfile(index_path):
+            raise FileNotFoundError(f"{index_path} not found: expected a dataset written by tools/prepare_dataset.py")
+        with open(index_path) as f:
+            self.index = json.load(f)
+        if self.index.get("format") != FORMAT:
+            raise ValueError(f"{index_path}: format {self.index.get('format')!r}, expected {FORMAT!r}")
+        self.path = path
+        self.shards = self.index["shards"]
+        self.offsets = [0]
+        for s in self.shards:
+            if not os.path.isfile(os.path.join(path, s["file"])):
+                raise FileNotFoundError(f"dataset shard {os.path.join(path, s['file'])} is missing")
+            self.offsets.append(self.offsets[-1] + s["num_samples"])
+        if self.offsets[-1] != self.index["num_samples"]:
+            raise ValueError(f"{index_path}: shards hold {self.offsets[-1]} samples, index says "
+                             f"{self.index['num_samples']}")
+        self.latent_shape = tuple(self.index["latent_shape"])
+        self._cache: Tuple[int, dict] = (-1, {})
+        from safetensors.torch import load_file
+
+        self.negative_text = load_file(os.path.join(path, self.index["negative"]))["text"]
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def _shard(self, k: int) -> dict:
+        if self._cache[0] != k:
+            from safetensors.torch import load_file
+
+            self._cache = (k, load_file(os.path.join(self.path, self.shards[k]["file"])))
+        return self._cache[1]
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} out of range [0, {len(self)})")
+        k = bisect.bisect_right(self.offsets, i) - 1
+        shard = self._shard(k)
+        j = i - self.offsets[k]
+        return shard["latents"][j], shard["text"][j]
+
+
+class MockLatentDataset:
+    """Deterministic random latents and text for runs without a dataset (``--mock-data``).
+
+    Sample ``i`` is drawn from a generator seeded with (seed, i), so any rank and any resume sees the
+    same sample for the same index. Latents are smooth in space (a low-frequency field plus noise) so a
+    model has something to learn; text [L, d] standard normal.
+    """
+
+    def __init__(self, num_samples: int, latent_shape: Sequence[int], text_len: int, text_dim: int, seed: int = 0):
+        self.num = num_samples
+        self.latent_shape = tuple(latent_shape)
+        self.text_len, self.text_dim, self.seed = text_len, text_dim, seed
+        g = torch.Generator().manual_seed(seed + 7919)
+        self.negative_text = torch.randn(1, text_len, text_dim, generator=g)
+
+    def __len__(self) -> int:
+        return self.num
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= i < self.num:
+            raise IndexError(f"sample {i} out of range [0, {self.num})")
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        f, c, h, w = self.latent_shape
+        coarse = torch.randn(f, c, max(h // 4, 1), max(w // 4, 1), generator=g)
+        x = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+        x = x + 0.1 * torch.randn(f, c, h, w, generator=g)
+        return x, torch.randn(self.text_len, self.text_dim, generator=g)
+
+
+@dataclass
+class DataParallelSampler:
+    """Which sample indices each data-parallel rank reads, per iteration and micro-batch.
+
+    The global sample stream is a concatenation of per-epoch permutations (seeded by (seed, epoch)).
+    Iteration covering stream positions [consumed, consumed + global_batch) is split into
+    ``num_micro = global_batch / (micro_batch * dp)`` micro-steps; in micro-step j, DP rank d reads
+    positions ``consumed + j * micro_batch * dp + d * micro_batch + [0, micro_batch)``. So within one
+    micro-step the DP ranks together hold one "data-parallel micro-batch" whose sample ``d * micro_batch
+    + i`` is rank d's row i (the index the AnyFlow time sampler splits on).
+
+    Resuming only needs ``consumed_samples``.
+
+    Raises:
+        ValueError: global_batch not divisible by micro_batch * dp, or an empty dataset.
+    """
+
+    num_samples: int
+    global_batch: int
+    micro_batch: int
+    dp_size: int
+    dp_rank: int
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.num_samples < 1:
+            raise ValueError("the dataset is empty")
+        if self.global_batch % (self.micro_batch * self.dp_size):
+            raise ValueError(f"global batch {self.global_batch} is not divisible by micro batch {self.micro_batch} "
+                             f"x data-parallel size {self.dp_size}")
+        self.num_micro = self.global_batch // (self.micro_batch * self.dp_size)
+        self._perm_cache: Tuple[int, torch.Tensor] = (-1, torch.empty(0))
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if self._perm_cache[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm_cache = (epoch, torch.randperm(self.num_samples, generator=g))
+        return self._perm_cache[1]
+
+    def _stream(self, pos: int) -> int:
+        return int(self._perm(pos // self.num_samples)[pos % self.num_samples])
+
+    def micro_batches(self, consumed_samples: int) -> List[List[int]]:
+        """The sample indices of this rank's micro-batches for the iteration starting at ``consumed_samples``."""
+        out = []
+        for j in range(self.num_micro):
+            base = consumed_samples + j * self.micro_batch * self.dp_size + self.dp_rank * self.micro_batch
+            out.append([self._stream(base + i) for i in range(self.micro_batch)])
+        return out
+
+
+def collate(dataset, indices: Sequence[int], dtype: torch.dtype, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Stack samples into (latents [b, f, c, h, w], text [b, L, d]) on ``device`` in ``dtype``."""
+    items = [dataset[i] for i in indices]
+    x = torch.stack([a for a, _ in items]).to(device=device, dtype=dtype)
+    txt = torch.stack([b for _, b in items]).to(device=device, dtype=dtype)
+    return x, txt
+
+
+def iterate_forever(sampler: DataParallelSampler, consumed: int) -> Iterator[Tuple[int, List[List[int]]]]:
+    """(consumed_samples, micro-batch indices) per iteration, from ``consumed`` on."""
+    while True:
+        yield consumed, sampler.micro_batches(consumed)
+        consumed += sampler.global_batch

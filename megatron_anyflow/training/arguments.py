@@ -1,0 +1,137 @@
+"""Megatron-style command-line arguments of ``pretrain_anyflow.py``.
+
+Names follow Megatron-LM where a concept exists there (``--tensor-model-parallel-size``,
+``--micro-batch-size``, ``--global-batch-size``, ``--lr``, ``--train-iters``, ``--save``, ``--load``,
+``--bf16`` ...); AnyFlow's constants are arguments with the reference values as defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import List, Optional
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pretrain_anyflow.py",
+        description="AnyFlow training on megatron-core: teacher flow matching, stage 1 (forward flow-map "
+                    "training), stage 2 (on-policy flow-map distillation).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    g = p.add_argument_group("stage and model")
+    g.add_argument("--stage", choices=["teacher", "stage1", "stage2"], required=True,
+                   help="teacher: flow-matching fine-tune; stage1: forward flow-map training; stage2: distillation")
+    g.add_argument("--model-preset", default="tiny", choices=["tiny", "wan2.1-1.3b", "wan2.1-14b"],
+                   help="architecture when --pretrained is not given (random init)")
+    g.add_argument("--pretrained", default=None,
+                   help="checkpoint (root or directory) holding the frozen base: a converted diffusers model "
+                        "(tools/convert_from_hf.py) or a full-model checkpoint of an earlier run")
+    g.add_argument("--init-adapters-from", default=None,
+                   help="stage 2: checkpoint of stage 1 whose 'generator' adapter initialises the generator")
+    g.add_argument("--backend", choices=["local", "te"], default="local", help="layer backend")
+    g.add_argument("--attention-impl", choices=["sdpa", "math"], default="sdpa", help="local-backend attention")
+    g.add_argument("--lora-rank", type=int, default=256, help="LoRA rank; 0 = full fine-tuning")
+    g.add_argument("--lora-alpha", type=float, default=256.0, help="LoRA alpha")
+    g.add_argument("--recompute-granularity", choices=["none", "full"], default="none",
+                   help="activation recomputation per transformer block")
+
+    g = p.add_argument_group("parallelism and precision")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--bf16", action="store_true", help="bf16 weights and activations (timesteps stay fp32)")
+    g.add_argument("--seed", type=int, default=1234)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", default=None, help="precomputed-latent dataset (tools/prepare_dataset.py)")
+    g.add_argument("--mock-data", action="store_true", help="deterministic random latents instead of a dataset")
+    g.add_argument("--mock-latent-shape", type=int, nargs=4, default=[3, 16, 8, 8], metavar=("F", "C", "H", "W"))
+    g.add_argument("--mock-num-samples", type=int, default=256)
+    g.add_argument("--mock-text-len", type=int, default=8)
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data-parallel size")
+    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--lr", type=float, default=None,
+                   help="default: 5e-5 (teacher, stage 1), 2e-6 (stage 2, both optimisers)")
+    g.add_argument("--critic-lr", type=float, default=None, help="stage 2 fake-score lr (default: --lr)")
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=None, help="default: 1000 (stage 1), 0 (stage 2)")
+    g.add_argument("--lr-decay-style", choices=["constant", "cosine", "linear"], default="constant")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--adam-beta1", type=float, default=None, help="default: 0.9 (teacher, stage 1), 0.0 (stage 2)")
+    g.add_argument("--adam-beta2", type=float, default=None, help="default: 0.95 (teacher, stage 1), 0.999 (stage 2)")
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--ema-decay", type=float, default=None, help="default: 0.999 (stage 1), 0.99 (stage 2)")
+    g.add_argument("--ema-start-iter", type=int, default=None, help="default: 0 (stage 1), 200 (stage 2)")
+
+    g = p.add_argument_group("AnyFlow objective (reference values)")
+    g.add_argument("--guidance", type=float, default=3.0, help="guidance-fused training scale g (eq. 6)")
+    g.add_argument("--fd-eps", type=float, default=5.0, help="finite-difference step in timestep units (eq. 4)")
+    g.add_argument("--text-dropout", type=float, default=0.1)
+    g.add_argument("--time-shift", type=float, default=5.0)
+    g.add_argument("--boundary-fraction", type=float, default=0.5)
+    g.add_argument("--r-zero-fraction", type=float, default=0.25)
+    g.add_argument("--loss-weight", choices=["beta", "uniform"], default="beta")
+    g.add_argument("--no-adaptive-reweight", action="store_true")
+    g.add_argument("--i2v-prob", type=float, default=0.0, help="probability of a clean first frame (image-to-video)")
+    g.add_argument("--kernel-backend", choices=["auto", "torch", "triton"], default="auto",
+                   help="fused loss kernels: auto = Triton on CUDA, PyTorch reference elsewhere")
+
+    g = p.add_argument_group("stage 2 (on-policy distillation)")
+    g.add_argument("--simulation", choices=["flow_map", "consistency"], default="flow_map")
+    g.add_argument("--simulation-steps", type=int, nargs="+", default=[2, 4, 8, 16, 50])
+    g.add_argument("--grad-through", default="chain", help="see anyflow.distill (chain or the cheaper option)")
+    g.add_argument("--real-guidance", type=float, default=3.0)
+    g.add_argument("--no-cotrain-stage1", action="store_true")
+    g.add_argument("--critic-updates", type=int, default=1, help="critic updates per generator update")
+    g.add_argument("--schedule", choices=["sequential", "pipelined"], default="sequential")
+
+    g = p.add_argument_group("checkpointing and logging")
+    g.add_argument("--save", default=None, help="checkpoint root to write")
+    g.add_argument("--save-interval", type=int, default=None, help="iterations between saves (default: end only)")
+    g.add_argument("--load", default=None, help="checkpoint root to resume from (same layout: bit-exact)")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--exit-after-iters", type=int, default=None,
+                   help="stop after this many iterations of this run (for split runs / tests)")
+    return p
+
+
+STAGE_DEFAULTS = {
+    "teacher": dict(lr=5e-5, lr_warmup_iters=1000, adam_beta1=0.9, adam_beta2=0.95, ema_decay=0.999, ema_start_iter=0),
+    "stage1": dict(lr=5e-5, lr_warmup_iters=1000, adam_beta1=0.9, adam_beta2=0.95, ema_decay=0.999, ema_start_iter=0),
+    "stage2": dict(lr=2e-6, lr_warmup_iters=0, adam_beta1=0.0, adam_beta2=0.999, ema_decay=0.99, ema_start_iter=200),
+}
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse and validate; stage-dependent defaults (ANYFLOW.md section 1) fill unset values.
+
+    Raises:
+        SystemExit (argparse error) naming the bad value: no data source, bad sizes or fractions.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for k, v in STAGE_DEFAULTS[args.stage].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.critic_lr is None:
+        args.critic_lr = args.lr
+    if (args.data_path is None) == (not args.mock_data):
+        parser.error("give exactly one of --data-path and --mock-data")
+    for name in ("micro_batch_size", "train_iters", "tensor_model_parallel_size", "context_parallel_size",
+                 "log_interval"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    if args.lora_rank < 0:
+        parser.error(f"--lora-rank must be >= 0; got {args.lora_rank}")
+    if args.stage == "stage2" and args.lora_rank == 0:
+        parser.error("stage 2 needs LoRA adapters (generator and fake score on one frozen base): --lora-rank > 0")
+    if not 0 <= args.boundary_fraction + args.r_zero_fraction <= 1:
+        parser.error("--boundary-fraction + --r-zero-fraction must lie in [0, 1]")
+    if args.save_interval is not None and args.save_interval < 1:
+        parser.error("--save-interval must be >= 1")
+    return args

@@ -1,0 +1,308 @@
+"""The AnyFlow training loop: set-up, micro-batch accumulation, optimiser steps, EMA, logging,
+crash-safe checkpoints and bit-exact resume.
+
+Stages (``--stage``): ``teacher`` (flow matching), ``stage1`` (forward flow-map training, paper Alg. 1),
+``stage2`` (on-policy distillation, paper Alg. 2; see `megatron_anyflow.training.stages`).
+
+Determinism: every random draw of iteration ``i``, micro-batch ``j`` comes from generators seeded with
+(seed, i, j) (time sampler and simulation plan, identical on all ranks) and (seed, i, j, data-parallel
+rank) (noise, dropout), and the data order is a pure function of the seed and the consumed-sample count.
+A resumed run on the same layout therefore continues bit-exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import zlib
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_anyflow.data.latent_dataset import DataParallelSampler, LatentDataset, MockLatentDataset, collate
+from megatron_anyflow.models import lora as L
+from megatron_anyflow.models.wan.config import wan_config
+from megatron_anyflow.models.wan.model import WanModel
+from megatron_anyflow.parallel.sharding import canonical_key, load_module_state, module_sharded_state_dict
+from megatron_anyflow.parallel.state import initialize_parallel
+from megatron_anyflow.parallel.tensor_parallel import finalize_model_grads
+from megatron_anyflow.training import checkpointing as ckpt
+from megatron_anyflow.training.optim import (
+    EMA,
+    clip_gradients,
+    lr_at,
+    make_adamw,
+    optimizer_sharded_state,
+    optimizer_steps,
+    set_optimizer_steps,
+)
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any tuple of ints / strings (stable across processes and runs)."""
+    return zlib.crc32(repr(parts).encode()) * 2654435761 % (2 ** 63 - 1)
+
+
+def _fmt_time(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class ParamGroup:
+    """One trainable set (an adapter, or the whole model) with its optimiser, EMA and lr."""
+
+    def __init__(self, name: str, params: Dict[str, torch.nn.Parameter], args, lr: float):
+        if not params:
+            raise ValueError(f"parameter group {name!r} has no trainable parameters")
+        self.name = name
+        self.params = params  # canonical checkpoint key -> parameter
+        self.lr = lr
+        self.optimizer = make_adamw(params.values(), lr, (args.adam_beta1, args.adam_beta2), args.adam_eps,
+                                    args.weight_decay)
+        self.ema = EMA(params, args.ema_decay, args.ema_start_iter)
+        self.steps = 0
+
+    def zero_grad(self):
+        for p in self.params.values():
+            p.grad = None
+
+
+class Trainer:
+    """Builds everything from parsed arguments (`training.arguments.parse_args`) and trains.
+
+    Raises:
+        ValueError: inconsistent sizes (global batch vs micro batch x DP), a checkpoint of another stage
+            or layout given to ``--load``, a dataset whose latents do not fit the model.
+    """
+
+    def __init__(self, args, log=None):
+        self.args = args
+        if not torch.cuda.is_available():
+            from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
+
+            enable_megatron_cpu_compat()  # megatron-core collectives / checkpoint saves on CPU
+        initialize_parallel(args.tensor_model_parallel_size, args.context_parallel_size)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.rank = dist.get_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_group = parallel_state.get_data_parallel_group()
+        if args.global_batch_size is None:
+            args.global_batch_size = args.micro_batch_size * self.dp_size
+        self._log = log or (print if self.rank == 0 else (lambda *a, **k: None))
+        self.dtype = torch.bfloat16 if args.bf16 else torch.float32
+        self.iteration = 0
+        self.consumed_samples = 0
+        self._build_model()
+        self._build_data()
+        from megatron_anyflow.training.stages import build_stage
+
+        self.stage = build_stage(self)
+        self.groups: Dict[str, ParamGroup] = {name: ParamGroup(name, params, args, lr)
+                                              for name, (params, lr) in self.stage.param_groups().items()}
+        self.writer = None
+        if args.tensorboard_dir and self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(args.tensorboard_dir)
+        if args.load:
+            self.load(args.load)
+
+    # ------------------------------------------------------------------------------------------
+    def _build_model(self):
+        args = self.args
+        need_delta = args.stage != "teacher"
+        if args.pretrained:
+            self.pretrained_dir = ckpt.resolve_checkpoint_dir(args.pretrained)
+            arch = dict(ckpt.read_meta(self.pretrained_dir)["wan_config"])
+        else:
+            self.pretrained_dir = None
+            arch = wan_config(args.model_preset).arch_dict()
+        base_has_delta = arch["delta_embedder"]
+        arch["delta_embedder"] = base_has_delta or need_delta
+        self.arch = arch
+        cfg = wan_config(None, **arch, tensor_model_parallel_size=args.tensor_model_parallel_size,
+                         sequence_parallel=args.sequence_parallel and args.tensor_model_parallel_size > 1,
+                         context_parallel_size=args.context_parallel_size, bf16=args.bf16,
+                         backend=args.backend, attention_impl=args.attention_impl,
+                         perform_initialization=args.pretrained is None,
+                         recompute_granularity="full" if args.recompute_granularity == "full" else None,
+                         recompute_method="uniform" if args.recompute_granularity == "full" else None,
+                         recompute_num_layers=1 if args.recompute_granularity == "full" else None)
+        torch.manual_seed(args.seed)  # identical base init on every rank (random-init presets only)
+        model = WanModel(cfg)
+        if self.pretrained_dir:
+            self._log(f"loading the base model from {self.pretrained_dir}")
+            skip = () if base_has_delta else ("condition_embedder.delta_embedder.",)
+            ckpt.load_model_weights(model, self.pretrained_dir, allow_missing=skip)
+        if need_delta and not base_has_delta:
+            model.condition_embedder.reset_delta_embedder()  # AnyFlow's start: exactly the base at t = r
+        self.model = model.to(self.device)
+        self.config = cfg
+
+    def _build_data(self):
+        args = self.args
+        if args.mock_data:
+            self.dataset = MockLatentDataset(args.mock_num_samples, args.mock_latent_shape, args.mock_text_len,
+                                             self.config.text_dim, seed=args.seed)
+        else:
+            self.dataset = LatentDataset(args.data_path)
+            if self.dataset.index["text_dim"] != self.config.text_dim:
+                raise ValueError(f"dataset {args.data_path} has text_dim {self.dataset.index['text_dim']}; the model "
+                                 f"expects {self.config.text_dim}")
+            if self.dataset.latent_shape[1] != self.config.in_channels:
+                raise ValueError(f"dataset latents have {self.dataset.latent_shape[1]} channels; the model expects "
+                                 f"{self.config.in_channels}")
+        self.sampler = DataParallelSampler(len(self.dataset), args.global_batch_size, args.micro_batch_size,
+                                           self.dp_size, self.dp_rank, seed=args.seed)
+        self.negative_text = self.dataset.negative_text.to(self.device, self.dtype)
+
+    def batch(self, indices: List[int]):
+        """(latents, text) of this rank's micro-batch."""
+        return collate(self.dataset, indices, self.dtype, self.device)
+
+    def generator(self, *parts, device=None) -> torch.Generator:
+        g = torch.Generator(device=device or "cpu")
+        g.manual_seed(derive_seed(self.args.seed, *parts))
+        return g
+
+    # ------------------------------------------------------------------------------------------
+    def trainable_key_map(self, params: Dict[str, torch.nn.Parameter]) -> Dict[str, torch.nn.Parameter]:
+        return params
+
+    def named_trainable(self, predicate) -> Dict[str, torch.nn.Parameter]:
+        """canonical key -> parameter for the model parameters selected by ``predicate(name)``."""
+        return {canonical_key(n): p for n, p in self.model.named_parameters() if predicate(n)}
+
+    def finalize_and_step(self, group: ParamGroup, iteration: int) -> Dict[str, float]:
+        """Reduce gradients (SP over TP, sum over CP, mean over DP), clip, AdamW step, EMA update."""
+        finalize_model_grads(self.model)
+        params = list(group.params.values())
+        norm = clip_gradients(params, self.args.clip_grad)
+        lr = lr_at(iteration, group.lr, self.args.min_lr, self.args.lr_warmup_iters, self.args.train_iters,
+                   self.args.lr_decay_style)
+        for pg in group.optimizer.param_groups:
+            pg["lr"] = lr
+        group.optimizer.step()
+        group.zero_grad()
+        group.steps += 1
+        group.ema.update(iteration)
+        return {f"{group.name}/grad_norm": float(norm), f"{group.name}/lr": lr}
+
+    def all_reduce_mean(self, value: torch.Tensor) -> float:
+        v = value.detach().float().clone()
+        if self.dp_size > 1:
+            dist.all_reduce(v, group=self.dp_group)
+            v /= self.dp_size
+        return float(v)
+
+    # ------------------------------------------------------------------------------------------
+    def train(self) -> Dict[str, float]:
+        args = self.args
+        start_iter = self.iteration
+        stop = args.train_iters
+        if args.exit_after_iters is not None:
+            stop = min(stop, start_iter + args.exit_after_iters)
+        self._log(f"training {args.stage}: iterations {start_iter} -> {stop} of {args.train_iters}, global batch "
+                  f"{args.global_batch_size} (micro {args.micro_batch_size} x DP {self.dp_size} x "
+                  f"{self.sampler.num_micro} accumulation), TP {args.tensor_model_parallel_size}, "
+                  f"CP {args.context_parallel_size}, device {self.device}, "
+                  f"trainable {sum(p.numel() for g in self.groups.values() for p in g.params.values()) / 1e6:.2f}M")
+        t0 = time.time()
+        t_log, it_log = t0, start_iter
+        last = {}
+        while self.iteration < stop:
+            micro = self.sampler.micro_batches(self.consumed_samples)
+            metrics = self.stage.train_step(self.iteration, micro)
+            self.iteration += 1
+            self.consumed_samples += args.global_batch_size
+            last = metrics
+            if self.writer is not None:
+                for k, v in metrics.items():
+                    self.writer.add_scalar(k, v, self.iteration)
+            if self.iteration % args.log_interval == 0 or self.iteration == stop:
+                now = time.time()
+                rate = (self.iteration - it_log) * args.global_batch_size / max(now - t_log, 1e-9)
+                eta = (stop - self.iteration) * (now - t0) / max(self.iteration - start_iter, 1)
+                shown = " | ".join(f"{k} {v:.4e}" if abs(v) < 1e-2 or abs(v) >= 1e3 else f"{k} {v:.4f}"
+                                   for k, v in metrics.items())
+                self._log(f" iteration {self.iteration:>7d}/{args.train_iters} | {shown} | samples/s {rate:.2f} | "
+                          f"elapsed {_fmt_time(now - t0)} | ETA {_fmt_time(eta)}", flush=True)
+                t_log, it_log = now, self.iteration
+            if args.save and args.save_interval and self.iteration % args.save_interval == 0 and self.iteration < stop:
+                self.save(args.save)
+        if args.save:
+            self.save(args.save)
+        if self.writer is not None:
+            self.writer.flush()
+        return last
+
+    # ------------------------------------------------------------------------------------------
+    def _layout(self) -> dict:
+        return {"tp": self.args.tensor_model_parallel_size, "cp": self.args.context_parallel_size,
+                "dp": self.dp_size, "sequence_parallel": bool(self.args.sequence_parallel)}
+
+    def _sharded_state(self) -> dict:
+        sd = {}
+        base_recoverable = self.pretrained_dir is not None
+        model_sd = module_sharded_state_dict(self.model)
+        trainable = {k for g in self.groups.values() for k in g.params}
+        for k, v in model_sd.items():
+            if k in trainable or not base_recoverable:
+                sd[k] = v
+        for g in self.groups.values():
+            sd.update(g.ema.sharded_state(f"ema.{g.name}"))
+            sd.update(optimizer_sharded_state(g.optimizer, {p: k for k, p in g.params.items()}, f"optimizer.{g.name}"))
+        return sd
+
+    def save(self, root: str, before_commit=None) -> str:
+        args = self.args
+        meta = {"format": "megatron_anyflow", "stage": args.stage, "iteration": self.iteration,
+                "consumed_samples": self.consumed_samples, "wan_config": self.arch,
+                "pretrained": os.path.abspath(self.pretrained_dir) if self.pretrained_dir else None,
+                "lora": self.stage.lora_meta(), "layout": self._layout(),
+                "groups": {n: {"optimizer_steps": optimizer_steps(g.optimizer), "steps": g.steps}
+                           for n, g in self.groups.items()},
+                "args": {k: v for k, v in vars(args).items()}}
+        rank_state = {"torch_rng": torch.get_rng_state(),
+                      "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        d = ckpt.save_checkpoint(root, self.iteration, self._sharded_state(), meta, rank_state, before_commit)
+        self._log(f"saved checkpoint {d}", flush=True)
+        return d
+
+    def load(self, root: str) -> None:
+        """Resume from the last complete checkpoint under ``root`` (must be the same stage and layout)."""
+        try:
+            d = ckpt.resolve_checkpoint_dir(root)
+        except FileNotFoundError:
+            self._log(f"no checkpoint under {root}: starting from scratch")
+            return
+        meta = ckpt.read_meta(d)
+        if meta.get("stage") != self.args.stage:
+            raise ValueError(f"--load {root}: checkpoint of stage {meta.get('stage')!r}, this run is {self.args.stage!r}")
+        if meta.get("layout") != self._layout():
+            self._log(f"warning: resuming layout {self._layout()} from {meta.get('layout')}: weights and optimiser "
+                      "state are resharded, but the continuation is not bit-exact")
+        loaded = ckpt.load_checkpoint(d, self._sharded_state(), strict=True)
+        load_module_state(self.model, loaded)
+        for name, g in self.groups.items():
+            g.ema.load(loaded, f"ema.{name}")
+            for p, k in ((p, k) for k, p in g.params.items()):
+                st = g.optimizer.state[p]
+                st["exp_avg"].copy_(loaded[f"optimizer.{name}.{k}.exp_avg"])
+                st["exp_avg_sq"].copy_(loaded[f"optimizer.{name}.{k}.exp_avg_sq"])
+            info = meta["groups"][name]
+            set_optimizer_steps(g.optimizer, info["optimizer_steps"])
+            g.steps = info["steps"]
+        self.iteration = meta["iteration"]
+        self.consumed_samples = meta["consumed_samples"]
+        rs = ckpt.load_rank_state(d)
+        if rs is not None:
+            torch.set_rng_state(rs["torch_rng"])
+            if rs.get("cuda_rng") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rs["cuda_rng"])
+        self._log(f"resumed from {d} at iteration {self.iteration} ({self.consumed_samples} samples consumed)")

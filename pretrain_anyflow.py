@@ -1,0 +1,25 @@
+#!/usr/bin/env python
+"""AnyFlow training entry point (teacher / stage 1 / stage 2), Megatron-style.
+
+    torchrun --nproc_per_node 8 pretrain_anyflow.py --stage stage1 --pretrained ckpt/wan14b ...
+    python pretrain_anyflow.py --stage stage1 --mock-data --train-iters 20     (one process, CPU)
+
+``python pretrain_anyflow.py --help`` lists every argument.
+"""
+
+import sys
+import warnings
+
+
+def main(argv=None):
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    from megatron_anyflow.training.arguments import parse_args
+    from megatron_anyflow.training.trainer import Trainer
+
+    trainer = Trainer(parse_args(argv))
+    trainer.train()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
