@@ -36,14 +36,12 @@ def main(argv=None):
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     import torch
 
-    from megatron_anyflow.models import lora as L
-    from megatron_anyflow.models.wan.config import wan_config
     from megatron_anyflow.models.wan.convert import hf_config_from_arch, megatron_to_hf
     from megatron_anyflow.models.wan.hf_io import write_hf_transformer_dir
-    from megatron_anyflow.models.wan.model import WanModel
     from megatron_anyflow.parallel.state import initialize_parallel
     from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
-    from megatron_anyflow.training.checkpointing import load_checkpoint, load_model_weights, read_meta, resolve_checkpoint_dir
+    from megatron_anyflow.training.checkpointing import read_meta, resolve_checkpoint_dir
+    from megatron_anyflow.training.model_io import load_for_inference
 
     if os.path.exists(args.output):
         print(f"error: {args.output} exists; remove it or choose another --output", file=sys.stderr)
@@ -57,33 +55,26 @@ def main(argv=None):
         print(f"error: {err}", file=sys.stderr)
         return 2
     meta = read_meta(ckpt_dir)
-    print(f"[1/4] {ckpt_dir} (iteration {meta.get('iteration')})", flush=True)
-    arch = meta["wan_config"]
-    cfg = wan_config(None, **arch, perform_initialization=False)
-    model = WanModel(cfg)
+    print(f"[1/4] {ckpt_dir} (stage {meta.get('stage', 'converted')}, iteration {meta.get('iteration')})", flush=True)
     lora = meta.get("lora")
-    if args.merge_lora is not None:
-        if not lora or args.merge_lora not in lora["adapters"]:
-            have = lora["adapters"] if lora else []
-            print(f"error: adapter {args.merge_lora!r} is not in the checkpoint (adapters: {have})", file=sys.stderr)
-            return 2
-        L.apply_lora(model, [args.merge_lora], lora["rank"], lora["alpha"], targets=lora["targets"])
-    print("[2/4] loading weights (merging tensor-parallel shards)", flush=True)
-    load_model_weights(model, ckpt_dir, require_adapters=args.merge_lora is not None)
-    if args.merge_lora is not None:
-        if args.ema:
-            from megatron_anyflow.parallel.sharding import load_module_state, module_sharded_state_dict
-
-            prefix = f"ema.{args.merge_lora}."
-            request = {k: v for k, v in module_sharded_state_dict(model, prefix).items()
-                       if f".adapters.{args.merge_lora}." in k}
-            load_module_state(model, load_checkpoint(ckpt_dir, request, strict=True), prefix)
-        print(f"[3/4] merging adapter {args.merge_lora!r}{' (EMA)' if args.ema else ''}", flush=True)
-        L.merge_adapter(model, args.merge_lora)
-    else:
-        print("[3/4] no adapter merged (base weights only)", flush=True)
+    if args.merge_lora is not None and (not lora or args.merge_lora not in lora["adapters"]):
+        have = lora["adapters"] if lora else []
+        print(f"error: adapter {args.merge_lora!r} is not in the checkpoint (adapters: {have})", file=sys.stderr)
+        return 2
+    if lora and args.merge_lora is None:
+        print(f"note: adapters {lora['adapters']} not merged (pass --merge-lora NAME); exporting the base", flush=True)
+    print("[2/4] loading weights (following the base checkpoint; merging tensor-parallel shards)", flush=True)
+    try:
+        model = load_for_inference(ckpt_dir, adapter=args.merge_lora, ema=args.ema)
+    except (KeyError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    cfg = model.config
+    arch = meta["wan_config"]
+    print(f"[3/4] {'merged adapter ' + repr(args.merge_lora) if args.merge_lora else 'base weights'}"
+          f"{' (EMA)' if args.ema else ''}", flush=True)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    full = L.unwrap_lora_state_dict({k: v for k, v in model.state_dict().items() if v is not None})
+    full = {k: v for k, v in model.state_dict().items() if v is not None}
     hf_sd = {k: v.to(dtype) for k, v in megatron_to_hf(full, cfg.head_dim).items()}
     hf_cfg = hf_config_from_arch(arch)
     print(f"[4/4] writing {args.output} as {hf_cfg['_class_name']}", flush=True)
@@ -100,8 +91,6 @@ def verify(path, model, cfg, class_name):
     import diffusers
     import torch
 
-    from megatron_anyflow.models import lora as L
-
     hf = getattr(diffusers, class_name).from_pretrained(path, torch_dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(0)
     pt, ph, pw = cfg.patch_size
@@ -109,7 +98,6 @@ def verify(path, model, cfg, class_name):
     t = torch.full((1, 2 * pt), 700.0)
     r = torch.full((1, 2 * pt), 300.0)
     txt = torch.randn(1, 8, cfg.text_dim, generator=g)
-    L.set_active_adapter(model, None)
     model = model.float().eval()
     with torch.no_grad():
         ours = model(x, t, r, txt)
