@@ -1,7 +1,8 @@
 """One Wan2.1 DiT block on megatron-core, shared by the ``local`` and ``te`` backends.
 
-Activation layout inside blocks is Megatron's ``[s, b, h]``; with sequence parallelism ``s`` is the
-rank's slice of the token sequence. The block (diffusers `WanTransformerBlock`):
+Activation layout inside blocks is Megatron's ``[s, b, h]``; ``s`` is the rank's slice of the token
+sequence under context parallelism (its CP chunk) and sequence parallelism (its TP slice of that
+chunk). The block (diffusers `WanTransformerBlock`):
 
     shift, scale, gate, c_shift, c_scale, c_gate = scale_shift_table + e        (per frame, fp32)
     x = x + gate * SelfAttn(LN(x) * (1 + scale) + shift)                          (RoPE, qk RMSNorm)
@@ -15,6 +16,7 @@ applied one frame-segment of the rank's tokens at a time with expanded views, so
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
@@ -27,6 +29,11 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_anyflow.models.wan.config import WanConfig
 from megatron_anyflow.models.wan.rope import apply_rotary
+from megatron_anyflow.parallel.context_parallel import (
+    all_to_all_heads_to_sequence,
+    all_to_all_sequence_to_heads,
+    cp_world_size,
+)
 from megatron_anyflow.parallel.tensor_parallel import all_reduce_sum_tp, tp_world_size
 
 
@@ -141,6 +148,18 @@ class TECoreAttention(nn.Module):
 
     Same interface as `TorchCoreAttention`. Attention stays in bf16 under FP8 (FP8 attention gave
     visible artifacts in a Wan port, ANYFLOW.md section 6).
+
+    Context parallelism (``config.context_parallel_size > 1``): self-attention uses TE's own CP
+    attention (``cp_comm_type`` from the config: ``p2p`` ring by default, ``a2a``, ``a2a+p2p``) on the
+    rank's CP chunk of q / k / v; ``handles_context_parallel`` is then True and `WanSelfAttention`
+    skips its Ulysses exchange. With no mask the order of tokens inside the CP chunks does not matter
+    (RoPE is applied before), so the contiguous chunks need no load-balancing reorder. Cross-attention
+    is built with CP off: the text keys / values are whole on every CP rank.
+    UNTESTED on CPU (no TE, no GPU here): the local backend's Ulysses path is what the CP tests check.
+
+    Raises:
+        ValueError: ``cp_comm_type="all_gather"`` (TE supports it for causal masks only), or, in
+            forward, a CP chunk with an odd number of tokens (TE's CP kernels split chunks in two).
     """
 
     def __init__(self, config: WanConfig, layer_number: int = 1, attention_type: str = "self"):
@@ -148,13 +167,33 @@ class TECoreAttention(nn.Module):
         from megatron.core.extensions.transformer_engine import TEDotProductAttention
         from megatron.core.transformer.enums import AttnMaskType
 
+        self._no_mask = AttnMaskType.no_mask
+        self.handles_context_parallel = False
+        kwargs = {}
+        if config.context_parallel_size > 1:
+            if attention_type == "self":
+                comm = config.cp_comm_type
+                if isinstance(comm, list):  # one entry per layer (megatron's convention)
+                    comm = comm[layer_number - 1]
+                comm = comm or "p2p"
+                if comm == "all_gather":
+                    raise ValueError("cp_comm_type='all_gather' supports causal attention only in Transformer "
+                                     "Engine; Wan attention is bidirectional: use 'p2p', 'a2a' or 'a2a+p2p'")
+                kwargs["cp_comm_type"] = comm
+                self.handles_context_parallel = True
+            else:
+                config = copy.copy(config)
+                config.context_parallel_size = 1
         self.attn = TEDotProductAttention(
             config=config, layer_number=layer_number, attn_mask_type=AttnMaskType.no_mask,
-            attention_type=attention_type,
+            attention_type=attention_type, **kwargs,
         )
 
     def forward(self, q, k, v):
-        out = self.attn(q, k, v, attention_mask=None)
+        if self.handles_context_parallel and q.shape[0] % 2:
+            raise ValueError(f"Transformer Engine context-parallel attention needs an even number of tokens "
+                             f"per CP rank; got {q.shape[0]}")
+        out = self.attn(q, k, v, attention_mask=None, attn_mask_type=self._no_mask)
         return out.reshape(q.shape[0], q.shape[1], -1)
 
 
@@ -229,6 +268,16 @@ class WanSelfAttention(MegatronModule):
     ``linear_qkv`` is one column-parallel linear whose output rows are laid out head by head as
     (head, {q, k, v}, head_dim): a TP split by heads is then a contiguous slice (resharding in
     distributed checkpoints stays a plain split) and one sequence-parallel all-gather serves q, k and v.
+
+    Context parallelism (Ulysses, local backend): after ``linear_qkv`` the rank holds its CP chunk of
+    the sequence (s = S / cp tokens; gathered over TP under SP) for its n / tp heads. The qk RMSNorm
+    (statistic all-reduced over TP) and RoPE (with the chunk's true positions) are applied there, then
+    one all-to-all over the CP group exchanges q, k, v to the whole sequence for n / (tp * cp) heads;
+    core attention; the inverse all-to-all returns [s, b, n / tp * d] for ``linear_proj``. A core
+    attention with ``handles_context_parallel`` (TE's CP attention) gets the CP chunk directly.
+
+    Raises:
+        ValueError: the heads do not divide by TP (x CP on the Ulysses path).
     """
 
     def __init__(self, config: WanConfig, submodules: WanSelfAttentionSubmodules, layer_number: int = 1):
@@ -242,9 +291,16 @@ class WanSelfAttention(MegatronModule):
         self.core_attention = build_module(submodules.core_attention, config=config, layer_number=layer_number,
                                            attention_type="self")
         self.linear_proj = _row(submodules.linear_proj, config, h, h)
+        cp = cp_world_size()
+        self.ulysses = cp > 1 and not getattr(self.core_attention, "handles_context_parallel", False)
+        if self.ulysses and self.heads_local % cp:
+            raise ValueError(f"num_attention_heads={config.num_attention_heads} is not divisible by "
+                             f"tensor-parallel size {tp_world_size()} x context-parallel size {cp} "
+                             "(Ulysses context parallelism splits heads over TP x CP)")
 
     def forward(self, x: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        qkv, _ = self.linear_qkv(x)  # [S, b, n_local * 3 * d] (full sequence under SP)
+        """x [s, b, h] local tokens; rope (cos, sin) [S / cp, 1, 1, d / 2] of this rank's CP chunk."""
+        qkv, _ = self.linear_qkv(x)  # [S / cp, b, n_local * 3 * d] (whole CP chunk under SP)
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.heads_local, 3, -1)
         q = self.q_layernorm(qkv[:, :, :, 0].reshape(s, b, -1)).view(s, b, self.heads_local, -1)
@@ -252,7 +308,14 @@ class WanSelfAttention(MegatronModule):
         v = qkv[:, :, :, 2]
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = self.core_attention(q, k, v.contiguous())
+        if not self.ulysses:
+            out = self.core_attention(q, k, v.contiguous())
+        else:
+            # [s, b, n_local, 3, d] -> [S, b, n_local / cp, 3, d]: one exchange for q, k and v.
+            q, k, v = all_to_all_heads_to_sequence(torch.stack([q, k, v.to(q.dtype)], dim=3)).unbind(3)
+            out = self.core_attention(q.contiguous(), k.contiguous(), v.contiguous())  # [S, b, n_l/cp * d]
+            out = out.view(out.shape[0], b, self.heads_local // cp_world_size(), -1)
+            out = all_to_all_sequence_to_heads(out).reshape(s, b, -1)  # [s, b, n_local * d]
         out, _ = self.linear_proj(out)
         return out
 
@@ -309,10 +372,11 @@ class WanLayer(MegatronModule):
     """One Wan2.1 DiT block (see the module docstring for the formula).
 
     Forward:
-        x: [s, b, h] hidden states (``s`` = local tokens under sequence parallelism).
+        x: [s, b, h] hidden states (``s`` = the rank's tokens under context / sequence parallelism).
         e: [F, b, 6, h] per-frame modulation from the time projection (F = 1 when uniform).
         text: [L, b, h] embedded text states (whole on every rank).
-        rope: (cos, sin) [S, 1, 1, d/2] for the full sequence.
+        rope: (cos, sin) [S / cp, 1, 1, d/2] for the rank's CP chunk of the sequence (the tokens
+            self-attention's qkv holds; the whole sequence at CP = 1).
         segments: `FrameSegments` mapping local tokens to frames.
     Returns [s, b, h] in x's dtype.
     """

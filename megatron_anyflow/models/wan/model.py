@@ -20,6 +20,15 @@ from megatron_anyflow.models.wan.config import WanConfig
 from megatron_anyflow.models.wan.layer import FrameSegments, _modulate
 from megatron_anyflow.models.wan.rope import RotaryCache
 from megatron_anyflow.models.wan.specs import get_wan_layer_spec
+from megatron_anyflow.parallel.context_parallel import (
+    check_sequence_split,
+    cp_rank,
+    cp_world_size,
+    gather_from_context_parallel_region,
+    local_token_range,
+    reduce_grad_over_context_parallel,
+    split_to_context_parallel_region,
+)
 from megatron_anyflow.parallel.tensor_parallel import mark_sequence_parallel, tp_rank, tp_world_size
 
 
@@ -114,17 +123,31 @@ class WanModel(MegatronModule):
     Returns:
         u: [b, f, c_out, H, W] in the model dtype; flow map ``f(z_t, t, r) = z_t - (t - r)/1000 * u``.
 
-    Parallelism: tokens are split over the tensor-parallel group when ``config.sequence_parallel``;
-    the output is gathered whole on every rank. Per-frame timesteps give per-frame modulation.
+    Parallelism: the S tokens (frame-major) are split into contiguous chunks over the context-parallel
+    group (CP rank c keeps [c S / cp, (c + 1) S / cp)), and each chunk over the tensor-parallel group
+    when ``config.sequence_parallel`` (CP outer, TP inner). Self-attention exchanges heads for the
+    sequence over CP (Ulysses all-to-all, or TE's CP attention); cross-attention keys / values (text)
+    are whole on every rank; RoPE and the per-frame modulation use each token's global position. The
+    output is gathered whole on every rank (backward: split, the loss being replicated), so after
+    backward every parameter gradient is a partial sum over CP ranks: call
+    `parallel.tensor_parallel.finalize_model_grads` (SP sum over TP, sum over CP, mean over DP).
+    Gradients with respect to the inputs come out whole. Per-frame timesteps give per-frame modulation.
 
     Raises:
-        ValueError: bad input shapes (naming the shape and what was expected) or a token count that does
-            not divide by the tensor-parallel size under sequence parallelism.
+        ValueError: bad input shapes (naming the shape and what was expected); a token count that does
+            not divide by the context-parallel size (x the tensor-parallel size under sequence
+            parallelism), naming the count, the grid and the sizes; at construction, a
+            ``config.context_parallel_size`` different from the initialised context-parallel group, or
+            heads not divisible by TP (x CP).
     """
 
     def __init__(self, config: WanConfig, layer_spec: Optional[ModuleSpec] = None):
         super().__init__(config=config)
         self.config: WanConfig = config
+        if config.context_parallel_size != cp_world_size():
+            raise ValueError(f"WanConfig.context_parallel_size={config.context_parallel_size} but the initialised "
+                             f"context-parallel group has {cp_world_size()} rank(s); set both to the same size "
+                             "(initialize_parallel(..., context_parallel_size=N))")
         h = config.hidden_size
         p = config.patch_size
         self.patch_embedding = nn.Conv3d(config.in_channels, h, kernel_size=p, stride=p)
@@ -202,6 +225,10 @@ class WanModel(MegatronModule):
 
     def forward(self, latents: torch.Tensor, t: torch.Tensor, r: Optional[torch.Tensor], text: torch.Tensor):
         cfg = self.config
+        # Inputs are replicated over CP but each CP rank back-propagates only its tokens' share: sum
+        # their gradients over CP (no-op unless they require grad).
+        latents, text = reduce_grad_over_context_parallel(latents), reduce_grad_over_context_parallel(text)
+        t, r = (reduce_grad_over_context_parallel(v) if isinstance(v, torch.Tensor) else v for v in (t, r))
         t, r = self._check_inputs(latents, t, r, text)
         if r is None:
             r = t
@@ -229,19 +256,19 @@ class WanModel(MegatronModule):
         txt = self.condition_embedder.text_embedder(text.to(self.condition_embedder.text_embedder.linear_1.weight.dtype))
         txt = txt.to(dtype).transpose(0, 1).contiguous()  # [L, b, h]
 
-        # Sequence parallelism: this rank keeps a contiguous slice of the tokens.
-        tp = tp_world_size()
+        # Context / sequence parallelism: this rank keeps a contiguous slice of the tokens (its CP chunk,
+        # further split over TP under SP; CP outer, TP inner).
+        tp, cp = tp_world_size(), cp_world_size()
         sp = cfg.sequence_parallel and tp > 1
-        start, length = 0, seq
+        sp_tp = tp if sp else 1
+        check_sequence_split(seq, grid, cp, sp_tp)
+        start, length = local_token_range(seq, cp, cp_rank(), sp_tp, tp_rank() if sp else 0)
+        x = split_to_context_parallel_region(x, 0)  # [S / cp, b, h]
         if sp:
-            if seq % tp:
-                raise ValueError(f"{seq} tokens (grid {grid}) do not divide by the tensor-parallel size {tp} "
-                                 "under sequence parallelism; change the latent size or disable SP")
-            length = seq // tp
-            start = tp_rank() * length
-            x = tensor_parallel.scatter_to_sequence_parallel_region(x)
+            x = tensor_parallel.scatter_to_sequence_parallel_region(x)  # [S / (cp tp), b, h]
         segments = FrameSegments.build(grid[0], tokens_per_frame, start, length, uniform)
-        rope = self.rope.get(grid, x.device)
+        # RoPE for the CP chunk: what self-attention's qkv holds (whole chunk, gathered over TP under SP).
+        rope = tuple(split_to_context_parallel_region(c, 0) for c in self.rope.get(grid, x.device))
 
         for blk in self.blocks:
             x = blk(x, e, txt, rope, segments)
@@ -255,6 +282,8 @@ class WanModel(MegatronModule):
             # The loss is computed identically on every TP rank: the output gradient is replicated, so
             # the gather's backward must split, not reduce-scatter (that would scale grads by TP).
             y = tensor_parallel.gather_from_sequence_parallel_region(y, tensor_parallel_output_grad=False)
+        # Same over CP: the gather's backward keeps this rank's slice of the replicated output gradient.
+        y = gather_from_context_parallel_region(y, 0)  # [S, b, c_out * prod(p)]
         return self._unpatchify(y, b, grid)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
