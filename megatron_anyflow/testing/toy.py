@@ -36,10 +36,16 @@ class ToyFlowMapNet(nn.Module):
         latent_shape: per-sample latent shape ``(f, c, h, w)``.
         hidden: width of the MLPs (128).
         n_freq: number of Fourier frequencies ``k = 1..n_freq`` in the time features
-            ``[t, r, t - r, sin(pi k t), cos(pi k t), sin(pi k r), cos(pi k r)]`` (t, r in [0, 1]).
+            ``[t, r, t - r, sin(pi k t), cos(pi k t), sin(pi k r), cos(pi k r)]`` (t, r in [0, 1]); default 1.
+            Higher frequencies make the stop-gradient MeanFlow bootstrap of stage 1 noisier (observed on
+            the Gaussian problem of tests/test_gaussian_stage1.py, trained without the teacher phase:
+            1-step errors about 2x larger at n_freq = 6).
         num_basis: ``K``, number of learned bias basis vectors (4).
         use_text: if True, the mean of the text embedding (one scalar per sample) is appended to the time
             features, so conditional and null outputs differ; default False (text ignored).
+        correction: include the residual MLP over ``[z, features]`` (True). Without it the network is
+            exactly the affine family ``a(t, r) z + c(t, r) . B`` (enough for Gaussian data, and less
+            noisy to train).
 
     Call: ``model(z, t, r, text)`` with ``z`` ``[b, f, c, h, w]``, ``t, r`` ``[b, f]`` (or ``[b]``) on the
     **0..1000 scale** (any float dtype; divided by 1000 in the parameters' dtype), ``text`` ``[b, L, d]``
@@ -50,8 +56,8 @@ class ToyFlowMapNet(nn.Module):
             wrong shape, or ``use_text`` without ``text``.
     """
 
-    def __init__(self, latent_shape: Sequence[int], hidden: int = 128, n_freq: int = 6, num_basis: int = 4,
-                 use_text: bool = False):
+    def __init__(self, latent_shape: Sequence[int], hidden: int = 128, n_freq: int = 1, num_basis: int = 4,
+                 use_text: bool = False, correction: bool = True):
         super().__init__()
         latent_shape = tuple(int(d) for d in latent_shape)
         if len(latent_shape) != 4 or min(latent_shape) < 1:
@@ -66,7 +72,7 @@ class ToyFlowMapNet(nn.Module):
         self.c_net = _mlp(self.feat_dim, hidden, num_basis)
         self.basis = nn.Parameter(0.1 * torch.randn(num_basis, self.frames, self.frame_dim))
         d = self.frames * self.frame_dim
-        self.corr_net = _mlp(d + self.frames * self.feat_dim, hidden, d, zero_last=True)
+        self.corr_net = _mlp(d + self.frames * self.feat_dim, hidden, d, zero_last=True) if correction else None
 
     def features(self, t: torch.Tensor, r: torch.Tensor, text: Optional[torch.Tensor]) -> torch.Tensor:
         """Time (and text) features ``[b, f, feat_dim]`` in the parameters' dtype."""
@@ -103,6 +109,7 @@ class ToyFlowMapNet(nn.Module):
         a = self.a_net(feats)  # [b, f, 1]
         coef = self.c_net(feats)  # [b, f, K]
         bias = torch.einsum("bfk,kfm->bfm", coef, self.basis)
-        corr = self.corr_net(torch.cat([zz.reshape(b, -1), feats.reshape(b, -1)], dim=-1)).reshape(b, f, -1)
-        u = a * zz + bias + corr
+        u = a * zz + bias
+        if self.corr_net is not None:
+            u = u + self.corr_net(torch.cat([zz.reshape(b, -1), feats.reshape(b, -1)], dim=-1)).reshape(b, f, -1)
         return u.reshape(z.shape).to(z.dtype)

@@ -1,0 +1,451 @@
+"""Stage-1 flow-map objective and teacher flow-matching loss vs independent float64 implementations.
+
+The references below are written straight from the paper (AnyFlow Alg. 1; eq. 3 MeanFlow objective, eq. 4
+central difference, eq. 6 guidance-fused prediction, eq. 7 adaptive reweighting) and the reference loss
+weight ``beta08`` (``t (1 - t)^0.5`` on the shift-5 1001-point grid, normalised to sum 1000), in float64,
+without the kernels. They re-create the generators with the same seeds to draw the same t, r, eps and
+masks (draw order documented in :func:`stage1_loss`).
+"""
+import copy
+import math
+
+import pytest
+import torch
+
+import megatron_anyflow_kernels as K
+from megatron_anyflow.anyflow import (
+    FlowMapObjectiveConfig,
+    TeacherObjectiveConfig,
+    TimeSamplerConfig,
+    flow_matching_loss,
+    sample_t_r,
+    stage1_loss,
+)
+from megatron_anyflow.testing.toy import ToyFlowMapNet
+
+SHAPE = (3, 2, 3, 2)  # [f, c, h, w]
+L, D = 5, 4  # text tokens, text width
+
+
+# --------------------------------------------------------------------------------------------------
+# A deterministic callable model (any float dtype), nonlinear in t and r, text-dependent
+# --------------------------------------------------------------------------------------------------
+class LinearTimeModel:
+    """``u = W z + sin(3 t) A + t^2 r B + cos(2 r) C + (1 + t) (mean text @ P)``, t = T/1000, r = R/1000."""
+
+    def __init__(self, shape=SHAPE, d_text=D, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        f, c, h, w = shape
+        n = f * c * h * w
+        self.shape = shape
+        self.W = torch.randn(n, n, generator=g, dtype=torch.float64) * (0.7 / math.sqrt(n))
+        self.A = torch.randn(shape, generator=g, dtype=torch.float64)
+        self.B = torch.randn(shape, generator=g, dtype=torch.float64)
+        self.C = torch.randn(shape, generator=g, dtype=torch.float64)
+        self.P = torch.randn(d_text, c * h * w, generator=g, dtype=torch.float64)
+        self.calls = []
+
+    def __call__(self, z, T, R, text):
+        assert T.dtype in (torch.float32, torch.float64) and R.dtype == T.dtype, (T.dtype, R.dtype)
+        assert tuple(T.shape) == tuple(z.shape[:2]) and tuple(R.shape) == tuple(z.shape[:2])
+        self.calls.append(dict(z=z.detach().clone(), T=T.clone(), R=R.clone(), text=text.clone()))
+        dt = z.dtype if z.dtype != torch.bfloat16 else torch.float32
+        b, f = z.shape[:2]
+        t = (T.to(dt) / 1000.0)[..., None, None, None]
+        r = (R.to(dt) / 1000.0)[..., None, None, None]
+        lin = (z.to(dt).reshape(b, -1) @ self.W.to(dt).T).reshape(z.shape)
+        txt = (text.to(dt).mean(dim=1) @ self.P.to(dt)).reshape(b, 1, *self.shape[1:])
+        u = lin + torch.sin(3 * t) * self.A.to(dt) + t * t * r * self.B.to(dt) + torch.cos(2 * r) * self.C.to(dt)
+        u = u + (1 + t) * txt
+        return u.to(z.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Independent float64 references
+# --------------------------------------------------------------------------------------------------
+def _shift(x, s):
+    return s * x / (1 + (s - 1) * x)
+
+
+def ref_beta08_weight(t, shift=5.0):
+    grid = _shift(torch.linspace(0, 1, 1001, dtype=torch.float64), shift)
+    y = grid * (1 - grid).clamp_min(0).sqrt()
+    w = y * 1000.0 / y.sum()
+    idx = (grid[None, :] - t.double()[:, None]).abs().argmin(dim=1)
+    return w[idx]
+
+
+def ref_stage1(model, x, text, neg, cfg, time_seed, noise_seed, global_batch, offset, noise=None):
+    """Float64 stage-1 loss from the paper's equations. ``model`` is called in float64; its first call
+    (conditional) keeps the autograd graph, the other three run without grad."""
+    b, f = x.shape[:2]
+    t_all, r_all, kind_all = sample_t_r(global_batch, torch.Generator().manual_seed(time_seed), cfg.time)
+    t = t_all[offset:offset + b].double()
+    r = r_all[offset:offset + b].double()
+    kind = kind_all[offset:offset + b]
+    ng = torch.Generator().manual_seed(noise_seed)
+    if noise is None:
+        eps = torch.randn(x.shape, generator=ng, dtype=x.dtype).double()
+    else:
+        eps = noise.double()
+    drop = torch.rand(b, generator=ng) < cfg.text_dropout
+    i2v = torch.rand(b, generator=ng) < cfg.i2v_prob
+
+    tf = t[:, None].repeat(1, f)
+    rf = r[:, None].repeat(1, f)
+    cond = torch.zeros(b, f, dtype=torch.bool)
+    if cfg.i2v_prob > 0:
+        cond[:, 0] = i2v
+    tf[cond] = 0.0
+    rf[cond] = 0.0
+    keep = (~cond).double()
+    e, g = cfg.fd_eps, cfg.guidance
+    bc = lambda a: a[..., None, None, None]  # noqa: E731
+
+    xd = x.double()
+    z = (1 - bc(tf)) * xd + bc(tf) * eps  # z_t = (1 - t) x + t eps
+    v = eps - xd  # v = eps - x
+    c = torch.where(drop[:, None, None], neg.double().expand(b, -1, -1), text.double())
+    nul = neg.double().expand(b, -1, -1)
+    T, R = 1000.0 * tf, 1000.0 * rf
+    u_c = model(z, T, R, c)
+    with torch.no_grad():
+        u_n = model(z, T, R, nul)
+        u_p = model(z + v * (e / 1000.0) * bc(keep), T + e * keep, R, c)
+        u_m = model(z - v * (e / 1000.0) * bc(keep), T - e * keep, R, c)
+    u = (u_c - (1 - g) * u_n) / g  # eq. 6
+    dudt = (u_p - u_m) / (2 * e * g)  # eq. 4 / Alg. 1 (per timestep unit, conditional outputs / g)
+    u_tgt = (v - bc(T - R) * dudt).detach()  # Alg. 1 (t - r on the 1000 scale)
+    w = ref_beta08_weight(t, cfg.time.shift) if cfg.time.loss_weight == "beta" else torch.ones(b, dtype=torch.float64)
+    per_frame = ((u - u_tgt) ** 2).mean(dim=(2, 3, 4))  # [b, f]
+    per_sample = w * (keep * per_frame).sum(1) / keep.sum(1).clamp_min(1e-12)
+    boundary = kind == 0
+    if cfg.adaptive_reweight and boundary.any():
+        bm = per_sample.detach()[boundary].mean()
+        scales = torch.where(boundary, torch.ones_like(per_sample), bm / (per_sample.detach() + cfg.reweight_eps))
+    else:
+        bm = None
+        scales = torch.ones_like(per_sample)
+    loss = (scales * per_sample).mean()
+    return dict(loss=loss, per_sample=per_sample, scales=scales, bm=bm, u=u, u_tgt=u_tgt, t=t, r=r, kind=kind,
+                drop=drop, i2v=i2v, eps=eps)
+
+
+def _inputs(b=6, seed=0, dtype=torch.float32, neg_batch=1):
+    g = torch.Generator().manual_seed(100 + seed)
+    x = torch.randn(b, *SHAPE, generator=g).to(dtype)
+    text = torch.randn(b, L, D, generator=g)
+    neg = torch.randn(neg_batch, L, D, generator=g)
+    return x, text, neg
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _run(model, x, text, neg, cfg, time_seed=7, noise_seed=11, global_batch=10, offset=2, **kw):
+    return stage1_loss(model, x, text, neg, cfg, time_generator=torch.Generator().manual_seed(time_seed),
+                       noise_generator=torch.Generator().manual_seed(noise_seed), global_batch=global_batch,
+                       global_offset=offset, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# stage1_loss vs the float64 reference
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", [
+    dict(cfg=dict(text_dropout=0.5), gb=10, off=2),  # rows 2..7: 3 boundary, 2 r=0, 1 free
+    dict(cfg=dict(text_dropout=0.3, i2v_prob=0.5, guidance=2.0, fd_eps=3.0), gb=12, off=0),
+    dict(cfg=dict(text_dropout=0.0, time=TimeSamplerConfig(shift=3.0, loss_weight="uniform")), gb=6, off=0),
+    dict(cfg=dict(text_dropout=0.5, adaptive_reweight=False), gb=8, off=1),
+])
+def test_stage1_matches_float64_reference(case):
+    cfg = FlowMapObjectiveConfig(**case["cfg"])
+    x, text, neg = _inputs()
+    model = LinearTimeModel()
+    loss, st = _run(model, x, text, neg, cfg, global_batch=case["gb"], offset=case["off"], return_tensors=True)
+    ref = ref_stage1(LinearTimeModel(), x, text, neg, cfg, 7, 11, case["gb"], case["off"])
+
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert torch.equal(st["kind"], ref["kind"]) and torch.equal(st["text_dropped"], ref["drop"])
+    assert torch.allclose(st["t"].double(), ref["t"]) and torch.allclose(st["r"].double(), ref["r"])
+    assert _rel(st["u_pred"], ref["u"]) < 1e-5  # guidance fusion (eq. 6)
+    assert _rel(st["u_target"], ref["u_tgt"]) < 1e-5  # finite-difference target (eq. 4, Alg. 1)
+    assert _rel(st["sample_weight"], ref_beta08_weight(ref["t"], cfg.time.shift)
+                if cfg.time.loss_weight == "beta" else torch.ones(6)) < 1e-6
+    assert _rel(st["per_sample_loss"], ref["per_sample"]) < 1e-5
+    assert _rel(st["scales"], ref["scales"]) < 1e-5
+    assert abs(loss.item() - ref["loss"].item()) <= 1e-5 * abs(ref["loss"].item())
+    n_b = int((ref["kind"] == 0).sum())
+    if cfg.adaptive_reweight:
+        assert int(st["num_boundary"]) == n_b
+        if n_b:
+            assert abs(st["boundary_mean"].item() - ref["bm"].item()) <= 1e-4 * ref["bm"].item()
+    # The case list covers dropped and kept prompts, every kind, and (case 2) condition frames.
+    if case["cfg"].get("text_dropout", 0.1) >= 0.3:
+        assert 0 < int(st["text_dropped"].sum()) < 6
+    if case["cfg"].get("i2v_prob", 0.0) > 0:
+        assert 0 < int(st["i2v"].sum()) < 6
+
+
+def test_reweight_scales_formula():
+    """Boundary samples scale 1, the others boundary_mean / (loss + 1e-5); loss = mean(scales * loss)."""
+    cfg = FlowMapObjectiveConfig(text_dropout=0.0)
+    x, text, neg = _inputs(b=8)
+    loss, st = _run(LinearTimeModel(), x, text, neg, cfg, global_batch=8, offset=0)
+    ps, kind = st["per_sample_loss"].double(), st["kind"]
+    assert int((kind == 0).sum()) == 4 and int(st["num_boundary_local"]) == 4
+    bm = ps[kind == 0].mean()
+    expect = torch.where(kind == 0, torch.ones_like(ps), bm / (ps + 1e-5))
+    assert _rel(st["scales"], expect) < 1e-6
+    assert abs(loss.item() - (expect * ps).mean().item()) < 1e-6 * loss.item()
+    # non-boundary contributions are each ~ boundary_mean
+    assert torch.allclose((st["scales"] * st["per_sample_loss"])[kind != 0].double(),
+                          bm.expand(4), rtol=1e-3)
+
+
+def test_no_boundary_samples_gives_unit_scales():
+    cfg = FlowMapObjectiveConfig(text_dropout=0.0)
+    x, text, neg = _inputs(b=4)
+    loss, st = _run(LinearTimeModel(), x, text, neg, cfg, global_batch=8, offset=4)  # rows 4..7: r=0 / free
+    assert int(st["num_boundary"]) == 0
+    assert torch.equal(st["scales"], torch.ones(4))
+    assert abs(loss.item() - st["per_sample_loss"].mean().item()) < 1e-7
+
+
+def test_time_rows_follow_global_offset():
+    cfg = FlowMapObjectiveConfig()
+    x, text, neg = _inputs(b=3)
+    t_all, r_all, kind_all = sample_t_r(9, torch.Generator().manual_seed(7), cfg.time)
+    for off in (0, 3, 6):
+        _, st = _run(LinearTimeModel(), x, text, neg, cfg, global_batch=9, offset=off)
+        assert torch.equal(st["t"], t_all[off:off + 3]) and torch.equal(st["kind"], kind_all[off:off + 3])
+
+
+# --------------------------------------------------------------------------------------------------
+# gradients vs float64 autograd
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("i2v_prob", [0.0, 0.5])
+def test_stage1_gradient_matches_float64_autograd(i2v_prob):
+    torch.manual_seed(0)
+    net = ToyFlowMapNet(SHAPE, hidden=16, n_freq=2, use_text=True)
+    with torch.no_grad():  # give the zero-initialised correction head weights, so every parameter has a gradient
+        for p in net.corr_net[-1].parameters():
+            p.normal_(0, 0.1)
+    net64 = copy.deepcopy(net).double()
+    cfg = FlowMapObjectiveConfig(text_dropout=0.4, i2v_prob=i2v_prob)
+    x, text, neg = _inputs()
+    loss, st = _run(net, x, text, neg, cfg)
+    loss.backward()
+    ref = ref_stage1(net64, x, text, neg, cfg, 7, 11, 10, 2)
+    ref["loss"].backward()
+    assert abs(loss.item() - ref["loss"].item()) <= 1e-5 * ref["loss"].item()
+    n = 0
+    for (name, p), p64 in zip(net.named_parameters(), net64.parameters()):
+        assert p.grad is not None and p64.grad is not None, name
+        assert _rel(p.grad, p64.grad) < 1e-5, (name, _rel(p.grad, p64.grad))  # observed <= 4e-7
+        n += 1
+    assert n == len(list(net.parameters()))
+
+
+# --------------------------------------------------------------------------------------------------
+# text dropout, image-to-video, dtypes, the noise argument, the kernel backends
+# --------------------------------------------------------------------------------------------------
+def test_text_dropout_replaces_exactly_the_chosen_prompts():
+    x, text, neg = _inputs(b=8)
+    for p in (0.0, 0.5, 1.0):
+        cfg = FlowMapObjectiveConfig(text_dropout=p)
+        model = LinearTimeModel()
+        _, st = _run(model, x, text, neg, cfg, global_batch=8, offset=0)
+        ng = torch.Generator().manual_seed(11)
+        torch.randn(x.shape, generator=ng)  # eps
+        drop = torch.rand(8, generator=ng) < p
+        assert torch.equal(st["text_dropped"], drop)
+        if p == 0.5:
+            assert 0 < int(drop.sum()) < 8
+        cond, null, plus, minus = model.calls
+        expected = torch.where(drop[:, None, None], neg.expand(8, -1, -1), text)
+        for call in (cond, plus, minus):
+            assert torch.equal(call["text"], expected)
+        assert torch.equal(null["text"], neg.expand(8, -1, -1))
+
+
+def test_i2v_condition_frame():
+    cfg = FlowMapObjectiveConfig(i2v_prob=0.5, text_dropout=0.0)
+    x, text, neg = _inputs(b=8)
+    model = LinearTimeModel()
+    _, st = _run(model, x, text, neg, cfg, global_batch=8, offset=0)
+    i2v = st["i2v"]
+    assert 0 < int(i2v.sum()) < 8
+    cond, null, plus, minus = model.calls
+    e = cfg.fd_eps
+    for call in model.calls:
+        assert torch.all(call["T"][i2v, 0] == 0) and torch.all(call["R"][i2v, 0] == 0)
+        assert torch.equal(call["z"][i2v, 0], x[i2v, 0])  # z = x at t = 0, unperturbed
+        assert torch.all(call["T"][:, 1:] > 0)
+    t_model = (st["t"] * 1000).float()
+    assert torch.allclose(cond["T"][~i2v, 0], t_model[~i2v])
+    assert torch.allclose(plus["T"][:, 1:], cond["T"][:, 1:] + e) and torch.allclose(minus["T"][:, 1:], cond["T"][:, 1:] - e)
+    assert not torch.allclose(plus["z"][:, 1:], cond["z"][:, 1:])
+    assert torch.allclose(plus["T"][~i2v, 0], cond["T"][~i2v, 0] + e)
+
+    # The condition frame's output does not enter the loss: corrupt frame 0 of every output and compare
+    # (it changes the loss of the other samples, whose frame 0 is trained).
+    class Corrupt(LinearTimeModel):
+        def __call__(self, z, T, R, text):
+            u = super().__call__(z, T, R, text).clone()
+            u[:, 0] = u[:, 0] + 100.0
+            return u
+
+    _, st2 = _run(Corrupt(), x, text, neg, cfg, global_batch=8, offset=0)
+    assert torch.allclose(st2["per_sample_loss"][i2v], st["per_sample_loss"][i2v], rtol=1e-6)
+    assert not torch.allclose(st2["per_sample_loss"][~i2v], st["per_sample_loss"][~i2v], rtol=1e-3)
+
+
+def test_i2v_off_does_not_touch_frame_zero():
+    cfg = FlowMapObjectiveConfig(i2v_prob=0.0)
+    x, text, neg = _inputs()
+    model = LinearTimeModel()
+    _, st = _run(model, x, text, neg, cfg)
+    assert not st["i2v"].any()
+    assert torch.all(model.calls[0]["T"][:, 0] > 0)
+
+
+def test_bf16_latents_keep_float32_timesteps():
+    cfg = FlowMapObjectiveConfig()
+    x, text, neg = _inputs()
+    model = LinearTimeModel()
+    loss16, st16 = _run(model, x.bfloat16(), text.bfloat16(), neg.bfloat16(), cfg)
+    for call in model.calls:
+        assert call["T"].dtype == torch.float32 and call["R"].dtype == torch.float32
+        assert call["z"].dtype == torch.bfloat16
+    loss32, st32 = _run(LinearTimeModel(), x, text, neg, cfg)
+    assert torch.isfinite(loss16) and loss16.dtype == torch.float32
+    assert torch.equal(st16["t"], st32["t"])
+    # different eps draws (bf16 vs fp32 randn), so only the scale is comparable
+    assert 0.1 < loss16.item() / loss32.item() < 10
+
+
+def test_noise_argument_reproduces_generator_draw():
+    cfg = FlowMapObjectiveConfig(text_dropout=0.5)
+    x, text, neg = _inputs()
+    loss_a, st_a = _run(LinearTimeModel(), x, text, neg, cfg)
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(11))
+    # With noise given, the generator is used for the masks only: skip the eps draw by hand.
+    ng = torch.Generator().manual_seed(11)
+    torch.randn(x.shape, generator=ng)
+    loss_b, st_b = stage1_loss(LinearTimeModel(), x, text, neg, cfg, time_generator=torch.Generator().manual_seed(7),
+                               noise_generator=ng, global_batch=10, global_offset=2, noise=eps)
+    assert torch.equal(st_a["text_dropped"], st_b["text_dropped"])
+    assert loss_a.item() == loss_b.item()
+
+
+def test_negative_text_per_sample():
+    cfg = FlowMapObjectiveConfig(text_dropout=0.5)
+    x, text, neg = _inputs(neg_batch=6)
+    loss, st = _run(LinearTimeModel(), x, text, neg, cfg, return_tensors=True)
+    ref = ref_stage1(LinearTimeModel(), x, text, neg, cfg, 7, 11, 10, 2)
+    assert abs(loss.item() - ref["loss"].item()) <= 1e-4 * ref["loss"].item()
+
+
+@pytest.mark.skipif(not K.HAS_TRITON, reason="triton is not installed")
+def test_triton_backend_matches_torch(monkeypatch):
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, text, neg = _inputs()
+    out = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        net = ToyFlowMapNet(SHAPE, hidden=16, use_text=True)
+        cfg = FlowMapObjectiveConfig(text_dropout=0.3, kernel_backend=backend)
+        loss, st = _run(net, x, text, neg, cfg)
+        loss.backward()
+        out[backend] = (loss.detach(), st["scales"], [p.grad.clone() for p in net.parameters()])
+    assert abs(out["torch"][0].item() - out["triton"][0].item()) <= 1e-5 * out["torch"][0].item()
+    assert _rel(out["triton"][1], out["torch"][1]) < 1e-5
+    for a, b in zip(out["triton"][2], out["torch"][2]):
+        assert _rel(a, b) < 1e-4
+
+
+# --------------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------------
+def test_stage1_errors():
+    cfg = FlowMapObjectiveConfig()
+    x, text, neg = _inputs()
+    m = LinearTimeModel()
+    with pytest.raises(ValueError, match="5-D"):
+        _run(m, x[0], text, neg, cfg)
+    with pytest.raises(ValueError, match="text batch"):
+        _run(m, x, text[:4], neg, cfg)
+    with pytest.raises(ValueError, match="negative_text"):
+        _run(m, x, text, neg[:, :3], cfg)
+    with pytest.raises(ValueError, match="negative_text"):
+        _run(m, x, text, torch.randn(2, L, D), cfg)
+    with pytest.raises(ValueError, match="global_offset"):
+        _run(m, x, text, neg, cfg, global_batch=7, offset=2)
+    with pytest.raises(ValueError, match="global_offset"):
+        _run(m, x, text, neg, cfg, global_batch=10, offset=-1)
+    with pytest.raises(ValueError, match="global_batch"):
+        _run(m, x, text, neg, cfg, global_batch=10.0, offset=0)
+    with pytest.raises(ValueError, match="noise"):
+        _run(m, x, text, neg, cfg, noise=torch.randn(2, 3))
+    with pytest.raises(ValueError, match="frames"):
+        _run(m, x[:, :1], text, neg, FlowMapObjectiveConfig(i2v_prob=0.5))
+    with pytest.raises(ValueError, match="model output"):
+        _run(lambda z, T, R, c: z[:, :1], x, text, neg, cfg)
+    with pytest.raises(ValueError, match="cfg"):
+        _run(m, x, text, neg, TeacherObjectiveConfig())
+    for bad in (dict(guidance=0.0), dict(fd_eps=0.0), dict(text_dropout=1.5), dict(i2v_prob=-0.1),
+                dict(kernel_backend="cuda"), dict(time="beta"), dict(reweight_eps=-1.0)):
+        with pytest.raises(ValueError):
+            FlowMapObjectiveConfig(**bad)
+    for bad in (dict(shift=0.0), dict(logit_std=0.0), dict(text_dropout=2.0)):
+        with pytest.raises(ValueError):
+            TeacherObjectiveConfig(**bad)
+
+
+# --------------------------------------------------------------------------------------------------
+# teacher flow matching
+# --------------------------------------------------------------------------------------------------
+def test_flow_matching_loss_matches_float64():
+    cfg = TeacherObjectiveConfig(text_dropout=0.5)
+    x, text, neg = _inputs()
+    torch.manual_seed(0)
+    net = ToyFlowMapNet(SHAPE, hidden=16, use_text=True)
+    with torch.no_grad():
+        for p in net.corr_net[-1].parameters():
+            p.normal_(0, 0.1)
+    net64 = copy.deepcopy(net).double()
+    model = LinearTimeModel()
+    loss, st = flow_matching_loss(net, x, text, neg, cfg, noise_generator=torch.Generator().manual_seed(5))
+    loss.backward()
+
+    # float64 reference: t = shift(sigmoid(m + s n)), z = (1 - t) x + t eps, mse(model(z, t, t), eps - x)
+    g = torch.Generator().manual_seed(5)
+    n = torch.randn(6, generator=g).double()
+    t = _shift(torch.sigmoid(cfg.logit_mean + cfg.logit_std * n), cfg.shift)
+    eps = torch.randn(x.shape, generator=g).double()
+    drop = torch.rand(6, generator=g) < cfg.text_dropout
+    assert torch.equal(st["text_dropped"], drop) and 0 < int(drop.sum()) < 6
+    assert torch.allclose(st["t"].double(), t, rtol=1e-6)
+    tt = t[:, None, None, None, None]
+    z = (1 - tt) * x.double() + tt * eps
+    c = torch.where(drop[:, None, None], neg.double().expand(6, -1, -1), text.double())
+    T = (1000 * t)[:, None].expand(6, SHAPE[0])
+    pred = net64(z, T, T, c)
+    per = ((pred - (eps - x.double())) ** 2).mean(dim=(1, 2, 3, 4))
+    ref = per.mean()
+    ref.backward()
+    assert _rel(st["per_sample_loss"], per) < 1e-5
+    assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item()
+    for p, p64 in zip(net.parameters(), net64.parameters()):
+        assert _rel(p.grad, p64.grad) < 1e-4
+
+    # model called once, with r = t (single-time teacher), float32 timesteps
+    flow_matching_loss(model, x, text, neg, cfg, noise_generator=torch.Generator().manual_seed(5))
+    assert len(model.calls) == 1
+    call = model.calls[0]
+    assert call["T"].dtype == torch.float32 and torch.equal(call["T"], call["R"])
+    with pytest.raises(ValueError, match="5-D"):
+        flow_matching_loss(model, x[0], text, neg, cfg, noise_generator=None)
