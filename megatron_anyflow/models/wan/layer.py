@@ -24,6 +24,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
@@ -79,6 +80,18 @@ class FrameSegments:
             outs.append(fn(*[x[off:off + n] for x in tokens], *[p[f] for p in frames]))
             off += n
         return torch.cat(outs, dim=0)
+
+
+def recompute_if(config: WanConfig, module: str, fn, *args):
+    """Run ``fn(*args)``, recomputing it in backward under selective recomputation of ``module``.
+
+    ``config.recompute_granularity == "selective"`` with ``module`` in ``config.recompute_modules``
+    (``"core_attn"``: attention scores / softmax; ``"mlp"``: the FFN with its [s, b, ffn] activation).
+    """
+    if (config.recompute_granularity == "selective" and module in (config.recompute_modules or ())
+            and torch.is_grad_enabled()):
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 def _modulate(x, shift, scale):
@@ -309,11 +322,12 @@ class WanSelfAttention(MegatronModule):
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if not self.ulysses:
-            out = self.core_attention(q, k, v.contiguous())
+            out = recompute_if(self.config, "core_attn", self.core_attention, q, k, v.contiguous())
         else:
             # [s, b, n_local, 3, d] -> [S, b, n_local / cp, 3, d]: one exchange for q, k and v.
             q, k, v = all_to_all_heads_to_sequence(torch.stack([q, k, v.to(q.dtype)], dim=3)).unbind(3)
-            out = self.core_attention(q.contiguous(), k.contiguous(), v.contiguous())  # [S, b, n_l/cp * d]
+            out = recompute_if(self.config, "core_attn", self.core_attention, q.contiguous(), k.contiguous(),
+                                 v.contiguous())  # [S, b, n_l/cp * d]
             out = out.view(out.shape[0], b, self.heads_local // cp_world_size(), -1)
             out = all_to_all_sequence_to_heads(out).reshape(s, b, -1)  # [s, b, n_local * d]
         out, _ = self.linear_proj(out)
@@ -349,7 +363,7 @@ class WanCrossAttention(MegatronModule):
         kv = kv.view(l, b, self.heads_local, 2, -1)
         k = self.k_layernorm(kv[:, :, :, 0].reshape(l, b, -1)).view(l, b, self.heads_local, -1)
         v = kv[:, :, :, 1].contiguous()
-        out = self.core_attention(q, k, v)
+        out = recompute_if(self.config, "core_attn", self.core_attention, q, k, v)
         out, _ = self.linear_proj(out)
         return out
 
@@ -408,6 +422,6 @@ class WanLayer(MegatronModule):
         x = x + self.cross_attention(y, text)
 
         y = segments.apply(_modulate, (self._ln(x),), (c_shift, c_scale)).type_as(x)
-        y = self.mlp(y)
+        y = recompute_if(self.config, "mlp", self.mlp, y)
         x = segments.apply(_gated_add, (x.float(), y.float()), (c_gate,)).type_as(x)
         return x

@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -270,8 +271,11 @@ class WanModel(MegatronModule):
         # RoPE for the CP chunk: what self-attention's qkv holds (whole chunk, gathered over TP under SP).
         rope = tuple(split_to_context_parallel_region(c, 0) for c in self.rope.get(grid, x.device))
 
-        for blk in self.blocks:
-            x = blk(x, e, txt, rope, segments)
+        for i, blk in enumerate(self.blocks):
+            if self._recompute(i):
+                x = torch.utils.checkpoint.checkpoint(blk, x, e, txt, rope, segments, use_reentrant=False)
+            else:
+                x = blk(x, e, txt, rope, segments)
 
         # Output head with its own modulation, on the local tokens.
         shift, scale = (self.scale_shift_table[None] + temb[:, :, None, :].float()).unbind(2)
@@ -285,6 +289,16 @@ class WanModel(MegatronModule):
         # Same over CP: the gather's backward keeps this rank's slice of the replicated output gradient.
         y = gather_from_context_parallel_region(y, 0)  # [S, b, c_out * prod(p)]
         return self._unpatchify(y, b, grid)
+
+    def _recompute(self, i: int) -> bool:
+        """Whether block ``i`` is recomputed in backward (full recomputation, megatron's methods:
+        ``uniform`` = every block, ``block`` = the first ``recompute_num_layers`` blocks)."""
+        cfg = self.config
+        if cfg.recompute_granularity != "full" or not torch.is_grad_enabled():
+            return False
+        if cfg.recompute_method == "block":
+            return i < (cfg.recompute_num_layers or 0)
+        return True
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """megatron-core distributed-checkpoint view of the model (see `parallel.sharding`).
