@@ -159,3 +159,37 @@ def test_activation_recomputation_gives_the_same_gradients(overrides, monkeypatc
     assert len(calls) == expected  # 2 blocks; selective: self-attn, cross-attn and FFN per block
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7), n
+
+
+def _has_te():
+    try:
+        import transformer_engine  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(_has_te(), reason="Transformer Engine is installed: the missing-TE error path does not apply")
+def test_te_backend_and_fp8_without_transformer_engine_are_clear_errors():
+    with pytest.raises(ImportError, match="needs Transformer Engine"):
+        WanModel(wan_config("tiny", backend="te"))
+    with pytest.raises(ValueError, match="needs backend='te'"):
+        wan_config("tiny", fp8="hybrid")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [None, "hybrid"])
+def test_te_backend_matches_local_backend_on_gpu(fp8):
+    """bf16 TE linears + TE attention vs the local backend with the same weights: rel. error < 2e-2
+    (bf16) / < 1e-1 (FP8 GEMMs, delayed scaling, first forward)."""
+    pytest.importorskip("transformer_engine")
+    torch.manual_seed(0)
+    local = WanModel(wan_config("tiny", hidden_size=256, num_attention_heads=2, bf16=True)).cuda().eval()
+    kw = dict(fp8=fp8, fp8_recipe="delayed") if fp8 else {}
+    te = WanModel(wan_config("tiny", hidden_size=256, num_attention_heads=2, bf16=True, backend="te", **kw)).cuda().eval()
+    load_full_state_dict(te, {k: v for k, v in local.state_dict().items() if v is not None}, strict=False)
+    x, t, r, txt = (a.cuda() for a in inputs(2, 3, 8, 16))
+    with torch.no_grad():
+        a = local(x.bfloat16(), t, r, txt.bfloat16()).float()
+        b = te(x.bfloat16(), t, r, txt.bfloat16()).float()
+    assert rel(b, a) < (1e-1 if fp8 else 2e-2)

@@ -29,17 +29,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-adapters-from", default=None,
                    help="stage 2: checkpoint of stage 1 whose 'generator' adapter initialises the generator")
     g.add_argument("--backend", choices=["local", "te"], default="local", help="layer backend")
-    g.add_argument("--attention-impl", choices=["sdpa", "math"], default="sdpa", help="local-backend attention")
+    g.add_argument("--attention-impl", choices=["sdpa", "flash", "math"], default="sdpa",
+                   help="local-backend attention (the te backend always uses TE fused attention)")
     g.add_argument("--lora-rank", type=int, default=256, help="LoRA rank; 0 = full fine-tuning")
     g.add_argument("--lora-alpha", type=float, default=256.0, help="LoRA alpha")
-    g.add_argument("--recompute-granularity", choices=["none", "full"], default="none",
-                   help="activation recomputation per transformer block")
+    g.add_argument("--recompute-granularity", choices=["none", "full", "selective"], default="none",
+                   help="activation recomputation: full blocks, or selected modules of each block")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform",
+                   help="full recomputation: every block (uniform) or the first --recompute-num-layers (block)")
+    g.add_argument("--recompute-num-layers", type=int, default=1)
+    g.add_argument("--recompute-modules", nargs="+", choices=["core_attn", "mlp"], default=["core_attn"],
+                   help="selective recomputation: which modules")
 
     g = p.add_argument_group("parallelism and precision")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--bf16", action="store_true", help="bf16 weights and activations (timesteps stay fp32)")
+    g.add_argument("--fp8-format", choices=["hybrid", "e4m3"], default=None,
+                   help="FP8 linear layers through Transformer Engine (needs --backend te and --bf16); "
+                        "LoRA adapters and attention stay bf16")
+    g.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "mxfp8", "blockwise"], default="delayed",
+                   help="FP8 scaling recipe (mxfp8 needs Blackwell)")
+    g.add_argument("--first-last-layers-bf16", action="store_true",
+                   help="keep --num-layers-at-start/end-in-bf16 blocks out of FP8 (not with the delayed recipe)")
+    g.add_argument("--num-layers-at-start-in-bf16", type=int, default=1)
+    g.add_argument("--num-layers-at-end-in-bf16", type=int, default=1)
     g.add_argument("--seed", type=int, default=1234)
 
     g = p.add_argument_group("data")
@@ -132,6 +147,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error("stage 2 needs LoRA adapters (generator and fake score on one frozen base): --lora-rank > 0")
     if not 0 <= args.boundary_fraction + args.r_zero_fraction <= 1:
         parser.error("--boundary-fraction + --r-zero-fraction must lie in [0, 1]")
+    if args.fp8_format and (args.backend != "te" or not args.bf16):
+        parser.error(f"--fp8-format {args.fp8_format} needs --backend te and --bf16 (FP8 GEMMs come from "
+                     "Transformer Engine)")
     if args.save_interval is not None and args.save_interval < 1:
         parser.error("--save-interval must be >= 1")
     return args

@@ -52,6 +52,25 @@ def _fmt_time(s: float) -> str:
     return f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+def _recompute_kwargs(args) -> dict:
+    if args.recompute_granularity == "full":
+        return dict(recompute_granularity="full", recompute_method=args.recompute_method,
+                    recompute_num_layers=args.recompute_num_layers)
+    if args.recompute_granularity == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=list(args.recompute_modules))
+    return {}
+
+
+def _fp8_kwargs(args) -> dict:
+    if not args.fp8_format:
+        return {}
+    kw = dict(fp8=args.fp8_format, fp8_recipe=args.fp8_recipe)
+    if args.first_last_layers_bf16:
+        kw.update(first_last_layers_bf16=True, num_layers_at_start_in_bf16=args.num_layers_at_start_in_bf16,
+                  num_layers_at_end_in_bf16=args.num_layers_at_end_in_bf16)
+    return kw
+
+
 class ParamGroup:
     """One trainable set (an adapter, or the whole model) with its optimiser, EMA and lr."""
 
@@ -130,9 +149,7 @@ class Trainer:
                          context_parallel_size=args.context_parallel_size, bf16=args.bf16,
                          backend=args.backend, attention_impl=args.attention_impl,
                          perform_initialization=args.pretrained is None,
-                         recompute_granularity="full" if args.recompute_granularity == "full" else None,
-                         recompute_method="uniform" if args.recompute_granularity == "full" else None,
-                         recompute_num_layers=1 if args.recompute_granularity == "full" else None)
+                         **_recompute_kwargs(args), **_fp8_kwargs(args))
         torch.manual_seed(args.seed)  # identical base init on every rank (random-init presets only)
         model = WanModel(cfg)
         if self.pretrained_dir:

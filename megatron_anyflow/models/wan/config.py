@@ -37,7 +37,8 @@ class WanConfig(TransformerConfig):
         deltatime_type: ``"r"`` (the embedder sees r, AnyFlow default) or ``"t-r"``.
         backend: ``"local"`` (megatron-core tensor-parallel linears + PyTorch attention, runs on CPU)
             or ``"te"`` (Transformer Engine modules; FP8-capable, GPU only).
-        attention_impl: core attention for the local backend: ``"sdpa"`` (PyTorch SDPA) or ``"math"``.
+        attention_impl: core attention for the local backend: ``"sdpa"`` (PyTorch SDPA, which picks its
+            flash / memory-efficient kernels on GPU), ``"flash"`` (the flash-attn package) or ``"math"``.
         lora_rank / lora_alpha: LoRA adapter size (AnyFlow: 256 / 256).
 
     Raises:
@@ -77,8 +78,11 @@ class WanConfig(TransformerConfig):
             raise ValueError(f"backend={self.backend!r}; expected 'local' or 'te'")
         if self.deltatime_type not in ("r", "t-r"):
             raise ValueError(f"deltatime_type={self.deltatime_type!r}; expected 'r' or 't-r'")
-        if self.attention_impl not in ("sdpa", "math"):
-            raise ValueError(f"attention_impl={self.attention_impl!r}; expected 'sdpa' or 'math'")
+        if self.attention_impl not in ("sdpa", "math", "flash"):
+            raise ValueError(f"attention_impl={self.attention_impl!r}; expected 'sdpa', 'math' or 'flash'")
+        if self.fp8 and self.backend != "te":
+            raise ValueError(f"fp8={self.fp8!r} needs backend='te' (Transformer Engine); the local backend has no "
+                             "FP8 GEMMs")
         self.patch_size = tuple(int(p) for p in self.patch_size)
 
     # Fields that define the architecture (what a checkpoint records); parallel / precision settings

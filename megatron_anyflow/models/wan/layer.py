@@ -147,6 +147,14 @@ class TorchCoreAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, n, s, d]
+        if self.impl == "flash":
+            try:
+                from flash_attn import flash_attn_func
+            except ImportError as err:
+                raise ImportError("attention_impl='flash' needs the flash-attn package (GPU only); use 'sdpa'") from err
+            out = flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)))  # [b, s, n, d]
+            b, s, n, d = out.shape
+            return out.permute(1, 0, 2, 3).reshape(s, b, n * d)
         if self.impl == "math":
             scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
             out = torch.matmul(scores.softmax(-1), v.float()).to(q.dtype)

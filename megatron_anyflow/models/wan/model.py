@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from megatron.core import tensor_parallel
+from megatron.core.fp8_utils import get_fp8_context
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
@@ -272,10 +273,12 @@ class WanModel(MegatronModule):
         rope = tuple(split_to_context_parallel_region(c, 0) for c in self.rope.get(grid, x.device))
 
         for i, blk in enumerate(self.blocks):
-            if self._recompute(i):
-                x = torch.utils.checkpoint.checkpoint(blk, x, e, txt, rope, segments, use_reentrant=False)
-            else:
-                x = blk(x, e, txt, rope, segments)
+            # FP8 (te backend): TE autocast per block; megatron keeps the first / last layers in bf16 on request.
+            with get_fp8_context(cfg, i):
+                if self._recompute(i):
+                    x = torch.utils.checkpoint.checkpoint(blk, x, e, txt, rope, segments, use_reentrant=False)
+                else:
+                    x = blk(x, e, txt, rope, segments)
 
         # Output head with its own modulation, on the local tokens.
         shift, scale = (self.scale_shift_table[None] + temb[:, :, None, :].float()).unbind(2)

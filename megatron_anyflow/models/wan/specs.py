@@ -55,7 +55,8 @@ def get_wan_layer_te_spec() -> ModuleSpec:
         ImportError: Transformer Engine is not installed (it ships GPU builds only; install the
             ``[gpu]`` extra or use an NGC PyTorch container), with the fallback named.
     """
-    try:
+    try:  # megatron-core's TE extension imports without TE (it substitutes mocks): check TE itself
+        import transformer_engine  # noqa: F401
         from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
     except ImportError as err:  # TE is optional
         raise ImportError(
