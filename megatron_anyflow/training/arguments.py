@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("stage and model")
     g.add_argument("--stage", choices=["teacher", "stage1", "stage2"], required=True,
                    help="teacher: flow-matching fine-tune; stage1: forward flow-map training; stage2: distillation")
-    g.add_argument("--model-preset", default="tiny", choices=["tiny", "wan2.1-1.3b", "wan2.1-14b"],
+    g.add_argument("--model-preset", default="tiny", choices=["tiny", "tiny-video", "wan2.1-1.3b", "wan2.1-14b"],
                    help="architecture when --pretrained is not given (random init)")
     g.add_argument("--pretrained", default=None,
                    help="checkpoint (root or directory) holding the frozen base: a converted diffusers model "

@@ -100,6 +100,9 @@ class Stage1(Stage):
 
     def __init__(self, trainer):
         super().__init__(trainer)
+        self._objective_config()
+
+    def _objective_config(self):
         a = self.args
         self.cfg = FlowMapObjectiveConfig(
             guidance=a.guidance, fd_eps=a.fd_eps, text_dropout=a.text_dropout, i2v_prob=a.i2v_prob,

@@ -197,7 +197,17 @@ class Trainer:
 
     def finalize_and_step(self, group: ParamGroup, iteration: int) -> Dict[str, float]:
         """Reduce gradients (SP over TP, sum over CP, mean over DP), clip, AdamW step, EMA update."""
+        return self.finalize_and_step_groups([group], iteration)
+
+    def finalize_and_step_groups(self, groups: List[ParamGroup], iteration: int) -> Dict[str, float]:
+        """One gradient reduction for all ``groups`` (their grads are disjoint), then each group's step."""
         finalize_model_grads(self.model)
+        metrics = {}
+        for g in groups:
+            metrics.update(self._step_group(g, iteration))
+        return metrics
+
+    def _step_group(self, group: ParamGroup, iteration: int) -> Dict[str, float]:
         params = list(group.params.values())
         norm = clip_gradients(params, self.args.clip_grad)
         lr = lr_at(iteration, group.lr, self.args.min_lr, self.args.lr_warmup_iters, self.args.train_iters,

@@ -112,13 +112,17 @@ class WanConfig(TransformerConfig):
 PRESETS = {
     "tiny": dict(hidden_size=64, num_attention_heads=4, num_layers=2, ffn_hidden_size=160, text_dim=384,
                  freq_dim=32, lora_rank=8, lora_alpha=8.0),
+    # The CPU demo (examples/pretrain_anyflow_tiny.sh): pixel codec latents (4x4 space-to-depth of RGB,
+    # 48 channels) and the 384-d MiniLM text encoder.
+    "tiny-video": dict(hidden_size=128, num_attention_heads=4, num_layers=4, ffn_hidden_size=512, text_dim=384,
+                       in_channels=48, out_channels=48, lora_rank=32, lora_alpha=32.0),
     "wan2.1-1.3b": dict(hidden_size=1536, num_attention_heads=12, num_layers=30, ffn_hidden_size=8960),
     "wan2.1-14b": dict(hidden_size=5120, num_attention_heads=40, num_layers=40, ffn_hidden_size=13824),
 }
 
 
 def wan_config(preset: Optional[str] = "tiny", **overrides) -> WanConfig:
-    """Build a `WanConfig` from a preset name (``tiny``, ``wan2.1-1.3b``, ``wan2.1-14b``) or None.
+    """Build a `WanConfig` from a preset name (``tiny``, ``tiny-video``, ``wan2.1-1.3b``, ``wan2.1-14b``) or None.
 
     With ``preset=None`` every architecture field must come from ``overrides`` (e.g. a checkpoint's
     `WanConfig.arch_dict`).

@@ -1,0 +1,160 @@
+"""Stage 2 of AnyFlow in the trainer: on-policy distillation with flow-map backward simulation
+(paper Alg. 2), three roles on one frozen base.
+
+Roles (one copy of the base weights; the LoRA adapter is switched per call):
+
+- real score (teacher): the base with no adapter, single-time (called with r = t);
+- fake score (critic): adapter ``fake_score``, fresh (B = 0), so it starts equal to the teacher;
+- generator (student flow map): adapter ``generator``, initialised from a stage-1 checkpoint
+  (``--init-adapters-from``).
+
+Schedules (``--schedule``):
+
+- ``sequential`` (the reference order): per micro-batch the generator rollout + DMD (+ stage-1
+  co-training) and its backward; generator update; then per micro-batch the critic's own no-grad rollout
+  of the *updated* generator and its flow-matching backward; critic update.
+- ``pipelined``: per micro-batch, the critic's forward / backward runs right behind the generator's on the
+  generator's detached rollout of the same micro-batch (no second rollout: up to three generator forwards
+  saved per micro-batch), and both updates happen at the end of the iteration with one gradient
+  all-reduce for both adapters. On a GPU the critic's kernels queue directly behind the rollout's, and
+  its independent work fills the gaps of the rollout's small kernels and collectives.
+
+The critic's rollout in ``sequential`` uses the same noise and simulation plan as the generator's, so with
+a frozen generator (lr 0) both schedules see the same rollouts and give identical updates (tested).
+Adapter switching is global state on the model: the right adapter is active again before each backward,
+which matters when blocks are recomputed in backward.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+from megatron_anyflow.anyflow.distill import DistillConfig, backward_simulation, critic_loss, generator_loss, sample_simulation_plan
+from megatron_anyflow.anyflow.objective import stage1_loss
+from megatron_anyflow.models import lora as L
+from megatron_anyflow.training.stages import Stage1
+
+GENERATOR, FAKE = "generator", "fake_score"
+
+
+class Stage2(Stage1):
+    """On-policy distillation; reuses `Stage1`'s objective configuration for the co-training loss."""
+
+    adapter = GENERATOR
+
+    def __init__(self, trainer):
+        args = trainer.args
+        if args.init_adapters_from:
+            from megatron_anyflow.training import checkpointing as ckpt
+
+            meta = ckpt.read_meta(ckpt.resolve_checkpoint_dir(args.init_adapters_from))
+            lora = meta.get("lora") or {}
+            if GENERATOR not in lora.get("adapters", []):
+                raise ValueError(f"--init-adapters-from {args.init_adapters_from}: no '{GENERATOR}' adapter in it "
+                                 f"(adapters: {lora.get('adapters', [])}); give a stage-1 checkpoint")
+            args.lora_rank, args.lora_alpha = lora["rank"], lora["alpha"]  # the adapter's own size
+        self.t = trainer
+        self.args = args
+        self.adapters = []
+        self.setup_lora([GENERATOR, FAKE])
+        if args.init_adapters_from:
+            from megatron_anyflow.training.model_io import load_adapters
+
+            load_adapters(trainer.model, args.init_adapters_from, [GENERATOR])
+        self._objective_config()
+        self.dcfg = DistillConfig(
+            num_steps_choices=tuple(args.simulation_steps), shift=args.time_shift, real_guidance=args.real_guidance,
+            simulation=args.simulation, grad_through=args.grad_through, cotrain_stage1=not args.no_cotrain_stage1,
+            generator_lr=args.lr, critic_lr=args.critic_lr, betas=(args.adam_beta1, args.adam_beta2),
+            clip_grad=args.clip_grad, ema_decay=args.ema_decay, ema_start=args.ema_start_iter,
+            critic_updates_per_generator=args.critic_updates)
+        if args.schedule == "pipelined" and args.critic_updates != 1:
+            raise ValueError("--schedule pipelined reuses each generator rollout once: it needs --critic-updates 1")
+
+    # -- roles -------------------------------------------------------------------------------------
+    def role(self, adapter):
+        model = self.t.model
+
+        def call(z, T, R, text):
+            L.set_active_adapter(model, adapter)
+            return model(z, T, R, text)
+
+        return call
+
+    def param_groups(self):
+        return {GENERATOR: (self.group_params(GENERATOR), self.args.lr),
+                FAKE: (self.group_params(FAKE), self.args.critic_lr)}
+
+    # -- one iteration -----------------------------------------------------------------------------
+    def _micro_inputs(self, iteration, j, idx):
+        t = self.t
+        x, text = t.batch(idx)
+        plan = sample_simulation_plan(t.generator("plan", iteration, j), self.dcfg)  # same on every rank
+        noise = torch.randn(x.shape, generator=t.generator("rollout-noise", iteration, j, t.dp_rank, device=t.device),
+                            device=t.device, dtype=x.dtype)
+        return x, text, plan, noise
+
+    def _generator_loss(self, iteration, j, x, text, plan, noise):
+        t = self.t
+        gen, real, fake = self.role(GENERATOR), self.role(None), self.role(FAKE)
+        s1 = None
+        if self.dcfg.cotrain_stage1:
+            mbs = x.shape[0]
+            s1, _ = stage1_loss(gen, x, text, t.negative_text, self.cfg,
+                                time_generator=t.generator("time", iteration, j),
+                                noise_generator=t.generator("noise", iteration, j, t.dp_rank, device=t.device),
+                                global_batch=mbs * t.dp_size, global_offset=t.dp_rank * mbs, dp_group=t.dp_group)
+        neg = t.negative_text.expand(x.shape[0], -1, -1)
+        loss, info = generator_loss(
+            gen, real, fake, noise, text, neg, plan, self.dcfg,
+            tau_generator=t.generator("tau", iteration, j, t.dp_rank, device=t.device),
+            rollout_generator=t.generator("rollout", iteration, j, t.dp_rank, device=t.device), stage1=s1)
+        L.set_active_adapter(t.model, GENERATOR)  # the backward (and any recomputation) runs the generator
+        return loss, info
+
+    def _critic_loss(self, iteration, j, x0, text):
+        t = self.t
+        loss, info = critic_loss(self.role(FAKE), x0, text,
+                                 t.generator("critic", iteration, j, t.dp_rank, device=t.device), self.dcfg)
+        L.set_active_adapter(t.model, FAKE)
+        return loss, info
+
+    def train_step(self, iteration: int, micro: List[List[int]]) -> Dict[str, float]:
+        t, n = self.t, len(micro)
+        g_gen, g_fake = t.groups[GENERATOR], t.groups[FAKE]
+        stats = {"dmd_loss": 0.0, "stage1_loss": 0.0, "critic_loss": 0.0}
+        metrics: Dict[str, float] = {}
+        inputs = []
+        for j, idx in enumerate(micro):
+            x, text, plan, noise = self._micro_inputs(iteration, j, idx)
+            loss, info = self._generator_loss(iteration, j, x, text, plan, noise)
+            (loss / n).backward()
+            stats["dmd_loss"] += float(info["dmd_loss"]) / n
+            if info["stage1_loss"] is not None:
+                stats["stage1_loss"] += float(info["stage1_loss"]) / n
+            if self.args.schedule == "pipelined":
+                lc, _ = self._critic_loss(iteration, j, info["x0"], text)
+                (lc / n).backward()
+                stats["critic_loss"] += float(lc.detach()) / n
+            else:
+                inputs.append((text, plan, noise))
+        if self.args.schedule == "pipelined":
+            metrics.update(t.finalize_and_step_groups([g_gen, g_fake], iteration))
+        else:
+            metrics.update(t.finalize_and_step(g_gen, iteration))
+            for c in range(self.dcfg.critic_updates_per_generator):
+                for j, (text, plan, noise) in enumerate(inputs):
+                    with torch.no_grad():
+                        x0, _ = backward_simulation(
+                            self.role(GENERATOR), noise, text, plan, self.dcfg,
+                            generator=t.generator("rollout", iteration, j, t.dp_rank, device=t.device))
+                    lc, _ = self._critic_loss(iteration, j if c == 0 else (c, j), x0, text)
+                    (lc / n).backward()
+                    stats["critic_loss"] += float(lc.detach()) / (n * self.dcfg.critic_updates_per_generator)
+                metrics.update(t.finalize_and_step(g_fake, iteration))
+        L.set_active_adapter(t.model, GENERATOR)
+        for k, v in stats.items():
+            metrics[k] = t.all_reduce_mean(torch.tensor(v))
+        return metrics
