@@ -14,9 +14,15 @@ import warnings
 def main(argv=None):
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     from megatron_anyflow.training.arguments import parse_args
+
+    args = parse_args(argv)
+    if args.dry_run:
+        from megatron_anyflow.training.dry_run import dry_run
+
+        return dry_run(args)
     from megatron_anyflow.training.trainer import Trainer
 
-    trainer = Trainer(parse_args(argv))
+    trainer = Trainer(args)
     trainer.train()
     return 0
 

@@ -1,7 +1,8 @@
 """LoRA over (tensor-parallel) linears: several named adapters on one frozen base.
 
 ``y = base(x) + (alpha / rank) * B(A(x))`` (Hu et al., 2021), with A initialised Kaiming-uniform and
-B at zero so a fresh adapter leaves the model unchanged.
+B at zero so a fresh adapter leaves the model unchanged. Adapter weights are fp32 (master weights for
+the optimiser); their GEMMs run in the activations' dtype (bf16 in bf16 / FP8 runs).
 
 Sharding follows the wrapped weight, so every rank only stores and multiplies its own part:
 
@@ -128,8 +129,8 @@ class LoRALinear(nn.Module):
         a = torch.cat([_seeded_kaiming((rank, in_full), key + g) for g in range(self.groups)])
         if self.kind == "row" and tp > 1:
             a = a.chunk(tp, dim=1)[r].contiguous()
-        dtype = self.base.weight.dtype
-        ad = LoRAAdapter(self.in_local, self.out_local, rank, alpha, self.groups, a, dtype)
+        # fp32 master weights (the optimiser updates them); the GEMMs run in the activations' dtype.
+        ad = LoRAAdapter(self.in_local, self.out_local, rank, alpha, self.groups, a, torch.float32)
         ad.to(self.base.weight.device)
         if self.kind == "column" and tp > 1:
             ad.lora_B.tensor_model_parallel, ad.lora_B.partition_dim, ad.lora_B.partition_stride = True, 1, 1
@@ -154,7 +155,7 @@ class LoRALinear(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------
     def _delta(self, x: torch.Tensor, ad: LoRAAdapter) -> torch.Tensor:
-        a = F.linear(x.to(ad.lora_A.dtype), ad.lora_A)  # [..., groups * r]
+        a = F.linear(x, ad.lora_A.to(x.dtype))  # [..., groups * r]
         sp = self._sequence_parallel()
         if self.kind == "column" and tp_world_size() > 1:
             a = (tensor_parallel.gather_from_sequence_parallel_region(a) if sp
@@ -163,7 +164,7 @@ class LoRALinear(nn.Module):
             a = (tensor_parallel.reduce_scatter_to_sequence_parallel_region(a) if sp
                  else tensor_parallel.reduce_from_tensor_model_parallel_region(a))
         parts = a.split(ad.rank, dim=-1)
-        outs = [F.linear(p, ad.lora_B[g]) for g, p in enumerate(parts)]
+        outs = [F.linear(p, ad.lora_B[g].to(p.dtype)) for g, p in enumerate(parts)]
         if self.groups == 1:
             d = outs[0]
         else:  # interleave (head, group, d) like the fused base weight

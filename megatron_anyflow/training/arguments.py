@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", default=None, help="checkpoint root to resume from (same layout: bit-exact)")
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--dry-run", action="store_true",
+                   help="check the launch (sizes, layout, parameter counts) on any machine and exit")
+    g.add_argument("--world-size", type=int, default=None,
+                   help="--dry-run: the world size to check (default: WORLD_SIZE, or NNODES x GPUS_PER_NODE)")
     g.add_argument("--exit-after-iters", type=int, default=None,
                    help="stop after this many iterations of this run (for split runs / tests)")
     return p

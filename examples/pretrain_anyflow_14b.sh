@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# AnyFlow on Wan2.1-T2V-14B, multi-node torchrun (Megatron-style launch).
+#
+#   # on every node (NODE_RANK 0..NNODES-1):
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 GPUS_PER_NODE=8 STAGE=stage1 \
+#     PRETRAINED=ckpt/wan2.1-14b DATA_PATH=data/wan14b SAVE=ckpt/anyflow14b-stage1 \
+#     bash examples/pretrain_anyflow_14b.sh
+#   # stage 2 from stage 1:
+#   STAGE=stage2 STAGE1_CKPT=ckpt/anyflow14b-stage1 SAVE=ckpt/anyflow14b-stage2 ... bash examples/pretrain_anyflow_14b.sh
+#   # validate the launch on any machine (no GPU): sizes, parameter counts, per-GPU memory plan
+#   DRY_RUN=1 bash examples/pretrain_anyflow_14b.sh
+#   # throughput / smoke run without a dataset
+#   MOCK_DATA=1 bash examples/pretrain_anyflow_14b.sh
+#
+# Inputs: PRETRAINED = tools/convert_from_hf.py --input Wan2.1-T2V-14B-Diffusers/transformer --output ...
+#         DATA_PATH  = tools/prepare_dataset.py --codec wan-vae --text-encoder umt5 ... (81 x 480 x 832 clips)
+# Every setting below can be overridden from the environment. Extra arguments go to pretrain_anyflow.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-localhost}
+MASTER_PORT=${MASTER_PORT:-6000}
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+WORLD_SIZE=$((NNODES * GPUS_PER_NODE))
+
+STAGE=${STAGE:-stage1}                 # teacher | stage1 | stage2
+TP=${TP:-4}                            # tensor parallel (with sequence parallel)
+CP=${CP:-2}                            # context parallel (Ulysses over heads / TE CP attention)
+MICRO_BATCH=${MICRO_BATCH:-1}
+GLOBAL_BATCH=${GLOBAL_BATCH:-16}       # AnyFlow 14B: 16
+FP8=${FP8:-hybrid}                     # hybrid | e4m3 | "" (bf16 only)
+FP8_RECIPE=${FP8_RECIPE:-delayed}      # delayed | tensorwise | mxfp8 (Blackwell) | blockwise
+RECOMPUTE=${RECOMPUTE:-full}           # none | selective | full
+FRAMES=${FRAMES:-81}; HEIGHT=${HEIGHT:-480}; WIDTH=${WIDTH:-832}
+PRETRAINED=${PRETRAINED:-ckpt/wan2.1-t2v-14b}
+STAGE1_CKPT=${STAGE1_CKPT:-}
+DATA_PATH=${DATA_PATH:-data/wan14b}
+SAVE=${SAVE:-ckpt/anyflow14b-$STAGE}
+MOCK_DATA=${MOCK_DATA:-0}
+DRY_RUN=${DRY_RUN:-0}
+case "$STAGE" in
+  teacher) ITERS=${ITERS:-2000}; LR=${LR:-5e-5} ;;
+  stage1)  ITERS=${ITERS:-4000}; LR=${LR:-5e-5} ;;
+  stage2)  ITERS=${ITERS:-800};  LR=${LR:-2e-6} ;;
+  *) echo "STAGE must be teacher, stage1 or stage2 (got $STAGE)" >&2; exit 2 ;;
+esac
+LAT_F=$(( (FRAMES - 1) / 4 + 1 )); LAT_H=$((HEIGHT / 8)); LAT_W=$((WIDTH / 8))   # Wan VAE: 4x time, 8x space
+
+ARGS=(--stage "$STAGE" --model-preset wan2.1-14b --bf16 --backend te
+      --tensor-model-parallel-size "$TP" --sequence-parallel --context-parallel-size "$CP"
+      --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --train-iters "$ITERS" --lr "$LR"
+      --lora-rank 256 --lora-alpha 256 --recompute-granularity "$RECOMPUTE"
+      --save "$SAVE" --load "$SAVE" --save-interval 200 --log-interval 1 --tensorboard-dir "$SAVE/tensorboard")
+[ -n "$FP8" ] && ARGS+=(--fp8-format "$FP8" --fp8-recipe "$FP8_RECIPE")
+if [ "$MOCK_DATA" = 1 ] || [ "$DRY_RUN" = 1 ]; then
+  ARGS+=(--mock-data --mock-latent-shape "$LAT_F" 16 "$LAT_H" "$LAT_W" --mock-text-len 512)
+else
+  ARGS+=(--data-path "$DATA_PATH")
+fi
+[ "$DRY_RUN" = 1 ] || [ -e "$PRETRAINED" ] && ARGS+=(--pretrained "$PRETRAINED")
+[ "$STAGE" = stage2 ] && [ -n "$STAGE1_CKPT" ] && ARGS+=(--init-adapters-from "$STAGE1_CKPT")
+
+if [ "$DRY_RUN" = 1 ]; then
+  python pretrain_anyflow.py "${ARGS[@]}" --dry-run --world-size "$WORLD_SIZE" "$@"
+  STAGE_NO=$([ "$STAGE" = stage2 ] && echo 2 || echo 1)
+  python tools/memory_plan.py --preset wan2.1-14b --stage "$STAGE_NO" --tp "$TP" --cp "$CP" \
+    --dp $((WORLD_SIZE / (TP * CP))) --frames "$FRAMES" --height "$HEIGHT" --width "$WIDTH" \
+    --micro-batch "$MICRO_BATCH" --recompute "$RECOMPUTE"
+  exit 0
+fi
+
+export CUDA_DEVICE_MAX_CONNECTIONS=1   # TP communication ordering (Megatron)
+torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE" \
+  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" pretrain_anyflow.py "${ARGS[@]}" "$@"
