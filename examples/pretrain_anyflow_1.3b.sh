@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# AnyFlow on Wan2.1-T2V-1.3B, one node: convert -> prepare data -> stage 1 -> stage 2 -> export.
+#
+#   WAN=/models/Wan2.1-T2V-1.3B-Diffusers VIDEOS=/data/videos CAPTIONS=/data/captions.json \
+#     bash examples/pretrain_anyflow_1.3b.sh
+#
+# WAN      a diffusers Wan2.1 pipeline directory (transformer/, vae/, text_encoder/, tokenizer/)
+# VIDEOS   a folder of videos (with CAPTIONS, JSON file -> caption) or WebDataset .tar shards
+#          (.mp4/.webm + .json {"caption": ...}); AnyFlow trains on teacher-synthesised clips (paper 5.1)
+# Steps can be skipped by setting SKIP_CONVERT=1 / SKIP_DATA=1 / SKIP_STAGE1=1 / SKIP_STAGE2=1.
+# Reference hyper-parameters (paper 5.1): stage 1 6000 iterations, global batch 32, lr 5e-5, LoRA 256;
+# stage 2 800 iterations, lr 2e-6. Extra arguments go to both training runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WAN=${WAN:?set WAN to a Wan2.1-T2V-1.3B-Diffusers directory}
+VIDEOS=${VIDEOS:?set VIDEOS to a folder of videos or WebDataset shards}
+CAPTIONS=${CAPTIONS:-}
+OUT=${OUT:-runs/anyflow-1.3b}
+GPUS=${GPUS:-8}
+TP=${TP:-1}; CP=${CP:-1}
+GLOBAL_BATCH=${GLOBAL_BATCH:-32}
+STAGE1_ITERS=${STAGE1_ITERS:-6000}
+STAGE2_ITERS=${STAGE2_ITERS:-800}
+FRAMES=${FRAMES:-81}; HEIGHT=${HEIGHT:-480}; WIDTH=${WIDTH:-832}
+
+step() { echo; echo "=== [$(date +%H:%M:%S)] $*"; }
+mkdir -p "$OUT"
+
+if [ "${SKIP_CONVERT:-0}" != 1 ]; then
+  step "convert the diffusers transformer (delta embedder added as a copy of the time embedder)"
+  python tools/convert_from_hf.py --input "$WAN/transformer" --output "$OUT/ckpt/base" --add-delta-embedder --overwrite
+fi
+
+if [ "${SKIP_DATA:-0}" != 1 ]; then
+  step "prepare data: DALI decode (GPU) -> Wan VAE latents (normalised) + umT5 embeddings (512 tokens)"
+  python tools/prepare_dataset.py --input "$VIDEOS" ${CAPTIONS:+--captions "$CAPTIONS"} --output "$OUT/data" \
+    --codec wan-vae --vae "$WAN/vae" --text-encoder umt5 --text-encoder-path "$WAN/text_encoder" \
+    --num-frames "$FRAMES" --height "$HEIGHT" --width "$WIDTH" --fps 16
+fi
+
+COMMON=(--pretrained "$OUT/ckpt/base" --data-path "$OUT/data" --bf16 --lora-rank 256 --lora-alpha 256
+        --tensor-model-parallel-size "$TP" --context-parallel-size "$CP" --micro-batch-size 1
+        --global-batch-size "$GLOBAL_BATCH" --recompute-granularity full --log-interval 10)
+[ "$TP" -gt 1 ] && COMMON+=(--sequence-parallel)
+LAUNCH=(torchrun --nproc_per_node "$GPUS")
+
+if [ "${SKIP_STAGE1:-0}" != 1 ]; then
+  step "stage 1: forward flow-map training"
+  "${LAUNCH[@]}" pretrain_anyflow.py --stage stage1 "${COMMON[@]}" --train-iters "$STAGE1_ITERS" --lr 5e-5 \
+    --save "$OUT/ckpt/stage1" --load "$OUT/ckpt/stage1" --save-interval 500 --tensorboard-dir "$OUT/tb/stage1" "$@"
+fi
+
+if [ "${SKIP_STAGE2:-0}" != 1 ]; then
+  step "stage 2: on-policy distillation with flow-map backward simulation"
+  "${LAUNCH[@]}" pretrain_anyflow.py --stage stage2 "${COMMON[@]}" --init-adapters-from "$OUT/ckpt/stage1" \
+    --train-iters "$STAGE2_ITERS" --lr 2e-6 --save "$OUT/ckpt/stage2" --load "$OUT/ckpt/stage2" \
+    --save-interval 100 --tensorboard-dir "$OUT/tb/stage2" "$@"
+fi
+
+step "export the student (EMA generator merged) for diffusers"
+rm -rf "$OUT/export"
+python tools/convert_to_hf.py --input "$OUT/ckpt/stage2" --output "$OUT/export" --merge-lora generator --ema --dtype bf16
+echo "load with: AnyFlowTransformer3DModel.from_pretrained('$OUT/export'), sample with FlowMapEulerDiscreteScheduler"
