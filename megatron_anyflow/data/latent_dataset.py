@@ -173,3 +173,32 @@ def iterate_forever(sampler: DataParallelSampler, consumed: int) -> Iterator[Tup
     while True:
         yield consumed, sampler.micro_batches(consumed)
         consumed += sampler.global_batch
+
+
+def write_latent_dataset(path: str, latents: torch.Tensor, text: torch.Tensor, negative_text: torch.Tensor,
+                         extra_index: dict, samples_per_shard: int = 256) -> None:
+    """Write latents [n, f, c, h, w] and text [n, L, d] in this module's format (``index.json`` last,
+    atomically, so an interrupted write never looks complete).
+
+    Raises:
+        ValueError: latents and text disagree on n.
+    """
+    from safetensors.torch import save_file
+
+    if latents.shape[0] != text.shape[0]:
+        raise ValueError(f"{latents.shape[0]} latents but {text.shape[0]} text embeddings")
+    os.makedirs(path, exist_ok=True)
+    shards = []
+    for k, start in enumerate(range(0, latents.shape[0], samples_per_shard)):
+        name = f"shard_{k:05d}.safetensors"
+        part = slice(start, start + samples_per_shard)
+        save_file({"latents": latents[part].contiguous(), "text": text[part].contiguous()}, os.path.join(path, name))
+        shards.append({"file": name, "num_samples": int(latents[part].shape[0])})
+    save_file({"text": negative_text.contiguous()}, os.path.join(path, "negative.safetensors"))
+    index = dict(extra_index, format=FORMAT, num_samples=int(latents.shape[0]), latent_shape=list(latents.shape[1:]),
+                 text_len=int(text.shape[1]), text_dim=int(text.shape[2]), shards=shards,
+                 negative="negative.safetensors")
+    tmp = os.path.join(path, "index.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(index, f, indent=1)
+    os.replace(tmp, os.path.join(path, "index.json"))

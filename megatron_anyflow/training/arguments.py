@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(tools/convert_from_hf.py) or a full-model checkpoint of an earlier run")
     g.add_argument("--init-adapters-from", default=None,
                    help="stage 2: checkpoint of stage 1 whose 'generator' adapter initialises the generator")
+    g.add_argument("--init-from-live-weights", action="store_true",
+                   help="stage 2: start the generator from stage 1's live adapter weights instead of its EMA")
     g.add_argument("--backend", choices=["local", "te"], default="local", help="layer backend")
     g.add_argument("--attention-impl", choices=["sdpa", "flash", "math"], default="sdpa",
                    help="local-backend attention (the te backend always uses TE fused attention)")

@@ -6,7 +6,7 @@ Roles (one copy of the base weights; the LoRA adapter is switched per call):
 - real score (teacher): the base with no adapter, single-time (called with r = t);
 - fake score (critic): adapter ``fake_score``, fresh (B = 0), so it starts equal to the teacher;
 - generator (student flow map): adapter ``generator``, initialised from a stage-1 checkpoint
-  (``--init-adapters-from``).
+  (``--init-adapters-from``; its EMA weights unless ``--init-from-live-weights``).
 
 Schedules (``--schedule``):
 
@@ -62,7 +62,8 @@ class Stage2(Stage1):
         if args.init_adapters_from:
             from megatron_anyflow.training.model_io import load_adapters
 
-            load_adapters(trainer.model, args.init_adapters_from, [GENERATOR])
+            # The stage-1 model one evaluates is its EMA: start from it unless asked otherwise.
+            load_adapters(trainer.model, args.init_adapters_from, [GENERATOR], ema=not args.init_from_live_weights)
         self._objective_config()
         self.dcfg = DistillConfig(
             num_steps_choices=tuple(args.simulation_steps), shift=args.time_shift, real_guidance=args.real_guidance,
