@@ -27,9 +27,13 @@ class ScalingResult:
     steps: List[int]
     reference_steps: int
     metrics: Dict[str, Dict[int, Dict[str, float]]] = field(default_factory=dict)
+    guidance: float = 3.0
+
+    def teacher_label(self) -> str:
+        return "no CFG" if self.guidance == 1.0 else f"CFG {self.guidance:g}"
 
     def to_json(self) -> dict:
-        return {"steps": self.steps, "reference_steps": self.reference_steps,
+        return {"steps": self.steps, "reference_steps": self.reference_steps, "guidance": self.guidance,
                 "metrics": {m: {str(n): v for n, v in d.items()} for m, d in self.metrics.items()}}
 
     def markdown(self) -> str:
@@ -46,7 +50,8 @@ class ScalingResult:
                 if has_px:
                     cells.append(f"{v.get('psnr', float('nan')):.2f}")
             rows.append(f"| {n} | " + " | ".join(cells) + " |")
-        return "\n".join(rows) + f"\n\nReference: the teacher's {self.reference_steps}-step Euler ODE samples (CFG).\n"
+        return "\n".join(rows) + (f"\n\nReference: the teacher's {self.reference_steps}-step Euler ODE samples "
+                                   f"({self.teacher_label()}), from the same noise and prompts.\n")
 
 
 def psnr(mse: float, data_range: float = 2.0) -> float:
@@ -74,7 +79,7 @@ def evaluate_test_time_scaling(student, teacher, noise: torch.Tensor, text: torc
     log(f"teacher reference: {reference_steps} steps")
     ref = TeacherEulerSampler(reference_steps, shift=shift, guidance_scale=guidance)(teacher, noise, text, neg)
     ref_px = decode(ref).float() if decode is not None else None
-    result = ScalingResult(list(steps), reference_steps, {"student": {}, "teacher": {}})
+    result = ScalingResult(list(steps), reference_steps, {"student": {}, "teacher": {}}, guidance=guidance)
     samples = {f"teacher-{reference_steps}": ref}
     for n in steps:
         for name in ("student", "teacher"):
@@ -114,7 +119,8 @@ def write_report(result: ScalingResult, out_dir: str, title: str = "AnyFlow test
     for name, style in (("student", "o-"), ("teacher", "s--")):
         xs = [n for n in result.steps if n in result.metrics[name]]
         ax.plot(xs, [result.metrics[name][n][key] for n in xs], style,
-                label=f"{'AnyFlow student (flow map)' if name == 'student' else 'teacher (Euler ODE, CFG)'}")
+                label=("AnyFlow student (flow-map Euler)" if name == "student"
+                       else f"teacher (Euler ODE, {result.teacher_label()})"))
     ax.set_xscale("log", base=2)
     ax.set_xticks(result.steps)
     ax.set_xticklabels([str(n) for n in result.steps])
