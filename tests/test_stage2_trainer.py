@@ -1,6 +1,5 @@
 """Stage 2 in the trainer: three roles on one base, schedules, resume, TP = 2 (CPU, float32)."""
 
-import os
 
 import pytest
 import torch

@@ -20,7 +20,7 @@ import bisect
 import json
 import os
 from dataclasses import dataclass
-from typing import Iterator, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -166,13 +166,6 @@ def collate(dataset, indices: Sequence[int], dtype: torch.dtype, device) -> Tupl
     x = torch.stack([a for a, _ in items]).to(device=device, dtype=dtype)
     txt = torch.stack([b for _, b in items]).to(device=device, dtype=dtype)
     return x, txt
-
-
-def iterate_forever(sampler: DataParallelSampler, consumed: int) -> Iterator[Tuple[int, List[List[int]]]]:
-    """(consumed_samples, micro-batch indices) per iteration, from ``consumed`` on."""
-    while True:
-        yield consumed, sampler.micro_batches(consumed)
-        consumed += sampler.global_batch
 
 
 def write_latent_dataset(path: str, latents: torch.Tensor, text: torch.Tensor, negative_text: torch.Tensor,

@@ -27,7 +27,7 @@ import contextlib
 import fnmatch
 import math
 import zlib
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Iterable, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -279,16 +279,6 @@ def merge_adapter(model: nn.Module, adapter: str) -> None:
         if adapter in m.adapters:
             m.merge(adapter)
     set_active_adapter(model, None)
-
-
-def unwrap_lora_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Drop adapter weights and the ``.base`` level from a state dict: the base model's own names."""
-    out = {}
-    for k, v in sd.items():
-        if ".adapters." in k:
-            continue
-        out[k.replace(".base.", ".")] = v
-    return out
 
 
 def remove_lora(model: nn.Module) -> None:

@@ -135,24 +135,11 @@ def grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
 def finalize_model_grads(model: torch.nn.Module) -> None:
     """Make every rank's gradients the gradient of the global-batch mean loss, after backward.
 
-    1. Sequence parallel: sum ``sequence_parallel`` parameters' partial gradients over the TP group.
+    1. Sequence parallel: sum ``sequence_parallel`` parameters' partial gradients over the TP group
+       (`allreduce_sequence_parallel_grads`).
     2. Context parallel: each CP rank saw other tokens of the same samples, so every gradient is a
-       partial sum over CP: sum over CP.
-    3. Data parallel: each DP rank's loss is its local mean: average over DP.
-    Steps 2 and 3 are one all-reduce over the DP x CP group followed by a division by the DP size.
+       partial sum over CP: sum over CP. 3. Data parallel: average over DP. Steps 2 and 3 are one
+       all-reduce over the DP x CP group (`allreduce_data_parallel_grads`).
     """
     allreduce_sequence_parallel_grads(model)
-    if not parallel_state.model_parallel_is_initialized():
-        return
-    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    if dist.get_world_size(group) == 1:
-        return
-    dp = parallel_state.get_data_parallel_world_size()
-    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-    if not grads:
-        return
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=group)
-    flat.div_(dp)
-    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        g.copy_(synced)
+    allreduce_data_parallel_grads(model)

@@ -9,7 +9,7 @@ parameter (see `optimizer_sharded_state`).
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 import torch
 
@@ -101,16 +101,3 @@ class EMA:
     def load(self, loaded: dict, prefix: str) -> None:
         for k in self.shadow:
             self.shadow[k].copy_(loaded[f"{prefix}.{k}"])
-
-    @torch.no_grad()
-    def copy_to_params(self) -> List[torch.Tensor]:
-        """Write the EMA into the weights; returns the live weights for `restore`."""
-        saved = [p.detach().clone() for p in self.params.values()]
-        for k, p in self.params.items():
-            p.copy_(self.shadow[k].to(p.dtype))
-        return saved
-
-    @torch.no_grad()
-    def restore(self, saved: List[torch.Tensor]) -> None:
-        for p, s in zip(self.params.values(), saved):
-            p.copy_(s)

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import abc
+
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -24,8 +26,8 @@ from megatron_anyflow.anyflow.timesteps import TimeSamplerConfig
 from megatron_anyflow.models import lora as L
 
 
-class Stage:
-    """Base: LoRA set-up (or full fine-tuning) for one trainable adapter."""
+class Stage(abc.ABC):
+    """Base: LoRA set-up (or full fine-tuning) for one trainable adapter; subclasses give `loss`."""
 
     adapter: str = "generator"
 
@@ -63,8 +65,9 @@ class Stage:
     def group(self):
         return next(iter(self.t.groups.values()))
 
+    @abc.abstractmethod
     def loss(self, iteration: int, j: int, x, text):
-        raise NotImplementedError
+        """(loss, stats) of micro-batch ``j`` of ``iteration`` for latents ``x`` and ``text``."""
 
     def train_step(self, iteration: int, micro: List[List[int]]) -> Dict[str, float]:
         total = 0.0

@@ -12,19 +12,16 @@ A resumed run on the same layout therefore continues bit-exactly.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
 import zlib
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_anyflow.data.latent_dataset import DataParallelSampler, LatentDataset, MockLatentDataset, collate
-from megatron_anyflow.models import lora as L
 from megatron_anyflow.models.wan.config import wan_config
 from megatron_anyflow.models.wan.model import WanModel
 from megatron_anyflow.parallel.sharding import canonical_key, load_module_state, module_sharded_state_dict
@@ -188,9 +185,6 @@ class Trainer:
         return g
 
     # ------------------------------------------------------------------------------------------
-    def trainable_key_map(self, params: Dict[str, torch.nn.Parameter]) -> Dict[str, torch.nn.Parameter]:
-        return params
-
     def named_trainable(self, predicate) -> Dict[str, torch.nn.Parameter]:
         """canonical key -> parameter for the model parameters selected by ``predicate(name)``."""
         return {canonical_key(n): p for n, p in self.model.named_parameters() if predicate(n)}

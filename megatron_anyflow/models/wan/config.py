@@ -8,7 +8,7 @@ Presets follow diffusers' `WanTransformer3DModel` configs (ANYFLOW.md section 2)
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch

@@ -1,7 +1,7 @@
 """State-dict conversion between diffusers' Wan / AnyFlow transformers and `WanModel`.
 
-"Full" state dicts hold unsharded tensors (TP = 1 layout); `shard_state_dict` / `gather_full_state_dict`
-move between the full layout and a tensor-parallel rank's shards using the parameters'
+"Full" state dicts hold unsharded tensors (TP = 1 layout); `shard_state_dict`
+moves between the full layout and a tensor-parallel rank's shards using the parameters'
 ``tensor_model_parallel`` / ``partition_dim`` attributes (megatron-core's convention).
 
 Name mapping (diffusers -> this project), i = block index:
@@ -26,7 +26,6 @@ import re
 from typing import Dict, Iterable, List, Tuple
 
 import torch
-import torch.distributed as dist
 
 from megatron_anyflow.parallel.tensor_parallel import tp_rank, tp_world_size
 
@@ -188,24 +187,6 @@ def load_full_state_dict(model: torch.nn.Module, full: StateDict, source: str = 
         for k, v in local.items():
             if k in own and own[k] is not None:
                 own[k].copy_(v.to(own[k].dtype))
-
-
-def gather_full_state_dict(model: torch.nn.Module) -> StateDict:
-    """Full (unsharded) state dict gathered over the TP group; every TP rank gets all of it."""
-    tp = tp_world_size()
-    params = dict(model.named_parameters())
-    out = {}
-    for k, (shape, v) in model_full_shapes(model).items():
-        v = v.detach()
-        p = params.get(k)
-        if p is not None and getattr(p, "tensor_model_parallel", False) and tp > 1:
-            from megatron.core import parallel_state
-
-            parts = [torch.empty_like(v) for _ in range(tp)]
-            dist.all_gather(parts, v.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-            v = torch.cat(parts, dim=p.partition_dim)
-        out[k] = v.clone()
-    return out
 
 
 def arch_from_hf_config(hf_cfg: dict) -> dict:
