@@ -457,11 +457,11 @@ class ReferenceRunner:
                               "--no-reference") from e
         from diffusers import AnyFlowTransformer3DModel
 
-        from megatron_anyflow.anyflow.distill import DistillConfig
         from megatron_anyflow.anyflow.objective import TeacherObjectiveConfig
         from megatron_anyflow.data.latent_dataset import DataParallelSampler, MockLatentDataset
         from megatron_anyflow.training.arguments import parse_args as trainer_parse_args
-        from megatron_anyflow.training.stages import Stage1
+        from megatron_anyflow.training.stage2 import distill_config
+        from megatron_anyflow.training.stages import flow_map_objective_config
 
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         args = trainer_parse_args(trainer_argv(a, step, schedule, num_samples))  # the same hyper-parameters
@@ -510,17 +510,10 @@ class ReferenceRunner:
                                          cfg.text_dim, seed=args.seed)
         self.sampler = DataParallelSampler(len(self.dataset), self.global_batch, self.global_batch, 1, 0, seed=args.seed)
         self.negative_text = self.dataset.negative_text.to(self.device, self.dtype)
-        holder = argparse.Namespace(args=args)
-        Stage1._objective_config(holder)  # the trainer's stage-1 objective settings ...
-        self.s1cfg = holder.cfg
+        self.s1cfg = flow_map_objective_config(args)  # the trainer's stage-1 objective settings ...
         self.s1cfg.kernel_backend = "torch"  # ... without fused kernels
         self.tcfg = TeacherObjectiveConfig(shift=args.time_shift, text_dropout=args.text_dropout)
-        self.dcfg = DistillConfig(
-            num_steps_choices=tuple(args.simulation_steps), shift=args.time_shift, real_guidance=args.real_guidance,
-            simulation=args.simulation, grad_through=args.grad_through, cotrain_stage1=not args.no_cotrain_stage1,
-            generator_lr=args.lr, critic_lr=args.critic_lr, betas=(args.adam_beta1, args.adam_beta2),
-            clip_grad=args.clip_grad, ema_decay=args.ema_decay, ema_start=args.ema_start_iter,
-            critic_updates_per_generator=args.critic_updates)
+        self.dcfg = distill_config(args)
         self.cotrain = self.dcfg.cotrain_stage1
 
     # -- helpers ---------------------------------------------------------------------------------

@@ -34,9 +34,19 @@ import torch
 from megatron_anyflow.anyflow.distill import DistillConfig, backward_simulation, critic_loss, generator_loss, sample_simulation_plan
 from megatron_anyflow.anyflow.objective import stage1_loss
 from megatron_anyflow.models import lora as L
-from megatron_anyflow.training.stages import Stage1
+from megatron_anyflow.training.stages import Stage1, flow_map_objective_config
 
 GENERATOR, FAKE = "generator", "fake_score"
+
+
+def distill_config(args) -> DistillConfig:
+    """The stage-2 configuration of parsed trainer arguments (also used by the benchmark)."""
+    return DistillConfig(
+        num_steps_choices=tuple(args.simulation_steps), shift=args.time_shift, real_guidance=args.real_guidance,
+        simulation=args.simulation, grad_through=args.grad_through, cotrain_stage1=not args.no_cotrain_stage1,
+        generator_lr=args.lr, critic_lr=args.critic_lr, betas=(args.adam_beta1, args.adam_beta2),
+        clip_grad=args.clip_grad, ema_decay=args.ema_decay, ema_start=args.ema_start_iter,
+        critic_updates_per_generator=args.critic_updates)
 
 
 class Stage2(Stage1):
@@ -64,13 +74,8 @@ class Stage2(Stage1):
 
             # The stage-1 model one evaluates is its EMA: start from it unless asked otherwise.
             load_adapters(trainer.model, args.init_adapters_from, [GENERATOR], ema=not args.init_from_live_weights)
-        self._objective_config()
-        self.dcfg = DistillConfig(
-            num_steps_choices=tuple(args.simulation_steps), shift=args.time_shift, real_guidance=args.real_guidance,
-            simulation=args.simulation, grad_through=args.grad_through, cotrain_stage1=not args.no_cotrain_stage1,
-            generator_lr=args.lr, critic_lr=args.critic_lr, betas=(args.adam_beta1, args.adam_beta2),
-            clip_grad=args.clip_grad, ema_decay=args.ema_decay, ema_start=args.ema_start_iter,
-            critic_updates_per_generator=args.critic_updates)
+        self.cfg = flow_map_objective_config(args)
+        self.dcfg = distill_config(args)
         if args.schedule == "pipelined" and args.critic_updates != 1:
             raise ValueError("--schedule pipelined reuses each generator rollout once: it needs --critic-updates 1")
 

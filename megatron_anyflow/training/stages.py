@@ -96,6 +96,15 @@ class TeacherStage(Stage):
         return flow_matching_loss(self.t.model, x, text, self.t.negative_text, self.cfg, noise_generator=ng)
 
 
+def flow_map_objective_config(args) -> FlowMapObjectiveConfig:
+    """The stage-1 objective configuration of parsed trainer arguments (also used by the benchmark)."""
+    return FlowMapObjectiveConfig(
+        guidance=args.guidance, fd_eps=args.fd_eps, text_dropout=args.text_dropout, i2v_prob=args.i2v_prob,
+        adaptive_reweight=not args.no_adaptive_reweight, kernel_backend=args.kernel_backend,
+        time=TimeSamplerConfig(shift=args.time_shift, boundary_fraction=args.boundary_fraction,
+                               r_zero_fraction=args.r_zero_fraction, loss_weight=args.loss_weight))
+
+
 class Stage1(Stage):
     """Forward flow-map training (paper Alg. 1) with the adaptive reweighting over the DP group."""
 
@@ -103,15 +112,7 @@ class Stage1(Stage):
 
     def __init__(self, trainer):
         super().__init__(trainer)
-        self._objective_config()
-
-    def _objective_config(self):
-        a = self.args
-        self.cfg = FlowMapObjectiveConfig(
-            guidance=a.guidance, fd_eps=a.fd_eps, text_dropout=a.text_dropout, i2v_prob=a.i2v_prob,
-            adaptive_reweight=not a.no_adaptive_reweight, kernel_backend=a.kernel_backend,
-            time=TimeSamplerConfig(shift=a.time_shift, boundary_fraction=a.boundary_fraction,
-                                   r_zero_fraction=a.r_zero_fraction, loss_weight=a.loss_weight))
+        self.cfg = flow_map_objective_config(self.args)
 
     def loss(self, iteration, j, x, text):
         t = self.t
