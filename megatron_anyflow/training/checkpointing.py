@@ -125,6 +125,17 @@ def resolve_checkpoint_dir(path: str) -> str:
     return d
 
 
+def find_resume_checkpoint(root: str, warn: Callable[[str], None] = print) -> Optional[str]:
+    """The checkpoint directory to resume from under ``root``, or None for a first launch.
+
+    (Stub: being hardened; see the issue on checkpoints that never silently restart.)
+    """
+    try:
+        return resolve_checkpoint_dir(root)
+    except FileNotFoundError:
+        return None
+
+
 def read_meta(ckpt_dir: str) -> Dict[str, Any]:
     """The metadata JSON of a checkpoint directory."""
     with open(os.path.join(ckpt_dir, META)) as f:

@@ -297,10 +297,9 @@ class Trainer:
 
     def load(self, root: str) -> None:
         """Resume from the last complete checkpoint under ``root`` (must be the same stage and layout)."""
-        try:
-            d = ckpt.resolve_checkpoint_dir(root)
-        except FileNotFoundError:
-            self._log(f"no checkpoint under {root}: starting from scratch")
+        d = ckpt.find_resume_checkpoint(root, warn=lambda msg: self._log(f"warning: {msg}", flush=True))
+        if d is None:
+            self._log(f"no checkpoint under {root} (first launch): starting from scratch")
             return
         meta = ckpt.read_meta(d)
         if meta.get("stage") != self.args.stage:
