@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -41,6 +41,10 @@ __all__ = [
 ]
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# One generator for the whole micro-batch, or one per sample (row). Per-sample generators seeded by the
+# sample's index in the iteration's global batch make the draws independent of the batch layout
+# (micro-batch size, data-parallel size, accumulation steps): see ``training/stages.py``.
+NoiseGenerators = Union[None, torch.Generator, Sequence[torch.Generator]]
 
 _BACKENDS = ("auto", "torch", "triton")
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -73,8 +77,12 @@ class FlowMapObjectiveConfig:
         text_dropout: probability that a sample's prompt is replaced by the negative-prompt embedding in
             the conditional (and +/-) forwards (0.1).
         i2v_prob: probability that a sample's latent frame 0 is a clean condition frame (image-to-video):
-            its ``t = r = 0`` (so ``z = x`` there), it is not perturbed in the +/- forwards and its loss is
-            masked (frame weight 0) (0.0).
+            its ``t = 0`` (so ``z = x`` there) while its ``r`` stays the sample's ``r`` (the reference
+            trainer sets only ``t[:, 0] = 0``, and diffusers' ``AnyFlowPipeline`` feeds condition frames
+            ``timestep = 0`` with the step's ``r_timestep``); it is not perturbed in the +/- forwards (the
+            condition is held clean along the trajectory, so its total t-derivative is zero; the reference
+            perturbs it with the other frames) and its loss is masked (frame weight 0) (0.0). The reference
+            draws one i2v decision per global batch; here it is per sample.
         adaptive_reweight: apply the adaptive loss reweighting of paper eq. 7 (True); False: plain mean.
         reweight_eps: the constant ``c`` of eq. 7 (1e-5).
         time: the (t, r) sampler and loss-weight configuration (:class:`TimeSamplerConfig`).
@@ -184,18 +192,46 @@ def _gen_device(generator: Optional[torch.Generator]) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
 
 
+def _row_draws(x: torch.Tensor, noise: Optional[torch.Tensor], generator: NoiseGenerators, num_uniform: int,
+               time_fn: Optional[Callable[[int, Optional[torch.Generator]], torch.Tensor]] = None):
+    """The per-sample random draws of one micro-batch: ``(t or None, eps, u [num_uniform, b])``.
+
+    One generator: ``t = time_fn(b, g)`` (if given), ``eps = randn(x.shape, dtype=x.dtype)`` (unless
+    ``noise``), then ``num_uniform`` draws of ``rand(b)``, in this order. A sequence of ``b`` generators:
+    the same order per sample from its own generator (``time_fn(1, g_i)``, ``randn(x.shape[1:])``,
+    ``rand(num_uniform)``), so a sample's draws do not depend on which other samples share its micro-batch.
+
+    Raises:
+        ValueError: a generator sequence whose length is not the batch size.
+    """
+    b = x.shape[0]
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != b:
+            raise ValueError(f"got {len(generator)} per-sample noise generators for a batch of {b}")
+        ts, rows, us = [], [], []
+        for g in generator:
+            dev = _gen_device(g)
+            if time_fn is not None:
+                ts.append(time_fn(1, g).to(x.device))
+            if noise is None:
+                rows.append(torch.randn((1, *x.shape[1:]), generator=g, dtype=x.dtype, device=dev).to(x.device))
+            us.append(torch.rand((num_uniform, 1), generator=g, dtype=torch.float32, device=dev).to(x.device))
+        t = torch.cat(ts) if time_fn is not None else None
+        eps = torch.cat(rows) if noise is None else noise.to(device=x.device, dtype=x.dtype)
+        return t, eps, torch.cat(us, dim=1)
+    t = time_fn(b, generator).to(x.device) if time_fn is not None else None
+    eps = _draw_noise(x, noise, generator)
+    dev = _gen_device(generator)
+    u = [torch.rand((b,), generator=generator, dtype=torch.float32, device=dev).to(x.device) for _ in range(num_uniform)]
+    return t, eps, torch.stack(u) if u else torch.empty((0, b), device=x.device)
+
+
 def _draw_noise(x, noise, generator):
     """``eps`` in x's dtype/device: ``noise`` if given, else ``randn(x.shape, dtype=x.dtype)`` from ``generator``."""
     if noise is not None:
         return noise.to(device=x.device, dtype=x.dtype)
     eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=_gen_device(generator))
     return eps.to(x.device)
-
-
-def _draw_mask(b, prob, generator, device):
-    """``rand(b) < prob`` (always drawn, so the generator stream does not depend on ``prob``)."""
-    u = torch.rand((b,), generator=generator, dtype=torch.float32, device=_gen_device(generator))
-    return (u < prob).to(device)
 
 
 def _select_text(text, negative_text, drop):
@@ -233,12 +269,13 @@ def stage1_loss(
     cfg: Optional[FlowMapObjectiveConfig] = None,
     *,
     time_generator: Optional[torch.Generator],
-    noise_generator: Optional[torch.Generator],
+    noise_generator: NoiseGenerators,
     global_batch: int,
     global_offset: int,
     dp_group=None,
     noise: Optional[torch.Tensor] = None,
     return_tensors: bool = False,
+    boundary_carry: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """AnyFlow stage-1 forward flow-map loss of one data-parallel rank's micro-batch (paper Alg. 1).
 
@@ -248,13 +285,17 @@ def stage1_loss(
        ``[global_offset, global_offset + b)``. The boundary (r = t) / r = 0 / free split is by index over
        the **global** data-parallel micro-batch (ANYFLOW.md section 6): every DP rank passes the same
        ``time_generator`` state and its own offset (e.g. ``dp_rank * b``); TP / CP peers of one sample pass
-       identical generators (and offsets) so they draw identical times, noise and masks.
-    2. From ``noise_generator`` (each DP rank its own state), in this order: ``eps = randn(x.shape,
-       dtype=x.dtype)`` (skipped when ``noise`` is given), the text-dropout uniforms ``rand(b)`` (sample
-       ``i`` dropped iff ``u_i < cfg.text_dropout``), the image-to-video uniforms ``rand(b)`` (frame 0 of
-       sample ``i`` is a clean condition frame iff ``u_i < cfg.i2v_prob``). Both uniform draws always
-       happen, whatever the probabilities. The draws are made on the generator's device.
-    3. Per sample and frame ``t, r`` ``[b, f]`` (condition frames: ``t = r = 0``);
+       identical generators (and offsets) so they draw identical times, noise and masks. With gradient
+       accumulation ``global_batch`` is the whole iteration's batch (all accumulation steps and DP ranks)
+       and the offset of rank ``d`` in accumulation step ``j`` is ``j * micro * DP + d * micro`` (the data
+       sampler's order), so the split is the same for every (DP, micro-batch, accumulation) layout.
+    2. From ``noise_generator`` (each DP rank its own state, or one generator per sample), in this order:
+       ``eps = randn(x.shape, dtype=x.dtype)`` (skipped when ``noise`` is given), the text-dropout uniforms
+       ``rand(b)`` (sample ``i`` dropped iff ``u_i < cfg.text_dropout``), the image-to-video uniforms
+       ``rand(b)`` (frame 0 of sample ``i`` is a clean condition frame iff ``u_i < cfg.i2v_prob``). Both
+       uniform draws always happen, whatever the probabilities. The draws are made on the generator's
+       device. Per-sample generators draw the same sequence per sample (:func:`_row_draws`).
+    3. Per sample and frame ``t, r`` ``[b, f]`` (condition frames: ``t = 0``, ``r`` the sample's);
        ``z = (1 - t) x + t eps``, ``v = eps - x`` (float32 arithmetic, rounded once to ``x.dtype``);
        ``T = to_model_scale(t)``, ``R = to_model_scale(r)`` float32 ``[b, f]``.
     4. Four forwards: ``u_c = model(z, T, R, c)`` **with** grad; under ``torch.no_grad()``:
@@ -271,7 +312,12 @@ def stage1_loss(
        frame weight 0 on condition frames.
     6. Adaptive reweighting (paper eq. 7; if ``cfg.adaptive_reweight``): with no grad, ``(sum of boundary
        losses, number of boundary samples)`` is all-reduced (float64) over ``dp_group`` (a local
-       computation when ``dp_group`` is None or has one rank), ``boundary_mean = sum / max(count, 1)``;
+       computation when ``dp_group`` is None or has one rank) and added to ``boundary_carry`` (the same
+       sums of the iteration's earlier accumulation steps), ``boundary_mean = sum / max(count, 1)``.
+       Boundary samples are the first ``n_b`` indices of the global batch and accumulation steps take
+       consecutive index ranges, so every boundary sample of the iteration lies in this or an earlier
+       accumulation step whenever this step holds a non-boundary sample: the carried mean is the mean
+       over **all** boundary samples of the iteration, exactly as with one big micro-batch;
        then :func:`megatron_anyflow_kernels.adaptive_reweight` scales every non-boundary loss by
        ``boundary_mean / (loss_i + cfg.reweight_eps)`` (boundary samples by 1). With no boundary sample in
        the whole group the scales are 1. ``cfg.adaptive_reweight = False``: plain mean.
@@ -304,13 +350,18 @@ def stage1_loss(
             noise tensor, to reproduce a DP = 1 run at DP = n); cast to ``x.dtype``.
         return_tensors: also put the fused prediction ``u_pred`` and the target ``u_target`` (float32,
             ``x``'s shape, detached) in ``stats`` (costs one more pass over the outputs).
+        boundary_carry: ``(sum, count)`` float64 0-d tensors on ``x``'s device: the (already global)
+            boundary-loss sum and count of the iteration's earlier accumulation steps, i.e. the
+            ``boundary_sum`` / ``boundary_count`` stats of the previous call (None: the first step).
 
     Returns:
         ``(loss, stats)``: ``loss`` 0-d float32 with grad; ``stats`` a dict of detached tensors (no host
         synchronisation): ``loss``; ``per_sample_loss`` [b] (before reweighting, including ``w(t)``);
         ``scales`` [b] (reweighting factors, ones without reweighting); ``boundary_mean`` 0-d (global
         mean boundary loss; 0 when there is none or reweighting is off); ``num_boundary`` 0-d (global
-        count; local count when reweighting is off); ``num_boundary_local``; ``t``, ``r`` [b] (sampled, in
+        count; local count when reweighting is off); ``num_boundary_local``; ``boundary_sum``,
+        ``boundary_count`` (float64, cumulative over the iteration so far: the next call's
+        ``boundary_carry``); ``t``, ``r`` [b] (sampled, in
         [0, 1]), ``kind`` [b] (0 boundary, 1 r = 0, 2 free); ``t_mean``, ``r_mean``; ``sample_weight`` [b];
         ``text_dropped`` [b] bool; ``i2v`` [b] bool; optionally ``u_pred``, ``u_target``.
 
@@ -341,9 +392,8 @@ def stage1_loss(
     t_all, r_all, kind_all = sample_t_r(global_batch, time_generator, cfg.time)
     sl = slice(global_offset, global_offset + b)
     t_s, r_s, kind = t_all[sl].to(device), r_all[sl].to(device), kind_all[sl].to(device)
-    eps = _draw_noise(x, noise, noise_generator)
-    drop = _draw_mask(b, cfg.text_dropout, noise_generator, device)
-    i2v = _draw_mask(b, cfg.i2v_prob, noise_generator, device)
+    _, eps, u = _row_draws(x, noise, noise_generator, 2)
+    drop, i2v = u[0] < cfg.text_dropout, u[1] < cfg.i2v_prob
 
     # 3. Per-frame times, noisy latents, velocity.
     t = t_s[:, None].expand(b, f).clone()
@@ -352,8 +402,7 @@ def stage1_loss(
     if cfg.i2v_prob > 0.0:
         cond = torch.zeros((b, f), dtype=torch.bool, device=device)
         cond[:, 0] = i2v
-        t = t.masked_fill(cond, 0.0)
-        r = r.masked_fill(cond, 0.0)
+        t = t.masked_fill(cond, 0.0)  # r keeps the sample's value (reference / diffusers convention)
         frame_weight = frame_weight.masked_fill(cond, 0.0)
         perturb = (~cond).to(torch.float32)
     else:
@@ -398,6 +447,8 @@ def stage1_loss(
             ])
             if _dp_world(dp_group) > 1:
                 dist.all_reduce(acc, op=dist.ReduceOp.SUM, group=dp_group)
+            if boundary_carry is not None:
+                acc = acc + torch.stack([c.to(device=acc.device, dtype=torch.float64) for c in boundary_carry])
             n_b_global = acc[1]
             boundary_mean = (acc[0] / acc[1].clamp_min(1.0)).to(torch.float32)
             # No boundary sample anywhere in the group: treat every sample as a boundary one (scales 1),
@@ -409,6 +460,7 @@ def stage1_loss(
         loss, scales = per_sample.mean(), torch.ones_like(per_sample)
         boundary_mean = torch.zeros((), dtype=torch.float32, device=device)
         n_b_global = n_b_local.to(torch.float64)
+        acc = torch.zeros(2, dtype=torch.float64, device=device)
 
     stats: Dict[str, torch.Tensor] = {
         "loss": loss.detach(),
@@ -417,6 +469,7 @@ def stage1_loss(
         "boundary_mean": boundary_mean.detach(),
         "num_boundary": n_b_global.detach(),
         "num_boundary_local": n_b_local.detach(),
+        "boundary_sum": acc[0].detach(), "boundary_count": acc[1].detach(),
         "t": t_s, "r": r_s, "kind": kind,
         "t_mean": t_s.mean(), "r_mean": r_s.mean(),
         "sample_weight": sample_weight,
@@ -439,7 +492,7 @@ def flow_matching_loss(
     negative_text: torch.Tensor,
     cfg: Optional[TeacherObjectiveConfig] = None,
     *,
-    noise_generator: Optional[torch.Generator],
+    noise_generator: NoiseGenerators,
     noise: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Plain flow-matching (v-prediction MSE) loss of a single-time model: the teacher objective.
@@ -458,7 +511,8 @@ def flow_matching_loss(
         model: ``model(z, T, R, text) -> v`` (called once, with grad).
         x: ``[b, f, c, h, w]`` clean latents. text: ``[b, L, d]``. negative_text: ``[1 or b, L, d]``.
         cfg: :class:`TeacherObjectiveConfig` (defaults if None).
-        noise_generator: generator of t, eps and the dropout draw (None: global RNG).
+        noise_generator: generator of t, eps and the dropout draw (None: global RNG), or one generator
+            per sample (the same order of draws per sample: ``t``, ``eps``, dropout uniform).
         noise: optional eps of ``x``'s shape (then not drawn).
 
     Returns:
@@ -475,9 +529,9 @@ def flow_matching_loss(
     _check_noise(noise, x)
     b, f = x.shape[:2]
     device = x.device
-    t_s = logit_normal_t(b, noise_generator, shift=cfg.shift, mean=cfg.logit_mean, std=cfg.logit_std).to(device)
-    eps = _draw_noise(x, noise, noise_generator)
-    drop = _draw_mask(b, cfg.text_dropout, noise_generator, device)
+    t_s, eps, u = _row_draws(x, noise, noise_generator, 1, time_fn=lambda n, g: logit_normal_t(
+        n, g, shift=cfg.shift, mean=cfg.logit_mean, std=cfg.logit_std))
+    drop = u[0] < cfg.text_dropout
     t = t_s[:, None].expand(b, f)
     x32, eps32 = x.to(torch.float32), eps.to(torch.float32)
     z = ((1.0 - _bcast(t)) * x32 + _bcast(t) * eps32).to(x.dtype)
