@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta2", type=float, default=None, help="default: 0.95 (teacher, stage 1), 0.999 (stage 2)")
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--max-skipped-iters", type=int, default=10,
+                   help="stop after this many consecutive iterations whose loss or gradient norm is NaN/inf "
+                        "(each such optimizer step is skipped with a warning)")
     g.add_argument("--ema-decay", type=float, default=None, help="default: 0.999 (stage 1), 0.99 (stage 2)")
     g.add_argument("--ema-start-iter", type=int, default=None, help="default: 0 (stage 1), 200 (stage 2)")
 

@@ -4,32 +4,81 @@ Layout of a checkpoint root (Megatron's convention)::
 
     ROOT/latest_checkpointed_iteration.txt    "120" or "release"; replaced atomically, written last
     ROOT/iter_0000120/                        sharded tensors (model, adapters, EMA, optimizer states)
+        .metadata, __R_0.distcp, common.pt    torch_dist shards (one file per rank) and their index
+        metadata.json                         megatron-core's format marker
         anyflow_meta.json                     config, iteration and whatever the caller records
-        rank_00000.pt ...                     per-rank state (RNG, data position)
+        rank_00000.pt ...                     per-rank state (RNG), read with ``weights_only=True``
     ROOT/release/                             a converted model (tools/convert_from_hf.py)
 
 A save goes to ``<tag>.tmp`` and is renamed to ``<tag>`` only after every rank finished writing;
 the tracker file is then replaced. A crash at any point leaves the previous tracker and checkpoint
 untouched, and loading never looks at ``*.tmp``.
+
+A checkpoint directory is *complete* (`incomplete_reason` returns None) when its name does not end in
+``.tmp``, ``anyflow_meta.json`` is a JSON object, megatron-core's ``metadata.json`` is JSON, ``common.pt``
+exists, the torch_dist index ``.metadata`` unpickles under an allow-list of checkpoint metadata types
+(no code runs), every shard file the index names exists and is at least as long as the index says,
+and (for checkpoints written by this version) a ``rank_*.pt`` exists for every rank that saved.
+`find_resume_checkpoint` (``--load``) resumes from the tracker's checkpoint when it is complete and
+otherwise falls back, with a warning naming what was wrong, to the newest complete ``iter_*``.
+
+Kill safety: megatron-core 0.16's torch_dist save strategy writes through ``FileSystemWriterAsync``,
+which forks one writer process per bucket and starts a ``multiprocessing`` Manager server; a SIGKILL
+of the trainer leaves them orphaned (parent PID 1, waiting forever). `save_checkpoint` therefore
+writes the same torch_dist format with PyTorch DCP's ``FileSystemWriter(thread_count=1)`` in the
+calling thread (`InProcessTorchDistSaveStrategy`): no process is ever created, so none can outlive
+the trainer.
+
+Loading runs no code from the checkpoint: ``rank_*.pt`` and ``common.pt`` are read with
+``torch.load(weights_only=True)``, and the torch_dist index ``.metadata`` (which PyTorch DCP reads
+with a plain ``pickle.load``) is first unpickled here under an allow-list and refused otherwise. The
+shards' tensors are read by DCP with ``weights_only=True``; pickled non-tensor objects in shards
+(which DCP would read with ``weights_only=False``) are never requested: `load_checkpoint` asks only
+for tensors.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import importlib
+import io
 import json
 import os
+import pickle
+import re
 import shutil
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "anyflow_meta.json"
+DCP_INDEX = ".metadata"            # torch_dist index (pickled torch.distributed.checkpoint Metadata)
+MCORE_CONFIG = "metadata.json"     # megatron-core's backend marker
+COMMON = "common.pt"               # megatron-core's non-sharded objects (empty here)
+RANK_FILE = re.compile(r"^rank_(\d{5})\.pt$")
+ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint on disk is incomplete, corrupt or unsafe to load; the message names the file."""
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def _barrier() -> None:
@@ -43,13 +92,34 @@ def tag_for(iteration: Optional[int]) -> str:
 
 
 def read_tracker(root: str) -> Optional[str]:
-    """The tag of the last complete checkpoint under ``root``, or None if there is none."""
+    """The tag the tracker file under ``root`` names (``iter_%07d`` or ``release``), or None without one.
+
+    Args:
+        root: checkpoint root.
+    Returns:
+        the tag, or None when ``root/latest_checkpointed_iteration.txt`` does not exist.
+    Raises:
+        CheckpointError: the tracker is empty, not text, or holds anything but a non-negative integer or
+            ``release`` (the message names the file and what it holds).
+    """
     path = os.path.join(root, TRACKER)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        val = f.read().strip()
-    return "release" if val == "release" else tag_for(int(val))
+    with open(path, "rb") as f:
+        raw = f.read(4096)
+    expected = "expected an iteration number or 'release'"
+    try:
+        val = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"tracker {path} is not text ({os.path.getsize(path)} bytes starting "
+                              f"{raw[:16]!r}); {expected}") from None
+    if not val:
+        raise CheckpointError(f"tracker {path} is empty; {expected}")
+    if val == "release":
+        return "release"
+    if not val.isdigit():
+        raise CheckpointError(f"tracker {path} holds {val[:40]!r}; {expected}")
+    return tag_for(int(val))
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -59,6 +129,37 @@ def _atomic_write(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+class InProcessTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
+    """megatron-core's torch_dist format, written by the calling thread (no writer processes).
+
+    megatron-core 0.16 writes torch_dist checkpoints through ``FileSystemWriterAsync``
+    (``strategies/filesystem_async.py``): ``write_preloaded_data_multiproc`` forks one writer per
+    bucket (``mp.get_context("fork")``) and the results travel through a ``spawn`` Manager server.
+    Both outlive a SIGKILLed trainer. This strategy keeps megatron-core's key translation and
+    planner (``MCoreSavePlanner``), so the files are the same format and `dist_checkpointing.load`
+    reads them at any TP layout, but writes with PyTorch DCP's ``FileSystemWriter(thread_count=1)``,
+    which writes in the calling thread. Synchronous saves only (no ``async_save``).
+    """
+
+    def __init__(self):
+        super().__init__("torch_dist", 1, thread_count=1)
+
+    def save(self, sharded_state_dict, checkpoint_dir) -> None:
+        """Write this rank's shards of ``sharded_state_dict`` into ``checkpoint_dir`` (collective)."""
+        from torch.distributed.checkpoint import FileSystemWriter
+        from torch.distributed.checkpoint import save as dcp_save
+
+        sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
+            sharded_state_dict, self.keep_only_main_replica)
+        pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, False)
+        writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, sync_files=True, thread_count=1)
+        planner = MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica, flatten_state_dict=False)
+        dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)
+
+    def async_save(self, sharded_state_dict, checkpoint_dir):
+        raise NotImplementedError("InProcessTorchDistSaveStrategy saves synchronously only")
 
 
 def save_checkpoint(root: str, iteration: Optional[int], sharded_state_dict: Dict[str, Any],

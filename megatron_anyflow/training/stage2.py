@@ -32,9 +32,8 @@ from typing import Dict, List
 import torch
 
 from megatron_anyflow.anyflow.distill import DistillConfig, backward_simulation, critic_loss, generator_loss, sample_simulation_plan
-from megatron_anyflow.anyflow.objective import stage1_loss
 from megatron_anyflow.models import lora as L
-from megatron_anyflow.training.stages import Stage1, flow_map_objective_config
+from megatron_anyflow.training.stages import MetricAccumulator, Stage1, flow_map_objective_config
 
 GENERATOR, FAKE = "generator", "fake_score"
 
@@ -42,7 +41,10 @@ GENERATOR, FAKE = "generator", "fake_score"
 def distill_config(args) -> DistillConfig:
     """The stage-2 configuration of parsed trainer arguments (also used by the benchmark)."""
     return DistillConfig(
-        num_steps_choices=tuple(args.simulation_steps), shift=args.time_shift, real_guidance=args.real_guidance,
+        # --time-shift is the one shift of the method: the rollout grid, the DMD re-noise time and the
+        # critic's flow-matching time all use it (the reference uses the scheduler's shift everywhere).
+        num_steps_choices=tuple(args.simulation_steps), shift=args.time_shift, dmd_tau_shift=args.time_shift,
+        critic_time_shift=args.time_shift, real_guidance=args.real_guidance,
         simulation=args.simulation, grad_through=args.grad_through, cotrain_stage1=not args.no_cotrain_stage1,
         generator_lr=args.lr, critic_lr=args.critic_lr, betas=(args.adam_beta1, args.adam_beta2),
         clip_grad=args.clip_grad, ema_decay=args.ema_decay, ema_start=args.ema_start_iter,
@@ -98,26 +100,24 @@ class Stage2(Stage1):
         t = self.t
         x, text = t.batch(idx)
         plan = sample_simulation_plan(t.generator("plan", iteration, j), self.dcfg)  # same on every rank
-        noise = torch.randn(x.shape, generator=t.generator("rollout-noise", iteration, j, t.dp_rank, device=t.device),
-                            device=t.device, dtype=x.dtype)
+        # one generator per sample (global index): the rollout noise does not depend on the batch layout
+        gens = t.sample_generators("rollout-noise", iteration, j, x.shape[0])
+        noise = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, device=t.device, dtype=x.dtype) for g in gens])
         return x, text, plan, noise
 
-    def _generator_loss(self, iteration, j, x, text, plan, noise):
+    def _generator_loss(self, iteration, j, x, text, plan, noise, carry):
         t = self.t
         gen, real, fake = self.role(GENERATOR), self.role(None), self.role(FAKE)
-        s1 = None
+        s1, s1_stats = None, {}
         if self.dcfg.cotrain_stage1:
-            mbs = x.shape[0]
-            s1, _ = stage1_loss(gen, x, text, t.negative_text, self.cfg,
-                                time_generator=t.generator("time", iteration, j),
-                                noise_generator=t.generator("noise", iteration, j, t.dp_rank, device=t.device),
-                                global_batch=mbs * t.dp_size, global_offset=t.dp_rank * mbs, dp_group=t.dp_group)
+            s1, s1_stats = self.stage1_loss(gen, iteration, j, x, text, carry)
         neg = t.negative_text.expand(x.shape[0], -1, -1)
         loss, info = generator_loss(
             gen, real, fake, noise, text, neg, plan, self.dcfg,
             tau_generator=t.generator("tau", iteration, j, t.dp_rank, device=t.device),
             rollout_generator=t.generator("rollout", iteration, j, t.dp_rank, device=t.device), stage1=s1)
         L.set_active_adapter(t.model, GENERATOR)  # the backward (and any recomputation) runs the generator
+        info["stage1_stats"] = s1_stats
         return loss, info
 
     def _critic_loss(self, iteration, j, x0, text):
@@ -130,27 +130,38 @@ class Stage2(Stage1):
     def train_step(self, iteration: int, micro: List[List[int]]) -> Dict[str, float]:
         t, n = self.t, len(micro)
         g_gen, g_fake = t.groups[GENERATOR], t.groups[FAKE]
-        stats = {"dmd_loss": 0.0, "stage1_loss": 0.0, "critic_loss": 0.0}
+        gen_acc, critic_acc = MetricAccumulator(t.device), MetricAccumulator(t.device)
         metrics: Dict[str, float] = {}
         inputs = []
+        carry = None
         for j, idx in enumerate(micro):
             x, text, plan, noise = self._micro_inputs(iteration, j, idx)
-            loss, info = self._generator_loss(iteration, j, x, text, plan, noise)
+            loss, info = self._generator_loss(iteration, j, x, text, plan, noise, carry)
             (loss / n).backward()
-            stats["dmd_loss"] += float(info["dmd_loss"]) / n
+            carry = info["stage1_stats"].get("carry")
+            gen_acc.add_mean("generator_loss", loss.detach() / n)
+            gen_acc.add_mean("dmd_loss", info["dmd_loss"] / n)
             if info["stage1_loss"] is not None:
-                stats["stage1_loss"] += float(info["stage1_loss"]) / n
+                gen_acc.add_mean("stage1_loss", info["stage1_loss"] / n)
+                gen_acc.add_samples(idx, info["stage1_stats"])
             if self.args.schedule == "pipelined":
                 lc, _ = self._critic_loss(iteration, j, info["x0"], text)
                 (lc / n).backward()
-                stats["critic_loss"] += float(lc.detach()) / n
+                critic_acc.add_mean("critic_loss", lc.detach() / n)
             else:
                 inputs.append((text, plan, noise))
         if self.args.schedule == "pipelined":
-            metrics.update(t.finalize_and_step_groups([g_gen, g_fake], iteration))
+            red = t.reduce_metrics(gen_acc, critic_acc)
+            metrics.update(t.finalize_and_step_groups(
+                [g_gen, g_fake], iteration, losses={GENERATOR: red["generator_loss"], FAKE: red["critic_loss"]},
+                per_sample=gen_acc.per_sample))
         else:
-            metrics.update(t.finalize_and_step(g_gen, iteration))
-            for c in range(self.dcfg.critic_updates_per_generator):
+            red = t.reduce_metrics(gen_acc)
+            metrics.update(t.finalize_and_step(g_gen, iteration, losses={GENERATOR: red["generator_loss"]},
+                                               per_sample=gen_acc.per_sample))
+            m = self.dcfg.critic_updates_per_generator
+            for c in range(m):
+                step_acc = MetricAccumulator(t.device)
                 for j, (text, plan, noise) in enumerate(inputs):
                     with torch.no_grad():
                         x0, _ = backward_simulation(
@@ -158,9 +169,11 @@ class Stage2(Stage1):
                             generator=t.generator("rollout", iteration, j, t.dp_rank, device=t.device))
                     lc, _ = self._critic_loss(iteration, j if c == 0 else (c, j), x0, text)
                     (lc / n).backward()
-                    stats["critic_loss"] += float(lc.detach()) / (n * self.dcfg.critic_updates_per_generator)
-                metrics.update(t.finalize_and_step(g_fake, iteration))
+                    step_acc.add_mean("critic_loss", lc.detach() / n)
+                step_red = t.reduce_metrics(step_acc)
+                critic_acc.add_mean("critic_loss", step_red["critic_loss"] / m)
+                metrics.update(t.finalize_and_step(g_fake, iteration, losses={FAKE: step_red["critic_loss"]}))
+            red.update(critic_acc.means)
         L.set_active_adapter(t.model, GENERATOR)
-        for k, v in stats.items():
-            metrics[k] = t.all_reduce_mean(torch.tensor(v))
+        metrics.update(red)
         return metrics

@@ -6,6 +6,22 @@
   ``generator`` (or full fine-tuning).
 - ``stage2``: on-policy distillation (paper Alg. 2), adapters ``generator`` and ``fake_score`` on the
   frozen base that is the real score (`training.stage2`).
+
+Batch layout. One iteration processes the global batch of ``G = micro x DP x accumulation`` samples in the
+data sampler's order: accumulation step ``j``, DP rank ``d``, row ``k`` holds global index
+``i = j * micro * DP + d * micro + k`` (`Trainer.global_offset`). Everything random about a sample is a
+function of ``(seed, iteration, i)``, never of the layout:
+
+- the stage-1 boundary / r = 0 / free split is drawn once per iteration over all ``G`` indices (one
+  ``time`` generator per iteration, the same on every rank); each (step, rank) takes its rows;
+- noise, text dropout and the image-to-video choice come from one generator per sample, seeded by ``i``;
+- the adaptive reweighting (paper eq. 7) divides by the mean loss of **all** boundary samples of the
+  iteration: the boundary samples are the first indices, accumulation steps take consecutive index
+  ranges, so the detached (sum, count) carried from step to step (and all-reduced over DP within each
+  step) already holds every boundary sample when a step reaches its first non-boundary sample.
+
+Hence every (DP, micro-batch, accumulation) layout gives the loss and gradients of one big micro-batch
+(tests/test_batch_layouts.py).
 """
 
 from __future__ import annotations
@@ -66,20 +82,57 @@ class Stage(abc.ABC):
         return next(iter(self.t.groups.values()))
 
     @abc.abstractmethod
-    def loss(self, iteration: int, j: int, x, text):
-        """(loss, stats) of micro-batch ``j`` of ``iteration`` for latents ``x`` and ``text``."""
+    def loss(self, iteration: int, j: int, x, text, carry):
+        """(loss, stats) of micro-batch ``j`` of ``iteration`` for latents ``x`` and ``text``; ``carry`` is
+        what the previous micro-batch of the iteration left in ``stats["carry"]`` (None for the first)."""
 
     def train_step(self, iteration: int, micro: List[List[int]]) -> Dict[str, float]:
-        total = 0.0
-        n = len(micro)
+        """Accumulate the micro-batches' gradients, then one (guarded) optimizer step. Metrics stay on the
+        device until the one reduction at the end (no host synchronisation per micro-batch)."""
+        t, n = self.t, len(micro)
+        acc = MetricAccumulator(t.device)
+        carry = None
         for j, idx in enumerate(micro):
-            x, text = self.t.batch(idx)
-            loss, _ = self.loss(iteration, j, x, text)
+            x, text = t.batch(idx)
+            loss, stats = self.loss(iteration, j, x, text, carry)
             (loss / n).backward()
-            total = total + loss.detach() / n
-        metrics = {"loss": self.t.all_reduce_mean(total)}
-        metrics.update(self.t.finalize_and_step(self.group(), iteration))
+            carry = stats.get("carry")
+            acc.add_mean("loss", loss.detach() / n)
+            acc.add_samples(idx, stats)
+        red = t.reduce_metrics(acc)
+        metrics = dict(red)
+        metrics.update(t.finalize_and_step(self.group(), iteration, losses={self.group().name: red["loss"]},
+                                           per_sample=acc.per_sample))
         return metrics
+
+
+class MetricAccumulator:
+    """Device-side sums of one iteration's metrics: means (already divided by the number of micro-batches),
+    counts (summed over DP), the stage-1 split counts and this rank's per-sample losses (for the NaN report).
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.means: Dict[str, torch.Tensor] = {}
+        self.sums: Dict[str, torch.Tensor] = {}
+        self.per_sample: Dict[int, torch.Tensor] = {}
+
+    def add_mean(self, name: str, value: torch.Tensor) -> None:
+        v = value.detach().to(device=self.device, dtype=torch.float64)
+        self.means[name] = self.means[name] + v if name in self.means else v
+
+    def add_sum(self, name: str, value: torch.Tensor) -> None:
+        v = value.detach().to(device=self.device, dtype=torch.float64)
+        self.sums[name] = self.sums[name] + v if name in self.sums else v
+
+    def add_samples(self, idx: List[int], stats: dict) -> None:
+        """The split counts (``kind``) and per-sample losses of a micro-batch's stats, if it has them."""
+        if "kind" in stats:
+            counts = torch.bincount(stats["kind"].to(self.device), minlength=3)
+            for name, c in zip(("boundary", "r0", "free"), counts):
+                self.add_sum(name, c)
+        if "per_sample_loss" in stats:
+            self.per_sample.update(zip(idx, stats["per_sample_loss"].detach()))
 
 
 class TeacherStage(Stage):
@@ -91,8 +144,8 @@ class TeacherStage(Stage):
         super().__init__(trainer)
         self.cfg = TeacherObjectiveConfig(shift=self.args.time_shift, text_dropout=self.args.text_dropout)
 
-    def loss(self, iteration, j, x, text):
-        ng = self.t.generator("noise", iteration, j, self.t.dp_rank, device=self.t.device)
+    def loss(self, iteration, j, x, text, carry):
+        ng = self.t.sample_generators("noise", iteration, j, x.shape[0])
         return flow_matching_loss(self.t.model, x, text, self.t.negative_text, self.cfg, noise_generator=ng)
 
 
@@ -114,13 +167,21 @@ class Stage1(Stage):
         super().__init__(trainer)
         self.cfg = flow_map_objective_config(self.args)
 
-    def loss(self, iteration, j, x, text):
+    def loss(self, iteration, j, x, text, carry):
+        return self.stage1_loss(self.t.model, iteration, j, x, text, carry)
+
+    def stage1_loss(self, model, iteration, j, x, text, carry):
+        """`stage1_loss` of micro-batch ``j`` in the iteration's global layout (module docstring);
+        ``stats["carry"]`` is the boundary (sum, count) for the next micro-batch."""
         t = self.t
-        tg = t.generator("time", iteration, j)  # identical on every rank: the split is global
-        ng = t.generator("noise", iteration, j, t.dp_rank, device=t.device)
-        mbs = x.shape[0]
-        return stage1_loss(t.model, x, text, t.negative_text, self.cfg, time_generator=tg, noise_generator=ng,
-                           global_batch=mbs * t.dp_size, global_offset=t.dp_rank * mbs, dp_group=t.dp_group)
+        loss, stats = stage1_loss(
+            model, x, text, t.negative_text, self.cfg,
+            time_generator=t.generator("time", iteration),  # identical on every rank and step: one split
+            noise_generator=t.sample_generators("noise", iteration, j, x.shape[0]),
+            global_batch=self.args.global_batch_size, global_offset=t.global_offset(j), dp_group=t.dp_group,
+            boundary_carry=carry)
+        stats["carry"] = (stats["boundary_sum"], stats["boundary_count"])
+        return loss, stats
 
 
 def build_stage(trainer) -> Stage:

@@ -4,18 +4,23 @@ crash-safe checkpoints and bit-exact resume.
 Stages (``--stage``): ``teacher`` (flow matching), ``stage1`` (forward flow-map training, paper Alg. 1),
 ``stage2`` (on-policy distillation, paper Alg. 2; see `megatron_anyflow.training.stages`).
 
-Determinism: every random draw of iteration ``i``, micro-batch ``j`` comes from generators seeded with
-(seed, i, j) (time sampler and simulation plan, identical on all ranks) and (seed, i, j, data-parallel
-rank) (noise, dropout), and the data order is a pure function of the seed and the consumed-sample count.
-A resumed run on the same layout therefore continues bit-exactly.
+Determinism: every random draw of iteration ``i`` comes from generators seeded with a 64-bit hash of
+(seed, i, ...): the stage-1 time split per iteration (identical on all ranks), the noise / dropout /
+image-to-video draws per sample of the global batch (`Trainer.sample_generators`), the stage-2 simulation
+plan per micro-batch (identical on all ranks), and the data order is a pure function of the seed and the
+consumed-sample count. A resumed run therefore continues bit-exactly, and the stage-1 and teacher draws
+do not depend on the (DP, micro-batch, accumulation) layout (see `training.stages`).
+
+Safety: a non-finite loss or gradient norm skips that optimizer step (`training.nan_guard`), and no
+checkpoint is written with non-finite trainable weights, EMA or optimizer state.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
-import zlib
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,6 +33,7 @@ from megatron_anyflow.parallel.sharding import canonical_key, load_module_state,
 from megatron_anyflow.parallel.state import initialize_parallel
 from megatron_anyflow.parallel.tensor_parallel import finalize_model_grads
 from megatron_anyflow.training import checkpointing as ckpt
+from megatron_anyflow.training.nan_guard import NonFiniteGuard, check_finite_state, gather_bad_samples
 from megatron_anyflow.training.optim import (
     EMA,
     clip_gradients,
@@ -40,8 +46,21 @@ from megatron_anyflow.training.optim import (
 
 
 def derive_seed(*parts) -> int:
-    """A 63-bit seed from any tuple of ints / strings (stable across processes and runs)."""
-    return zlib.crc32(repr(parts).encode()) * 2654435761 % (2 ** 63 - 1)
+    """A 64-bit seed from any tuple of ints / strings (stable across processes, runs and machines).
+
+    BLAKE2b of the tuple's ``repr``, 8 bytes: 2^64 distinct seeds, so the per-sample generators of a long
+    run (iterations x global batch, easily > 2^32 draws) do not collide the way a 32-bit CRC would.
+    """
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
+
+
+_COUNT_METRICS = ("boundary", "r0", "free")
+
+
+def _fmt_metric(k: str, v: float) -> str:
+    if k in _COUNT_METRICS:
+        return f"{k} {int(round(v))}"
+    return f"{k} {v:.4e}" if abs(v) < 1e-2 or abs(v) >= 1e3 else f"{k} {v:.4f}"
 
 
 def _fmt_time(s: float) -> str:
@@ -110,6 +129,7 @@ class Trainer:
         if args.global_batch_size is None:
             args.global_batch_size = args.micro_batch_size * self.dp_size
         self._log = log or (print if self.rank == 0 else (lambda *a, **k: None))
+        self.guard = NonFiniteGuard(args.max_skipped_iters, log=self._log)
         self.dtype = torch.bfloat16 if args.bf16 else torch.float32
         self.iteration = 0
         self.consumed_samples = 0
@@ -180,32 +200,61 @@ class Trainer:
         return collate(self.dataset, indices, self.dtype, self.device)
 
     def generator(self, *parts, device=None) -> torch.Generator:
+        """A generator seeded by ``derive_seed(seed, *parts)`` (on ``device``, CPU by default)."""
         g = torch.Generator(device=device or "cpu")
         g.manual_seed(derive_seed(self.args.seed, *parts))
         return g
+
+    def global_offset(self, j: int) -> int:
+        """Global-batch index of this rank's first sample in accumulation step ``j`` (the data sampler's
+        order: ``j * micro * DP + dp_rank * micro``)."""
+        m = self.args.micro_batch_size
+        return j * m * self.dp_size + self.dp_rank * m
+
+    def sample_generators(self, kind: str, iteration: int, j: int, b: int) -> List[torch.Generator]:
+        """One generator per sample of this rank's micro-batch ``j``, seeded by (kind, iteration, the
+        sample's global-batch index): the draws of a sample do not depend on the batch layout."""
+        off = self.global_offset(j)
+        return [self.generator(kind, iteration, "sample", off + k, device=self.device) for k in range(b)]
 
     # ------------------------------------------------------------------------------------------
     def named_trainable(self, predicate) -> Dict[str, torch.nn.Parameter]:
         """canonical key -> parameter for the model parameters selected by ``predicate(name)``."""
         return {canonical_key(n): p for n, p in self.model.named_parameters() if predicate(n)}
 
-    def finalize_and_step(self, group: ParamGroup, iteration: int) -> Dict[str, float]:
-        """Reduce gradients (SP over TP, sum over CP, mean over DP), clip, AdamW step, EMA update."""
-        return self.finalize_and_step_groups([group], iteration)
+    def finalize_and_step(self, group: ParamGroup, iteration: int, losses: Optional[Dict[str, torch.Tensor]] = None,
+                          per_sample: Optional[Dict[int, torch.Tensor]] = None) -> Dict[str, float]:
+        """Reduce gradients (SP over TP, sum over CP, mean over DP), clip, AdamW step, EMA update.
 
-    def finalize_and_step_groups(self, groups: List[ParamGroup], iteration: int) -> Dict[str, float]:
+        ``losses``: group name -> the iteration's DP-reduced loss (0-d tensor): with the gradient norm it
+        decides whether the step is taken (`training.nan_guard`). ``per_sample``: dataset index -> this
+        rank's per-sample loss, to name the bad samples when a step is skipped.
+        """
+        return self.finalize_and_step_groups([group], iteration, losses, per_sample)
+
+    def finalize_and_step_groups(self, groups: List[ParamGroup], iteration: int,
+                                 losses: Optional[Dict[str, torch.Tensor]] = None,
+                                 per_sample: Optional[Dict[int, torch.Tensor]] = None) -> Dict[str, float]:
         """One gradient reduction for all ``groups`` (their grads are disjoint), then each group's step."""
         finalize_model_grads(self.model)
         metrics = {}
         for g in groups:
-            metrics.update(self._step_group(g, iteration))
+            metrics.update(self._step_group(g, iteration, (losses or {}).get(g.name), per_sample))
         return metrics
 
-    def _step_group(self, group: ParamGroup, iteration: int) -> Dict[str, float]:
+    def _step_group(self, group: ParamGroup, iteration: int, loss: Optional[torch.Tensor] = None,
+                    per_sample: Optional[Dict[int, torch.Tensor]] = None) -> Dict[str, float]:
         params = list(group.params.values())
         norm = clip_gradients(params, self.args.clip_grad)
         lr = lr_at(iteration, group.lr, self.args.min_lr, self.args.lr_warmup_iters, self.args.train_iters,
                    self.args.lr_decay_style)
+        checked = (norm,) if loss is None else (norm, loss)
+        # Loss and norm are reduced over DP (and the norm over TP): every rank takes the same decision.
+        if not NonFiniteGuard.is_finite(*checked):
+            bad = gather_bad_samples(per_sample or {}, self.dp_group)
+            self.guard.skip(iteration, group.name, float("nan") if loss is None else float(loss), float(norm), bad)
+            group.zero_grad()
+            return {f"{group.name}/grad_norm": float(norm), f"{group.name}/lr": lr, f"{group.name}/skipped": 1.0}
         for pg in group.optimizer.param_groups:
             pg["lr"] = lr
         group.optimizer.step()
@@ -214,12 +263,21 @@ class Trainer:
         group.ema.update(iteration)
         return {f"{group.name}/grad_norm": float(norm), f"{group.name}/lr": lr}
 
-    def all_reduce_mean(self, value: torch.Tensor) -> float:
-        v = value.detach().float().clone()
+    def reduce_metrics(self, *accs) -> Dict[str, torch.Tensor]:
+        """One all-reduce (on the training device) of the accumulators' metrics over the DP group:
+        means are averaged, counts summed. Returns 0-d float64 device tensors (no host sync)."""
+        entries = [(k, v, True) for acc in accs for k, v in acc.means.items()]
+        entries += [(k, v, False) for acc in accs for k, v in acc.sums.items()]
+        names = [k for k, _, _ in entries]
+        vals = [v for _, v, _ in entries]
+        is_mean = [m for _, _, m in entries]
+        if not vals:
+            return {}
+        flat = torch.stack([v.to(device=self.device, dtype=torch.float64) for v in vals])
         if self.dp_size > 1:
-            dist.all_reduce(v, group=self.dp_group)
-            v /= self.dp_size
-        return float(v)
+            dist.all_reduce(flat, group=self.dp_group)
+            flat = torch.where(torch.tensor(is_mean, device=self.device), flat / self.dp_size, flat)
+        return dict(zip(names, flat.unbind()))
 
     # ------------------------------------------------------------------------------------------
     def train(self) -> Dict[str, float]:
@@ -236,9 +294,11 @@ class Trainer:
         t0 = time.time()
         t_log, it_log = t0, start_iter
         last = {}
+        save_pending = skipped = False
         while self.iteration < stop:
             micro = self.sampler.micro_batches(self.consumed_samples)
-            metrics = self.stage.train_step(self.iteration, micro)
+            metrics = {k: float(v) for k, v in self.stage.train_step(self.iteration, micro).items()}  # one sync
+            skipped = self.guard.end_iteration(self.iteration)  # raises after --max-skipped-iters in a row
             self.iteration += 1
             self.consumed_samples += args.global_batch_size
             last = metrics
@@ -249,14 +309,23 @@ class Trainer:
                 now = time.time()
                 rate = (self.iteration - it_log) * args.global_batch_size / max(now - t_log, 1e-9)
                 eta = (stop - self.iteration) * (now - t0) / max(self.iteration - start_iter, 1)
-                shown = " | ".join(f"{k} {v:.4e}" if abs(v) < 1e-2 or abs(v) >= 1e3 else f"{k} {v:.4f}"
-                                   for k, v in metrics.items())
+                shown = " | ".join(_fmt_metric(k, v) for k, v in metrics.items())
                 self._log(f" iteration {self.iteration:>7d}/{args.train_iters} | {shown} | samples/s {rate:.2f} | "
                           f"elapsed {_fmt_time(now - t0)} | ETA {_fmt_time(eta)}", flush=True)
                 t_log, it_log = now, self.iteration
             if args.save and args.save_interval and self.iteration % args.save_interval == 0 and self.iteration < stop:
+                save_pending = True
+            # A save falling inside a streak of skipped (non-finite) iterations waits for the next good
+            # iteration: the state that just produced NaN is not what a resume should start from.
+            if save_pending and not skipped:
                 self.save(args.save)
+                save_pending = False
+            elif save_pending:
+                self._log(f"iteration {self.iteration} was skipped (non-finite): checkpoint deferred", flush=True)
         if args.save:
+            if skipped:
+                self._log(f"warning: the last iteration ({self.iteration}) was skipped (non-finite loss or gradient "
+                          "norm); saving the state from before it", flush=True)
             self.save(args.save)
         if self.writer is not None:
             self.writer.flush()
@@ -280,8 +349,25 @@ class Trainer:
             sd.update(optimizer_sharded_state(g.optimizer, {p: k for k, p in g.params.items()}, f"optimizer.{g.name}"))
         return sd
 
+    def _trainable_state(self):
+        """(name, tensor) of what a save writes that training changes: weights, EMA, optimizer moments."""
+        for gname, g in self.groups.items():
+            for k, p in g.params.items():
+                yield k, p.detach()
+                yield f"ema.{gname}.{k}", g.ema.shadow[k]
+                st = g.optimizer.state[p]
+                yield f"optimizer.{gname}.{k}.exp_avg", st["exp_avg"]
+                yield f"optimizer.{gname}.{k}.exp_avg_sq", st["exp_avg_sq"]
+
     def save(self, root: str, before_commit=None) -> str:
+        """Write a checkpoint of this iteration under ``root`` (crash-safe, see `training.checkpointing`).
+
+        Raises:
+            NonFiniteTrainingError: a trainable weight, EMA shadow or optimizer moment holds NaN / inf
+                (nothing is written; the previous checkpoint stays the newest).
+        """
         args = self.args
+        check_finite_state(self._trainable_state(), f"checkpoint iteration {self.iteration} under {root}")
         meta = {"format": "megatron_anyflow", "stage": args.stage, "iteration": self.iteration,
                 "consumed_samples": self.consumed_samples, "wan_config": self.arch,
                 "pretrained": os.path.abspath(self.pretrained_dir) if self.pretrained_dir else None,
