@@ -167,30 +167,50 @@ def save_checkpoint(root: str, iteration: Optional[int], sharded_state_dict: Dic
                     before_commit: Optional[Callable[[], None]] = None) -> str:
     """Write a checkpoint; every rank calls it with its own sharded state dict. Returns the final dir.
 
+    The shards are written by the calling thread (`InProcessTorchDistSaveStrategy`): no process is
+    created, so a killed trainer leaves nothing behind but an ignored ``<tag>.tmp``.
+
     Args:
         root: checkpoint root (created if missing).
         iteration: training iteration, or None for a ``release`` (converted) checkpoint.
         sharded_state_dict: megatron-core sharded state dict (ShardedTensor values / plain objects).
-        meta: JSON-serialisable metadata written by rank 0 (config, args, iteration).
-        rank_state: optional per-rank object (RNG states, data position), saved with torch.save.
+        meta: JSON-serialisable metadata written by rank 0 (config, args, iteration); ``saved_ranks``
+            (the world size) and ``rank_states`` (whether ``rank_*.pt`` files were written) are added.
+        rank_state: optional per-rank state: a dict of tensors, numbers, strings, None and lists /
+            dicts of them (read back with ``torch.load(weights_only=True)``).
         before_commit: test hook, called on every rank after the data is written and before the
             rename (a crash injected here must leave the previous checkpoint loadable).
+    Returns:
+        the final checkpoint directory ``root/<tag>``.
+    Raises:
+        TypeError: ``rank_state`` holds an object ``weights_only=True`` could not read back (named).
     """
     tag = tag_for(iteration)
     final = os.path.join(root, tag)
     tmp = final + ".tmp"
+    if rank_state is not None:
+        buf = io.BytesIO()
+        torch.save(rank_state, buf)
+        buf.seek(0)
+        try:
+            torch.load(buf, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise TypeError(f"rank_state for {final} cannot be read back with weights_only=True: {err}") from None
     if _rank() == 0:
         os.makedirs(root, exist_ok=True)
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
         os.makedirs(tmp)
     _barrier()
-    dist_checkpointing.save(sharded_state_dict, tmp)
+    dist_checkpointing.save(sharded_state_dict, tmp, sharded_strategy=InProcessTorchDistSaveStrategy())
     if rank_state is not None:
         torch.save(rank_state, os.path.join(tmp, f"rank_{_rank():05d}.pt"))
     if _rank() == 0:
+        meta = dict(meta, saved_ranks=_world(), rank_states=rank_state is not None)
         with open(os.path.join(tmp, META), "w") as f:
             json.dump(meta, f, indent=1, default=str)
+            f.flush()
+            os.fsync(f.fileno())
     _barrier()
     if before_commit is not None:
         before_commit()
@@ -209,64 +229,375 @@ def save_checkpoint(root: str, iteration: Optional[int], sharded_state_dict: Dic
     return final
 
 
-def resolve_checkpoint_dir(path: str) -> str:
-    """A checkpoint directory from a root (via its tracker) or a tag directory itself.
+# ---------------------------------------------------------------------------------------------------
+# Reading the torch_dist index without running code from it
 
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner")
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    """Unpickles a torch_dist ``.metadata``: only DCP's metadata dataclasses / enums and torch dtypes."""
+
+    def find_class(self, module: str, name: str):
+        obj = None
+        if module in _DCP_MODULES:
+            obj = getattr(importlib.import_module(module), name, None)
+            ok = isinstance(obj, type) and obj.__module__ == module and (
+                dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum))
+        elif module == "torch.distributed.checkpoint.filesystem":
+            ok = name == "_StorageInfo"
+            obj = getattr(importlib.import_module(module), name, None)
+        elif module == "torch":
+            obj = getattr(torch, name, None)
+            ok = obj is torch.Size or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format))
+        elif module == "torch.serialization":
+            ok = name == "_get_layout"
+            obj = torch.serialization._get_layout
+        elif module == "pathlib":  # StorageMeta.checkpoint_id
+            ok = name in ("Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")
+            obj = getattr(importlib.import_module(module), name, None)
+        elif module == "collections":
+            ok = name in ("OrderedDict", "defaultdict")
+            obj = getattr(importlib.import_module(module), name, None)
+        elif module == "builtins":
+            ok = name in ("set", "frozenset", "tuple", "list", "dict", "slice")
+            obj = getattr(importlib.import_module(module), name, None)
+        else:
+            ok = False
+        if not ok or obj is None:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name} (not a checkpoint metadata type)")
+        return obj
+
+
+def read_dcp_index(ckpt_dir: str) -> Any:
+    """The torch_dist index (``.metadata``) of a checkpoint, unpickled without running code from it.
+
+    Args:
+        ckpt_dir: checkpoint directory.
+    Returns:
+        the ``torch.distributed.checkpoint.metadata.Metadata`` object.
     Raises:
-        FileNotFoundError: nothing loadable at ``path`` (the message says what was looked for).
+        FileNotFoundError: ``ckpt_dir/.metadata`` does not exist.
+        CheckpointError: it is truncated / not a pickle, or names a type outside the allow-list (a
+            crafted file that would run code); the message names the file and the type.
     """
-    if os.path.isfile(os.path.join(path, META)):
+    path = os.path.join(ckpt_dir, DCP_INDEX)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: {ckpt_dir} is not a complete torch_dist checkpoint")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        index = _IndexUnpickler(io.BytesIO(data)).load()
+    except Exception as err:  # noqa: BLE001 - any failure of a corrupt pickle is reported the same way
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {path} is unreadable or unsafe "
+                              f"({type(err).__name__}: {err})") from None
+    if not hasattr(index, "state_dict_metadata"):
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {path} holds a {type(index).__name__}, "
+                              "expected torch.distributed.checkpoint Metadata")
+    return index
+
+
+def _check_common(ckpt_dir: str) -> None:
+    path = os.path.join(ckpt_dir, COMMON)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {path} is missing")
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {path} is unreadable or unsafe "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def _check_shards(ckpt_dir: str, index: Any) -> None:
+    need: Dict[str, int] = {}
+    for info in (getattr(index, "storage_data", None) or {}).values():
+        rel, end = getattr(info, "relative_path", None), getattr(info, "offset", 0) + getattr(info, "length", 0)
+        if rel is not None:
+            need[rel] = max(need.get(rel, 0), end)
+    for rel, end in sorted(need.items()):
+        path = os.path.join(ckpt_dir, rel)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint {ckpt_dir}: shard {path} is missing")
+        size = os.path.getsize(path)
+        if size < end:
+            raise CheckpointError(f"checkpoint {ckpt_dir}: shard {path} is truncated: "
+                                  f"{size} bytes, expected at least {end}")
+
+
+def verify_checkpoint(ckpt_dir: str) -> Dict[str, Any]:
+    """Check that ``ckpt_dir`` is a complete, safe checkpoint (see the module docstring).
+
+    Args:
+        ckpt_dir: checkpoint directory (``ROOT/iter_*`` or ``ROOT/release``).
+    Returns:
+        its metadata (`read_meta`).
+    Raises:
+        FileNotFoundError: ``ckpt_dir`` or ``anyflow_meta.json`` / ``.metadata`` does not exist.
+        CheckpointError: anything else incomplete, corrupt or unsafe (names the file).
+    """
+    if os.path.basename(os.path.normpath(ckpt_dir)).endswith(".tmp"):
+        raise CheckpointError(f"{ckpt_dir} is an unfinished save (*.tmp), never loaded")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist")
+    meta = read_meta(ckpt_dir)
+    cfg = os.path.join(ckpt_dir, MCORE_CONFIG)
+    try:
+        with open(cfg, "rb") as f:
+            json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {cfg} is missing") from None
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {cfg} is not JSON ({err})") from None
+    _check_shards(ckpt_dir, read_dcp_index(ckpt_dir))
+    _check_common(ckpt_dir)
+    if meta.get("rank_states"):
+        n = int(meta.get("saved_ranks", 1))
+        absent = [f"rank_{r:05d}.pt" for r in range(n) if not os.path.isfile(os.path.join(ckpt_dir, f"rank_{r:05d}.pt"))]
+        if absent:
+            raise CheckpointError(f"checkpoint {ckpt_dir}: saved by {n} rank(s) but {absent[:8]} missing")
+    return meta
+
+
+def incomplete_reason(ckpt_dir: str) -> Optional[str]:
+    """None when `verify_checkpoint` accepts ``ckpt_dir``, else its message (never raises for a bad dir)."""
+    try:
+        verify_checkpoint(ckpt_dir)
+    except (FileNotFoundError, CheckpointError) as err:
+        return str(err)
+    return None
+
+
+def _iter_dirs(root: str) -> List[str]:
+    """Tags of the ``iter_*`` directories under ``root`` (no ``*.tmp``), newest first."""
+    try:
+        names = os.listdir(root)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    tags = [n for n in names if ITER_DIR.match(n) and os.path.isdir(os.path.join(root, n))]
+    return sorted(tags, key=lambda n: int(ITER_DIR.match(n).group(1)), reverse=True)
+
+
+def _is_diffusers_dir(path: str) -> bool:
+    for d in (path, os.path.join(path, "transformer")):
+        if os.path.isfile(os.path.join(d, "config.json")) and any(
+                n.startswith("diffusion_pytorch_model") and n.endswith((".safetensors", ".safetensors.index.json"))
+                for n in os.listdir(d)):
+            return True
+    return os.path.isfile(os.path.join(path, "model_index.json"))
+
+
+def resolve_checkpoint_dir(path: str) -> str:
+    """A complete checkpoint directory from a root (via its tracker) or a tag directory itself.
+
+    Used for ``--pretrained`` / ``--init-adapters-from`` / ``convert_to_hf --input``: strict, no
+    fallback (the message names the newest complete checkpoint when there is one).
+
+    Args:
+        path: checkpoint root or ``ROOT/iter_*`` / ``ROOT/release`` directory.
+    Returns:
+        the checkpoint directory.
+    Raises:
+        FileNotFoundError: nothing loadable at ``path``: it does not exist, holds neither
+            ``anyflow_meta.json`` nor a tracker, is a diffusers model directory (the message says to run
+            ``tools/convert_from_hf.py``), or the tracker names a missing directory.
+        CheckpointError: the tracker or the checkpoint it names is corrupt or incomplete (names the file).
+    """
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r}: " + ("not a directory" if os.path.exists(path)
+                                                                   else "it does not exist"))
+    if os.path.isfile(os.path.join(path, META)) or os.path.isfile(os.path.join(path, DCP_INDEX)):
+        verify_checkpoint(path)
         return path
-    tag = read_tracker(path)
+    if not os.path.isfile(os.path.join(path, TRACKER)) and _is_diffusers_dir(path):
+        raise FileNotFoundError(
+            f"{path!r} is a diffusers model directory, not a megatron_anyflow checkpoint: convert it first with "
+            f"`python tools/convert_from_hf.py --input {path} --output CKPT` and pass CKPT")
+    try:
+        tag = read_tracker(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}{_newest_hint(path)}") from None
     if tag is None:
-        raise FileNotFoundError(f"no checkpoint at {path!r}: neither {META} nor {TRACKER} found")
+        raise FileNotFoundError(f"no checkpoint at {path!r}: neither {META} nor {TRACKER} found"
+                                f"{_newest_hint(path)}")
     d = os.path.join(path, tag)
-    if not os.path.isfile(os.path.join(d, META)):
-        raise FileNotFoundError(f"{TRACKER} in {path!r} names {tag!r} but {d!r} is incomplete or missing")
+    if not os.path.isdir(d):
+        raise FileNotFoundError(f"{TRACKER} in {path!r} names {tag!r} but {d!r} does not exist{_newest_hint(path)}")
+    try:
+        verify_checkpoint(d)
+    except (FileNotFoundError, CheckpointError) as err:
+        raise CheckpointError(f"{TRACKER} in {path!r} names {tag!r}, which is incomplete: {err}"
+                              f"{_newest_hint(path)}") from None
     return d
 
 
-def find_resume_checkpoint(root: str, warn: Callable[[str], None] = print) -> Optional[str]:
-    """The checkpoint directory to resume from under ``root``, or None for a first launch.
+def _newest_hint(root: str) -> str:
+    for tag in _iter_dirs(root):
+        if incomplete_reason(os.path.join(root, tag)) is None:
+            return f" (the newest complete checkpoint there is {os.path.join(root, tag)})"
+    return ""
 
-    (Stub: being hardened; see the issue on checkpoints that never silently restart.)
+
+def find_resume_checkpoint(root: str, warn: Callable[[str], None] = print) -> Optional[str]:
+    """The checkpoint directory ``--load root`` resumes from, or None for a first launch.
+
+    * ``root`` missing, or a directory with no tracker and no ``iter_*`` directory: None (a first
+      launch; unfinished ``*.tmp`` saves are ignored with a warning).
+    * the tracker names a complete checkpoint: that directory.
+    * anything else (tracker empty / binary / garbage / naming a missing or incomplete checkpoint,
+      ``iter_*`` directories without a tracker): the newest complete ``iter_*`` directory, after
+      ``warn`` with what was wrong.
+
+    Args:
+        root: the checkpoint root given to ``--load``.
+        warn: called with one message when the tracker's checkpoint is not used.
+    Returns:
+        the directory to resume from, or None.
+    Raises:
+        CheckpointError: ``root`` is not a directory, or something is wrong and no ``iter_*``
+            checkpoint is complete (the message lists what is wrong with each).
     """
-    try:
-        return resolve_checkpoint_dir(root)
-    except FileNotFoundError:
+    if not os.path.exists(root):
         return None
+    if not os.path.isdir(root):
+        raise CheckpointError(f"--load {root}: not a directory")
+    candidates = _iter_dirs(root)
+    has_tracker = os.path.lexists(os.path.join(root, TRACKER))
+    if not has_tracker and not candidates:
+        unfinished = sorted(n for n in os.listdir(root) if n.endswith(".tmp"))
+        if unfinished:
+            warn(f"ignoring unfinished save(s) under {root}: {unfinished[:5]}")
+        return None
+    if has_tracker:
+        try:
+            tag = read_tracker(root)
+            if tag is None:
+                raise CheckpointError(f"tracker {os.path.join(root, TRACKER)} is not a regular file")
+        except CheckpointError as err:
+            problem = str(err)
+        else:
+            d = os.path.join(root, tag)
+            reason = incomplete_reason(d)
+            if reason is None:
+                return d
+            problem = f"{TRACKER} names {tag}, which is not complete: {reason}"
+            candidates = [c for c in candidates if c != tag]
+    else:
+        problem = f"no {TRACKER} in {root} but {len(candidates)} iter_* director{'y' if len(candidates) == 1 else 'ies'}"
+    reasons = []
+    for tag in candidates:
+        d = os.path.join(root, tag)
+        reason = incomplete_reason(d)
+        if reason is None:
+            warn(f"{problem}; resuming from the newest complete checkpoint {d} instead")
+            return d
+        reasons.append(reason)
+    raise CheckpointError(f"cannot resume from {root}: {problem}; no complete iter_* checkpoint to fall back to"
+                          + (f" ({'; '.join(reasons[:5])})" if reasons else "")
+                          + ". Repair or remove the damaged files, or --load an empty directory to start afresh")
 
 
 def read_meta(ckpt_dir: str) -> Dict[str, Any]:
-    """The metadata JSON of a checkpoint directory."""
-    with open(os.path.join(ckpt_dir, META)) as f:
-        return json.load(f)
+    """The metadata (``anyflow_meta.json``) of a checkpoint directory.
+
+    Args:
+        ckpt_dir: checkpoint directory.
+    Returns:
+        the metadata dict.
+    Raises:
+        FileNotFoundError: ``anyflow_meta.json`` does not exist (named).
+        CheckpointError: it is not UTF-8 JSON holding an object (names the file and the error).
+    """
+    path = os.path.join(ckpt_dir, META)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: {ckpt_dir} is not a complete checkpoint")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {path} is not valid JSON ({len(raw)} bytes; {err})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {path} holds a JSON {type(meta).__name__}, expected an object")
+    return meta
+
+
+def tensor_keys(ckpt_dir: str) -> set:
+    """Names of the tensors stored in a checkpoint (from its verified torch_dist index).
+
+    Raises:
+        FileNotFoundError / CheckpointError: as `read_dcp_index`.
+    """
+    read_dcp_index(ckpt_dir)  # refuses a crafted index before megatron-core unpickles it
+    try:
+        return set(dist_checkpointing.load_tensors_metadata(ckpt_dir).keys())
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {ckpt_dir}: reading {os.path.join(ckpt_dir, DCP_INDEX)} failed "
+                              f"({type(err).__name__}: {err})") from None
 
 
 def load_checkpoint(ckpt_dir: str, sharded_state_dict: Dict[str, Any], strict: bool = True) -> Dict[str, Any]:
     """Load the tensors named by ``sharded_state_dict`` (resharded to this rank's layout).
 
+    The checkpoint is verified first (`verify_checkpoint`): its index and ``common.pt`` are read
+    without running code, and missing or truncated shards are named before megatron-core reads them.
+
+    Args:
+        ckpt_dir: checkpoint directory.
+        sharded_state_dict: megatron-core sharded state dict of what to load.
+        strict: raise when a requested key is absent.
+    Returns:
+        key -> loaded tensor for the requested keys that the checkpoint holds.
     Raises:
         KeyError: with ``strict``, keys requested but absent from the checkpoint (named).
+        FileNotFoundError / CheckpointError: the checkpoint is incomplete, corrupt or unsafe; a failure
+            inside megatron-core's reader is re-raised as CheckpointError naming the checkpoint.
     """
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    available = set(dist_checkpointing.load_tensors_metadata(ckpt_dir).keys())
+    verify_checkpoint(ckpt_dir)
+    available = tensor_keys(ckpt_dir)
     missing = sorted(k for k in sharded_state_dict if k not in available)
     if missing and strict:
         raise KeyError(f"checkpoint {ckpt_dir!r} lacks {len(missing)} key(s): {missing[:20]}")
     request = {k: v for k, v in sharded_state_dict.items() if k in available}
     if not request:
         return {}
-    return dist_checkpointing.load(request, ckpt_dir, strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    try:
+        return dist_checkpointing.load(request, ckpt_dir, strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    except Exception as err:  # noqa: BLE001 - the reader's own errors (EOFError, RuntimeError, ...) lack the path
+        raise CheckpointError(f"checkpoint {ckpt_dir}: reading the shards failed ({type(err).__name__}: "
+                              f"{str(err).strip().splitlines()[-1] if str(err).strip() else ''})") from err
 
 
 def load_rank_state(ckpt_dir: str) -> Optional[Dict[str, Any]]:
-    """This rank's per-rank state, or None when the checkpoint has none for it."""
+    """This rank's per-rank state (``rank_%05d.pt``), or None when the checkpoint has none for it.
+
+    Read with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts only; no
+    code from the file runs.
+
+    Args:
+        ckpt_dir: checkpoint directory.
+    Returns:
+        the dict written by `save_checkpoint` (``rank_state``), or None.
+    Raises:
+        CheckpointError: the file is truncated / not a torch file, holds anything ``weights_only``
+            refuses (a pickled object that would run code), or is not a dict (names the file).
+    """
     path = os.path.join(ckpt_dir, f"rank_{_rank():05d}.pt")
     if not os.path.isfile(path):
         return None
-    return torch.load(path, weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(f"checkpoint {ckpt_dir}: refused to load {path}: it holds objects other than "
+                              f"tensors / numbers / strings / lists / dicts ({first})") from None
+    except Exception as err:  # noqa: BLE001 - truncated zip, EOFError, ...
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {path} is unreadable ({type(err).__name__}: "
+                              f"{str(err).strip().splitlines()[0] if str(err).strip() else 'truncated?'})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {path} holds a {type(state).__name__}, expected a dict")
+    return state
 
 
 def load_model_weights(model: torch.nn.Module, path: str, require_adapters: bool = False,
@@ -278,14 +609,15 @@ def load_model_weights(model: torch.nn.Module, path: str, require_adapters: bool
     of ``allow_missing`` (e.g. the delta embedder of a plain Wan base). Returns the checkpoint directory.
 
     Raises:
-        FileNotFoundError: no checkpoint at ``path``.
+        FileNotFoundError: no checkpoint at ``path`` (or a diffusers directory: run convert_from_hf).
+        CheckpointError: the checkpoint is incomplete, corrupt or unsafe (named).
         KeyError: missing base (or, with ``require_adapters``, adapter) tensors, named.
     """
     from megatron_anyflow.parallel.sharding import load_module_state
 
     ckpt_dir = resolve_checkpoint_dir(path)
     sharded = model.sharded_state_dict()
-    available = set(dist_checkpointing.load_tensors_metadata(ckpt_dir).keys())
+    available = tensor_keys(ckpt_dir)
     missing = sorted(k for k in sharded if k not in available and (require_adapters or ".adapters." not in k)
                      and not k.startswith(tuple(allow_missing)))
     if missing:
