@@ -9,10 +9,30 @@ are merged while loading (the distributed checkpoint reshards to one process). L
 merged into the base weights with ``--merge-lora NAME`` (e.g. ``generator`` after stage 1 / 2);
 ``--ema`` exports the EMA copy of the adapters when the checkpoint holds one. Without ``--merge-lora``
 only the base weights are written. The export is written to ``OUTPUT.tmp`` and renamed when complete.
+Next to the transformer, ``scheduler_config.json`` records diffusers' ``FlowMapEulerDiscreteScheduler``
+with the run's time shift (``--shift``, default: the checkpoint's ``--time-shift``, else 5; diffusers'
+own default is 1, the wrong grid for Wan / AnyFlow).
+
+A complete pipeline that ``AnyFlowPipeline.from_pretrained(OUTPUT)`` loads and runs offline:
+
+    python tools/convert_to_hf.py --input ckpt/stage2 --output export/anyflow-pipeline --merge-lora generator \
+        --ema --pipeline --vae Wan2.1-T2V-1.3B-Diffusers/vae --text-encoder Wan2.1-T2V-1.3B-Diffusers/text_encoder \
+        --tokenizer Wan2.1-T2V-1.3B-Diffusers/tokenizer
+
+writes ``model_index.json``, ``transformer/``, ``scheduler/`` (shift as above) and copies of the given
+``vae/``, ``text_encoder/`` and ``tokenizer/`` directories.
+
+Safety: weights with a non-finite value are never exported (the keys are named). ``--verify`` loads the
+export in diffusers and compares one forward with this project's model; it fails (exit 1) on a
+non-finite output or a relative error above ``--verify-tolerance`` (default 1e-4 for fp32 exports: the
+two float32 implementations agree to ~1e-6; 3e-2 for bf16 / 1e-2 for fp16, whose weight rounding alone
+(unit roundoff 2^-9 / 2^-12 per weight) gives relative errors of ~1e-2 / ~1e-3 after a few layers).
 """
 
 import argparse
+import math
 import os
+import shutil
 import sys
 import time
 
@@ -26,7 +46,20 @@ def parse_args(argv=None):
     p.add_argument("--ema", action="store_true", help="merge the EMA weights of the adapter instead of the live ones")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the exported weights")
     p.add_argument("--verify", action="store_true", help="load the export with diffusers and compare one forward")
+    p.add_argument("--verify-tolerance", type=float, default=None,
+                   help="largest relative error --verify accepts (default: 1e-4 fp32, 3e-2 bf16, 1e-2 fp16)")
+    p.add_argument("--shift", type=float, default=None,
+                   help="time shift of the exported scheduler (default: the checkpoint's --time-shift, else 5)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="write a complete AnyFlowPipeline directory (needs --vae, --text-encoder, --tokenizer)")
+    p.add_argument("--vae", default=None, help="--pipeline: diffusers AutoencoderKLWan directory to copy")
+    p.add_argument("--text-encoder", default=None, help="--pipeline: transformers text encoder directory to copy")
+    p.add_argument("--tokenizer", default=None,
+                   help="--pipeline: tokenizer directory to copy (default: the text encoder's, or ../tokenizer)")
     return p.parse_args(argv)
+
+
+VERIFY_TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
 
 
 def main(argv=None):
@@ -45,6 +78,17 @@ def main(argv=None):
 
     if os.path.exists(args.output):
         print(f"error: {args.output} exists; remove it or choose another --output", file=sys.stderr)
+        return 2
+    components = None
+    if args.pipeline:
+        try:
+            components = pipeline_components(args.vae, args.text_encoder, args.tokenizer)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    elif args.vae or args.text_encoder or args.tokenizer:
+        print("error: --vae / --text-encoder / --tokenizer are copied into a pipeline: pass --pipeline too",
+              file=sys.stderr)
         return 2
     enable_megatron_cpu_compat()
     initialize_parallel(1)
@@ -76,18 +120,137 @@ def main(argv=None):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     full = {k: v for k, v in model.state_dict().items() if v is not None}
     hf_sd = {k: v.to(dtype) for k, v in megatron_to_hf(full, cfg.head_dim).items()}
+    bad = non_finite_keys(hf_sd)
+    if bad:
+        print(f"error: {len(bad)} tensor(s) of {ckpt_dir} hold non-finite values (NaN / inf) after conversion to "
+              f"{args.dtype}: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; refusing to export them "
+              "(resume from an earlier checkpoint)", file=sys.stderr)
+        return 1
     hf_cfg = hf_config_from_arch(arch)
-    print(f"[4/4] writing {args.output} as {hf_cfg['_class_name']}", flush=True)
-    write_hf_transformer_dir(args.output, hf_cfg, hf_sd)
+    shift = args.shift if args.shift is not None else float((meta.get("args") or {}).get("time_shift", 5.0))
+    transformer_dir = os.path.join(args.output + ".tmp", "transformer") if args.pipeline else args.output
+    if args.pipeline:
+        if os.path.exists(args.output + ".tmp"):
+            shutil.rmtree(args.output + ".tmp")
+        os.makedirs(args.output + ".tmp")
+    print(f"[4/4] writing {args.output} as {'AnyFlowPipeline with ' if args.pipeline else ''}"
+          f"{hf_cfg['_class_name']} (scheduler shift {shift:g})", flush=True)
+    write_hf_transformer_dir(transformer_dir, hf_cfg, hf_sd)
+    write_scheduler_config(transformer_dir, shift)  # next to the transformer (also for a transformer-only export)
+    if args.pipeline:
+        write_pipeline(args.output + ".tmp", components, shift, hf_cfg["_class_name"])
+        os.replace(args.output + ".tmp", args.output)
+        print(f"pipeline: {args.output}/model_index.json, transformer/, scheduler/, "
+              f"{', '.join(name + '/' for name in components)}", flush=True)
     if args.verify:
-        err = verify(args.output, model, cfg, hf_cfg["_class_name"])
-        print(f"verify: diffusers vs megatron_anyflow relative error {err:.2e}", flush=True)
+        tol = args.verify_tolerance if args.verify_tolerance is not None else VERIFY_TOLERANCE[args.dtype]
+        path = os.path.join(args.output, "transformer") if args.pipeline else args.output
+        err = verify(path, model, cfg, hf_cfg["_class_name"])
+        print(f"verify: diffusers vs megatron_anyflow relative error {err:.2e} (tolerance {tol:.0e})", flush=True)
+        if not math.isfinite(err):
+            print(f"error: --verify: the export's output is not finite (relative error {err}); the weights or "
+                  "their dtype overflow", file=sys.stderr)
+            return 1
+        if err > tol:
+            print(f"error: --verify: relative error {err:.2e} exceeds the tolerance {tol:.0e} ({args.dtype} export): "
+                  "the export does not reproduce the checkpoint", file=sys.stderr)
+            return 1
     print(f"done in {time.time() - t0:.1f}s", flush=True)
     return 0
 
 
+def non_finite_keys(sd):
+    """Sorted keys of the tensors of ``sd`` holding a NaN or an infinity."""
+    import torch
+
+    return sorted(k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+
+
+def write_scheduler_config(path, shift):
+    """``scheduler_config.json`` of diffusers' ``FlowMapEulerDiscreteScheduler(num_train_timesteps=1000,
+    shift=shift)`` in ``path`` (``FlowMapEulerDiscreteScheduler.from_pretrained(path)`` reads it)."""
+    from diffusers import FlowMapEulerDiscreteScheduler
+
+    FlowMapEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift).save_pretrained(path)
+
+
+def _class_of(path, kind):
+    """(library, class name) of a component directory, read from its config files."""
+    import json
+
+    if kind == "vae":
+        cfg = os.path.join(path, "config.json")
+        with open(cfg) as f:
+            name = json.load(f).get("_class_name")
+        if not name:
+            raise ValueError(f"--vae {path}: {cfg} has no _class_name (expected a diffusers AutoencoderKLWan)")
+        return "diffusers", name
+    if kind == "text_encoder":
+        cfg = os.path.join(path, "config.json")
+        with open(cfg) as f:
+            arch = json.load(f).get("architectures") or []
+        if not arch:
+            raise ValueError(f"--text-encoder {path}: {cfg} names no architectures (expected a transformers "
+                             "model such as UMT5EncoderModel)")
+        return "transformers", arch[0]
+    cfg = os.path.join(path, "tokenizer_config.json")
+    if not os.path.isfile(cfg):
+        raise FileNotFoundError(f"--tokenizer {path}: no tokenizer_config.json (expected a transformers tokenizer "
+                                "directory)")
+    with open(cfg) as f:
+        name = json.load(f).get("tokenizer_class") or "AutoTokenizer"
+    import transformers
+
+    if not hasattr(transformers, name):
+        name = "AutoTokenizer"
+    return "transformers", name
+
+
+def pipeline_components(vae, text_encoder, tokenizer):
+    """name -> (source directory, (library, class)) for the pipeline's VAE, text encoder and tokenizer.
+
+    Raises:
+        ValueError / FileNotFoundError: a component missing or not a model directory (named).
+    """
+    if tokenizer is None and text_encoder is not None:
+        for cand in (text_encoder, os.path.join(os.path.dirname(os.path.abspath(text_encoder)), "tokenizer")):
+            if os.path.isfile(os.path.join(cand, "tokenizer_config.json")):
+                tokenizer = cand
+                break
+    missing = [f"--{k}" for k, v in (("vae", vae), ("text-encoder", text_encoder), ("tokenizer", tokenizer)) if not v]
+    if missing:
+        raise ValueError(f"--pipeline needs {', '.join(missing)}: the directories of the Wan VAE, the umT5 text "
+                         "encoder and its tokenizer to copy (e.g. from Wan2.1-T2V-1.3B-Diffusers)")
+    out = {}
+    for name, path in (("vae", vae), ("text_encoder", text_encoder), ("tokenizer", tokenizer)):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no such directory")
+        if name != "tokenizer" and not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no config.json")
+        out[name] = (path, _class_of(path, name))
+    return out
+
+
+def write_pipeline(root, components, shift, transformer_class):
+    """``model_index.json``, ``scheduler/`` and copies of the components into ``root``."""
+    import json
+
+    import diffusers
+
+    write_scheduler_config(os.path.join(root, "scheduler"), shift)
+    index = {"_class_name": "AnyFlowPipeline", "_diffusers_version": diffusers.__version__,
+             "scheduler": ["diffusers", "FlowMapEulerDiscreteScheduler"],
+             "transformer": ["diffusers", transformer_class]}
+    for name, (src, lib_cls) in components.items():
+        shutil.copytree(src, os.path.join(root, name))
+        index[name] = list(lib_cls)
+    with open(os.path.join(root, "model_index.json"), "w") as f:
+        json.dump(dict(sorted(index.items())), f, indent=2)
+
+
 def verify(path, model, cfg, class_name):
-    """Relative error between the exported diffusers model and ``model`` on one random input."""
+    """Relative error ``|ours - ref| / |ref|`` (Frobenius) between the exported diffusers model and ``model``
+    on one random float32 input; ``nan`` when either output holds a non-finite value."""
     import diffusers
     import torch
 
@@ -105,6 +268,8 @@ def verify(path, model, cfg, class_name):
             ref = hf(x, t, r, txt, return_dict=False)[0]
         else:
             ref = hf(x.permute(0, 2, 1, 3, 4), t[:, 0], txt, return_dict=False)[0].permute(0, 2, 1, 3, 4)
+    if not (bool(torch.isfinite(ours).all()) and bool(torch.isfinite(ref).all())):
+        return float("nan")
     return ((ours - ref).norm() / ref.norm()).item()
 
 

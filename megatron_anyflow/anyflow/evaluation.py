@@ -13,7 +13,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -162,4 +162,161 @@ def write_video_grid(videos: Dict[str, torch.Tensor], path: str, fps: int = 8, s
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ labelled pictures
+def _to_uint8(video: torch.Tensor) -> torch.Tensor:
+    """[b, 3, f, H, W] float in [-1, 1] -> uint8 [b, f, H, W, 3]."""
+    return ((video.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
+
+
+def _check_rows(rows: Dict[str, torch.Tensor]) -> Tuple[int, int, int, int]:
+    if not rows:
+        raise ValueError("no videos to draw (rows is empty)")
+    shapes = {k: tuple(v.shape) for k, v in rows.items()}
+    first = next(iter(shapes.values()))
+    for k, s in shapes.items():
+        if len(s) != 5 or s[1] != 3:
+            raise ValueError(f"row {k!r}: expected video [b, 3, f, H, W], got {s}")
+        if (s[0], s[3], s[4]) != (first[0], first[3], first[4]):
+            raise ValueError(f"row {k!r} has shape {s}; every row needs the same b, H, W as {first}")
+    return first[0], max(s[2] for s in shapes.values()), first[3], first[4]
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # scalable DejaVu with FreeType (Pillow >= 10.1)
+    except TypeError:  # pragma: no cover - old Pillow
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, width_px: int, char_px: float, max_lines: int = 3) -> str:
+    import textwrap
+
+    lines = textwrap.wrap(text, max(8, int(width_px / char_px))) or [""]
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][:-1] + "…"
+    return "\n".join(lines)
+
+
+def loop_schedule(num_frames: int, fps: int, min_seconds: float) -> Tuple[int, int]:
+    """(hold, repeats) making a ``num_frames`` clip at ``fps`` last at least ``min_seconds``.
+
+    Each frame is held ``hold = ceil(fps / num_frames)`` times (one pass lasts >= 1 s: a 5-frame clip at 8
+    fps is shown at 5 distinct frames per second), and the pass is looped ``repeats`` times.
+    """
+    hold = max(1, math.ceil(fps / max(1, num_frames)))
+    repeats = max(1, math.ceil(min_seconds * fps / (num_frames * hold)))
+    return hold, repeats
+
+
+def write_labelled_video(rows: Dict[str, torch.Tensor], path: str, column_labels: Optional[Sequence[str]] = None,
+                         title: str = "", fps: int = 8, min_seconds: float = 4.0, scale: int = 2) -> str:
+    """A labelled MP4 grid: one row per entry of ``rows`` (label -> video ``[b, 3, f, H, W]`` in [-1, 1]),
+    one column per sample; row labels on the left, ``column_labels`` (e.g. prompts, wrapped) on top, and
+    ``title`` plus a frame counter in a header. Clips shorter than the longest row hold their last frame.
+    Short clips are slowed and looped to last at least ``min_seconds`` (:func:`loop_schedule`). Cells
+    are upscaled ``scale`` x (nearest). H.264 (yuv420p, even size) via PyAV. Returns ``path``.
+
+    Raises:
+        ValueError: empty ``rows``, rows of different b / H / W, ``column_labels`` of the wrong length.
+    """
+    import av
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    b, f, H, W = _check_rows(rows)
+    if column_labels is not None and len(column_labels) != b:
+        raise ValueError(f"{len(column_labels)} column labels for {b} samples per row")
+    vids = {k: _to_uint8(v) for k, v in rows.items()}
+    ch, cw = H * scale, W * scale
+    font = _font(12)
+    left = max(90, 7 * max(len(k) for k in rows) // 2 + 12)
+    left = min(left, 200)
+    labels = [_wrap(str(c), cw, 6.5, 3) for c in (column_labels or [])]
+    head = 22 + (14 * max((s.count("\n") + 1 for s in labels), default=0) + 6 if labels else 0)
+    pad = 4
+    Wt, Ht = left + b * (cw + pad), head + len(rows) * (ch + pad)
+    Wt, Ht = Wt + Wt % 2, Ht + Ht % 2
+    base = Image.new("RGB", (Wt, Ht), (255, 255, 255))
+    draw = ImageDraw.Draw(base)
+    for j, s in enumerate(labels):
+        draw.multiline_text((left + j * (cw + pad), 22), s, fill=(0, 0, 0), font=font, spacing=2)
+    for i, k in enumerate(rows):
+        y = head + i * (ch + pad)
+        draw.multiline_text((4, y + ch // 2 - 8), _wrap(k, left - 8, 6.5, 3), fill=(0, 0, 0), font=font, spacing=2)
+    hold, repeats = loop_schedule(f, fps, min_seconds)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = Wt, Ht, "yuv420p"
+        for _ in range(repeats):
+            for t in range(f):
+                img = base.copy()
+                d = ImageDraw.Draw(img)
+                d.text((4, 4), f"{title}   frame {t + 1}/{f}".strip(), fill=(0, 0, 0), font=font)
+                for i, v in enumerate(vids.values()):
+                    fr = v[:, min(t, v.shape[1] - 1)]  # b, H, W, 3
+                    for j in range(b):
+                        cell = Image.fromarray(fr[j].numpy()).resize((cw, ch), Image.NEAREST)
+                        img.paste(cell, (left + j * (cw + pad), head + i * (ch + pad)))
+                frame = av.VideoFrame.from_ndarray(np.asarray(img), format="rgb24")
+                for _h in range(hold):
+                    for packet in stream.encode(frame):
+                        container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def write_contact_sheet(rows: Dict[str, torch.Tensor], path: str, column_labels: Optional[Sequence[str]] = None,
+                        title: str = "", frames_per_cell: int = 4) -> str:
+    """A labelled PNG contact sheet (matplotlib): one row per entry of ``rows`` (label -> video
+    ``[b, 3, f, H, W]`` in [-1, 1]), one column per sample; each cell shows ``frames_per_cell`` evenly
+    spaced frames left to right (first and last included). Row labels on the left, ``column_labels``
+    (wrapped) above the columns, ``title`` and which frames are shown in the figure title. Returns ``path``.
+
+    Raises:
+        ValueError: empty ``rows``, rows of different b / H / W, ``column_labels`` of the wrong length.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    b, f, H, W = _check_rows(rows)
+    if column_labels is not None and len(column_labels) != b:
+        raise ValueError(f"{len(column_labels)} column labels for {b} samples per row")
+    k = max(1, min(frames_per_cell, f))
+    idx = sorted({round(i * (f - 1) / max(1, k - 1)) for i in range(k)})
+    sep = max(1, W // 32)
+    nr = len(rows)
+    cell_w_in = max(2.0, 0.9 * len(idx) * W / max(H, 1))
+    fig, axes = plt.subplots(nr, b, figsize=(1.6 + b * cell_w_in, 1.2 + nr * 1.1), dpi=110, squeeze=False)
+    for i, (label, v) in enumerate(rows.items()):
+        u8 = _to_uint8(v).numpy()  # b, f, H, W, 3
+        for j in range(b):
+            parts = []
+            for t in idx:
+                parts.append(u8[j, min(t, u8.shape[1] - 1)])
+                parts.append(np.full((H, sep, 3), 255, np.uint8))
+            ax = axes[i][j]
+            ax.imshow(np.concatenate(parts[:-1], axis=1), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+            if i == 0 and column_labels is not None:
+                ax.set_title(_wrap(str(column_labels[j]), int(cell_w_in * 110), 6.0, 3), fontsize=7)
+    shown = ", ".join(str(t + 1) for t in idx)
+    fig.suptitle(f"{title}\n(each cell: frames {shown} of {f}, left to right)".strip(), fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
     return path

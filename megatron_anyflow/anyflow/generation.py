@@ -1,0 +1,529 @@
+"""Any-step generation for users: load a student, encode prompts / conditions, sample at several N, decode.
+
+The library behind ``tools/generate.py``. One run, from one noise tensor and one set of text
+embeddings, samples the flow-map Euler rollout (:class:`~megatron_anyflow.anyflow.sampler.FlowMapEulerSampler`)
+at every requested step count N, so the videos of a run differ only by N.
+
+Layouts and units:
+    - latents, noise: float32 ``[n, f, c, h, w]`` (frame-major, the model's layout; diffusers' pipelines
+      use ``[n, c, f, h, w]`` and permute);
+    - text embeddings: float32 ``[n, L, d]``, zero beyond each prompt's tokens (Wan's convention);
+    - video: float32 ``[n, 3, F, H, W]`` in [-1, 1] (channel-major, the codecs' layout);
+    - times: the sampler's grid in [0, 1], fed to the model on the 0..1000 scale.
+
+The n samples are ordered prompt-major: prompt 0 video 0, prompt 0 video 1, ..., prompt 1 video 0, ...
+The default noise is ``torch.randn([n, f, c, h, w], generator=torch.Generator("cpu").manual_seed(seed))``
+(float32, on the CPU, then moved to the device), so a seed reproduces a run on any device.
+
+Image- / video-to-video (condition frames): the first ``fc`` latent frames are held at the clean
+condition latents, as the reference and diffusers' ``AnyFlowPipeline`` (``video_latents``) do: replaced
+in the model's input at every step and in the final latents, fed with ``timestep = 0`` and with
+``r_timestep`` = the step's r (``condition_r="step"``, the default); ``condition_r="zero"`` feeds
+``r = 0`` instead (the sampler's own default).
+
+Reproducing a run: :func:`save_run_tensors` writes ``noise``, ``prompt_embeds``, ``condition_frames`` (if
+any) and ``steps_<N>`` (the final latents per N) to one safetensors file; ``tools/generate.py --noise FILE
+--prompt-embeds FILE`` reads the first two back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from megatron_anyflow.anyflow.sampler import FlowMapEulerSampler
+
+__all__ = [
+    "GenerationError", "LoadedModel", "load_model", "is_diffusers_dir", "resolve_codec", "resolve_text_encoder",
+    "load_prompt_embeds", "load_noise", "make_noise", "image_condition", "video_condition", "sample_any_step",
+    "save_run_tensors", "check_steps",
+]
+
+DEFAULT_SHIFT = 5.0
+
+
+class GenerationError(ValueError):
+    """Bad user input for generation (a missing adapter, a wrong image size, ``--steps 0``, ...)."""
+
+
+# ------------------------------------------------------------------------------------------ model
+@dataclass
+class LoadedModel:
+    """A model ready to sample, with what was learnt about its source.
+
+    Attributes:
+        model: `WanModel` in eval mode (adapter merged), on ``device``.
+        kind: ``"checkpoint"`` (a training / converted checkpoint) or ``"diffusers"`` (an export).
+        path: the resolved checkpoint directory or diffusers transformer directory.
+        adapter: the merged adapter (``None``: base / full weights); ema: EMA weights used.
+        shift: the time shift recorded by the source (``--time-shift`` of the run, the export's scheduler
+            config), else 5.0.
+        data_path: the dataset the run trained on (its codec, text encoder and sizes are the defaults).
+        pipeline_dir: the diffusers pipeline root when the export is a full pipeline (vae/, text_encoder/).
+    """
+
+    model: torch.nn.Module
+    kind: str
+    path: str
+    adapter: Optional[str] = None
+    ema: bool = False
+    shift: float = DEFAULT_SHIFT
+    data_path: Optional[str] = None
+    pipeline_dir: Optional[str] = None
+    info: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.model.config.text_dim)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.model.config.in_channels)
+
+
+def is_diffusers_dir(path: str) -> bool:
+    """True for a diffusers transformer directory (``config.json``) or pipeline (``model_index.json`` or
+    ``transformer/config.json``); False for a training checkpoint (``anyflow_meta.json`` or a tracker)."""
+    from megatron_anyflow.training.checkpointing import META, TRACKER
+
+    if os.path.isfile(os.path.join(path, META)) or os.path.isfile(os.path.join(path, TRACKER)):
+        return False
+    return any(os.path.isfile(os.path.join(path, f)) for f in
+               ("config.json", "model_index.json", os.path.join("transformer", "config.json")))
+
+
+def _scheduler_shift(*dirs: str) -> Optional[float]:
+    for d in dirs:
+        p = os.path.join(d, "scheduler_config.json")
+        if os.path.isfile(p):
+            with open(p) as f:
+                return float(json.load(f).get("shift", 1.0))
+    return None
+
+
+def load_model(path: str, adapter: Optional[str] = "auto", ema: bool = False, tensor_model_parallel_size: int = 1,
+               context_parallel_size: int = 1, sequence_parallel: bool = False, bf16: bool = False,
+               device: Optional[torch.device] = None) -> LoadedModel:
+    """Load the model to sample from a training checkpoint or a diffusers export.
+
+    Args:
+        path: a checkpoint root / directory (any stage; a converted model) or a diffusers transformer or
+            pipeline directory (``tools/convert_to_hf.py``).
+        adapter: checkpoints only: the LoRA adapter to merge. ``"auto"``: ``generator`` when the checkpoint
+            has it (stage 1 / 2), else none; ``None`` / ``"none"``: the base weights.
+        ema: merge the adapter's EMA weights (full fine-tuning: the EMA of every weight).
+        tensor_model_parallel_size / context_parallel_size / sequence_parallel: the model's layout; the
+            process groups must be initialised with the same sizes (`parallel.state.initialize_parallel`).
+            Checkpoints reshard on load; a diffusers export is split with `convert.shard_state_dict`.
+        bf16: bf16 weights (timesteps and the sampler's update stay float32 / float64).
+
+    Raises:
+        GenerationError: the adapter asked for is not in the checkpoint (names it and the adapters there);
+            ``--ema`` without EMA weights in the checkpoint; ``adapter`` / ``ema`` with a diffusers export
+            (its adapters were merged at export).
+        FileNotFoundError: nothing loadable at ``path``.
+    """
+    from megatron_anyflow.training.checkpointing import read_meta, resolve_checkpoint_dir
+
+    device = device or torch.device("cpu")
+    par = dict(tensor_model_parallel_size=tensor_model_parallel_size, context_parallel_size=context_parallel_size,
+               sequence_parallel=sequence_parallel and tensor_model_parallel_size > 1)
+    if bf16:
+        par.update(bf16=True)
+    if is_diffusers_dir(path):
+        if adapter not in ("auto", None, "none") or ema:
+            raise GenerationError(f"{path} is a diffusers export: its adapter was merged when it was exported, so "
+                                  f"--adapter {adapter!r} / --ema do not apply (export another with "
+                                  "tools/convert_to_hf.py --merge-lora NAME [--ema])")
+        return _load_diffusers(path, par, device)
+    d = resolve_checkpoint_dir(path)
+    meta = read_meta(d)
+    have = list((meta.get("lora") or {}).get("adapters", []))
+    if adapter == "auto":
+        adapter = "generator" if "generator" in have else None
+    elif adapter == "none":
+        adapter = None
+    if adapter is not None and adapter not in have:
+        raise GenerationError(f"checkpoint {d} has no adapter {adapter!r} (its adapters: {have or 'none'}; "
+                              f"stage {meta.get('stage', 'converted')!r}); pass --adapter one of {have} or "
+                              "--adapter none for the base weights")
+    if ema:
+        from megatron.core import dist_checkpointing
+
+        group = adapter or "model"
+        keys = dist_checkpointing.load_tensors_metadata(d).keys()
+        if not any(k.startswith(f"ema.{group}.") for k in keys):
+            raise GenerationError(f"--ema: checkpoint {d} holds no EMA weights of {group!r} "
+                                  f"(stage {meta.get('stage', 'converted')!r}); drop --ema")
+    from megatron_anyflow.training.model_io import load_for_inference
+
+    model = load_for_inference(d, adapter=adapter, ema=ema, **par)
+    args = meta.get("args") or {}
+    return LoadedModel(model=model.to(device).eval(), kind="checkpoint", path=d, adapter=adapter, ema=ema,
+                       shift=float(args.get("time_shift", DEFAULT_SHIFT)), data_path=args.get("data_path"),
+                       info={"stage": meta.get("stage"), "iteration": meta.get("iteration")})
+
+
+def _load_diffusers(path: str, par: dict, device) -> LoadedModel:
+    from megatron_anyflow.models.wan.config import wan_config
+    from megatron_anyflow.models.wan.convert import arch_from_hf_config, hf_to_megatron, load_full_state_dict
+    from megatron_anyflow.models.wan.hf_io import read_hf_transformer_dir
+    from megatron_anyflow.models.wan.model import WanModel
+
+    tdir = path if os.path.isfile(os.path.join(path, "config.json")) else os.path.join(path, "transformer")
+    pipeline_dir = path if tdir != path else (
+        os.path.dirname(os.path.abspath(path)) if os.path.isfile(
+            os.path.join(os.path.dirname(os.path.abspath(path)), "model_index.json")) else None)
+    hf_cfg, hf_sd = read_hf_transformer_dir(tdir, progress=False)
+    arch = arch_from_hf_config(hf_cfg)
+    cfg = wan_config(None, **arch, perform_initialization=False, **{k: v for k, v in par.items()})
+    model = WanModel(cfg)
+    load_full_state_dict(model, hf_to_megatron(hf_sd, cfg.head_dim), source=tdir)
+    dirs = [tdir] + ([os.path.join(pipeline_dir, "scheduler")] if pipeline_dir else [])
+    shift = _scheduler_shift(*dirs)
+    return LoadedModel(model=model.to(device).eval(), kind="diffusers", path=tdir,
+                       shift=DEFAULT_SHIFT if shift is None else shift, pipeline_dir=pipeline_dir,
+                       info={"hf_class": hf_cfg.get("_class_name")})
+
+
+# ------------------------------------------------------------------------------------------ codec
+def dataset_index(data_path: Optional[str]) -> dict:
+    """The ``index.json`` of a latent dataset, or ``{}`` when ``data_path`` is None or has none."""
+    if not data_path:
+        return {}
+    p = os.path.join(data_path, "index.json")
+    if not os.path.isfile(p):
+        return {}
+    with open(p) as f:
+        return json.load(f)
+
+
+def resolve_codec(name: Optional[str], vae: Optional[str], index: dict, pipeline_dir: Optional[str],
+                  in_channels: int, device=None):
+    """The latent codec to size and decode videos with (or ``None``: latents only).
+
+    Order: ``name`` (``pixel``, ``wan-vae``, ``none``); else the dataset's codec (``index["codec"]``, the
+    VAE path overridable with ``vae``); else ``vae``; else the pipeline's ``vae/``; else ``None``.
+
+    Raises:
+        GenerationError: an unknown codec name; a codec whose latent channels differ from the model's
+            ``in_channels``; ``wan-vae`` with no VAE directory.
+    """
+    from megatron_anyflow.data.codecs import PixelCodec, WanVAECodec, codec_from_config
+
+    pipe_vae = os.path.join(pipeline_dir, "vae") if pipeline_dir and os.path.isdir(os.path.join(pipeline_dir, "vae")) else None
+    if name is not None:
+        if name == "none":
+            return None
+        if name == "pixel":
+            cc = index.get("codec") or {}
+            codec = PixelCodec(cc.get("space_to_depth", 4), cc.get("scale", 2.0)) if cc.get("name") == "pixel" else PixelCodec()
+        elif name in ("wan-vae", "wan"):
+            path = vae or pipe_vae or (index.get("codec") or {}).get("path")
+            if not path:
+                raise GenerationError("--codec wan-vae needs a VAE directory: pass --vae DIR (a diffusers "
+                                      "AutoencoderKLWan, e.g. Wan2.1-T2V-1.3B-Diffusers/vae)")
+            codec = WanVAECodec(path, device=device)
+        else:
+            raise GenerationError(f"unknown codec {name!r}: expected 'pixel', 'wan-vae' or 'none'")
+    elif index.get("codec"):
+        codec = codec_from_config(index["codec"], vae_path=vae, device=device)
+    elif vae or pipe_vae:
+        codec = WanVAECodec(vae or pipe_vae, device=device)
+    else:
+        return None
+    if codec.channels != in_channels:
+        raise GenerationError(f"codec {codec.name!r} has {codec.channels} latent channels but the model expects "
+                              f"in_channels={in_channels}; pass the codec the model was trained with (--codec, --vae)")
+    return codec
+
+
+# ------------------------------------------------------------------------------------------ text
+def resolve_text_encoder(name: Optional[str], path: Optional[str], tokenizer: Optional[str],
+                         max_length: Optional[int], index: dict, pipeline_dir: Optional[str], text_dim: int,
+                         device=None):
+    """The text encoder that turns prompts into ``[n, L, text_dim]`` embeddings.
+
+    Order: ``name`` (``minilm`` / ``umt5``, with ``path``); else the dataset's encoder
+    (``index["text_encoder"]``: name, path, max_length); else the pipeline's ``text_encoder/`` +
+    ``tokenizer/`` (umT5); else MiniLM when ``text_dim == 384`` (the tiny presets).
+
+    Raises:
+        GenerationError: no encoder can be chosen (names the model's text_dim and what to pass); an
+            encoder whose width differs from ``text_dim``; an unknown name.
+    """
+    from megatron_anyflow.data.text import MiniLMTextEncoder, UMT5TextEncoder
+
+    te = index.get("text_encoder") or {}
+    pipe_te = os.path.join(pipeline_dir, "text_encoder") if pipeline_dir and os.path.isdir(
+        os.path.join(pipeline_dir, "text_encoder")) else None
+    if name is None:
+        if te.get("name"):
+            name, path = te["name"], path or te.get("path")
+            max_length = max_length or te.get("max_length")
+        elif pipe_te:
+            name, path = "umt5", path or pipe_te
+        elif text_dim == 384:
+            name = "minilm"
+        else:
+            raise GenerationError(f"no text encoder for a model with text_dim={text_dim}: pass --text-encoder umt5 "
+                                  "--text-encoder-path DIR (Wan2.1's umT5), or --prompt-embeds FILE")
+    if name == "minilm":
+        # a recorded package path from another machine falls back to the installed package
+        enc = MiniLMTextEncoder(path if path and os.path.isdir(path) else None, max_length=max_length or 32,
+                                device=device)
+    elif name == "umt5":
+        if not path:
+            raise GenerationError("--text-encoder umt5 needs --text-encoder-path DIR (a UMT5EncoderModel directory)")
+        enc = UMT5TextEncoder(path, max_length=max_length or 512, tokenizer=tokenizer, device=device)
+    else:
+        raise GenerationError(f"unknown text encoder {name!r}: expected 'minilm' or 'umt5'")
+    if enc.dim != text_dim:
+        raise GenerationError(f"text encoder {name!r} ({enc.path}) gives {enc.dim}-d states but the model expects "
+                              f"text_dim={text_dim}")
+    return enc
+
+
+def load_prompt_embeds(path: str, text_dim: int) -> torch.Tensor:
+    """Prompt embeddings from a safetensors file: key ``prompt_embeds`` (or its only tensor), float32
+    ``[n, L, text_dim]`` (``[L, text_dim]`` is read as n = 1).
+
+    Raises:
+        GenerationError: no such key / several tensors and none named ``prompt_embeds``, wrong rank or width.
+    """
+    return _load_tensor(path, "prompt_embeds", lambda x: x.dim() == 3 and x.shape[2] == text_dim,
+                        f"[n, L, {text_dim}]", unsqueeze_rank=2)
+
+
+def load_noise(path: str) -> torch.Tensor:
+    """Noise from a safetensors file: key ``noise`` (or its only tensor), float32 ``[n, f, c, h, w]``."""
+    return _load_tensor(path, "noise", lambda x: x.dim() == 5, "[n, f, c, h, w]", unsqueeze_rank=4)
+
+
+def _load_tensor(path: str, key: str, ok: Callable[[torch.Tensor], bool], expected: str, unsqueeze_rank: int):
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise GenerationError(f"{path}: no such file (expected a safetensors file with {key!r} {expected})")
+    try:
+        tensors = load_file(path)
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types for garbage files
+        raise GenerationError(f"{path}: not a readable safetensors file ({err})") from err
+    if key in tensors:
+        x = tensors[key]
+    elif len(tensors) == 1:
+        x = next(iter(tensors.values()))
+    else:
+        raise GenerationError(f"{path}: no tensor {key!r} (has {sorted(tensors)}); expected {key!r} {expected}")
+    if x.dim() == unsqueeze_rank:
+        x = x.unsqueeze(0)
+    if not ok(x) or not x.is_floating_point():
+        raise GenerationError(f"{path}: {key!r} has shape {tuple(x.shape)} and dtype {x.dtype}; expected {expected} "
+                              "floating point")
+    return x.float()
+
+
+def make_noise(n: int, latent_shape: Sequence[int], seed: int) -> torch.Tensor:
+    """float32 ``[n, *latent_shape]`` standard normal from a CPU generator seeded with ``seed``."""
+    g = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn((n, *latent_shape), generator=g, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------ conditions
+def _check_size(what: str, path: str, w: int, h: int, width: int, height: int) -> None:
+    if (w, h) != (width, height):
+        raise GenerationError(f"{what} {path} is {w}x{h} (width x height); expected {width}x{height} "
+                              f"(--width {width} --height {height}): resize it, or pass --width {w} --height {h}")
+
+
+def image_condition(path: str, codec, height: int, width: int) -> torch.Tensor:
+    """Image-to-video: the image's clean latent frame ``[1, 1, c, h, w]`` (float32).
+
+    The image (PNG / JPEG, read with PIL, converted to RGB) must be exactly ``width x height``; it is
+    scaled to [-1, 1] and encoded as a one-frame video ``[1, 3, 1, H, W]`` (the Wan VAE's first latent
+    frame encodes the first video frame alone; the pixel codec encodes frames independently).
+
+    Raises:
+        GenerationError: unreadable file, wrong size, or no codec to encode with.
+    """
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if codec is None:
+        raise GenerationError("--image needs a codec to encode it (--codec pixel / wan-vae, --vae DIR)")
+    try:
+        img = Image.open(path).convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise GenerationError(f"--image {path}: cannot read it as an image ({err})") from err
+    _check_size("--image", path, img.width, img.height, width, height)
+    x = torch.from_numpy(np.asarray(img).copy()).float().div(127.5).sub(1.0)  # H, W, 3 in [-1, 1]
+    video = x.permute(2, 0, 1)[None, :, None]  # [1, 3, 1, H, W]
+    return codec.encode(video).float()[:, :1]
+
+
+def video_condition(path: str, codec, height: int, width: int, num_latent_frames: int,
+                    condition_frames: Optional[int] = None) -> torch.Tensor:
+    """Video-to-video: a clean prefix of latent frames ``[1 or n, fc, c, h, w]`` (float32).
+
+    ``path`` is either a safetensors file with ``latents`` ``[fc, c, h, w]`` / ``[n, fc, c, h, w]``
+    (used as is: the diffusers pipeline's ``video_latents``) or a video file read with PyAV, whose first
+    ``(fc - 1) * temporal_factor + 1`` frames (``width x height``) are encoded. ``fc`` is
+    ``condition_frames``, or as many latent frames as the clip covers, at most ``num_latent_frames - 1``.
+
+    Raises:
+        GenerationError: wrong frame size; a clip too short for ``condition_frames``; ``fc`` not in
+            ``[1, num_latent_frames - 1]``; no codec for a video file.
+    """
+    if path.endswith(".safetensors"):
+        lat = _load_tensor(path, "latents", lambda x: x.dim() == 5, "[n, fc, c, h, w]", unsqueeze_rank=4)
+        if condition_frames is not None:
+            lat = lat[:, :condition_frames]
+        fc = lat.shape[1]
+    else:
+        import av
+        import numpy as np
+
+        if codec is None:
+            raise GenerationError("--video with a video file needs a codec to encode it (--codec, --vae DIR)")
+        try:
+            with av.open(path) as c:
+                frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        except (av.FFmpegError, OSError) as err:
+            raise GenerationError(f"--video {path}: cannot decode it ({err})") from err
+        if not frames:
+            raise GenerationError(f"--video {path}: no frames")
+        _check_size("--video", path, frames[0].shape[1], frames[0].shape[0], width, height)
+        tf = codec.temporal_factor
+        available = (len(frames) - 1) // tf + 1
+        fc = condition_frames or min(available, num_latent_frames - 1)
+        need = (fc - 1) * tf + 1
+        if need > len(frames):
+            raise GenerationError(f"--video {path} has {len(frames)} frames; {fc} condition latent frame(s) need "
+                                  f"{need} (temporal factor {tf})")
+        x = torch.from_numpy(np.stack(frames[:need])).float().div(127.5).sub(1.0)  # F, H, W, 3
+        lat = codec.encode(x.permute(3, 0, 1, 2)[None]).float()
+    if not 1 <= fc <= num_latent_frames - 1:
+        raise GenerationError(f"--video gives {fc} condition latent frame(s); expected 1 .. {num_latent_frames - 1} "
+                              f"(the output has {num_latent_frames} latent frames)")
+    return lat
+
+
+# ------------------------------------------------------------------------------------------ sampling
+def check_steps(steps: Sequence[int]) -> List[int]:
+    """Validate step counts (integers >= 1); returns them as a list (order kept, duplicates dropped).
+
+    Raises:
+        GenerationError: an empty list or a value < 1, named.
+    """
+    if not steps:
+        raise GenerationError("--steps needs at least one step count N >= 1")
+    out = []
+    for n in steps:
+        if isinstance(n, bool) or int(n) != n or n < 1:
+            raise GenerationError(f"--steps {n}: every step count must be an integer >= 1 (N = NFE)")
+        if int(n) not in out:
+            out.append(int(n))
+    return out
+
+
+@torch.no_grad()
+def sample_any_step(model: Callable, noise: torch.Tensor, text: torch.Tensor, steps: Sequence[int],
+                    shift: float = DEFAULT_SHIFT, condition_frames: Optional[torch.Tensor] = None,
+                    condition_r: str = "step", batch_size: Optional[int] = None,
+                    progress: bool = True) -> Dict[int, torch.Tensor]:
+    """Flow-map Euler samples of the same noise and text at every N in ``steps``.
+
+    Args:
+        model: ``model(z, T, R, text) -> u`` (a `WanModel`; T, R float32 ``[b, f]`` on 0..1000).
+        noise: ``[n, f, c, h, w]`` at t = 1 (its dtype is the state's dtype; float32 recommended).
+        text: ``[n, L, d]``.
+        steps: step counts N (validated by :func:`check_steps`).
+        shift: the grid's time shift (5.0 for Wan2.1 / AnyFlow).
+        condition_frames: clean latents ``[1 or n, fc, c, h, w]`` of the first ``fc`` frames (I2V / V2V).
+        condition_r: ``"step"`` (reference / diffusers ``AnyFlowPipeline``: condition frames get the step's
+            r) or ``"zero"`` (r = 0).
+        batch_size: samples per model call (default: all n).
+        progress: one tqdm bar over all model calls (NFE).
+
+    Returns:
+        ``{N: x0}`` with ``x0`` ``[n, f, c, h, w]`` in ``noise``'s dtype, on ``noise``'s device.
+
+    Raises:
+        GenerationError: bad steps, ``condition_r``, or text / condition batch sizes that do not match.
+    """
+    steps = check_steps(steps)
+    if condition_r not in ("step", "zero"):
+        raise GenerationError(f"condition_r={condition_r!r}; expected 'step' (diffusers) or 'zero'")
+    n = noise.shape[0]
+    if text.shape[0] != n:
+        raise GenerationError(f"{text.shape[0]} prompt embedding(s) for {n} noise sample(s)")
+    if condition_frames is not None:
+        if condition_frames.shape[0] == 1 and n > 1:
+            condition_frames = condition_frames.expand(n, *condition_frames.shape[1:])
+        if condition_frames.shape[0] != n:
+            raise GenerationError(f"{condition_frames.shape[0]} condition sample(s) for {n} noise sample(s)")
+    bs = batch_size or n
+    chunks = [(i, min(i + bs, n)) for i in range(0, n, bs)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(steps) * len(chunks), desc="sampling", unit="NFE")
+
+    def counted(z, t, r, txt):
+        out = model(z, t, r, txt)
+        if bar is not None:
+            bar.update(1)
+        return out
+
+    out: Dict[int, torch.Tensor] = {}
+    for N in steps:
+        if bar is not None:
+            bar.set_postfix_str(f"N={N}")
+        sampler = FlowMapEulerSampler(N, shift=shift)
+        parts = []
+        for a, b in chunks:
+            cond = condition_frames[a:b] if condition_frames is not None else None
+            parts.append(sampler(counted, noise[a:b], text[a:b], condition_frames=cond,
+                                 reference_condition_r=condition_r == "step"))
+        out[N] = torch.cat(parts)
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def save_run_tensors(path: str, samples: Dict[int, torch.Tensor], noise: torch.Tensor, text: torch.Tensor,
+                     condition_frames: Optional[torch.Tensor] = None) -> str:
+    """Write ``steps_<N>`` (final latents ``[n, f, c, h, w]``), ``noise``, ``prompt_embeds`` and, for I2V / V2V,
+    ``condition_frames`` (float32, CPU, contiguous) to one safetensors file. Returns ``path``."""
+    from safetensors.torch import save_file
+
+    tensors = {f"steps_{N}": x for N, x in samples.items()}
+    tensors.update(noise=noise, prompt_embeds=text)
+    if condition_frames is not None:
+        tensors["condition_frames"] = condition_frames
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, path)
+    return path
+
+
+def latent_shape_for(codec, frames: int, height: int, width: int) -> Tuple[int, int, int, int]:
+    """``(f, c, h, w)`` of one sample's latents for a ``frames x height x width`` video.
+
+    Raises:
+        GenerationError: sizes the codec cannot produce (e.g. Wan VAE frames not 4k + 1), named.
+    """
+    try:
+        return tuple(codec.latent_shape(frames, height, width))
+    except ValueError as err:
+        raise GenerationError(f"--frames {frames} --height {height} --width {width}: {err}") from err
+
+
+def describe_steps(n: int) -> str:
+    """Row label for N: ``"1 step"`` / ``"4 steps"``."""
+    return f"{n} step" + ("" if n == 1 else "s")
+
