@@ -147,13 +147,15 @@ def main(argv=None):
         path = os.path.join(args.output, "transformer") if args.pipeline else args.output
         err = verify(path, model, cfg, hf_cfg["_class_name"])
         print(f"verify: diffusers vs megatron_anyflow relative error {err:.2e} (tolerance {tol:.0e})", flush=True)
+        problem = None
         if not math.isfinite(err):
-            print(f"error: --verify: the export's output is not finite (relative error {err}); the weights or "
-                  "their dtype overflow", file=sys.stderr)
-            return 1
-        if err > tol:
-            print(f"error: --verify: relative error {err:.2e} exceeds the tolerance {tol:.0e} ({args.dtype} export): "
-                  "the export does not reproduce the checkpoint", file=sys.stderr)
+            problem = f"the export's output is not finite (relative error {err}); the weights or their dtype overflow"
+        elif err > tol:
+            problem = (f"relative error {err:.2e} exceeds the tolerance {tol:.0e} ({args.dtype} export): the export "
+                       "does not reproduce the checkpoint")
+        if problem:
+            shutil.rmtree(args.output)
+            print(f"error: --verify: {problem}; removed {args.output}", file=sys.stderr)
             return 1
     print(f"done in {time.time() - t0:.1f}s", flush=True)
     return 0

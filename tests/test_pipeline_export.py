@@ -1,0 +1,212 @@
+"""tools/convert_to_hf.py --pipeline: a complete AnyFlowPipeline directory (tiny random Wan VAE, umT5 and
+tokenizer built offline) whose output latents equal tools/generate.py's for the same noise and text
+(T2V, V2V; N in {1, 4}); the scheduler carries shift 5; non-finite weights are refused and --verify fails.
+
+Tolerance of the pipeline equality (float32): the two transformer implementations (diffusers'
+``AnyFlowTransformer3DModel``, this project's ``WanModel``) agree per forward to ~1e-7 relative (``--verify``
+measures 9e-8 on these models: different op order of float32 matmuls, fused vs separate q/k/v); the
+scheduler update and the sampler's are bitwise equal (tests/test_sampler.py). N steps add N such
+per-step errors, each scaled by the step size (sum of step sizes = 1), and the tiny random models are
+well-conditioned, so the final latents must agree to a small multiple of 1e-7; we assert 1e-5
+(relative, Frobenius): 100x margin over the measured error, far below any real mismatch (a wrong time,
+shift or condition convention gives > 1e-2).
+"""
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LATENT = (3, 16, 4, 6)  # f, c, h, w -> video 9 x 32 x 48 through the tiny Wan VAE (x4 time, x8 space)
+VIDEO = ["--frames", "9", "--height", "32", "--width", "48"]
+CORPUS = ["a rabbit eats grass in a sunny garden", "a man talks to the camera in a moving car",
+          "a cyclist rides along a country road", "waves break on a rocky shore at sunset",
+          "a red panda eating bamboo in a forest, cinematic lighting"]
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def tiny_umt5(path, d_model=384):
+    """A tiny random UMT5 encoder (width = the tiny preset's text_dim) + a unigram tokenizer, offline."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    tk = Tokenizer(models.Unigram())
+    tk.normalizer = normalizers.NFKC()
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.decoder = decoders.Metaspace()
+    tk.train_from_iterator(CORPUS * 8, trainers.UnigramTrainer(vocab_size=120, special_tokens=["<pad>", "</s>", "<unk>"],
+                                                               unk_token="<unk>"))
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tk.token_to_id("</s>"))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tok.save_pretrained(os.path.join(path, "tokenizer"))
+    model = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=d_model, d_kv=16, d_ff=64, num_layers=1,
+                                        num_heads=4, relative_attention_num_buckets=8))
+    model.save_pretrained(os.path.join(path, "text_encoder"))
+
+
+def tiny_vae(path):
+    from diffusers import AutoencoderKLWan
+
+    g = torch.Generator().manual_seed(1)
+    AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+                     temperal_downsample=[False, True, True], latents_mean=torch.randn(16, generator=g).tolist(),
+                     latents_std=(torch.rand(16, generator=g) + 0.5).tolist()).save_pretrained(path)
+
+
+def tiny_stage1_checkpoint(root, iters=2):
+    """A stage-1 checkpoint of the tiny preset whose 'generator' adapter moved (lr 1e-2, no warm-up)."""
+    from megatron_anyflow.training.arguments import parse_args
+    from megatron_anyflow.training.trainer import Trainer
+
+    args = parse_args(["--stage", "stage1", "--mock-data", "--mock-num-samples", "8", "--mock-latent-shape",
+                       *map(str, LATENT), "--micro-batch-size", "2", "--global-batch-size", "2", "--lora-rank", "4",
+                       "--lora-alpha", "4", "--lr", "1e-2", "--lr-warmup-iters", "0", "--train-iters", str(iters),
+                       "--log-interval", "100", "--save", root])
+    Trainer(args, log=lambda *a, **k: None).train()
+    return root
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("export")
+    ckpt = tiny_stage1_checkpoint(str(root / "ckpt"))
+    tiny_vae(str(root / "wan" / "vae"))
+    tiny_umt5(str(root / "wan"))
+    convert = load_tool("convert_to_hf")
+    out = str(root / "pipeline")
+    rc = convert.main(["--input", ckpt, "--output", out, "--merge-lora", "generator", "--pipeline", "--verify",
+                       "--vae", str(root / "wan" / "vae"), "--text-encoder", str(root / "wan" / "text_encoder")])
+    assert rc == 0
+    return {"root": root, "ckpt": ckpt, "pipeline": out, "vae": str(root / "wan" / "vae")}
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def run_generate(*argv):
+    rc = load_tool("generate").main([*map(str, argv), "--no-progress"])
+    assert rc == 0
+    return rc
+
+
+def test_pipeline_directory_and_scheduler(exported):
+    from diffusers import AnyFlowPipeline, FlowMapEulerDiscreteScheduler
+
+    index = json.load(open(os.path.join(exported["pipeline"], "model_index.json")))
+    assert index["_class_name"] == "AnyFlowPipeline"
+    assert index["transformer"] == ["diffusers", "AnyFlowTransformer3DModel"]
+    assert index["scheduler"] == ["diffusers", "FlowMapEulerDiscreteScheduler"]
+    assert index["vae"] == ["diffusers", "AutoencoderKLWan"] and index["text_encoder"] == ["transformers", "UMT5EncoderModel"]
+    pipe = AnyFlowPipeline.from_pretrained(exported["pipeline"], local_files_only=True)
+    assert pipe.scheduler.config.shift == 5.0
+    # the transformer-only export (and the pipeline's transformer/) carry the scheduler config next to them
+    sched = FlowMapEulerDiscreteScheduler.from_pretrained(os.path.join(exported["pipeline"], "transformer"))
+    assert sched.config.shift == 5.0
+
+
+@pytest.mark.parametrize("mode", ["t2v", "v2v"])
+def test_pipeline_latents_equal_generate(exported, tmp_path, mode):
+    from diffusers import AnyFlowPipeline
+
+    pipe = AnyFlowPipeline.from_pretrained(exported["pipeline"], local_files_only=True)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    n = 2
+    noise = torch.randn(n, *LATENT, generator=g)
+    text = torch.randn(n, 7, 384, generator=g)
+    save_file({"noise": noise, "prompt_embeds": text}, str(tmp_path / "inputs.safetensors"))
+    extra, kwargs = [], {}
+    if mode == "v2v":
+        cond = torch.randn(1, 2, *LATENT[1:], generator=g)  # a clean prefix of 2 of the 3 latent frames
+        save_file({"latents": cond}, str(tmp_path / "cond.safetensors"))
+        extra = ["--video", tmp_path / "cond.safetensors"]
+        kwargs = {"video_latents": cond.expand(n, -1, -1, -1, -1)}
+    for source in ("ckpt", "pipeline"):
+        run_generate("--checkpoint", exported[source], "--prompt-embeds", tmp_path / "inputs.safetensors", "--noise",
+                     tmp_path / "inputs.safetensors", "--steps", 1, 4, "--output", tmp_path / source, "--save-latents",
+                     tmp_path / f"{source}.safetensors", "--codec", "none", *extra)
+    ours = load_file(str(tmp_path / "ckpt.safetensors"))
+    from_export = load_file(str(tmp_path / "pipeline.safetensors"))
+    for N in (1, 4):
+        ref = pipe(prompt_embeds=text, latents=noise.permute(0, 2, 1, 3, 4), num_inference_steps=N, height=32,
+                   width=48, num_frames=9, output_type="latent", **kwargs).frames.permute(0, 2, 1, 3, 4)
+        assert rel(ours[f"steps_{N}"], ref) < 1e-5, (N, rel(ours[f"steps_{N}"], ref))
+        # the export holds the checkpoint's merged float32 weights: the same model, the same numbers
+        assert rel(from_export[f"steps_{N}"], ours[f"steps_{N}"]) < 1e-6
+        if mode == "v2v":
+            assert torch.equal(ours[f"steps_{N}"][:, :2], cond.expand(n, -1, -1, -1, -1))
+    assert rel(ours["steps_1"], ours["steps_4"]) > 1e-3  # N matters: the test can see a wrong grid
+
+
+def test_pipeline_prompts_through_umt5_equal_generate(exported, tmp_path):
+    """Prompts encoded by the pipeline's own umT5 (generate finds text_encoder/ and tokenizer/ in the export)."""
+    from diffusers import AnyFlowPipeline
+
+    pipe = AnyFlowPipeline.from_pretrained(exported["pipeline"], local_files_only=True)
+    prompts = CORPUS[:2]
+    noise = torch.randn(2, *LATENT)
+    save_file({"noise": noise}, str(tmp_path / "noise.safetensors"))
+    run_generate("--checkpoint", exported["pipeline"], "--prompt", *prompts, "--text-max-length", 16, "--noise",
+                 tmp_path / "noise.safetensors", "--steps", 2, "--output", tmp_path / "out", "--save-latents",
+                 tmp_path / "lat.safetensors", *VIDEO)
+    ours = load_file(str(tmp_path / "lat.safetensors"))
+    ref = pipe(prompt=prompts, latents=noise.permute(0, 2, 1, 3, 4), num_inference_steps=2, height=32, width=48,
+               num_frames=9, output_type="latent", max_sequence_length=16).frames.permute(0, 2, 1, 3, 4)
+    assert rel(ours["steps_2"], ref) < 1e-5
+    # decoded through the pipeline's VAE: one labelled MP4 per N and the contact sheet
+    assert (tmp_path / "out" / "steps_2.mp4").stat().st_size > 0
+    assert open(tmp_path / "out" / "contact_sheet.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _poisoned(monkeypatch, value):
+    """load_for_inference returning the real model with one weight set to ``value``."""
+    import megatron_anyflow.training.model_io as model_io
+
+    real = model_io.load_for_inference
+
+    def load(*a, **k):
+        model = real(*a, **k)
+        with torch.no_grad():
+            model.proj_out.weight[0, 0] = value
+        return model
+
+    monkeypatch.setattr(model_io, "load_for_inference", load)
+
+
+def test_export_refuses_non_finite_weights(exported, tmp_path, monkeypatch, capsys):
+    _poisoned(monkeypatch, float("nan"))
+    rc = load_tool("convert_to_hf").main(["--input", exported["ckpt"], "--output", str(tmp_path / "o"), "--verify"])
+    err = capsys.readouterr().err
+    assert rc != 0 and not (tmp_path / "o").exists()
+    assert "non-finite" in err and "proj_out.weight" in err  # names the tensor
+
+
+def test_verify_fails_on_non_finite_output_and_above_tolerance(exported, tmp_path, monkeypatch, capsys):
+    _poisoned(monkeypatch, 3e38)  # a finite weight whose products overflow float32
+    convert = load_tool("convert_to_hf")
+    rc = convert.main(["--input", exported["ckpt"], "--output", str(tmp_path / "o"), "--verify"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "not finite" in err and not (tmp_path / "o").exists()  # a failed check leaves no export
+    monkeypatch.undo()
+    convert = load_tool("convert_to_hf")
+    rc = convert.main(["--input", exported["ckpt"], "--output", str(tmp_path / "o2"), "--verify",
+                       "--verify-tolerance", "1e-12"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "exceeds the tolerance 1e-12" in err
+
+
+def test_pipeline_needs_its_components(exported, tmp_path, capsys):
+    rc = load_tool("convert_to_hf").main(["--input", exported["ckpt"], "--output", str(tmp_path / "p"),
+                                          "--merge-lora", "generator", "--pipeline", "--vae", exported["vae"]])
+    assert rc == 2 and "--pipeline needs --text-encoder, --tokenizer" in capsys.readouterr().err
