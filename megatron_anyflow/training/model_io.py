@@ -3,10 +3,17 @@
 A training checkpoint made with LoRA stores only its trainable tensors and records the base it was
 trained on (``meta["pretrained"]``); a converted or full fine-tuned checkpoint stores the whole model.
 `load_base` resolves either into full base weights; `load_for_inference` adds the run's adapters.
+
+What a checkpoint *is* as a base (``--pretrained``, or the recorded base of a later run): a converted or
+full checkpoint is its weights; a LoRA **teacher** checkpoint (``--stage teacher --lora-rank R``) is its
+own base with the ``teacher`` adapter merged (the reference's LoRA-teacher recipe: the fine-tuned teacher
+is then the real score and the fake score's start); a stage-1 / stage-2 LoRA checkpoint is the base it was
+trained on (its generator / fake-score adapters are students, merged only on request).
 """
 
 from __future__ import annotations
 
+import os
 from typing import List, Optional
 
 import torch
@@ -27,12 +34,27 @@ def _has_base(ckpt_dir: str, model: torch.nn.Module) -> bool:
     return all(k in avail for k in want)
 
 
+def represented_adapter(meta: dict) -> Optional[str]:
+    """The adapter a checkpoint merges into itself when used as a base: ``"teacher"`` for a LoRA teacher
+    checkpoint, None otherwise (see the module docstring)."""
+    lora = meta.get("lora") or {}
+    return "teacher" if meta.get("stage") == "teacher" and "teacher" in lora.get("adapters", []) else None
+
+
+def load_as_base(model: WanModel, path: str) -> str:
+    """Fill ``model`` with what the checkpoint at ``path`` is as a base (module docstring): its weights,
+    following recorded bases, with a LoRA teacher's adapter merged. Returns the checkpoint directory."""
+    d = ckpt.resolve_checkpoint_dir(path)
+    return load_base(model, d, merge_adapter=represented_adapter(ckpt.read_meta(d)))
+
+
 def load_base(model: WanModel, path: str, merge_adapter: Optional[str] = None) -> str:
     """Fill ``model``'s base weights from ``path`` (a checkpoint root or directory).
 
     If the checkpoint holds the whole model, it is loaded directly; if it only holds adapters, its
-    ``pretrained`` base is loaded first (recursively). ``merge_adapter``: an adapter of that checkpoint
-    to merge into the base (e.g. a LoRA-fine-tuned ``teacher``). A base without a delta embedder gets one
+    ``pretrained`` base is loaded first, recursively as a base (`load_as_base`: a LoRA teacher recorded as
+    the base has its adapter merged). ``merge_adapter``: an adapter of this checkpoint to merge into the
+    base (e.g. a LoRA-fine-tuned ``teacher``). A base without a delta embedder gets one
     as a copy of the time embedder when the model has one. The model must not be LoRA-wrapped.
 
     Raises:
@@ -45,17 +67,29 @@ def load_base(model: WanModel, path: str, merge_adapter: Optional[str] = None) -
         if model.condition_embedder.delta_embedder is not None and not _delta_in(d):
             model.condition_embedder.reset_delta_embedder()
     elif meta.get("pretrained"):
-        load_base(model, meta["pretrained"])
+        if not os.path.isdir(meta["pretrained"]):
+            raise FileNotFoundError(f"{d} holds adapters only; its recorded base {meta['pretrained']!r} (anyflow_meta.json "
+                                    "'pretrained') does not exist: restore it or re-run with that base")
+        load_as_base(model, meta["pretrained"])
     else:
         raise KeyError(f"{d} holds no base weights and records no pretrained base")
     if merge_adapter is not None:
         lora = meta.get("lora")
         if not lora or merge_adapter not in lora["adapters"]:
             raise KeyError(f"adapter {merge_adapter!r} not in {d} (adapters: {lora['adapters'] if lora else []})")
+        ce = model.condition_embedder
+        # An untrained delta embedder is a bitwise copy of the time embedder (AnyFlow's start: the model is
+        # exactly the base at t = r). Merging a teacher that fine-tuned the time embedder must keep that
+        # property, so such a copy is re-taken from the merged time embedder; a trained one is kept.
+        delta_is_copy = ce.delta_embedder is not None and all(
+            torch.equal(a, b) for a, b in zip(ce.delta_embedder.state_dict().values(),
+                                              ce.time_embedder.state_dict().values()))
         L.apply_lora(model, [merge_adapter], lora["rank"], lora["alpha"], targets=lora["targets"])
         _load_adapter_tensors(model, d)
         L.merge_adapter(model, merge_adapter)
         L.remove_lora(model)
+        if delta_is_copy:
+            ce.reset_delta_embedder()
         for p in model.parameters():
             p.requires_grad_(True)
     return d

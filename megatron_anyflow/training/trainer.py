@@ -170,10 +170,15 @@ class Trainer:
         torch.manual_seed(args.seed)  # identical base init on every rank (random-init presets only)
         model = WanModel(cfg)
         if self.pretrained_dir:
-            self._log(f"loading the base model from {self.pretrained_dir}")
-            skip = () if base_has_delta else ("condition_embedder.delta_embedder.",)
-            ckpt.load_model_weights(model, self.pretrained_dir, allow_missing=skip)
-        if need_delta and not base_has_delta:
+            from megatron_anyflow.training.model_io import load_as_base, represented_adapter
+
+            merged = represented_adapter(ckpt.read_meta(self.pretrained_dir))
+            self._log(f"loading the base model from {self.pretrained_dir}"
+                      + (f" (its LoRA '{merged}' adapter merged into the base it records)" if merged else ""))
+            # Follows an adapter-only checkpoint to its recorded base and merges a LoRA teacher; a base
+            # without a delta embedder gets one as a copy of the time embedder (exactly the base at t = r).
+            load_as_base(model, self.pretrained_dir)
+        elif need_delta and not base_has_delta:
             model.condition_embedder.reset_delta_embedder()  # AnyFlow's start: exactly the base at t = r
         self.model = model.to(self.device)
         self.config = cfg

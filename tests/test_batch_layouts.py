@@ -1,0 +1,139 @@
+"""Every (DP, micro-batch, accumulation) layout of one global batch gives the split, the loss and the
+gradients of one big micro-batch (stage 1 and the teacher, the real trainer, CPU float32).
+
+Layouts of a global batch of 8: (DP, micro, accumulation) = (1, 1, 8), (2, 1, 4), (2, 2, 2), (1, 8, 1).
+What is checked, per layout:
+
+- the split: global index i is a boundary sample iff i < floor(0.5 * 8) = 4, r = 0 iff 4 <= i < 6, free
+  otherwise (the reference rule, `sample_t_r`), whatever step / rank holds it; the logged counts are
+  ``boundary 4 | r0 2 | free 2``;
+- the per-sample draws (t, r, text dropout, image-to-video choice) and per-sample losses are those of the
+  big micro-batch, index by index (one generator per global index);
+- the iteration's loss equals a float64 evaluation of paper eq. 7 over all 8 per-sample losses: boundary
+  samples weigh 1, the others ``mean(boundary losses) / (loss_i + 1e-5)``, averaged over the 8 samples;
+- the gradients handed to the optimizer equal the big micro-batch's.
+
+Tolerances: the per-sample losses of one index come from the same float32 computation on the same inputs;
+only the batch size of the GEMMs differs between layouts, which can change float32 summation order (a
+relative difference of a few ulp, ~1e-7, amplified at most by the condition number of a mean of squares,
+~1): 1e-5 relative. The loss against float64: the float32 kernel's rounding of 8 terms, < 1e-6. The
+gradients are sums of the same per-sample gradients in a different order and with micro-batch scaling
+1/n applied before the DP average instead of after: relative difference ~ (number of terms) x 2^-24 of
+the gradient norm, far below 1e-5 of the norm.
+"""
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, torchrun
+
+sys.path.insert(0, os.path.join(REPO, "tests", "distributed"))
+from layout_check import run_layout  # noqa: E402
+
+GLOBAL = 8
+LAYOUTS = [(1, 1), (2, 1), (2, 2), (1, 8)]  # (DP, micro); accumulation = 8 / (DP * micro)
+STAGES = ["stage1", "teacher"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = {}
+    tmp = tmp_path_factory.mktemp("layouts")
+    for dp, micro in LAYOUTS:
+        prefix = str(tmp / f"dp{dp}_m{micro}")
+        if dp == 1:
+            run_layout(prefix, micro, GLOBAL, STAGES)
+        else:
+            torchrun([os.path.join(REPO, "tests", "distributed", "layout_check.py"), prefix, str(micro), str(GLOBAL),
+                      *STAGES], nproc=dp)
+        for stage in STAGES:
+            out[(dp, micro, stage)] = [torch.load(f"{prefix}.{stage}.rank{r}.pt") for r in range(dp)]
+    return out
+
+
+def _by_index(ranks):
+    """global index -> per-sample record, over all ranks' calls."""
+    rows = {}
+    for rec in ranks:
+        for c in rec["calls"]:
+            for k in range(c["b"]):
+                rows[c["offset"] + k] = {n: c[n][k] for n in ("per_sample_loss", "kind", "t", "r", "text_dropped", "i2v",
+                                                             "scales") if n in c}
+    assert sorted(rows) == list(range(GLOBAL)), sorted(rows)
+    return rows
+
+
+def _rule_kinds(n, boundary_fraction=0.5, r_zero_fraction=0.25):
+    n_b = math.floor(boundary_fraction * n + 1e-9)
+    n_r0 = math.floor(r_zero_fraction * n + 1e-9)
+    return [0] * n_b + [1] * n_r0 + [2] * (n - n_b - n_r0)
+
+
+@pytest.mark.parametrize("dp,micro", LAYOUTS)
+def test_stage1_layout_matches_one_big_micro_batch(runs, dp, micro):
+    ranks, big = runs[(dp, micro, "stage1")], runs[(1, 8, "stage1")]
+    rows, ref = _by_index(ranks), _by_index(big)
+    assert ranks[0]["layout"] == {"dp": dp, "micro": micro, "acc": GLOBAL // (dp * micro)}
+
+    # The split over the whole global batch, by index, as the reference rule has it.
+    assert [int(rows[i]["kind"]) for i in range(GLOBAL)] == _rule_kinds(GLOBAL)
+    m = ranks[0]["metrics"]
+    assert (m["boundary"], m["r0"], m["free"]) == (4, 2, 2)
+
+    # Layout-independent per-sample draws and losses.
+    for i in range(GLOBAL):
+        for n in ("t", "r", "text_dropped", "i2v"):
+            assert torch.equal(rows[i][n], ref[i][n]), (i, n)
+        a, b = float(rows[i]["per_sample_loss"]), float(ref[i]["per_sample_loss"])
+        assert abs(a - b) <= 1e-5 * abs(b), (i, a, b)
+    # The draws are not degenerate: some prompts dropped, some i2v, some not.
+    assert 0 < sum(bool(rows[i]["text_dropped"]) for i in range(GLOBAL)) < GLOBAL
+    assert 0 < sum(bool(rows[i]["i2v"]) for i in range(GLOBAL)) < GLOBAL
+
+    # Paper eq. 7 over the whole iteration, float64, from the per-sample losses.
+    losses = [float(rows[i]["per_sample_loss"]) for i in range(GLOBAL)]
+    kinds = _rule_kinds(GLOBAL)
+    bmean = sum(l for l, k in zip(losses, kinds) if k == 0) / kinds.count(0)
+    expect = sum(l if k == 0 else l * bmean / (l + 1e-5) for l, k in zip(losses, kinds)) / GLOBAL
+    assert abs(m["loss"] - expect) <= 1e-6 * abs(expect), (m["loss"], expect)
+    for i in range(GLOBAL):
+        want = 1.0 if kinds[i] == 0 else bmean / (losses[i] + 1e-5)
+        assert abs(float(rows[i]["scales"]) - want) <= 1e-5 * want, (i, float(rows[i]["scales"]), want)
+
+    # Gradients (DP-reduced, identical on every rank) equal the big micro-batch's.
+    ga, gb = ranks[0]["grads"], big[0]["grads"]
+    assert ga.keys() == gb.keys() and len(ga) > 10
+    norm = math.sqrt(sum(float(v.double().square().sum()) for v in gb.values()))
+    assert norm > 0
+    worst = max(float((ga[k].double() - gb[k].double()).norm()) for k in ga) / norm
+    assert worst < 1e-5, worst
+    for r in ranks[1:]:
+        assert all(torch.equal(r["grads"][k], ga[k]) for k in ga)
+
+
+@pytest.mark.parametrize("dp,micro", LAYOUTS[:3])
+def test_teacher_layout_matches_one_big_micro_batch(runs, dp, micro):
+    ranks, big = runs[(dp, micro, "teacher")], runs[(1, 8, "teacher")]
+    rows, ref = _by_index(ranks), _by_index(big)
+    for i in range(GLOBAL):
+        assert torch.equal(rows[i]["t"], ref[i]["t"]) and torch.equal(rows[i]["text_dropped"], ref[i]["text_dropped"])
+        a, b = float(rows[i]["per_sample_loss"]), float(ref[i]["per_sample_loss"])
+        assert abs(a - b) <= 1e-5 * abs(b), (i, a, b)
+    expect = sum(float(ref[i]["per_sample_loss"]) for i in range(GLOBAL)) / GLOBAL
+    assert abs(ranks[0]["metrics"]["loss"] - expect) <= 1e-6 * expect
+    ga, gb = ranks[0]["grads"], big[0]["grads"]
+    norm = math.sqrt(sum(float(v.double().square().sum()) for v in gb.values()))
+    worst = max(float((ga[k].double() - gb[k].double()).norm()) for k in ga) / norm
+    assert worst < 1e-5, worst
+
+
+def test_old_per_step_split_would_differ():
+    """The bug this guards against: drawing the split per accumulation step over micro x DP = 1 sample
+    makes every sample free (no boundary, no r = 0, reweighting off)."""
+    from megatron_anyflow.anyflow.timesteps import split_counts
+
+    assert split_counts(1) == (0, 0, 1)
+    assert split_counts(GLOBAL) == (4, 2, 2)
