@@ -81,16 +81,36 @@ def test_sample_t_r_split(n):
     assert bool((r[free] > 0).all())
 
 
-def test_sample_t_r_counts_table():
-    # explicit expected (boundary, r0, free) for the reference fractions 0.5 / 0.25
-    table = {1: (0, 0, 1), 2: (1, 0, 1), 4: (2, 1, 1), 7: (3, 1, 3), 8: (4, 2, 2), 32: (16, 8, 8)}
-    for n, exp in table.items():
-        assert split_counts(n) == exp
-        _, _, kind = sample_t_r(n, torch.Generator().manual_seed(0))
-        assert tuple(int((kind == k).sum()) for k in (0, 1, 2)) == exp
-    # a fraction that is not exact in binary
-    cfg = TimeSamplerConfig(boundary_fraction=0.29, r_zero_fraction=0.0)
-    assert split_counts(100, cfg) == (29, 0, 71)
+def _ref_counts(n, boundary_fraction=0.5, r_zero_fraction=0.25):
+    """The reference split: ``n_b = floor(0.5 n)`` boundary, ``n_r0 = floor(0.25 n)`` r = 0, the rest free.
+    The floor is taken of ``fraction * n + 1e-9``: a fraction that is not exact in binary (0.29 * 100 =
+    28.999999999999996) must still give 29; 1e-9 is far below the 1/n steps of any real batch."""
+    n_b = math.floor(boundary_fraction * n + 1e-9)
+    n_r0 = math.floor(r_zero_fraction * n + 1e-9)
+    return n_b, n_r0, n - n_b - n_r0
+
+
+@pytest.mark.parametrize("fractions", [(0.5, 0.25), (0.29, 0.0), (0.3, 0.3), (0.1, 0.7), (1 / 3, 1 / 3)])
+def test_sample_t_r_counts_and_layout_follow_the_rule(fractions):
+    """For every n in 1..300 the counts are the rule's and the layout is by index: [0, n_b) boundary
+    (r = t bitwise), [n_b, n_b + n_r0) r = 0, the rest free (0 < r < t)."""
+    bf, rf = fractions
+    cfg = TimeSamplerConfig(boundary_fraction=bf, r_zero_fraction=rf)
+    gen = torch.Generator().manual_seed(0)
+    for n in range(1, 301):
+        nb, nr0, nfree = _ref_counts(n, bf, rf)
+        assert split_counts(n, cfg) == (nb, nr0, nfree), n
+        t, r, kind = sample_t_r(n, gen, cfg)
+        idx = torch.arange(n)
+        assert torch.equal(kind, torch.where(idx < nb, KIND_BOUNDARY, torch.where(idx < nb + nr0, KIND_R_ZERO,
+                                                                                    KIND_FREE))), n
+        assert torch.equal(r[:nb], t[:nb]), n
+        assert bool((r[nb:nb + nr0] == 0).all()), n
+        assert bool((r[nb + nr0:] < t[nb + nr0:]).all() and (r[nb + nr0:] > 0).all()), n
+    # the guard matters: without it, 0.29 * 100 floors to 28
+    assert math.floor(0.29 * 100) == 28 and split_counts(100, TimeSamplerConfig(boundary_fraction=0.29)) == (29, 25, 46)
+    # the documented consequences of the default rule: n = 1 is free, n = 8 gives 4 / 2 / 2
+    assert split_counts(1) == (0, 0, 1) and split_counts(8) == (4, 2, 2)
 
 
 def test_sample_t_r_reproduces_formula():
