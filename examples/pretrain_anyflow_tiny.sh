@@ -74,7 +74,7 @@ COMMON=(--model-preset tiny-video --data-path "$OUT/synthetic" --log-interval 25
 step "5/8 stage 1: forward flow-map training (LoRA 'generator' on the frozen teacher), $STAGE1_ITERS iterations"
 "${LAUNCH[@]}" pretrain_anyflow.py --stage stage1 "${COMMON[@]}" --pretrained "$OUT/ckpt/teacher" \
   --lora-rank 32 --lora-alpha 32 --micro-batch-size 8 --train-iters "$STAGE1_ITERS" --lr 1e-3 \
-  --lr-warmup-iters 50 --lr-decay-style cosine --min-lr 1e-4 --ema-decay 0.99 \
+  --lr-warmup-iters 50 --lr-decay-style cosine --min-lr 1e-4 --ema-decay 0.99 --ema-start-iter 0 \
   --save "$OUT/ckpt/stage1" --load "$OUT/ckpt/stage1"
 
 step "6/8 stage 2: on-policy distillation (generator + fake score on one base, teacher = real score), $STAGE2_ITERS iterations"

@@ -125,6 +125,11 @@ class LoRALinear(nn.Module):
             raise ValueError(f"adapter {adapter!r} already exists on {self.name}")
         tp, r = tp_world_size(), tp_rank()
         in_full = self.in_local * tp if self.kind == "row" else self.in_local
+        out_full = (self.out_local * tp if self.kind == "column" else self.out_local) // self.groups
+        if rank > min(in_full, out_full):
+            raise ValueError(f"LoRA rank {rank} on {self.name} exceeds the layer's smaller dimension: in {in_full}, "
+                             f"out {out_full}{' per q/k/v' if self.groups > 1 else ''}; use a rank <= "
+                             f"{min(in_full, out_full)} (--lora-rank)")
         key = zlib.crc32(f"{seed}:{self.name}:{adapter}".encode())
         a = torch.cat([_seeded_kaiming((rank, in_full), key + g) for g in range(self.groups)])
         if self.kind == "row" and tp > 1:

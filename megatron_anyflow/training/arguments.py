@@ -33,8 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", choices=["local", "te"], default="local", help="layer backend")
     g.add_argument("--attention-impl", choices=["sdpa", "flash", "math"], default="sdpa",
                    help="local-backend attention (the te backend always uses TE fused attention)")
-    g.add_argument("--lora-rank", type=int, default=256, help="LoRA rank; 0 = full fine-tuning")
-    g.add_argument("--lora-alpha", type=float, default=256.0, help="LoRA alpha")
+    g.add_argument("--lora-rank", type=int, default=None,
+                   help="LoRA rank; 0 = full fine-tuning (default: the preset's rank: 256 for the Wan2.1 sizes as "
+                        "in the reference, 8 / 32 for tiny / tiny-video; with --pretrained, the rank of the preset "
+                        "with the checkpoint's architecture, else 256)")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scaling 1)")
     g.add_argument("--recompute-granularity", choices=["none", "full", "selective"], default="none",
                    help="activation recomputation: full blocks, or selected modules of each block")
     g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform",
@@ -85,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many consecutive iterations whose loss or gradient norm is NaN/inf "
                         "(each such optimizer step is skipped with a warning)")
     g.add_argument("--ema-decay", type=float, default=None, help="default: 0.999 (stage 1), 0.99 (stage 2)")
-    g.add_argument("--ema-start-iter", type=int, default=None, help="default: 0 (stage 1), 200 (stage 2)")
+    g.add_argument("--ema-start-iter", type=int, default=None,
+                   help="iteration from which the EMA decays; before it the EMA copies the weights (the reference's "
+                        "warm-up). Default: 1000 (teacher, stage 1), 200 (stage 2), as in the reference")
 
     g = p.add_argument_group("AnyFlow objective (reference values)")
     g.add_argument("--guidance", type=float, default=3.0, help="guidance-fused training scale g (eq. 6)")
@@ -125,10 +130,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 STAGE_DEFAULTS = {
-    "teacher": dict(lr=5e-5, lr_warmup_iters=1000, adam_beta1=0.9, adam_beta2=0.95, ema_decay=0.999, ema_start_iter=0),
-    "stage1": dict(lr=5e-5, lr_warmup_iters=1000, adam_beta1=0.9, adam_beta2=0.95, ema_decay=0.999, ema_start_iter=0),
+    "teacher": dict(lr=5e-5, lr_warmup_iters=1000, adam_beta1=0.9, adam_beta2=0.95, ema_decay=0.999, ema_start_iter=1000),
+    "stage1": dict(lr=5e-5, lr_warmup_iters=1000, adam_beta1=0.9, adam_beta2=0.95, ema_decay=0.999, ema_start_iter=1000),
     "stage2": dict(lr=2e-6, lr_warmup_iters=0, adam_beta1=0.0, adam_beta2=0.999, ema_decay=0.99, ema_start_iter=200),
 }
+
+
+def default_lora_rank(args: argparse.Namespace) -> int:
+    """The LoRA rank when ``--lora-rank`` is not given: the preset's own rank (``--model-preset``, or with
+    ``--pretrained`` the preset whose architecture the checkpoint has; 256, the reference's, otherwise)."""
+    from megatron_anyflow.models.wan.config import PRESETS
+
+    default = 256
+    if args.pretrained is None:
+        return int(PRESETS[args.model_preset].get("lora_rank", default))
+    try:
+        from megatron_anyflow.training import checkpointing as ckpt
+
+        arch = ckpt.read_meta(ckpt.resolve_checkpoint_dir(args.pretrained))["wan_config"]
+    except Exception:  # the trainer reports an unreadable --pretrained with its own, clearer error
+        return default
+    keys = ("hidden_size", "num_attention_heads", "num_layers", "ffn_hidden_size")
+    for preset in PRESETS.values():
+        if all(arch.get(k) == preset[k] for k in keys):
+            return int(preset.get("lora_rank", default))
+    return default
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -150,6 +176,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                  "log_interval"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    if args.global_batch_size is not None and args.global_batch_size < 1:
+        parser.error(f"--global-batch-size must be >= 1 (a multiple of --micro-batch-size x data-parallel size); "
+                     f"got {args.global_batch_size}")
+    if not 0.0 <= args.ema_decay <= 1.0:
+        parser.error(f"--ema-decay must lie in [0, 1]; got {args.ema_decay}")
+    if args.ema_start_iter < 0:
+        parser.error(f"--ema-start-iter must be >= 0; got {args.ema_start_iter}")
+    if args.max_skipped_iters < 1:
+        parser.error(f"--max-skipped-iters must be >= 1; got {args.max_skipped_iters}")
+    if args.lora_rank is None:
+        args.lora_rank = default_lora_rank(args)
+    if args.lora_alpha is None:
+        args.lora_alpha = float(args.lora_rank)
     if args.lora_rank < 0:
         parser.error(f"--lora-rank must be >= 0; got {args.lora_rank}")
     if args.stage == "stage2" and args.lora_rank == 0:

@@ -132,7 +132,8 @@ def wan_config(preset: Optional[str] = "tiny", **overrides) -> WanConfig:
     are filled in unless overridden.
 
     Raises:
-        ValueError: unknown preset name, or an unknown field in ``overrides``.
+        ValueError: unknown preset name, an unknown field in ``overrides``, or a tensor-parallel size that
+            does not divide ``ffn_hidden_size``, ``hidden_size`` or ``num_attention_heads`` (named).
     """
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
@@ -153,6 +154,11 @@ def wan_config(preset: Optional[str] = "tiny", **overrides) -> WanConfig:
     )
     kwargs.update(PRESETS[preset] if preset is not None else {})
     kwargs.update(overrides)
+    tp = int(kwargs.get("tensor_model_parallel_size", 1) or 1)
+    for name in ("ffn_hidden_size", "hidden_size", "num_attention_heads"):
+        if tp > 1 and name in kwargs and kwargs[name] % tp:
+            raise ValueError(f"{name} {kwargs[name]} is not divisible by the tensor-parallel size {tp} "
+                             f"(--tensor-model-parallel-size): each TP rank holds {name} / TP of every layer")
     if kwargs.get("bf16") and "params_dtype" not in overrides:
         kwargs["params_dtype"] = torch.bfloat16
     return WanConfig(**kwargs)
