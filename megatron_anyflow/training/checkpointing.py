@@ -562,11 +562,47 @@ def load_checkpoint(ckpt_dir: str, sharded_state_dict: Dict[str, Any], strict: b
     request = {k: v for k, v in sharded_state_dict.items() if k in available}
     if not request:
         return {}
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
     try:
         return dist_checkpointing.load(request, ckpt_dir, strict=StrictHandling.ASSUME_OK_UNEXPECTED)
-    except Exception as err:  # noqa: BLE001 - the reader's own errors (EOFError, RuntimeError, ...) lack the path
-        raise CheckpointError(f"checkpoint {ckpt_dir}: reading the shards failed ({type(err).__name__}: "
-                              f"{str(err).strip().splitlines()[-1] if str(err).strip() else ''})") from err
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - the reader's errors lack the file
+        if isinstance(err, CheckpointException) and err.failures:
+            err = next(iter(err.failures.values()))[0]
+        if isinstance(err, pickle.UnpicklingError):  # torch's message would suggest weights_only=False
+            what = "the bytes are not a tensor record: corrupt, or objects weights_only=True refuses"
+        else:
+            what = f"{type(err).__name__}: {_first_line(err)}"
+        raise CheckpointError(f"checkpoint {ckpt_dir}: reading the shards failed{_locate_bad_item(ckpt_dir)} "
+                              f"({what})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "no message"
+
+
+def _locate_bad_item(ckpt_dir: str, budget_bytes: int = 2 << 30) -> str:
+    """`` in FILE at byte N`` for the first stored tensor that does not read back (a diagnosis after a
+    failure; reads at most ``budget_bytes``), or an empty string."""
+    try:
+        index = read_dcp_index(ckpt_dir)
+    except (FileNotFoundError, CheckpointError):
+        return ""
+    read = 0
+    for info in sorted(index.storage_data.values(), key=lambda i: (str(i.relative_path), i.offset)):
+        if read + info.length > budget_bytes:
+            return ""
+        path = os.path.join(ckpt_dir, info.relative_path)
+        with open(path, "rb") as f:
+            f.seek(info.offset)
+            blob = f.read(info.length)
+        read += info.length
+        try:
+            torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001
+            return f" in {path} at byte {info.offset}"
+    return ""
 
 
 def load_rank_state(ckpt_dir: str) -> Optional[Dict[str, Any]]:
