@@ -1,0 +1,222 @@
+"""Training fails loudly instead of losing work: non-finite losses and gradients, bad arguments, the
+reference recipe (LoRA teacher -> stage 1 -> stage 2 -> export) end to end (CPU, float32, tiny preset)."""
+
+import math
+import os
+
+import pytest
+import torch
+
+from megatron_anyflow.anyflow.timesteps import to_model_scale
+from megatron_anyflow.models import lora as L
+from megatron_anyflow.models.wan.config import wan_config
+from megatron_anyflow.models.wan.model import WanModel
+from megatron_anyflow.training import checkpointing as ckpt
+from megatron_anyflow.training.arguments import parse_args
+from megatron_anyflow.training.model_io import load_for_inference
+from megatron_anyflow.training.nan_guard import NonFiniteTrainingError
+from megatron_anyflow.training.trainer import Trainer
+
+BASE = ["--mock-data", "--mock-num-samples", "16", "--mock-latent-shape", "3", "16", "4", "6",
+        "--micro-batch-size", "2", "--global-batch-size", "4", "--lora-rank", "4",
+        "--lr", "1e-3", "--lr-warmup-iters", "1", "--log-interval", "1", "--ema-decay", "0.9"]
+
+
+def make(stage, *extra, log=None):
+    return Trainer(parse_args(["--stage", stage, *BASE, *extra]), log=log or (lambda *a, **k: None))
+
+
+def trainable(tr):
+    return {k: p.detach().clone() for g in tr.groups.values() for k, p in g.params.items()}
+
+
+# -------------------------------------------------------------------------------------------------
+# Non-finite losses and gradients
+# -------------------------------------------------------------------------------------------------
+def test_nan_sample_skips_the_step_and_names_the_sample(tmp_path):
+    lines = []
+    root = str(tmp_path / "c")
+    tr = make("stage1", "--train-iters", "4", "--save", root, "--save-interval", "1",
+              log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    bad = tr.sampler.micro_batches(4)[1][0]  # iteration 2 (consumed 4): second micro-batch, first row
+    clean = tr.dataset
+
+    class Poisoned:
+        negative_text = clean.negative_text
+
+        def __len__(self):
+            return len(clean)
+
+        def __getitem__(self, i):
+            x, t = clean[i]
+            if i == bad:
+                x = x.clone()
+                x[0, 0, 0, 0] = float("nan")
+            return x, t
+
+    tr.dataset = Poisoned()
+    snapshots, tags = [], []
+    end_iteration = tr.guard.end_iteration
+
+    def spy(iteration):
+        skipped = end_iteration(iteration)
+        snapshots.append(trainable(tr))
+        tags.append(ckpt.read_tracker(root))
+        return skipped
+
+    tr.guard.end_iteration = spy
+    start = trainable(tr)
+    tr.train()
+    seq = [start] + snapshots
+    moved = [not all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(seq, seq[1:])]
+    assert moved == [True, False, True, True], moved  # iteration 2 skipped, training went on
+    warn = [l for l in lines if l.startswith("warning: iteration")]
+    assert len(warn) == 1 and "iteration 2" in warn[0] and f"sample(s) [{bad}]" in warn[0], lines
+    assert any("iteration 2 was skipped (non-finite): checkpoint deferred" in l for l in lines), lines
+    # tracker seen at the end of iterations 1..4 (before that iteration's save): 2 was not saved, 3 was.
+    assert tags == [None, "iter_0000001", "iter_0000001", "iter_0000003"], tags
+    assert ckpt.read_tracker(root) == "iter_0000004"
+    assert tr.guard.total == 1 and tr.guard.consecutive == 0
+
+
+def test_exploding_lr_stops_after_max_skipped_iters(tmp_path):
+    root = str(tmp_path / "c")
+    tr = make("stage1", "--train-iters", "8", "--lr", "1e30", "--max-skipped-iters", "2", "--save", root,
+              "--save-interval", "1")
+    with pytest.raises(NonFiniteTrainingError, match="2 consecutive iterations.*--max-skipped-iters 2"):
+        tr.train()
+    assert tr.guard.consecutive == 2
+    # Every checkpoint written is finite, and none was written during the streak.
+    # Iteration 1 stepped (lr 1e30: finite but exploded weights), 2 and 3 were non-finite: stopped at 3.
+    assert tr.iteration == 2 and ckpt.read_tracker(root) == "iter_0000001"
+    loaded = make("stage1", "--train-iters", "8", "--load", root)
+    assert all(bool(torch.isfinite(v).all()) for v in trainable(loaded).values())
+
+
+def test_no_checkpoint_with_nonfinite_weights(tmp_path):
+    root = str(tmp_path / "c")
+    tr = make("stage1", "--train-iters", "1", "--save", root)
+    tr.train()
+    p = next(iter(tr.groups["generator"].params.values()))
+    with torch.no_grad():
+        p.view(-1)[0] = float("inf")
+    with pytest.raises(NonFiniteTrainingError, match="refusing to write checkpoint iteration 1.*NaN or inf"):
+        tr.save(root)
+    assert ckpt.read_tracker(root) == "iter_0000001"
+    assert not os.path.exists(os.path.join(root, "iter_0000001.tmp"))
+
+
+def test_stage2_nan_in_generator_skips_only_its_step():
+    tr = make("stage2", "--train-iters", "1", "--simulation-steps", "2")
+    fake_before = {k: p.detach().clone() for k, p in tr.groups["fake_score"].params.items()}
+    gen_before = {k: p.detach().clone() for k, p in tr.groups["generator"].params.items()}
+    orig = tr.stage._generator_loss
+
+    def poisoned(*a, **k):
+        loss, info = orig(*a, **k)
+        return loss * float("nan"), info
+
+    tr.stage._generator_loss = poisoned
+    m = tr.stage.train_step(0, tr.sampler.micro_batches(0))
+    assert float(m["generator/skipped"]) == 1.0 and "fake_score/skipped" not in m
+    assert all(torch.equal(gen_before[k], p) for k, p in tr.groups["generator"].params.items())
+    assert any(not torch.equal(fake_before[k], p) for k, p in tr.groups["fake_score"].params.items())
+
+
+# -------------------------------------------------------------------------------------------------
+# Bad input, named
+# -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv,needle", [
+    (["--global-batch-size", "0"], "--global-batch-size must be >= 1"),
+    (["--global-batch-size", "-8"], "got -8"),
+    (["--ema-decay", "1.5"], "--ema-decay must lie in [0, 1]; got 1.5"),
+    (["--ema-decay", "-0.1"], "got -0.1"),
+    (["--max-skipped-iters", "0"], "--max-skipped-iters must be >= 1"),
+])
+def test_bad_arguments_are_named(capsys, argv, needle):
+    with pytest.raises(SystemExit):
+        parse_args(["--stage", "stage1", "--mock-data", "--train-iters", "1", *argv])
+    assert needle in capsys.readouterr().err
+
+
+def test_defaults_follow_the_preset_and_the_reference():
+    a = parse_args(["--stage", "stage1", "--mock-data", "--train-iters", "1"])
+    assert (a.lora_rank, a.lora_alpha) == (8, 8.0)  # the tiny preset's own rank, not 256 on a 64-wide model
+    a = parse_args(["--stage", "stage1", "--mock-data", "--train-iters", "1", "--model-preset", "tiny-video"])
+    assert a.lora_rank == 32
+    a = parse_args(["--stage", "stage1", "--mock-data", "--train-iters", "1", "--model-preset", "wan2.1-1.3b"])
+    assert (a.lora_rank, a.lora_alpha) == (256, 256.0)
+    # EMA warm-up as in the reference: 1000 iterations (teacher, stage 1), 200 (stage 2).
+    for stage, start in (("teacher", 1000), ("stage1", 1000), ("stage2", 200)):
+        assert parse_args(["--stage", stage, "--mock-data", "--train-iters", "1"]).ema_start_iter == start
+
+
+def test_lora_rank_larger_than_layer():
+    model = WanModel(wan_config("tiny"))
+    with pytest.raises(ValueError, match=r"LoRA rank 100 on .* exceeds the layer's smaller dimension"):
+        L.apply_lora(model, ["generator"], 100, 100.0)
+
+
+def test_tp_must_divide_ffn_width():
+    with pytest.raises(ValueError, match="ffn_hidden_size 160 is not divisible by the tensor-parallel size 3"):
+        wan_config("tiny", tensor_model_parallel_size=3)
+
+
+def test_split_counts_in_the_log():
+    lines = []
+    tr = Trainer(parse_args(["--stage", "stage1", "--mock-data", "--mock-latent-shape", "3", "16", "4", "6",
+                             "--micro-batch-size", "1", "--global-batch-size", "8", "--train-iters", "1",
+                             "--log-interval", "1"]), log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    tr.train()
+    assert any("boundary 4 | r0 2 | free 2" in l for l in lines), lines
+
+
+# -------------------------------------------------------------------------------------------------
+# The reference recipe: base -> LoRA teacher -> stage 1 -> stage 2 -> export
+# -------------------------------------------------------------------------------------------------
+def _out(model, z, T, R, text):
+    with torch.no_grad():
+        return model(z, T, R, text).double()
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_lora_teacher_recipe_end_to_end(tmp_path):
+    base, teacher = str(tmp_path / "base"), str(tmp_path / "teacher")
+    s1, s2 = str(tmp_path / "stage1"), str(tmp_path / "stage2")
+    make("teacher", "--lora-rank", "0", "--train-iters", "1", "--save", base).train()  # a full base
+    make("teacher", "--pretrained", base, "--train-iters", "2", "--save", teacher).train()
+    merged_teacher = load_for_inference(teacher, adapter="teacher")  # base + teacher LoRA (no delta embedder)
+    plain_base = load_for_inference(base)
+
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(2, 3, 16, 4, 6, generator=g)
+    text = torch.randn(2, 8, 384, generator=g)
+    T = to_model_scale(torch.rand(2, 3, generator=g))
+    ref = _out(merged_teacher, z, T, T, text)
+    assert _rel(_out(plain_base, z, T, T, text), ref) > 1e-3  # the teacher LoRA moved the model
+
+    # Stage 1 on the LoRA teacher: its base is the merged teacher, exactly, at t = r (delta = copy).
+    tr1 = make("stage1", "--pretrained", teacher, "--train-iters", "2", "--save", s1)
+    L.set_active_adapter(tr1.model, None)
+    assert _rel(_out(tr1.model, z, T, T, text), ref) < 1e-5
+    L.set_active_adapter(tr1.model, "generator")
+    tr1.train()
+
+    # Stage 2: the real score is the merged teacher; the fake score starts equal to it.
+    tr2 = make("stage2", "--pretrained", teacher, "--init-adapters-from", s1, "--train-iters", "1",
+               "--simulation-steps", "2", "--save", s2)
+    for role in (None, "fake_score"):
+        L.set_active_adapter(tr2.model, role)
+        assert _rel(_out(tr2.model, z, T, T, text), ref) < 1e-5, role
+    tr2.train()
+
+    # Export: the student loaded back from the stage-2 checkpoint (base followed through the teacher's
+    # checkpoint, teacher merged, generator merged) equals the trainer's generator.
+    R = T * torch.rand(2, 3, generator=g)
+    L.set_active_adapter(tr2.model, "generator")
+    student = load_for_inference(s2, adapter="generator")
+    assert _rel(_out(student, z, T, R, text), _out(tr2.model, z, T, R, text)) < 1e-5
+    assert math.isfinite(_rel(_out(student, z, T, R, text), ref))
