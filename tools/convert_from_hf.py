@@ -11,6 +11,11 @@ megatron-core's torch_dist format. The format is resharding-aware, so the checkp
 tensor-parallel size whatever size it was written with; ``--tensor-model-parallel-size`` only decides
 how the weights are split while writing (each rank holds 1/TP of the model).
 Memory: the full diffusers state dict plus the model shard are held in host memory at once.
+
+--output must be new or empty. ``--overwrite`` replaces a checkpoint this tool wrote there before
+(``release/`` and the tracker) and nothing else: when the directory holds anything else (a training
+run's ``iter_*``, your own files, foreign files inside ``release/``) the tool refuses and lists them,
+so it never deletes what it did not write.
 """
 
 import argparse
@@ -31,8 +36,28 @@ def parse_args(argv=None):
     p.add_argument("--add-delta-embedder", action="store_true",
                    help="for a plain Wan checkpoint: add AnyFlow's delta embedder as a copy of the time "
                         "embedder (the stage-1 starting point; exactly the base model at t = r)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a checkpoint written by this tool at --output (refused if it holds anything else)")
     return p.parse_args(argv)
+
+
+def output_problem(output, overwrite, foreign_entries):
+    """Why conversion may not write to ``output`` (a message), or None when it may."""
+    if not os.path.exists(output):
+        return None
+    if not os.path.isdir(output):
+        return f"--output {output} exists and is not a directory"
+    if not os.listdir(output):
+        return None
+    if not overwrite:
+        return (f"--output {output} exists and is not empty; choose a new directory, or pass --overwrite to replace "
+                "a checkpoint convert_from_hf wrote there")
+    foreign = foreign_entries(output, ("release",))
+    if foreign:
+        shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+        return (f"--overwrite replaces only what convert_from_hf writes (release/ and the tracker), but {output} also "
+                f"holds {shown}; move them away or choose another --output (nothing was deleted)")
+    return None
 
 
 def main(argv=None):
@@ -49,24 +74,33 @@ def main(argv=None):
     from megatron_anyflow.models.wan.model import WanModel
     from megatron_anyflow.parallel.state import initialize_parallel
     from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
-    from megatron_anyflow.training.checkpointing import TRACKER, save_checkpoint
+    from megatron_anyflow.training.checkpointing import foreign_entries, save_checkpoint
 
     enable_megatron_cpu_compat()  # no-op with CUDA; megatron-core's collectives and saves on CPU
     initialize_parallel(args.tensor_model_parallel_size)
     rank = dist.get_rank()
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    if os.path.exists(os.path.join(args.output, TRACKER)) and not args.overwrite:
+
+    def fail(msg):
         if rank == 0:
-            print(f"error: {args.output} already holds a checkpoint; pass --overwrite to replace it", file=sys.stderr)
+            print(f"error: {msg}", file=sys.stderr)
         return 2
+
+    problem = output_problem(args.output, args.overwrite, foreign_entries)
+    if problem:
+        return fail(problem)
     t0 = time.time()
     log(f"[1/4] reading {args.input}")
-    hf_cfg, hf_sd = read_hf_transformer_dir(args.input, progress=rank == 0)
     try:
+        hf_cfg, hf_sd = read_hf_transformer_dir(args.input, progress=rank == 0)
         arch = arch_from_hf_config(hf_cfg)
-    except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, ValueError) as err:  # ConversionError is a ValueError
+        return fail(err)
+    if args.add_delta_embedder and arch["delta_embedder"]:
+        trained = sorted(k for k in hf_sd if k.startswith("condition_embedder.delta_embedder."))
+        return fail(f"--add-delta-embedder: {args.input} is an {hf_cfg.get('_class_name')} that already has a "
+                    f"delta embedder ({len(trained)} tensors, e.g. {trained[:1]}); it would be overwritten by a "
+                    "copy of the time embedder. Omit the flag to keep it")
     if args.add_delta_embedder:
         arch["delta_embedder"] = True
     dtype = torch.bfloat16 if args.params_dtype == "bf16" else torch.float32
@@ -76,15 +110,17 @@ def main(argv=None):
         f"TP={args.tensor_model_parallel_size})")
     model = WanModel(cfg)
     log(f"[3/4] converting {len(hf_sd)} tensors")
-    full = hf_to_megatron(hf_sd, cfg.head_dim)
+    try:
+        full = hf_to_megatron(hf_sd, cfg.head_dim, hidden_size=cfg.hidden_size)
+    except ConversionError as err:
+        return fail(f"{args.input}: {err}")
     if args.add_delta_embedder:
         for k in [k for k in full if k.startswith("condition_embedder.time_embedder.")]:
             full[k.replace("time_embedder", "delta_embedder")] = full[k].clone()
     try:
         load_full_state_dict(model, full, source=args.input)
     except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(err)
     del hf_sd, full
     log(f"[4/4] writing {args.output}")
     meta = {"format": "megatron_anyflow", "wan_config": cfg.arch_dict(), "source": os.path.abspath(args.input),

@@ -48,7 +48,7 @@ import os
 import pickle
 import re
 import shutil
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -367,6 +367,42 @@ def incomplete_reason(ckpt_dir: str) -> Optional[str]:
     return None
 
 
+_WRITTEN_FILES = re.compile(r"^(\.metadata(\.tmp)?|__\d+_\d+\.distcp|common\.pt|metadata\.json|"
+                            r"anyflow_meta\.json|rank_\d{5}\.pt)$")
+
+
+def foreign_entries(root: str, tags: Iterable[str]) -> List[str]:
+    """Paths under ``root`` that `save_checkpoint` did not write for the checkpoints ``tags``.
+
+    `save_checkpoint` writes the tracker (via ``<tracker>.tmp.<pid>``), ``<tag>/`` (via ``<tag>.tmp``
+    and ``<tag>.old``) holding only checkpoint files (torch_dist shards and index, ``common.pt``,
+    ``metadata.json``, ``anyflow_meta.json``, ``rank_*.pt``). Anything else is the user's: a tool that
+    replaces a checkpoint refuses rather than delete it.
+
+    Args:
+        root: an existing directory.
+        tags: checkpoint tags that may be replaced (e.g. ``("release",)``).
+    Returns:
+        the foreign paths, sorted (empty when ``root`` holds only those checkpoints).
+    """
+    tags = set(tags)
+    out: List[str] = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if name == TRACKER or name.startswith(TRACKER + ".tmp."):
+            if os.path.isfile(path) and not os.path.islink(path):
+                continue
+        base = name[:-4] if name.endswith((".tmp", ".old")) else name
+        if base in tags and os.path.isdir(path) and not os.path.islink(path):
+            for sub in sorted(os.listdir(path)):
+                sp = os.path.join(path, sub)
+                if not (_WRITTEN_FILES.match(sub) and os.path.isfile(sp) and not os.path.islink(sp)):
+                    out.append(sp)
+            continue
+        out.append(path)
+    return out
+
+
 def _iter_dirs(root: str) -> List[str]:
     """Tags of the ``iter_*`` directories under ``root`` (no ``*.tmp``), newest first."""
     try:
@@ -442,6 +478,7 @@ def find_resume_checkpoint(root: str, warn: Callable[[str], None] = print) -> Op
 
     * ``root`` missing, or a directory with no tracker and no ``iter_*`` directory: None (a first
       launch; unfinished ``*.tmp`` saves are ignored with a warning).
+    * ``root`` is itself a checkpoint directory (``ROOT/iter_*``): ``root`` when complete.
     * the tracker names a complete checkpoint: that directory.
     * anything else (tracker empty / binary / garbage / naming a missing or incomplete checkpoint,
       ``iter_*`` directories without a tracker): the newest complete ``iter_*`` directory, after
@@ -453,8 +490,9 @@ def find_resume_checkpoint(root: str, warn: Callable[[str], None] = print) -> Op
     Returns:
         the directory to resume from, or None.
     Raises:
-        CheckpointError: ``root`` is not a directory, or something is wrong and no ``iter_*``
-            checkpoint is complete (the message lists what is wrong with each).
+        CheckpointError: ``root`` is not a directory, is a diffusers model directory (the message says
+            to run ``tools/convert_from_hf.py``), is an incomplete checkpoint directory, or something is
+            wrong and no ``iter_*`` checkpoint is complete (the message lists what is wrong with each).
     """
     if not os.path.exists(root):
         return None
@@ -462,6 +500,17 @@ def find_resume_checkpoint(root: str, warn: Callable[[str], None] = print) -> Op
         raise CheckpointError(f"--load {root}: not a directory")
     candidates = _iter_dirs(root)
     has_tracker = os.path.lexists(os.path.join(root, TRACKER))
+    if not has_tracker and not candidates and (os.path.isfile(os.path.join(root, META))
+                                               or os.path.isfile(os.path.join(root, DCP_INDEX))):
+        try:  # a checkpoint directory itself (ROOT/iter_*) rather than its root
+            verify_checkpoint(root)
+        except (FileNotFoundError, CheckpointError) as err:
+            raise CheckpointError(f"cannot resume from {root}: {err}") from None
+        return root
+    if not has_tracker and not candidates and _is_diffusers_dir(root):
+        raise CheckpointError(f"--load {root} is a diffusers model directory, not a checkpoint root: convert it with "
+                              f"`python tools/convert_from_hf.py --input {root} --output CKPT` and pass "
+                              "--pretrained CKPT")
     if not has_tracker and not candidates:
         unfinished = sorted(n for n in os.listdir(root) if n.endswith(".tmp"))
         if unfinished:

@@ -23,7 +23,7 @@ Name mapping (diffusers -> this project), i = block index:
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -72,11 +72,40 @@ def deinterleave_heads(fused: torch.Tensor, groups: int, head_dim: int) -> List[
     return [x[:, g].reshape(n * head_dim, *fused.shape[1:]).contiguous() for g in range(groups)]
 
 
-def hf_to_megatron(hf: StateDict, head_dim: int) -> StateDict:
+def _check_fused_parts(named: List[Tuple[str, torch.Tensor]], head_dim: int, hidden_size: Optional[int],
+                       into: str) -> None:
+    """Raise `ConversionError` naming the first q/k/v part whose shape cannot be fused into ``into``."""
+    first_key, first = named[0]
+    if hidden_size is not None:
+        expected = (hidden_size,) * first.dim() if first.dim() <= 2 else None
+        source = f"hidden size {hidden_size}"
+    else:
+        expected, source = None, None
+    if expected is None:
+        expected, source = tuple(first.shape), f"the shape of {first_key}"
+    for key, t in named:
+        if tuple(t.shape) != tuple(expected):
+            raise ConversionError(f"{key}: expected {tuple(expected)} ({source}; fused into {into}), "
+                                  f"found {tuple(t.shape)}")
+    if first.shape[0] % head_dim:
+        raise ConversionError(f"{first_key}: {first.shape[0]} rows do not split into heads of "
+                              f"attention_head_dim {head_dim} (fused into {into})")
+
+
+def hf_to_megatron(hf: StateDict, head_dim: int, hidden_size: Optional[int] = None) -> StateDict:
     """Rename and fuse a diffusers `WanTransformer3DModel` / `AnyFlowTransformer3DModel` state dict.
 
-    Returns a full (TP = 1) state dict of `WanModel`. Keys it does not know are passed through under
-    their own name so that `check_state_dict` can report them as unexpected.
+    Args:
+        hf: diffusers state dict (full tensors).
+        head_dim: attention head dimension (``attention_head_dim``).
+        hidden_size: when given, each q / k / v part must be ``(hidden_size, hidden_size)`` (weights)
+            or ``(hidden_size,)`` (biases); otherwise the parts must match each other.
+    Returns:
+        a full (TP = 1) state dict of `WanModel`. Keys it does not know are passed through under their
+        own name so that `check_state_dict` can report them as unexpected.
+    Raises:
+        ConversionError: a q / k / v part of the wrong shape (names the key, the expected and the
+            found shape).
     """
     out: StateDict = {}
     used = set()
@@ -86,7 +115,9 @@ def hf_to_megatron(hf: StateDict, head_dim: int) -> StateDict:
             for kind in ("weight", "bias"):
                 keys = [f"blocks.{i}.{p}.{kind}" for p in parts]
                 if all(k in hf for k in keys):
-                    out[f"blocks.{i}.{name}.{kind}"] = interleave_heads([hf[k] for k in keys], head_dim)
+                    into = f"blocks.{i}.{name}.{kind}"
+                    _check_fused_parts([(k, hf[k]) for k in keys], head_dim, hidden_size, into)
+                    out[into] = interleave_heads([hf[k] for k in keys], head_dim)
                     used.update(keys)
     for k, v in hf.items():
         if k in used:

@@ -14,25 +14,47 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 
+def _read_json(path: str, what: str) -> dict:
+    """A JSON object from ``path``; ValueError naming the file when it is not one."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path}: not a valid JSON {what} ({len(raw)} bytes; {err})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object ({what}), found a {type(obj).__name__}")
+    return obj
+
+
 def read_hf_transformer_dir(path: str, progress: bool = True) -> Tuple[dict, Dict[str, torch.Tensor]]:
     """Config dict and full state dict of a diffusers transformer directory.
 
     Accepts ``path`` itself or a pipeline directory with a ``transformer/`` sub-folder.
 
+    Args:
+        path: diffusers transformer (or pipeline) directory.
+        progress: show a progress bar over the shards.
+    Returns:
+        ``(config, state_dict)``.
     Raises:
         FileNotFoundError: no ``config.json`` or no safetensors weights (names what was looked for).
-        ValueError: an index that names a missing shard.
+        ValueError: ``config.json`` or the index is not a JSON object, the index names a missing shard,
+            a safetensors file is unreadable (truncated, not safetensors), or two shards hold the same
+            key; the message names the file.
     """
     if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "transformer")):
         path = os.path.join(path, "transformer")
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: expected a diffusers transformer directory")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    if os.path.isfile(os.path.join(path, INDEX)):
-        with open(os.path.join(path, INDEX)) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+    cfg = _read_json(cfg_path, "diffusers config")
+    index_path = os.path.join(path, INDEX)
+    if os.path.isfile(index_path):
+        weight_map = _read_json(index_path, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index_path}: expected a non-empty 'weight_map' object")
+        shards = sorted(set(map(str, weight_map.values())))
     elif os.path.isfile(os.path.join(path, WEIGHTS)):
         shards = [WEIGHTS]
     else:
@@ -47,7 +69,15 @@ def read_hf_transformer_dir(path: str, progress: bool = True) -> Tuple[dict, Dic
         fp = os.path.join(path, name)
         if not os.path.isfile(fp):
             raise ValueError(f"{INDEX} in {path} names shard {name}, which does not exist")
-        sd.update(load_file(fp))
+        try:
+            part = load_file(fp)
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError / OSError kinds
+            raise ValueError(f"{fp}: not a readable safetensors file ({os.path.getsize(fp)} bytes; "
+                             f"{type(err).__name__}: {err})") from None
+        dup = sorted(set(part) & set(sd))
+        if dup:
+            raise ValueError(f"{fp}: holds {len(dup)} key(s) already read from another shard: {dup[:5]}")
+        sd.update(part)
     return cfg, sd
 
 
