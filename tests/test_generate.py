@@ -1,0 +1,209 @@
+"""tools/generate.py on the tiny preset: T2V (MiniLM prompts), I2V (--image), V2V (--video) at several N from a
+training checkpoint, decoded through a tiny random Wan VAE; exact reproduction from --noise / --prompt-embeds;
+TP = 2 under torchrun equals TP = 1; bad inputs give errors naming the value. (Diffusers-export inputs and
+the equality with diffusers' AnyFlowPipeline: tests/test_pipeline_export.py.)
+
+The reference rollout here is written out by hand from the paper's update ``z_r = z_t - (t - r) u(z_t, t, r)``
+on the grid ``shift(linspace(1, 0, N + 1))`` (s = 5), in float32 arithmetic; the tool forms the update in
+float64 and rounds once, so the two differ by float32 rounding of the update only (measured 6e-8 at
+N = 3); we allow TOL = 5e-7. A wrong convention for the condition frames' r moves the result by ~6e-6
+on these tiny random models, so TOL separates the two.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import torchrun
+from test_pipeline_export import LATENT, VIDEO, load_tool, rel, tiny_stage1_checkpoint, tiny_vae
+
+TOL = 5e-7
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("gen")
+    ckpt = tiny_stage1_checkpoint(str(root / "ckpt"))
+    tiny_vae(str(root / "vae"))
+    from megatron_anyflow.training.model_io import load_for_inference
+
+    return {"root": root, "ckpt": ckpt, "vae": str(root / "vae"), "model": load_for_inference(ckpt, adapter="generator")}
+
+
+def generate(*argv):
+    return load_tool("generate").main([*map(str, argv), "--no-progress"])
+
+
+def hand_rollout(model, noise, text, n, cond=None, cond_r_zero=False):
+    """The paper's flow-map Euler rollout, written out; condition frames held clean with t = 0, r = step's r."""
+    grid = [5 * x / (1 + 4 * x) for x in torch.linspace(1, 0, n + 1, dtype=torch.float64).tolist()]
+    z = noise.clone()
+    fc = 0 if cond is None else cond.shape[1]
+    for t, r in zip(grid[:-1], grid[1:]):
+        if fc:
+            z[:, :fc] = cond
+        T = torch.full(z.shape[:2], t * 1000.0)
+        T[:, :fc] = 0.0
+        R = torch.full(z.shape[:2], r * 1000.0)
+        if cond_r_zero:
+            R[:, :fc] = 0.0
+        with torch.no_grad():
+            z = z - (t - r) * model(z, T, R, text)
+    if fc:
+        z[:, :fc] = cond
+    return z
+
+
+def test_t2v_minilm_prompts_several_n_videos_and_exact_reproduction(tiny, tmp_path):
+    out, lat = tmp_path / "out", tmp_path / "lat.safetensors"
+    prompts = ["a rabbit eats grass in a sunny garden", "waves break on a rocky shore"]
+    assert generate("--checkpoint", tiny["ckpt"], "--prompt", *prompts, "--num-videos", 2, "--vae", tiny["vae"],
+                    *VIDEO, "--steps", 1, 2, 4, "--seed", 3, "--output", out, "--save-latents", lat) == 0
+    saved = load_file(str(lat))
+    g = torch.Generator("cpu").manual_seed(3)
+    torch.testing.assert_close(saved["noise"], torch.randn(4, *LATENT, generator=g), rtol=0, atol=0)
+    text = saved["prompt_embeds"]
+    assert text.shape == (4, 32, 384) and torch.equal(text[0], text[1]) and not torch.equal(text[1], text[2])
+    for n in (1, 2, 4):
+        ref = hand_rollout(tiny["model"], saved["noise"], text, n)
+        assert rel(saved[f"steps_{n}"], ref) < TOL, (n, rel(saved[f"steps_{n}"], ref))
+    assert not torch.equal(saved["steps_1"][0], saved["steps_1"][1])  # two videos per prompt: two noises
+    # outputs: one labelled MP4 per N, lasting >= 4 s; the contact sheet; the run record
+    record = json.load(open(out / "generation.json"))
+    assert record["steps"] == [1, 2, 4] and record["prompts"] == [prompts[0]] * 2 + [prompts[1]] * 2
+    import av
+
+    for n in (1, 2, 4):
+        with av.open(str(out / f"steps_{n}.mp4")) as c:
+            frames = sum(1 for _ in c.decode(video=0))
+        assert frames >= 4 * record["fps"]
+    from PIL import Image
+
+    sheet = Image.open(out / "contact_sheet.png")
+    assert sheet.width > 4 * 48 and sheet.height > 3 * 32
+    # the saved noise and embeddings reproduce the run exactly
+    assert generate("--checkpoint", tiny["ckpt"], "--noise", lat, "--prompt-embeds", lat, "--codec", "none",
+                    "--steps", 4, 2, "--output", tmp_path / "again", "--save-latents", tmp_path / "again.safetensors") == 0
+    again = load_file(str(tmp_path / "again.safetensors"))
+    assert torch.equal(again["steps_4"], saved["steps_4"]) and torch.equal(again["steps_2"], saved["steps_2"])
+
+
+def test_i2v_image_first_frame_clean(tiny, tmp_path):
+    from PIL import Image
+
+    from megatron_anyflow.data.codecs import WanVAECodec
+
+    rgb = (np.random.default_rng(int(torch.randint(0, 10**6, (1,)))).random((32, 48, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "first.png")
+    text = torch.randn(1, 5, 384)
+    from safetensors.torch import save_file
+
+    save_file({"prompt_embeds": text}, str(tmp_path / "text.safetensors"))
+    for cr in ("step", "zero"):
+        assert generate("--checkpoint", tiny["ckpt"], "--prompt-embeds", tmp_path / "text.safetensors", "--image",
+                        tmp_path / "first.png", "--vae", tiny["vae"], *VIDEO, "--steps", 1, 3, "--condition-r", cr,
+                        "--output", tmp_path / cr, "--save-latents", tmp_path / f"{cr}.safetensors") == 0
+    saved = load_file(str(tmp_path / "step.safetensors"))
+    video = torch.from_numpy(rgb).float().div(127.5).sub(1).permute(2, 0, 1)[None, :, None]
+    cond = WanVAECodec(tiny["vae"], device="cpu").encode(video)
+    assert cond.shape == (1, 1, *LATENT[1:]) and torch.equal(saved["condition_frames"], cond)
+    for n in (1, 3):
+        assert torch.equal(saved[f"steps_{n}"][:, :1], cond)
+        ref = hand_rollout(tiny["model"], saved["noise"], saved["prompt_embeds"], n, cond)
+        assert rel(saved[f"steps_{n}"], ref) < TOL
+    zero = load_file(str(tmp_path / "zero.safetensors"))
+    ref0 = hand_rollout(tiny["model"], saved["noise"], saved["prompt_embeds"], 3, cond, cond_r_zero=True)
+    assert rel(zero["steps_3"], ref0) < TOL
+    # the condition frames' r reaches the model: the conventions differ by ~6e-6 here, 100x the rounding
+    assert rel(zero["steps_3"], saved["steps_3"]) > 10 * TOL
+
+
+def test_v2v_video_file_clean_prefix(tiny, tmp_path):
+    import av
+
+    from megatron_anyflow.data.codecs import WanVAECodec
+
+    rng = np.random.default_rng(int(torch.randint(0, 10**6, (1,))))
+    with av.open(str(tmp_path / "clip.mp4"), mode="w") as c:
+        s = c.add_stream("libx264", rate=8)
+        s.width, s.height, s.pix_fmt = 48, 32, "yuv420p"
+        for _ in range(9):
+            fr = av.VideoFrame.from_ndarray((rng.random((32, 48, 3)) * 255).astype(np.uint8), format="rgb24")
+            for p in s.encode(fr):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    assert generate("--checkpoint", tiny["ckpt"], "--prompt", "a cyclist on a road", "--video", tmp_path / "clip.mp4",
+                    "--condition-frames", 2, "--vae", tiny["vae"], *VIDEO, "--steps", 2, "--output", tmp_path / "o",
+                    "--save-latents", tmp_path / "l.safetensors") == 0
+    saved = load_file(str(tmp_path / "l.safetensors"))
+    with av.open(str(tmp_path / "clip.mp4")) as c:
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)][:5])  # 2 latent frames = 5 frames
+    video = torch.from_numpy(frames).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]
+    cond = WanVAECodec(tiny["vae"], device="cpu").encode(video)
+    assert cond.shape[1] == 2 and torch.equal(saved["steps_2"][:, :2], cond)
+    ref = hand_rollout(tiny["model"], saved["noise"], saved["prompt_embeds"], 2, cond)
+    assert rel(saved["steps_2"], ref) < TOL
+
+
+def test_tp2_generation_equals_tp1(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"noise": torch.randn(2, *LATENT), "prompt_embeds": torch.randn(2, 6, 384)}, str(tmp_path / "in.safetensors"))
+    common = ["--checkpoint", tiny["ckpt"], "--noise", tmp_path / "in.safetensors", "--prompt-embeds",
+              tmp_path / "in.safetensors", "--codec", "none", "--steps", 1, 4]
+    torchrun(["tools/generate.py", *map(str, common), "--tensor-model-parallel-size", "2", "--sequence-parallel",
+              "--output", str(tmp_path / "tp2"), "--save-latents", str(tmp_path / "tp2.safetensors"), "--no-progress"])
+    assert generate(*common, "--output", tmp_path / "tp1", "--save-latents", tmp_path / "tp1.safetensors") == 0
+    a, b = load_file(str(tmp_path / "tp1.safetensors")), load_file(str(tmp_path / "tp2.safetensors"))
+    for n in (1, 4):  # TP splits the matmuls' reductions: float32 rounding only (measured ~7e-8)
+        assert rel(b[f"steps_{n}"], a[f"steps_{n}"]) < 1e-6
+
+
+def test_bad_inputs_name_the_value(tiny, tmp_path, capsys):
+    from PIL import Image
+
+    def fails(*argv):
+        assert generate("--output", tmp_path / "o", *argv) == 2
+        return capsys.readouterr().err
+
+    base = ["--checkpoint", tiny["ckpt"], "--prompt", "a rabbit"]
+    err = fails(*base, "--adapter", "teacher", "--codec", "none", "--latent-shape", *LATENT)
+    assert "has no adapter 'teacher'" in err and "['generator']" in err
+    err = fails(*base, "--steps", 2, 0)
+    assert "--steps 0" in err
+    err = fails(*base, "--codec", "mpeg")
+    assert "unknown codec 'mpeg'" in err
+    Image.fromarray(np.zeros((32, 40, 3), np.uint8)).save(tmp_path / "small.png")
+    err = fails(*base, "--vae", tiny["vae"], *VIDEO, "--image", tmp_path / "small.png")
+    assert "small.png is 40x32 (width x height); expected 48x32" in err
+    err = fails(*base, "--vae", tiny["vae"], "--frames", 8, "--height", 32, "--width", 48)
+    assert "--frames 8" in err and "4k+1" in err
+    err = fails(*base, "--ema", "--adapter", "none", "--codec", "none", "--latent-shape", *LATENT)
+    assert "no EMA weights of 'model'" in err
+
+
+def test_sample_any_step_is_exact_for_the_exact_flow_map():
+    """Library level: with the Gaussian's exact average velocity every N gives the exact sample."""
+    from megatron_anyflow.anyflow.gaussian import GaussianData
+    from megatron_anyflow.anyflow.generation import GenerationError, check_steps, sample_any_step
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, (1,))))
+    data = GaussianData(torch.randn(1, 3, 4, 4, generator=g, dtype=torch.float64) * 0.3, 0.5)
+    noise = torch.randn(3, 2, 3, 4, 4, generator=g, dtype=torch.float64)
+    out = sample_any_step(data.exact_model(), noise, torch.zeros(3, 2, 4, dtype=torch.float64), [1, 3, 8],
+                          progress=False, batch_size=2)
+    exact = data.flow_map(noise, 1.0, 0.0)
+    for n in (1, 3, 8):  # the model sees float32 times (0..1000, spacing 6e-5): ~1e-8 error, far below 1e-6
+        torch.testing.assert_close(out[n], exact, rtol=0, atol=1e-6)
+    assert (out[1] - noise).abs().max() > 0.1  # it moved
+    with pytest.raises(GenerationError, match="--steps -1"):
+        check_steps([4, -1])
+    with pytest.raises(GenerationError, match="at least one"):
+        check_steps([])
