@@ -1,19 +1,28 @@
 #!/usr/bin/env bash
-# AnyFlow on Wan2.1-T2V-14B, multi-node torchrun (Megatron-style launch).
+# AnyFlow on Wan2.1-T2V-14B, multi-node torchrun (Megatron-style launch), one stage per call.
 #
-#   # on every node (NODE_RANK 0..NNODES-1):
-#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 GPUS_PER_NODE=8 STAGE=stage1 \
-#     PRETRAINED=ckpt/wan2.1-14b DATA_PATH=data/wan14b SAVE=ckpt/anyflow14b-stage1 \
-#     bash examples/pretrain_anyflow_14b.sh
-#   # stage 2 from stage 1:
-#   STAGE=stage2 STAGE1_CKPT=ckpt/anyflow14b-stage1 SAVE=ckpt/anyflow14b-stage2 ... bash examples/pretrain_anyflow_14b.sh
+# The reference's order (run each line on every node, NODE_RANK 0..NNODES-1; NNODES / MASTER_ADDR as usual):
+#   1. python tools/convert_from_hf.py --input Wan2.1-T2V-14B-Diffusers/transformer --output ckpt/wan2.1-t2v-14b \
+#        --add-delta-embedder
+#   2. python tools/prepare_dataset.py --codec wan-vae --text-encoder umt5 ... --output data/wan14b  (81x480x832)
+#   3. STAGE=teacher PRETRAINED=ckpt/wan2.1-t2v-14b DATA_PATH=data/wan14b SAVE=ckpt/anyflow14b-teacher \
+#        bash examples/pretrain_anyflow_14b.sh                # LoRA flow matching (reference: 4000 iterations)
+#   4. python tools/synthesize_dataset.py --teacher ckpt/anyflow14b-teacher --data-path data/wan14b \
+#        --output data/wan14b-synthetic --steps 50 --guidance 3       # teacher samples (paper 5.1)
+#   5. STAGE=stage1 TEACHER=ckpt/anyflow14b-teacher DATA_PATH=data/wan14b-synthetic SAVE=ckpt/anyflow14b-stage1 \
+#        bash examples/pretrain_anyflow_14b.sh
+#   6. STAGE=stage2 TEACHER=ckpt/anyflow14b-teacher STAGE1_CKPT=ckpt/anyflow14b-stage1 \
+#        DATA_PATH=data/wan14b-synthetic SAVE=ckpt/anyflow14b-stage2 bash examples/pretrain_anyflow_14b.sh
+#   7. python tools/convert_to_hf.py --input ckpt/anyflow14b-stage2 --output export/anyflow14b --merge-lora generator \
+#        --ema --dtype bf16
+# TEACHER (a LoRA teacher run, or a converted base) is the frozen base of stages 1 and 2: its EMA adapter is
+# merged, and in stage 2 it is the real score and the fake score's start. Without TEACHER, PRETRAINED is used.
+#
 #   # validate the launch on any machine (no GPU): sizes, parameter counts, per-GPU memory plan
 #   DRY_RUN=1 bash examples/pretrain_anyflow_14b.sh
 #   # throughput / smoke run without a dataset
 #   MOCK_DATA=1 bash examples/pretrain_anyflow_14b.sh
 #
-# Inputs: PRETRAINED = tools/convert_from_hf.py --input Wan2.1-T2V-14B-Diffusers/transformer --output ...
-#         DATA_PATH  = tools/prepare_dataset.py --codec wan-vae --text-encoder umt5 ... (81 x 480 x 832 clips)
 # Every setting below can be overridden from the environment. Extra arguments go to pretrain_anyflow.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,13 +44,14 @@ FP8_RECIPE=${FP8_RECIPE:-delayed}      # delayed | tensorwise | mxfp8 (Blackwell
 RECOMPUTE=${RECOMPUTE:-full}           # none | selective | full
 FRAMES=${FRAMES:-81}; HEIGHT=${HEIGHT:-480}; WIDTH=${WIDTH:-832}
 PRETRAINED=${PRETRAINED:-ckpt/wan2.1-t2v-14b}
+TEACHER=${TEACHER:-}
 STAGE1_CKPT=${STAGE1_CKPT:-}
 DATA_PATH=${DATA_PATH:-data/wan14b}
 SAVE=${SAVE:-ckpt/anyflow14b-$STAGE}
 MOCK_DATA=${MOCK_DATA:-0}
 DRY_RUN=${DRY_RUN:-0}
 case "$STAGE" in
-  teacher) ITERS=${ITERS:-2000}; LR=${LR:-5e-5} ;;
+  teacher) ITERS=${ITERS:-4000}; LR=${LR:-5e-5} ;;
   stage1)  ITERS=${ITERS:-4000}; LR=${LR:-5e-5} ;;
   stage2)  ITERS=${ITERS:-800};  LR=${LR:-2e-6} ;;
   *) echo "STAGE must be teacher, stage1 or stage2 (got $STAGE)" >&2; exit 2 ;;
@@ -59,7 +69,9 @@ if [ "$MOCK_DATA" = 1 ] || [ "$DRY_RUN" = 1 ]; then
 else
   ARGS+=(--data-path "$DATA_PATH")
 fi
-[ "$DRY_RUN" = 1 ] || [ -e "$PRETRAINED" ] && ARGS+=(--pretrained "$PRETRAINED")
+BASE_CKPT=$PRETRAINED
+[ "$STAGE" != teacher ] && [ -n "$TEACHER" ] && BASE_CKPT=$TEACHER
+[ "$DRY_RUN" = 1 ] || [ -e "$BASE_CKPT" ] && ARGS+=(--pretrained "$BASE_CKPT")
 [ "$STAGE" = stage2 ] && [ -n "$STAGE1_CKPT" ] && ARGS+=(--init-adapters-from "$STAGE1_CKPT")
 
 if [ "$DRY_RUN" = 1 ]; then

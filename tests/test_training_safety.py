@@ -13,7 +13,7 @@ from megatron_anyflow.models.wan.config import wan_config
 from megatron_anyflow.models.wan.model import WanModel
 from megatron_anyflow.training import checkpointing as ckpt
 from megatron_anyflow.training.arguments import parse_args
-from megatron_anyflow.training.model_io import load_for_inference
+from megatron_anyflow.training.model_io import load_as_model, load_for_inference
 from megatron_anyflow.training.nan_guard import NonFiniteTrainingError
 from megatron_anyflow.training.trainer import Trainer
 
@@ -187,8 +187,11 @@ def test_lora_teacher_recipe_end_to_end(tmp_path):
     base, teacher = str(tmp_path / "base"), str(tmp_path / "teacher")
     s1, s2 = str(tmp_path / "stage1"), str(tmp_path / "stage2")
     make("teacher", "--lora-rank", "0", "--train-iters", "1", "--save", base).train()  # a full base
-    make("teacher", "--pretrained", base, "--train-iters", "2", "--save", teacher).train()
-    merged_teacher = load_for_inference(teacher, adapter="teacher")  # base + teacher LoRA (no delta embedder)
+    # EMA from iteration 0 so the teacher's EMA and live adapters differ: the reference merges the EMA.
+    make("teacher", "--pretrained", base, "--train-iters", "3", "--ema-start-iter", "0", "--lr", "1e-2",
+         "--save", teacher).train()
+    merged_teacher = load_for_inference(teacher, adapter="teacher", ema=True)  # base + EMA teacher LoRA
+    live_teacher = load_for_inference(teacher, adapter="teacher")
     plain_base = load_for_inference(base)
 
     g = torch.Generator().manual_seed(5)
@@ -197,6 +200,8 @@ def test_lora_teacher_recipe_end_to_end(tmp_path):
     T = to_model_scale(torch.rand(2, 3, generator=g))
     ref = _out(merged_teacher, z, T, T, text)
     assert _rel(_out(plain_base, z, T, T, text), ref) > 1e-3  # the teacher LoRA moved the model
+    assert _rel(_out(live_teacher, z, T, T, text), ref) > 1e-4  # and EMA != live
+    assert _rel(_out(load_as_model(teacher), z, T, T, text), ref) < 1e-6  # "the teacher" as a model
 
     # Stage 1 on the LoRA teacher: its base is the merged teacher, exactly, at t = r (delta = copy).
     tr1 = make("stage1", "--pretrained", teacher, "--train-iters", "2", "--save", s1)

@@ -18,8 +18,11 @@ import time
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", required=True, help="teacher checkpoint (full model)")
-    p.add_argument("--teacher-adapter", default=None, help="merge this adapter of --teacher (LoRA teacher)")
+    p.add_argument("--teacher", required=True,
+                   help="teacher checkpoint: converted, full, or a LoRA teacher run (its EMA adapter is merged into "
+                        "the base it records)")
+    p.add_argument("--teacher-adapter", default=None,
+                   help="instead merge this adapter of --teacher (live weights; e.g. a stage-1 'generator')")
     p.add_argument("--data-path", required=True, help="dataset whose prompts are used")
     p.add_argument("--output", required=True)
     p.add_argument("--samples-per-prompt", type=int, default=1)
@@ -43,13 +46,14 @@ def main(argv=None):
     from megatron_anyflow.data.latent_dataset import LatentDataset, write_latent_dataset
     from megatron_anyflow.parallel.state import initialize_parallel
     from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
-    from megatron_anyflow.training.model_io import load_for_inference
+    from megatron_anyflow.training.model_io import load_as_model, load_for_inference
 
     enable_megatron_cpu_compat()
     initialize_parallel(1)
     t0 = time.time()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    teacher = load_for_inference(args.teacher, adapter=args.teacher_adapter).to(device)
+    teacher = (load_for_inference(args.teacher, adapter=args.teacher_adapter) if args.teacher_adapter
+               else load_as_model(args.teacher)).to(device)
     ds = LatentDataset(args.data_path)
     neg = ds.negative_text.to(device)
     n = len(ds) * args.samples_per_prompt

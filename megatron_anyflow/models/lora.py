@@ -48,6 +48,9 @@ DEFAULT_TARGETS = (
     "condition_embedder.delta_embedder.linear_1",
     "condition_embedder.delta_embedder.linear_2",
 )
+# The teacher's LoRA fine-tune (reference teacher config): attention q/k/v/o and FFN only; the time
+# embedder stays the base's, so a merged teacher keeps the converted model's timestep conditioning.
+TEACHER_TARGETS = DEFAULT_TARGETS[:4]
 
 
 def _kind(base: nn.Module) -> str:

@@ -6,9 +6,10 @@ trained on (``meta["pretrained"]``); a converted or full fine-tuned checkpoint s
 
 What a checkpoint *is* as a base (``--pretrained``, or the recorded base of a later run): a converted or
 full checkpoint is its weights; a LoRA **teacher** checkpoint (``--stage teacher --lora-rank R``) is its
-own base with the ``teacher`` adapter merged (the reference's LoRA-teacher recipe: the fine-tuned teacher
-is then the real score and the fake score's start); a stage-1 / stage-2 LoRA checkpoint is the base it was
-trained on (its generator / fake-score adapters are students, merged only on request).
+own base with the ``teacher`` adapter's **EMA** weights merged (the reference's LoRA-teacher recipe loads
+the teacher with ``pretrained_weight: ema``; the fine-tuned teacher is then the real score and the fake
+score's start); a stage-1 / stage-2 LoRA checkpoint is the base it was trained on (its generator /
+fake-score adapters are students, merged only on request).
 """
 
 from __future__ import annotations
@@ -45,16 +46,27 @@ def load_as_base(model: WanModel, path: str) -> str:
     """Fill ``model`` with what the checkpoint at ``path`` is as a base (module docstring): its weights,
     following recorded bases, with a LoRA teacher's adapter merged. Returns the checkpoint directory."""
     d = ckpt.resolve_checkpoint_dir(path)
-    return load_base(model, d, merge_adapter=represented_adapter(ckpt.read_meta(d)))
+    return load_base(model, d, merge_adapter=represented_adapter(ckpt.read_meta(d)), merge_ema=True)
 
 
-def load_base(model: WanModel, path: str, merge_adapter: Optional[str] = None) -> str:
+def load_as_model(path: str, **config_overrides) -> WanModel:
+    """A `WanModel` (TP = 1, eval mode) holding what the checkpoint at ``path`` is as a base: e.g. the
+    teacher for sampling or synthesising data from a converted, full or LoRA-teacher checkpoint."""
+    d = ckpt.resolve_checkpoint_dir(path)
+    meta = ckpt.read_meta(d)
+    model = WanModel(wan_config(None, **meta["wan_config"], perform_initialization=False, **config_overrides))
+    load_as_base(model, d)
+    return model.eval()
+
+
+def load_base(model: WanModel, path: str, merge_adapter: Optional[str] = None, merge_ema: bool = False) -> str:
     """Fill ``model``'s base weights from ``path`` (a checkpoint root or directory).
 
     If the checkpoint holds the whole model, it is loaded directly; if it only holds adapters, its
     ``pretrained`` base is loaded first, recursively as a base (`load_as_base`: a LoRA teacher recorded as
     the base has its adapter merged). ``merge_adapter``: an adapter of this checkpoint to merge into the
-    base (e.g. a LoRA-fine-tuned ``teacher``). A base without a delta embedder gets one
+    base (e.g. a LoRA-fine-tuned ``teacher``), with its EMA weights when ``merge_ema`` and the checkpoint
+    has them (live weights otherwise). A base without a delta embedder gets one
     as a copy of the time embedder when the model has one. The model must not be LoRA-wrapped.
 
     Raises:
@@ -85,7 +97,9 @@ def load_base(model: WanModel, path: str, merge_adapter: Optional[str] = None) -
             torch.equal(a, b) for a, b in zip(ce.delta_embedder.state_dict().values(),
                                               ce.time_embedder.state_dict().values()))
         L.apply_lora(model, [merge_adapter], lora["rank"], lora["alpha"], targets=lora["targets"])
-        _load_adapter_tensors(model, d)
+        has_ema = merge_ema and any(k.startswith(f"ema.{merge_adapter}.")
+                                    for k in dist_checkpointing.load_tensors_metadata(d).keys())
+        _load_adapter_tensors(model, d, ema=merge_adapter if has_ema else None, adapters=[merge_adapter])
         L.merge_adapter(model, merge_adapter)
         L.remove_lora(model)
         if delta_is_copy:

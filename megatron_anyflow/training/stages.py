@@ -46,6 +46,7 @@ class Stage(abc.ABC):
     """Base: LoRA set-up (or full fine-tuning) for one trainable adapter; subclasses give `loss`."""
 
     adapter: str = "generator"
+    targets = L.DEFAULT_TARGETS  # the LoRA-wrapped linears (fnmatch patterns over module paths)
 
     def __init__(self, trainer):
         self.t = trainer
@@ -56,7 +57,7 @@ class Stage(abc.ABC):
     def setup_lora(self, adapters: List[str]) -> None:
         model, args = self.t.model, self.args
         if args.lora_rank > 0:
-            L.apply_lora(model, adapters, args.lora_rank, args.lora_alpha, seed=args.seed)
+            L.apply_lora(model, adapters, args.lora_rank, args.lora_alpha, targets=self.targets, seed=args.seed)
             L.set_active_adapter(model, adapters[0])
             self.adapters = list(adapters)
         else:
@@ -67,7 +68,7 @@ class Stage(abc.ABC):
         if not self.adapters:
             return None
         return {"rank": self.args.lora_rank, "alpha": self.args.lora_alpha, "adapters": self.adapters,
-                "targets": list(L.DEFAULT_TARGETS)}
+                "targets": list(self.targets)}
 
     def group_params(self, adapter: Optional[str]) -> Dict[str, torch.nn.Parameter]:
         if adapter is None or not self.adapters:
@@ -139,6 +140,7 @@ class TeacherStage(Stage):
     """Flow-matching fine-tuning of the teacher (single-time: r = t)."""
 
     adapter = "teacher"
+    targets = L.TEACHER_TARGETS
 
     def __init__(self, trainer):
         super().__init__(trainer)
