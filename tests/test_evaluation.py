@@ -38,3 +38,71 @@ def test_exact_student_matches_reference_at_every_step_count(tmp_path):
     with av.open(video) as c:
         assert sum(1 for _ in c.decode(video=0)) == 4
     assert abs(psnr(0.04) - 10 * torch.log10(torch.tensor(4 / 0.04)).item()) < 1e-9
+
+
+def test_loop_schedule_makes_short_clips_last():
+    from megatron_anyflow.anyflow.evaluation import loop_schedule
+
+    assert loop_schedule(5, 8, 6.0) == (2, 5)  # 5 frames held twice = 1.25 s per pass, 5 passes = 6.25 s
+    assert loop_schedule(81, 16, 4.0) == (1, 1)  # a 5 s Wan clip is shown as is
+    for f, fps, sec in [(1, 8, 4.0), (9, 8, 6.0), (17, 16, 3.0)]:
+        hold, rep = loop_schedule(f, fps, sec)
+        assert f * hold >= fps and f * hold * rep >= sec * fps and f * hold * (rep - 1) < sec * fps
+
+
+def test_evaluation_tool_writes_labelled_samples(tmp_path):
+    """tools/evaluate_anyflow.py on a tiny pixel-codec dataset: samples.mp4 lasts >= --video-seconds with a
+    labelled layout (rows = reference / student N / teacher N, columns = the dataset's captions), samples.png."""
+    import importlib.util
+    import os
+
+    import av
+    from PIL import Image
+
+    from megatron_anyflow.data.codecs import PixelCodec
+    from megatron_anyflow.data.latent_dataset import MockLatentDataset, write_latent_dataset
+    from megatron_anyflow.training.arguments import parse_args
+    from megatron_anyflow.training.trainer import Trainer
+
+    shape = (3, 48, 2, 4)  # pixel codec (4 x 4 space-to-depth): 3 frames of 8 x 16
+    common = ["--mock-data", "--mock-num-samples", "4", "--mock-latent-shape", *map(str, shape), "--model-preset",
+              "tiny-video", "--micro-batch-size", "2", "--train-iters", "1", "--log-interval", "100"]
+    Trainer(parse_args(["--stage", "teacher", *common, "--lora-rank", "0", "--save", str(tmp_path / "teacher")]),
+            log=lambda *a, **k: None).train()
+    Trainer(parse_args(["--stage", "stage1", *common, "--lora-rank", "4", "--lora-alpha", "4", "--pretrained",
+                        str(tmp_path / "teacher"), "--save", str(tmp_path / "student")]), log=lambda *a, **k: None).train()
+    mock = MockLatentDataset(3, shape, 5, 384, seed=3)
+    captions = ["a rabbit eats grass", "waves on a rocky shore", "a cyclist on a country road"]
+    write_latent_dataset(str(tmp_path / "data"), torch.stack([mock[i][0] for i in range(3)]),
+                         torch.stack([mock[i][1] for i in range(3)]), mock.negative_text,
+                         {"codec": PixelCodec().config(), "video": {"fps": 8}})
+    index = json.load(open(tmp_path / "data" / "index.json"))
+    index["shards"][0]["samples"] = [{"caption": c} for c in captions]
+    json.dump(index, open(tmp_path / "data" / "index.json", "w"))
+    spec = importlib.util.spec_from_file_location("evaluate_anyflow", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "evaluate_anyflow.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "eval"
+    assert tool.main(["--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"), "--data-path",
+                      str(tmp_path / "data"), "--output", str(out), "--steps", "1", "2", "--reference-steps", "4",
+                      "--num-samples", "3", "--video-steps", "1", "2", "--guidance", "1", "--video-seconds", "5"]) == 0
+    with av.open(str(out / "samples.mp4")) as c:
+        n_frames = sum(1 for _ in c.decode(video=0))
+        rate = c.streams.video[0].average_rate
+    assert n_frames / float(rate) >= 5.0
+    sheet = Image.open(out / "samples.png")
+    assert sheet.width > 3 * 3 * 16 and sheet.height > 5 * 8  # 3 columns of 3-frame strips, 5 rows
+    paths = json.load(open(out / "outputs.json"))
+    assert paths["video"].endswith("samples.mp4") and paths["contact_sheet"].endswith("samples.png")
+
+
+def test_row_labels_and_captions():
+    from megatron_anyflow.anyflow.evaluation import dataset_captions, sample_row_labels
+
+    samples = {k: None for k in ("teacher-50", "student-1", "teacher-1", "student-4", "teacher-4")}
+    labels = sample_row_labels(samples, 50, [1, 4], 3.0)
+    assert list(labels.values()) == ["teacher 50 steps (reference, CFG 3)", "AnyFlow student 1 step",
+                                     "teacher 1 step (CFG 3)", "AnyFlow student 4 steps", "teacher 4 steps (CFG 3)"]
+    index = {"shards": [{"num_samples": 2, "samples": [{"caption": "a"}, {"caption": "b"}]}, {"num_samples": 2}]}
+    assert dataset_captions(index, [1, 2, 3]) == ["b", "sample 2", "sample 3"]

@@ -7,8 +7,9 @@
 From the same noise and prompts (taken from the dataset), the student's N-step flow-map Euler samples
 and the teacher's N-step Euler ODE samples (CFG with the dataset's negative prompt) are compared with the
 teacher's ``--reference-steps``-step ODE samples. Writes ``scaling.json``, ``scaling.md`` (table),
-``scaling.png`` (quality vs steps) and ``samples.mp4`` (rows: teacher reference, student at some N,
-teacher at the same N; columns: prompts). With ``--diffusers-export DIR`` it also loads an export made by
+``scaling.png`` (quality vs steps), ``samples.mp4`` and ``samples.png`` (labelled: rows = teacher
+reference, student at each ``--video-steps`` N, teacher at the same N; columns = the prompts; the clip
+looped to last ``--video-seconds``). With ``--diffusers-export DIR`` it also loads an export made by
 ``tools/convert_to_hf.py`` in diffusers and checks one sampling step (``AnyFlowTransformer3DModel`` +
 ``FlowMapEulerDiscreteScheduler``) against this project's sampler.
 """
@@ -34,6 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--shift", type=float, default=5.0)
     p.add_argument("--num-samples", type=int, default=8)
     p.add_argument("--video-steps", type=int, nargs="+", default=[1, 4], help="N shown in the MP4 grid")
+    p.add_argument("--video-seconds", type=float, default=6.0, help="loop the sample clips to last this long")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--diffusers-export", default=None, help="diffusers export of the student to check one step")
     return p.parse_args(argv)
@@ -46,7 +48,8 @@ def main(argv=None):
     warnings.filterwarnings("ignore")
     import torch
 
-    from megatron_anyflow.anyflow.evaluation import evaluate_test_time_scaling, write_report, write_video_grid
+    from megatron_anyflow.anyflow.evaluation import (dataset_captions, evaluate_test_time_scaling, write_report,
+                                                     write_sample_pictures)
     from megatron_anyflow.data.latent_dataset import LatentDataset
     from megatron_anyflow.parallel.state import initialize_parallel
     from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
@@ -75,10 +78,9 @@ def main(argv=None):
     print(result.markdown(), flush=True)
     if decode is not None:
         fps = int(round(ds.index.get("video", {}).get("fps", 8)))
-        rows = {k: decode(v) for k, v in samples.items()}
-        order = [f"teacher-{args.reference_steps}"] + [f"{m}-{s}" for s in args.video_steps for m in ("student", "teacher")]
-        paths["video"] = write_video_grid({k: rows[k] for k in order if k in rows},
-                                          os.path.join(args.output, "samples.mp4"), fps=fps)
+        paths.update(write_sample_pictures(samples, decode, args.output, dataset_captions(ds.index, idx),
+                                           args.reference_steps, args.video_steps, args.guidance, fps=fps,
+                                           min_seconds=args.video_seconds))
     if args.diffusers_export:
         err = check_diffusers_one_step(args.diffusers_export, student, noise[:2], text[:2], args.shift)
         paths["diffusers_one_step_rel_error"] = err

@@ -215,12 +215,13 @@ def loop_schedule(num_frames: int, fps: int, min_seconds: float) -> Tuple[int, i
 
 
 def write_labelled_video(rows: Dict[str, torch.Tensor], path: str, column_labels: Optional[Sequence[str]] = None,
-                         title: str = "", fps: int = 8, min_seconds: float = 4.0, scale: int = 2) -> str:
+                         title: str = "", fps: int = 8, min_seconds: float = 4.0, scale: Optional[int] = None) -> str:
     """A labelled MP4 grid: one row per entry of ``rows`` (label -> video ``[b, 3, f, H, W]`` in [-1, 1]),
     one column per sample; row labels on the left, ``column_labels`` (e.g. prompts, wrapped) on top, and
     ``title`` plus a frame counter in a header. Clips shorter than the longest row hold their last frame.
     Short clips are slowed and looped to last at least ``min_seconds`` (:func:`loop_schedule`). Cells
-    are upscaled ``scale`` x (nearest). H.264 (yuv420p, even size) via PyAV. Returns ``path``.
+    are upscaled ``scale`` x (nearest; default: the smallest factor making a cell >= 160 px wide). Text is
+    drawn with PIL's default font. H.264 (yuv420p, even size) via PyAV. Returns ``path``.
 
     Raises:
         ValueError: empty ``rows``, rows of different b / H / W, ``column_labels`` of the wrong length.
@@ -233,22 +234,28 @@ def write_labelled_video(rows: Dict[str, torch.Tensor], path: str, column_labels
     if column_labels is not None and len(column_labels) != b:
         raise ValueError(f"{len(column_labels)} column labels for {b} samples per row")
     vids = {k: _to_uint8(v) for k, v in rows.items()}
+    scale = scale or max(1, math.ceil(160 / W))
     ch, cw = H * scale, W * scale
-    font = _font(12)
-    left = max(90, 7 * max(len(k) for k in rows) // 2 + 12)
-    left = min(left, 200)
-    labels = [_wrap(str(c), cw, 6.5, 3) for c in (column_labels or [])]
-    head = 22 + (14 * max((s.count("\n") + 1 for s in labels), default=0) + 6 if labels else 0)
-    pad = 4
-    Wt, Ht = left + b * (cw + pad), head + len(rows) * (ch + pad)
+    font, line, pad = _font(12), 15, 6
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
+    row_text = [_wrap(k, 170, 7.0, 3) for k in rows]
+    left = int(max(measure(ln, font=font) for t in row_text for ln in t.split("\n"))) + 2 * pad
+    col_text = [_wrap(str(c), cw, 7.0, 3) for c in (column_labels or [])]
+    col_h = line * max((t.count("\n") + 1 for t in col_text), default=0)
+    head = line + pad + (col_h + pad if col_text else 0)
+    row_h = [max(ch, line * (t.count("\n") + 1)) for t in row_text]
+    full_title = f"{title}   frame {f}/{f}".strip()
+    Wt = max(left + b * (cw + pad), int(measure(full_title, font=font)) + 2 * pad)
+    Ht = head + sum(h + pad for h in row_h)
     Wt, Ht = Wt + Wt % 2, Ht + Ht % 2
     base = Image.new("RGB", (Wt, Ht), (255, 255, 255))
     draw = ImageDraw.Draw(base)
-    for j, s in enumerate(labels):
-        draw.multiline_text((left + j * (cw + pad), 22), s, fill=(0, 0, 0), font=font, spacing=2)
-    for i, k in enumerate(rows):
-        y = head + i * (ch + pad)
-        draw.multiline_text((4, y + ch // 2 - 8), _wrap(k, left - 8, 6.5, 3), fill=(0, 0, 0), font=font, spacing=2)
+    for j, t in enumerate(col_text):
+        draw.multiline_text((left + j * (cw + pad), line + pad), t, fill=(0, 0, 0), font=font, spacing=3)
+    ys = [head + sum(h + pad for h in row_h[:i]) for i in range(len(rows))]
+    for y, h, t in zip(ys, row_h, row_text):
+        n_lines = t.count("\n") + 1
+        draw.multiline_text((pad, y + (h - line * n_lines) // 2), t, fill=(0, 0, 0), font=font, spacing=3)
     hold, repeats = loop_schedule(f, fps, min_seconds)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with av.open(path, mode="w") as container:
@@ -257,13 +264,12 @@ def write_labelled_video(rows: Dict[str, torch.Tensor], path: str, column_labels
         for _ in range(repeats):
             for t in range(f):
                 img = base.copy()
-                d = ImageDraw.Draw(img)
-                d.text((4, 4), f"{title}   frame {t + 1}/{f}".strip(), fill=(0, 0, 0), font=font)
-                for i, v in enumerate(vids.values()):
+                ImageDraw.Draw(img).text((pad, 2), f"{title}   frame {t + 1}/{f}".strip(), fill=(0, 0, 0), font=font)
+                for y, h, v in zip(ys, row_h, vids.values()):
                     fr = v[:, min(t, v.shape[1] - 1)]  # b, H, W, 3
                     for j in range(b):
                         cell = Image.fromarray(fr[j].numpy()).resize((cw, ch), Image.NEAREST)
-                        img.paste(cell, (left + j * (cw + pad), head + i * (ch + pad)))
+                        img.paste(cell, (left + j * (cw + pad), y + (h - ch) // 2))
                 frame = av.VideoFrame.from_ndarray(np.asarray(img), format="rgb24")
                 for _h in range(hold):
                     for packet in stream.encode(frame):
@@ -320,3 +326,40 @@ def write_contact_sheet(rows: Dict[str, torch.Tensor], path: str, column_labels:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def dataset_captions(index: dict, indices: Sequence[int]) -> List[str]:
+    """Captions of dataset samples ``indices`` from a ``LatentDataset`` index (``shards[k].samples[j].caption``,
+    in sample order); ``"sample i"`` where the dataset records none (mock or synthesised data)."""
+    flat: List[Optional[str]] = []
+    for shard in index.get("shards", []):
+        samples = shard.get("samples")
+        flat.extend([s.get("caption") for s in samples] if samples else [None] * int(shard.get("num_samples", 0)))
+    return [flat[i] if i < len(flat) and flat[i] else f"sample {i}" for i in indices]
+
+
+def sample_row_labels(samples: Dict[str, torch.Tensor], reference_steps: int, video_steps: Sequence[int],
+                      guidance: float) -> Dict[str, str]:
+    """Row label per sample key of :func:`evaluate_test_time_scaling` (``teacher-50``, ``student-4`` ...),
+    in display order: the reference, then student and teacher at each N."""
+    cfg = "no CFG" if guidance == 1.0 else f"CFG {guidance:g}"
+    order = [(f"teacher-{reference_steps}", f"teacher {reference_steps} steps (reference, {cfg})")]
+    for n in video_steps:
+        s = "step" if n == 1 else "steps"
+        order += [(f"student-{n}", f"AnyFlow student {n} {s}"), (f"teacher-{n}", f"teacher {n} {s} ({cfg})")]
+    return {k: label for k, label in order if k in samples}
+
+
+def write_sample_pictures(samples: Dict[str, torch.Tensor], decode: Callable[[torch.Tensor], torch.Tensor],
+                          out_dir: str, captions: Sequence[str], reference_steps: int, video_steps: Sequence[int],
+                          guidance: float, fps: int = 8, min_seconds: float = 6.0) -> Dict[str, str]:
+    """The evaluation's pictures: ``samples.mp4`` (labelled grid, rows = reference / student N / teacher N,
+    columns = prompts, looped to last >= ``min_seconds``) and ``samples.png`` (the same as a contact sheet).
+    ``samples``: name -> latents ``[b, f, c, h, w]``; ``decode``: latents -> video ``[b, 3, F, H, W]`` in [-1, 1]."""
+    labels = sample_row_labels(samples, reference_steps, video_steps, guidance)
+    rows = {label: decode(samples[k]) for k, label in labels.items()}
+    title = "AnyFlow student vs teacher, same noise and prompts"
+    return {"video": write_labelled_video(rows, os.path.join(out_dir, "samples.mp4"), captions, title=title, fps=fps,
+                                          min_seconds=min_seconds),
+            "contact_sheet": write_contact_sheet(rows, os.path.join(out_dir, "samples.png"), captions,
+                                                 title=title + " (rows: method and sampling steps)")}
