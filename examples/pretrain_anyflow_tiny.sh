@@ -92,4 +92,9 @@ python tools/evaluate_anyflow.py --teacher "$OUT/ckpt/teacher" --student "$OUT/c
   --data-path "$OUT/data" --output "$OUT/eval" --steps 1 2 4 8 16 32 --num-samples "$EVAL_SAMPLES" \
   --diffusers-export "$OUT/export"
 
-step "done: $OUT/eval/scaling.md, scaling.png, samples.mp4; diffusers model in $OUT/export"
+step "done: $OUT/eval/scaling.md, scaling.png, samples.mp4, samples.png; diffusers model in $OUT/export"
+echo
+echo "Sample the student at any number of steps (one MP4 per N, a contact sheet, in $OUT/generate):"
+echo "  python tools/generate.py --checkpoint $OUT/ckpt/stage2 --ema --prompt \"A big fat grey cartoon rabbit steps out" \
+  "of his burrow on a grassy green hillside.\" \"Busy city streets on a cloudy day, a cyclist rides by.\"" \
+  "--steps 1 2 4 8 --output $OUT/generate"
