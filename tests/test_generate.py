@@ -11,8 +11,6 @@ on these tiny random models, so TOL separates the two.
 """
 
 import json
-import os
-import sys
 
 import numpy as np
 import pytest

@@ -103,8 +103,6 @@ def run(args):
     from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
 
     steps = G.check_steps(args.steps)
-    if args.num_videos < 1:
-        raise G.GenerationError(f"--num-videos {args.num_videos}: must be >= 1")
     if args.image and args.video:
         raise G.GenerationError("give --image (image-to-video) or --video (video-to-video), not both")
     if not torch.cuda.is_available():
@@ -115,75 +113,33 @@ def run(args):
     t0 = time.time()
     log = (lambda s: print(f"[{time.time() - t0:6.1f}s] {s}", flush=True)) if rank == 0 else (lambda s: None)
 
-    # 1. model
+    # 1. model, and the dataset its run recorded (codec, text encoder, sizes)
     lm = G.load_model(args.checkpoint, adapter=args.adapter, ema=args.ema,
                       tensor_model_parallel_size=args.tensor_model_parallel_size,
                       context_parallel_size=args.context_parallel_size, sequence_parallel=args.sequence_parallel,
                       bf16=args.bf16, device=device)
     shift = args.shift if args.shift is not None else lm.shift
-    log(f"model: {lm.kind} {lm.path}" + (f", adapter {lm.adapter!r}" if lm.adapter else "")
-        + (" (EMA)" if lm.ema else "") + f", shift {shift:g}, TP {args.tensor_model_parallel_size}, "
-        f"CP {args.context_parallel_size}")
+    log(f"model: {lm.kind} {lm.path}" + (f", adapter {lm.adapter!r}" if lm.adapter else "") + (" (EMA)" if lm.ema else "")
+        + f", shift {shift:g}, TP {args.tensor_model_parallel_size}, CP {args.context_parallel_size}")
     index = G.dataset_index(args.data_path or lm.data_path)
-    video_cfg = index.get("video") or {}
 
     # 2. codec and sizes
     codec = G.resolve_codec(args.codec, args.vae, index, lm.pipeline_dir, lm.in_channels)
-    if codec is not None:
-        height = args.height or video_cfg.get("height") or (480 if codec.name == "wan-vae" else None)
-        width = args.width or video_cfg.get("width") or (832 if codec.name == "wan-vae" else None)
-        frames = args.frames or video_cfg.get("num_frames") or (81 if codec.name == "wan-vae" else None)
-        if not (height and width and frames):
-            raise G.GenerationError("the video size is unknown (no dataset recorded by the checkpoint): pass "
-                                    "--height, --width and --frames")
-        latent_shape = G.latent_shape_for(codec, frames, height, width)
-    else:
-        height = width = frames = None
-        latent_shape = tuple(args.latent_shape) if args.latent_shape else None
-    fps = args.fps or int(round(video_cfg.get("fps", 16 if codec is not None and codec.name == "wan-vae" else 8)))
+    height, width, frames, latent_shape = G.video_size(codec, index, args.height, args.width, args.frames,
+                                                       args.latent_shape)
+    wan = codec is not None and codec.name == "wan-vae"
+    fps = args.fps or int(round((index.get("video") or {}).get("fps", 16 if wan else 8)))
 
-    # 3. text
+    # 3. text, 4. noise (prompt-major: prompt 0 video 0, prompt 0 video 1, ...)
     prompts = list(args.prompt or [])
     if args.prompt_file:
         with open(args.prompt_file) as f:
             prompts += [ln.strip() for ln in f if ln.strip()]
-    if args.prompt_embeds:  # one row per prompt (a --save-latents file: one per sample; use --num-videos 1)
-        text = G.load_prompt_embeds(args.prompt_embeds, lm.text_dim)
-        if prompts and len(prompts) != text.shape[0]:
-            raise G.GenerationError(f"{len(prompts)} prompt(s) given as captions for {text.shape[0]} embedding(s) "
-                                    f"in {args.prompt_embeds}")
-        prompts = prompts or [f"prompt {i} of {os.path.basename(args.prompt_embeds)}" for i in range(text.shape[0])]
-        log(f"prompt embeddings {tuple(text.shape)} from {args.prompt_embeds}")
-    else:
-        if not prompts:
-            raise G.GenerationError("no prompt: pass --prompt TEXT [TEXT ...], --prompt-file FILE or "
-                                    "--prompt-embeds FILE")
-        enc = G.resolve_text_encoder(args.text_encoder, args.text_encoder_path, args.tokenizer, args.text_max_length,
-                                     index, lm.pipeline_dir, lm.text_dim, device=device)
-        text = enc.encode(prompts)
-        log(f"encoded {len(prompts)} prompt(s) with {enc.name} ({enc.path}, L={enc.max_length})")
-    # prompt-major: prompt 0 video 0, prompt 0 video 1, ..., prompt 1 video 0, ...
-    captions = [p for p in prompts for _ in range(args.num_videos)]
-    text = text.repeat_interleave(args.num_videos, dim=0)
-    n = text.shape[0]
-
-    # 4. noise
-    if args.noise:
-        noise = G.load_noise(args.noise)
-        if noise.shape[0] != n:
-            raise G.GenerationError(f"{args.noise} holds {noise.shape[0]} noise sample(s); this run has {n} "
-                                    f"({len(captions)} prompt x video)")
-        if latent_shape is not None and tuple(noise.shape[1:]) != tuple(latent_shape):
-            raise G.GenerationError(f"{args.noise}: noise {tuple(noise.shape)} does not match latents "
-                                    f"{tuple(latent_shape)} of --frames {frames} --height {height} --width {width}")
-        latent_shape = tuple(noise.shape[1:])
-    else:
-        if latent_shape is None:
-            raise G.GenerationError("no codec and no latent size: pass --codec / --vae, or --latent-shape F C H W, "
-                                    "or --noise FILE")
-        noise = G.make_noise(n, latent_shape, args.seed)
-    if latent_shape[1] != lm.in_channels:
-        raise G.GenerationError(f"latents have {latent_shape[1]} channels; the model expects {lm.in_channels}")
+    text, captions = G.prompt_embeddings(
+        prompts, args.prompt_embeds, args.num_videos, lm.text_dim, log=log,
+        encoder=lambda: G.resolve_text_encoder(args.text_encoder, args.text_encoder_path, args.tokenizer,
+                                               args.text_max_length, index, lm.pipeline_dir, lm.text_dim, device))
+    noise = G.initial_noise(text.shape[0], latent_shape, args.seed, args.noise, lm.in_channels)
 
     # 5. condition frames (I2V / V2V)
     cond = None
@@ -191,15 +147,12 @@ def run(args):
         cond = G.image_condition(args.image, codec, height, width)
         log(f"image-to-video: {args.image} -> 1 clean latent frame")
     elif args.video:
-        cond = G.video_condition(args.video, codec, height, width, latent_shape[0], args.condition_frames)
+        cond = G.video_condition(args.video, codec, height, width, noise.shape[1], args.condition_frames)
         log(f"video-to-video: {args.video} -> {cond.shape[1]} clean latent frame(s)")
 
     # 6. sample
-    model = lm.model
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    text_d = text.to(device, dtype)
-    log(f"sampling {n} video(s) of latents {tuple(latent_shape)} at N = {steps}")
-    samples = G.sample_any_step(model, noise.to(device), text_d, steps, shift=shift,
+    log(f"sampling {noise.shape[0]} video(s) of latents {tuple(noise.shape[1:])} at N = {steps}")
+    samples = G.sample_any_step(lm.model, noise.to(device), text.to(device, lm.model.dtype), steps, shift=shift,
                                 condition_frames=None if cond is None else cond.to(device),
                                 condition_r=args.condition_r, batch_size=args.batch_size,
                                 progress=rank == 0 and not args.no_progress)
@@ -211,33 +164,22 @@ def run(args):
     paths = {}
     if args.save_latents:
         paths["latents"] = G.save_run_tensors(args.save_latents, samples, noise, text, cond)
+    mode = "image-to-video" if args.image else "video-to-video" if args.video else "text-to-video"
     if codec is not None:
-        from megatron_anyflow.anyflow.evaluation import write_contact_sheet, write_labelled_video
-
-        videos = {}
-        for N, z in samples.items():
-            videos[G.describe_steps(N)] = codec.decode(z.float().cpu()).clamp(-1, 1)
         src = os.path.basename(os.path.normpath(args.checkpoint))
-        mode = "image-to-video" if args.image else "video-to-video" if args.video else "text-to-video"
-        for N, (label, v) in zip(samples, videos.items()):
-            paths[f"video_{N}"] = write_labelled_video(
-                {label: v}, os.path.join(args.output, f"steps_{N}.mp4"), captions,
-                title=f"AnyFlow {src}: {label} ({mode}, seed {args.seed})", fps=fps, min_seconds=args.min_seconds)
-        paths["contact_sheet"] = write_contact_sheet(
-            videos, os.path.join(args.output, "contact_sheet.png"), captions,
-            title=f"AnyFlow {src} ({mode}, shift {shift:g}, seed {args.seed}): rows = sampling steps (NFE)")
+        paths.update(G.write_videos(samples, codec, args.output, captions, fps=fps, min_seconds=args.min_seconds,
+                                    title=f"AnyFlow {src} ({mode}, shift {shift:g}, seed {args.seed})"))
     else:
-        log("no codec: latents only (pass --save-latents FILE to keep them)")
-    record = {"checkpoint": os.path.abspath(args.checkpoint), "kind": lm.kind, "adapter": lm.adapter, "ema": lm.ema,
-              "steps": steps, "shift": shift, "seed": None if args.noise else args.seed, "noise": args.noise,
-              "prompts": captions, "latent_shape": list(latent_shape), "height": height, "width": width,
-              "frames": frames, "fps": fps, "codec": codec.name if codec is not None else None,
-              "image": args.image, "video": args.video, "condition_r": args.condition_r,
-              "condition_frames": None if cond is None else int(cond.shape[1]),
-              "tensor_model_parallel_size": args.tensor_model_parallel_size,
-              "context_parallel_size": args.context_parallel_size, "outputs": paths,
-              "command": " ".join(sys.argv)}
+        log("no codec: latents only (--save-latents FILE keeps them)")
     paths["record"] = os.path.join(args.output, "generation.json")
+    record = {"checkpoint": os.path.abspath(args.checkpoint), "kind": lm.kind, "adapter": lm.adapter, "ema": lm.ema,
+              "mode": mode, "steps": steps, "shift": shift, "seed": None if args.noise else args.seed,
+              "noise": args.noise, "prompt_embeds": args.prompt_embeds, "prompts": captions,
+              "latent_shape": list(noise.shape[1:]), "height": height, "width": width, "frames": frames, "fps": fps,
+              "codec": codec.name if codec is not None else None, "image": args.image, "video": args.video,
+              "condition_r": args.condition_r, "condition_frames": None if cond is None else int(cond.shape[1]),
+              "tensor_model_parallel_size": args.tensor_model_parallel_size,
+              "context_parallel_size": args.context_parallel_size, "outputs": paths, "command": " ".join(sys.argv)}
     with open(paths["record"], "w") as f:
         json.dump(record, f, indent=1)
     log("wrote " + ", ".join(str(v) for v in paths.values()))

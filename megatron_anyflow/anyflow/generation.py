@@ -40,7 +40,7 @@ from megatron_anyflow.anyflow.sampler import FlowMapEulerSampler
 __all__ = [
     "GenerationError", "LoadedModel", "load_model", "is_diffusers_dir", "resolve_codec", "resolve_text_encoder",
     "load_prompt_embeds", "load_noise", "make_noise", "image_condition", "video_condition", "sample_any_step",
-    "save_run_tensors", "check_steps",
+    "save_run_tensors", "check_steps", "video_size", "prompt_embeddings", "initial_noise", "write_videos",
 ]
 
 DEFAULT_SHIFT = 5.0
@@ -114,7 +114,9 @@ def load_model(path: str, adapter: Optional[str] = "auto", ema: bool = False, te
         path: a checkpoint root / directory (any stage; a converted model) or a diffusers transformer or
             pipeline directory (``tools/convert_to_hf.py``).
         adapter: checkpoints only: the LoRA adapter to merge. ``"auto"``: ``generator`` when the checkpoint
-            has it (stage 1 / 2), else none; ``None`` / ``"none"``: the base weights.
+            has it (stage 1 / 2), else its only adapter (a LoRA teacher), else none (full weights: a
+            converted or fully fine-tuned model); ``None`` / ``"none"``: the base weights. A teacher has no
+            delta embedder, so it ignores r and the flow-map sampler is its plain Euler sampler (no CFG).
         ema: merge the adapter's EMA weights (full fine-tuning: the EMA of every weight).
         tensor_model_parallel_size / context_parallel_size / sequence_parallel: the model's layout; the
             process groups must be initialised with the same sizes (`parallel.state.initialize_parallel`).
@@ -143,8 +145,8 @@ def load_model(path: str, adapter: Optional[str] = "auto", ema: bool = False, te
     d = resolve_checkpoint_dir(path)
     meta = read_meta(d)
     have = list((meta.get("lora") or {}).get("adapters", []))
-    if adapter == "auto":
-        adapter = "generator" if "generator" in have else None
+    if adapter == "auto":  # the student of stage 1 / 2; a LoRA teacher's only adapter; else the full weights
+        adapter = "generator" if "generator" in have else have[0] if len(have) == 1 else None
     elif adapter == "none":
         adapter = None
     if adapter is not None and adapter not in have:
@@ -521,6 +523,102 @@ def latent_shape_for(codec, frames: int, height: int, width: int) -> Tuple[int, 
         return tuple(codec.latent_shape(frames, height, width))
     except ValueError as err:
         raise GenerationError(f"--frames {frames} --height {height} --width {width}: {err}") from err
+
+
+def video_size(codec, index: dict, height: Optional[int], width: Optional[int], frames: Optional[int],
+               latent_shape: Optional[Sequence[int]] = None):
+    """``(height, width, frames, latent_shape)`` of the videos: the given sizes, else the dataset's
+    (``index["video"]``), else Wan's 480 x 832 x 81 for the Wan VAE. Without a codec only ``latent_shape``
+    (``(f, c, h, w)``, possibly None) is known.
+
+    Raises:
+        GenerationError: sizes unknown, or not producible by the codec (named).
+    """
+    if codec is None:
+        return None, None, None, tuple(latent_shape) if latent_shape else None
+    v = index.get("video") or {}
+    wan = codec.name == "wan-vae"
+    height = height or v.get("height") or (480 if wan else None)
+    width = width or v.get("width") or (832 if wan else None)
+    frames = frames or v.get("num_frames") or (81 if wan else None)
+    if not (height and width and frames):
+        raise GenerationError("the video size is unknown (the checkpoint records no dataset): pass --height, "
+                              "--width and --frames")
+    return height, width, frames, latent_shape_for(codec, frames, height, width)
+
+
+def prompt_embeddings(prompts: Sequence[str], prompt_embeds: Optional[str], num_videos: int, text_dim: int,
+                      encoder: Optional[Callable[[], object]] = None, log: Callable[[str], None] = lambda s: None):
+    """Text embeddings ``[n, L, d]`` and one caption per sample, prompt-major (``n = prompts x num_videos``).
+
+    ``prompt_embeds``: a safetensors file (:func:`load_prompt_embeds`), one row per prompt (a
+    ``--save-latents`` file has one row per sample: reuse it with ``num_videos = 1``); ``prompts`` then
+    only caption the videos. Otherwise ``encoder()`` builds the text encoder that encodes ``prompts``.
+
+    Raises:
+        GenerationError: no prompt; captions that do not match the embeddings; ``num_videos < 1``.
+    """
+    if num_videos < 1:
+        raise GenerationError(f"--num-videos {num_videos}: must be >= 1")
+    prompts = list(prompts)
+    if prompt_embeds:
+        text = load_prompt_embeds(prompt_embeds, text_dim)
+        if prompts and len(prompts) != text.shape[0]:
+            raise GenerationError(f"{len(prompts)} prompt(s) given as captions for {text.shape[0]} embedding(s) in "
+                                  f"{prompt_embeds}")
+        prompts = prompts or [f"prompt {i} of {os.path.basename(prompt_embeds)}" for i in range(text.shape[0])]
+        log(f"prompt embeddings {tuple(text.shape)} from {prompt_embeds}")
+    else:
+        if not prompts:
+            raise GenerationError("no prompt: pass --prompt TEXT [TEXT ...], --prompt-file FILE or --prompt-embeds FILE")
+        enc = encoder()
+        text = enc.encode(prompts)
+        log(f"encoded {len(prompts)} prompt(s) with {enc.name} ({enc.path}, L={enc.max_length})")
+    captions = [p for p in prompts for _ in range(num_videos)]
+    return text.repeat_interleave(num_videos, dim=0), captions
+
+
+def initial_noise(n: int, latent_shape: Optional[Sequence[int]], seed: int, noise_file: Optional[str] = None,
+                  in_channels: Optional[int] = None) -> torch.Tensor:
+    """The noise at t = 1: from ``noise_file`` (:func:`load_noise`) or :func:`make_noise` (``seed``).
+
+    Raises:
+        GenerationError: a file with another sample count or latent shape; no latent shape at all;
+            latents whose channels differ from ``in_channels``.
+    """
+    if noise_file:
+        noise = load_noise(noise_file)
+        if noise.shape[0] != n:
+            raise GenerationError(f"{noise_file} holds {noise.shape[0]} noise sample(s); this run has {n} "
+                                  "(prompts x --num-videos)")
+        if latent_shape is not None and tuple(noise.shape[1:]) != tuple(latent_shape):
+            raise GenerationError(f"{noise_file}: noise {tuple(noise.shape)} does not match the latents "
+                                  f"{tuple(latent_shape)} of the requested video size")
+    else:
+        if latent_shape is None:
+            raise GenerationError("no codec and no latent size: pass --codec / --vae, --latent-shape F C H W, or "
+                                  "--noise FILE")
+        noise = make_noise(n, latent_shape, seed)
+    if in_channels is not None and noise.shape[2] != in_channels:
+        raise GenerationError(f"latents have {noise.shape[2]} channels; the model expects {in_channels}")
+    return noise
+
+
+def write_videos(samples: Dict[int, torch.Tensor], codec, out_dir: str, captions: Sequence[str], title: str,
+                 fps: int, min_seconds: float = 4.0) -> Dict[str, str]:
+    """Decode every N's latents with ``codec`` and write ``steps_<N>.mp4`` (labelled, one column per sample,
+    looped to >= ``min_seconds``) and ``contact_sheet.png`` (rows = N, columns = samples) into ``out_dir``.
+    Returns name -> path."""
+    from megatron_anyflow.anyflow.evaluation import write_contact_sheet, write_labelled_video
+
+    videos = {describe_steps(N): codec.decode(z.float().cpu()).clamp(-1, 1) for N, z in samples.items()}
+    paths = {}
+    for N, (label, v) in zip(samples, videos.items()):
+        paths[f"video_{N}"] = write_labelled_video({label: v}, os.path.join(out_dir, f"steps_{N}.mp4"), captions,
+                                                   title=f"{title}: {label}", fps=fps, min_seconds=min_seconds)
+    paths["contact_sheet"] = write_contact_sheet(videos, os.path.join(out_dir, "contact_sheet.png"), captions,
+                                                 title=f"{title}; rows = sampling steps (NFE)")
+    return paths
 
 
 def describe_steps(n: int) -> str:
