@@ -127,6 +127,11 @@ def main(argv=None):
               "(resume from an earlier checkpoint)", file=sys.stderr)
         return 1
     hf_cfg = hf_config_from_arch(arch)
+    if args.pipeline and hf_cfg["_class_name"] != "AnyFlowTransformer3DModel":
+        print(f"error: --pipeline writes an AnyFlowPipeline, whose transformer takes (t, r): {ckpt_dir} is a "
+              f"{hf_cfg['_class_name']} without AnyFlow's delta embedder (a teacher or converted Wan base); export "
+              "a stage-1 / stage-2 checkpoint, or drop --pipeline", file=sys.stderr)
+        return 2
     shift = args.shift if args.shift is not None else float((meta.get("args") or {}).get("time_shift", 5.0))
     transformer_dir = os.path.join(args.output + ".tmp", "transformer") if args.pipeline else args.output
     if args.pipeline:
