@@ -27,6 +27,36 @@ import torch
 import torch.distributed as dist
 
 
+# Per-tensor gradient errors are measured against the norm of the whole reference gradient, not each
+# tensor's own. The parallel run computes the same float32 sums in another order (row-parallel partial
+# sums added by all-reduce / reduce-scatter, attention over all-to-all'd heads, CP partial gradients
+# summed by finalize_model_grads); each element then differs by a few roundings (u = 6e-8) of the
+# magnitudes summed into it, which are set by the activations and the whole gradient, not by the
+# element's result. A tensor whose gradient nearly cancels (small next to the rest) can therefore differ
+# by O(1) of itself on another CPU (other SIMD blocking, as issue 11 item 10 saw on an AMD EPYC) without
+# anything being wrong. Reported: ``worst_grad`` = max ||g - g_ref|| / ||g_ref (all tensors)||, and
+# ``worst_grad_rel_large`` = max ||g - g_ref|| / ||g_ref|| over tensors holding at least LARGE of the
+# total norm (for those the relative error is meaningful). Both are checked at 1e-5 by the tests.
+# Measured (Intel Xeon, 2026-11-30): worst_grad <= 1.5e-7, worst_grad_rel_large <= 4.3e-7 (TP = 2 +/- SP;
+# CP in test_context_parallel.py), so 1e-5 allows ~20x for other CPUs. LARGE = 0.1: a tensor with 10 % of
+# the norm and the worst absolute error allowed to others (~1e-6 of the total) stays below 1e-5 relative.
+LARGE = 0.1
+
+
+def grad_errors(per_tensor):
+    """``per_tensor``: ``(name, ||g - g_ref||, ||g_ref||)`` for every parameter -> the report fields."""
+    total = sum(r * r for _, _, r in per_tensor) ** 0.5
+    worst, worst_name, worst_rel, worst_rel_name = 0.0, None, 0.0, None
+    for n, d, r in per_tensor:
+        if d / max(total, 1e-30) > worst:
+            worst, worst_name = d / max(total, 1e-30), n
+        if r >= LARGE * total and d / max(r, 1e-30) > worst_rel:
+            worst_rel, worst_rel_name = d / max(r, 1e-30), n
+    return dict(worst_grad=worst, worst_grad_name=worst_name, worst_grad_rel_large=worst_rel,
+                worst_grad_rel_large_name=worst_rel_name, n_large=sum(r >= LARGE * total for _, _, r in per_tensor),
+                worst_grad_rel_any=max(d / max(r, 1e-30) for _, d, r in per_tensor) if per_tensor else 0.0)
+
+
 def build(lora: bool, tp: int, cp: int, sp: bool, **overrides):
     from megatron_anyflow.models import lora as L
     from megatron_anyflow.models.wan.config import wan_config
@@ -115,7 +145,7 @@ def compare(ref_path, out_path, tp, cp, sp_mode):
         errs = {"output": _rel(out, ref[case]["out"]),
                 "grad_norm": abs(gn.item() - ref[case]["grad_norm"].item()) / ref[case]["grad_norm"].item(),
                 "input_grads": max(_rel(in_grads[k], ref[case]["in_grads"][k]) for k in in_grads)}
-        worst, worst_name, missing, cp_spread = 0.0, None, [], 0.0
+        per_tensor, missing, cp_spread = [], [], 0.0
         for n, p in model.named_parameters():
             if p.grad is None:
                 continue
@@ -132,10 +162,9 @@ def compare(ref_path, out_path, tp, cp, sp_mode):
             if rg is None:
                 missing.append(n)
                 continue
-            e = _rel(g, rg)
-            if e > worst:
-                worst, worst_name = e, n
-        errs.update(worst_grad=worst, worst_grad_name=worst_name, missing=missing, cp_spread=cp_spread,
+            per_tensor.append((n, (g - rg).norm().item(), rg.norm().item()))
+        errs.update(grad_errors(per_tensor))
+        errs.update(missing=missing, cp_spread=cp_spread,
                     n_grads=sum(1 for p in model.parameters() if p.grad is not None),
                     n_ref_grads=len(ref[case]["grads"]))
         report[name] = errs
@@ -157,11 +186,12 @@ def compare(ref_path, out_path, tp, cp, sp_mode):
         merged = reports[0]
         for rep in reports[1:]:
             for case, _ in cases:
-                for k in ("output", "grad_norm", "input_grads", "worst_grad", "cp_spread"):
+                for k in ("output", "grad_norm", "input_grads", "worst_grad", "worst_grad_rel_large",
+                          "worst_grad_rel_any", "cp_spread"):
                     if rep[case][k] > merged[case][k]:
                         merged[case][k] = rep[case][k]
-                        if k == "worst_grad":
-                            merged[case]["worst_grad_name"] = rep[case]["worst_grad_name"]
+                        if k in ("worst_grad", "worst_grad_rel_large"):
+                            merged[case][k + "_name"] = rep[case][k + "_name"]
                 merged[case]["missing"] = sorted(set(merged[case]["missing"]) | set(rep[case]["missing"]))
         with open(out_path, "w") as f:
             json.dump(merged, f, indent=1)

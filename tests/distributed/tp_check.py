@@ -20,6 +20,36 @@ import torch
 import torch.distributed as dist
 
 
+# Per-tensor gradient errors are measured against the norm of the whole reference gradient, not each
+# tensor's own. The parallel run computes the same float32 sums in another order (row-parallel partial
+# sums added by all-reduce / reduce-scatter, attention over all-to-all'd heads, CP partial gradients
+# summed by finalize_model_grads); each element then differs by a few roundings (u = 6e-8) of the
+# magnitudes summed into it, which are set by the activations and the whole gradient, not by the
+# element's result. A tensor whose gradient nearly cancels (small next to the rest) can therefore differ
+# by O(1) of itself on another CPU (other SIMD blocking, as issue 11 item 10 saw on an AMD EPYC) without
+# anything being wrong. Reported: ``worst_grad`` = max ||g - g_ref|| / ||g_ref (all tensors)||, and
+# ``worst_grad_rel_large`` = max ||g - g_ref|| / ||g_ref|| over tensors holding at least LARGE of the
+# total norm (for those the relative error is meaningful). Both are checked at 1e-5 by the tests.
+# Measured (Intel Xeon, 2026-11-30): worst_grad <= 1.5e-7, worst_grad_rel_large <= 4.3e-7 (TP = 2 +/- SP;
+# CP in test_context_parallel.py), so 1e-5 allows ~20x for other CPUs. LARGE = 0.1: a tensor with 10 % of
+# the norm and the worst absolute error allowed to others (~1e-6 of the total) stays below 1e-5 relative.
+LARGE = 0.1
+
+
+def grad_errors(per_tensor):
+    """``per_tensor``: ``(name, ||g - g_ref||, ||g_ref||)`` for every parameter -> the report fields."""
+    total = sum(r * r for _, _, r in per_tensor) ** 0.5
+    worst, worst_name, worst_rel, worst_rel_name = 0.0, None, 0.0, None
+    for n, d, r in per_tensor:
+        if d / max(total, 1e-30) > worst:
+            worst, worst_name = d / max(total, 1e-30), n
+        if r >= LARGE * total and d / max(r, 1e-30) > worst_rel:
+            worst_rel, worst_rel_name = d / max(r, 1e-30), n
+    return dict(worst_grad=worst, worst_grad_name=worst_name, worst_grad_rel_large=worst_rel,
+                worst_grad_rel_large_name=worst_rel_name, n_large=sum(r >= LARGE * total for _, _, r in per_tensor),
+                worst_grad_rel_any=max(d / max(r, 1e-30) for _, d, r in per_tensor) if per_tensor else 0.0)
+
+
 def build(lora: bool, sp: bool, tp: int):
     from megatron_anyflow.models import lora as L
     from megatron_anyflow.models.wan.config import wan_config
@@ -87,7 +117,7 @@ def compare(ref_path, out_path, sp):
         out, gn = step(model, *inputs())
         errs = {"output": ((out - ref[case]["out"]).norm() / ref[case]["out"].norm()).item(),
                 "grad_norm": abs(gn.item() - ref[case]["grad_norm"].item()) / ref[case]["grad_norm"].item()}
-        worst, worst_name, missing = 0.0, None, []
+        per_tensor, missing = [], []
         for n, p in model.named_parameters():
             if p.grad is None:
                 continue
@@ -100,12 +130,11 @@ def compare(ref_path, out_path, sp):
             if rg is None:
                 missing.append(n)
                 continue
-            e = ((g - rg).norm() / rg.norm().clamp_min(1e-30)).item()
-            if e > worst:
-                worst, worst_name = e, n
+            per_tensor.append((n, (g - rg).norm().item(), rg.norm().item()))
         n_ref = len(ref[case]["grads"])
         n_got = sum(1 for p in model.parameters() if p.grad is not None)
-        errs.update(worst_grad=worst, worst_grad_name=worst_name, missing=missing, n_grads=n_got, n_ref_grads=n_ref)
+        errs.update(grad_errors(per_tensor))
+        errs.update(missing=missing, n_grads=n_got, n_ref_grads=n_ref)
         report[case] = errs
     if sp:
         # 1 x 3 x 1 patched tokens = 3 tokens: not divisible by TP = 2 under sequence parallelism.
