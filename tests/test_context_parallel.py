@@ -55,7 +55,6 @@ def test_tp2_sp_cp2_equals_single_process(reference, tmp_path):
     torchrun(["tests/distributed/cp_check.py", "compare", str(reference), str(out), "--tp", "2", "--cp", "2",
               "--sp", "both"], nproc=4)
     report = json.loads(out.read_text())
-    print(json.dumps({c: {k: report[c][k] for k in ("worst_grad", "worst_grad_rel_large", "worst_grad_rel_any", "output", "input_grads", "n_large")} for c in report if isinstance(report[c], dict)}, indent=1))
     _check_cases(report, ("full", "lora", "full-nosp", "lora-nosp"))
     assert ("6 tokens (grid (1, 1, 6)) do not divide by the context-parallel size 2 x tensor-parallel size 2"
             in report["indivisible_error"])
