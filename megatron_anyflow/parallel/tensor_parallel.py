@@ -121,7 +121,9 @@ def grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
     when every CP and DP rank holds the same gradients, which must not be summed again.
     """
     params = [p for p in params if p.grad is not None]
-    device = params[0].grad.device if params else torch.device("cpu")
+    # On the training device even when this rank has no gradient: NCCL rejects CPU tensors.
+    device = params[0].grad.device if params else (
+        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
     total = torch.zeros((), dtype=torch.float32, device=device)
     rank0 = tp_rank() == 0
     for p in params:

@@ -129,9 +129,9 @@ class MetricAccumulator:
     def add_samples(self, idx: List[int], stats: dict) -> None:
         """The split counts (``kind``) and per-sample losses of a micro-batch's stats, if it has them."""
         if "kind" in stats:
-            counts = torch.bincount(stats["kind"].to(self.device), minlength=3)
-            for name, c in zip(("boundary", "r0", "free"), counts):
-                self.add_sum(name, c)
+            kind = stats["kind"].to(self.device)
+            for k, name in enumerate(("boundary", "r0", "free")):
+                self.add_sum(name, (kind == k).sum())  # not bincount: it syncs with the host on CUDA
         if "per_sample_loss" in stats:
             self.per_sample.update(zip(idx, stats["per_sample_loss"].detach()))
 
