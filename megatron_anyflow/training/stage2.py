@@ -105,19 +105,34 @@ class Stage2(Stage1):
         noise = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, device=t.device, dtype=x.dtype) for g in gens])
         return x, text, plan, noise
 
-    def _generator_loss(self, iteration, j, x, text, plan, noise, carry):
+    def _generator_loss(self, iteration, j, x, text, plan, noise, carry, n=1):
+        """The generator's DMD loss of micro-batch ``j`` (with grad; the caller backpropagates ``loss / n``).
+
+        The co-trained stage-1 loss (weight ``stage1_weight``) is backpropagated here, scaled by ``1 / n``,
+        **before** the rollout: its graph is freed before the rollout builds its own, so the two are never
+        alive together (the gradient is the same as backpropagating their sum). ``info["total_loss"]`` is
+        the detached DMD + weighted stage-1 loss.
+        """
         t = self.t
         gen, real, fake = self.role(GENERATOR), self.role(None), self.role(FAKE)
-        s1, s1_stats = None, {}
+        s1_value, s1_stats = None, {}
         if self.dcfg.cotrain_stage1:
             s1, s1_stats = self.stage1_loss(gen, iteration, j, x, text, carry)
+            L.set_active_adapter(t.model, GENERATOR)  # the backward (and any recomputation) runs the generator
+            (self.dcfg.stage1_weight * s1 / n).backward()
+            s1_value = s1.detach()
         neg = t.negative_text.expand(x.shape[0], -1, -1)
         loss, info = generator_loss(
             gen, real, fake, noise, text, neg, plan, self.dcfg,
             tau_generator=t.generator("tau", iteration, j, t.dp_rank, device=t.device),
-            rollout_generator=t.generator("rollout", iteration, j, t.dp_rank, device=t.device), stage1=s1)
+            rollout_generator=t.generator("rollout", iteration, j, t.dp_rank, device=t.device))
         L.set_active_adapter(t.model, GENERATOR)  # the backward (and any recomputation) runs the generator
+        info["stage1_loss"] = s1_value
         info["stage1_stats"] = s1_stats
+        total = loss.detach()
+        if s1_value is not None:
+            total = total + self.dcfg.stage1_weight * s1_value.to(total.dtype)
+        info["total_loss"] = total
         return loss, info
 
     def _critic_loss(self, iteration, j, x0, text):
@@ -136,10 +151,10 @@ class Stage2(Stage1):
         carry = None
         for j, idx in enumerate(micro):
             x, text, plan, noise = self._micro_inputs(iteration, j, idx)
-            loss, info = self._generator_loss(iteration, j, x, text, plan, noise, carry)
+            loss, info = self._generator_loss(iteration, j, x, text, plan, noise, carry, n)
             (loss / n).backward()
             carry = info["stage1_stats"].get("carry")
-            gen_acc.add_mean("generator_loss", loss.detach() / n)
+            gen_acc.add_mean("generator_loss", info["total_loss"] / n)
             gen_acc.add_mean("dmd_loss", info["dmd_loss"] / n)
             if info["stage1_loss"] is not None:
                 gen_acc.add_mean("stage1_loss", info["stage1_loss"] / n)
