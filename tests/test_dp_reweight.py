@@ -6,10 +6,13 @@ compares with its ``reference()`` computed in this process (DP = 1: global batch
 reweighting, no process group needed). Rank 0 then holds all 4 boundary
 samples and rank 1 none, so rank 1's eq.-7 scales need the boundary mean all-reduced over the DP group.
 Checks (float32, relative error < 1e-6): the DP-mean loss equals the DP = 1 loss; the DP-averaged gradient
-of every parameter equals the DP = 1 gradient; per-sample losses, scales and the boundary mean agree.
+of every parameter equals the DP = 1 gradient (per tensor to 1e-6 of the whole gradient's norm, and
+relatively for tensors holding >= 10 % of it: see the comment in the test); per-sample losses, scales and
+the boundary mean agree.
 Negative control: reweighting with local boundary samples only (``dp_group=None``) changes the loss.
 """
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -59,9 +62,23 @@ def test_dp2_matches_dp1(tmp_path):
     assert not torch.allclose(ref["scales"][4:], torch.ones(4))
     assert abs(dp["loss"].item() - ref["loss"].item()) <= 1e-6 * abs(ref["loss"].item())
     assert len(dp["grads"]) == len(ref["grads"]) > 0
+    # Gradients: DP = 2 sums the per-sample contributions in another order (two means of 4, averaged by the
+    # all-reduce, vs one mean of 8), so each element differs by a few float32 roundings (u = 6e-8) of the
+    # magnitudes summed into it, which the whole gradient sets, not the element's result: a tensor whose
+    # gradient nearly cancels could differ by O(1) of itself on another CPU (issue 11 item 10). Per tensor
+    # the error is therefore bounded against the whole gradient's norm, and relative only for tensors
+    # holding >= 10 % of it (1e-6 = ~16 u; measured on an Intel Xeon: <= 1.5e-8 of the norm, <= 1.1e-7
+    # relative per tensor).
+    total = math.sqrt(sum(float(g.double().square().sum()) for g in ref["grads"]))
+    large = 0
     for i, (g2, g1) in enumerate(zip(dp["grads"], ref["grads"])):
         assert g1.norm() > 0, i
-        assert _rel(g2, g1) < 1e-6, (i, _rel(g2, g1))
+        err = float((g2.double() - g1.double()).norm())
+        assert err <= 1e-6 * total, (i, err / total)
+        if g1.double().norm() >= 0.1 * total:
+            large += 1
+            assert _rel(g2, g1) < 1e-6, (i, _rel(g2, g1))
+    assert large > 0
     # without the gather, rank 1 reweights with no boundary sample (scales 1) and the loss differs
     assert abs(ref["loss_local_only"].item() - ref["loss"].item()) < 1e-7 * abs(ref["loss"].item())
     assert abs(dp["loss_local_only"].item() - ref["loss"].item()) > 1e-3 * abs(ref["loss"].item())
