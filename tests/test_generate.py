@@ -205,3 +205,22 @@ def test_sample_any_step_is_exact_for_the_exact_flow_map():
         check_steps([4, -1])
     with pytest.raises(GenerationError, match="at least one"):
         check_steps([])
+
+
+def test_diffusers_export_rejects_adapter_options(tiny, tmp_path, capsys):
+    """A transformer-only export (tools/convert_to_hf.py) is a generate source; --ema cannot apply to it."""
+    assert load_tool("convert_to_hf").main(["--input", tiny["ckpt"], "--output", str(tmp_path / "hf"),
+                                            "--merge-lora", "generator"]) == 0
+    assert generate("--checkpoint", tmp_path / "hf", "--prompt", "a rabbit", "--ema", "--output", tmp_path / "o") == 2
+    assert "is a diffusers export" in capsys.readouterr().err
+    from safetensors.torch import save_file
+
+    save_file({"noise": torch.randn(1, *LATENT), "prompt_embeds": torch.randn(1, 4, 384)}, str(tmp_path / "in.safetensors"))
+    for src in (tiny["ckpt"], tmp_path / "hf"):
+        assert generate("--checkpoint", src, "--noise", tmp_path / "in.safetensors", "--prompt-embeds",
+                        tmp_path / "in.safetensors", "--codec", "none", "--steps", 2, "--output", tmp_path / "o",
+                        "--save-latents", tmp_path / "lat.safetensors") == 0
+        z = load_file(str(tmp_path / "lat.safetensors"))["steps_2"]
+        if src == tiny["ckpt"]:
+            first = z
+    assert rel(z, first) < 1e-6  # the export's scheduler_config.json gives shift 5, the merged weights the same model

@@ -137,9 +137,10 @@ def load_model(path: str, adapter: Optional[str] = "auto", ema: bool = False, te
     if bf16:
         par.update(bf16=True)
     if is_diffusers_dir(path):
-        if adapter not in ("auto", None, "none") or ema:
+        given = ([f"--adapter {adapter}"] if adapter not in ("auto", None, "none") else []) + (["--ema"] if ema else [])
+        if given:
             raise GenerationError(f"{path} is a diffusers export: its adapter was merged when it was exported, so "
-                                  f"--adapter {adapter!r} / --ema do not apply (export another with "
+                                  f"{' / '.join(given)} does not apply (export another with "
                                   "tools/convert_to_hf.py --merge-lora NAME [--ema])")
         return _load_diffusers(path, par, device)
     d = resolve_checkpoint_dir(path)
