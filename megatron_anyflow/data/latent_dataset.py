@@ -4,14 +4,21 @@ On-disk format (written by ``tools/prepare_dataset.py``)::
 
     DATASET/index.json                {"format": "anyflow-latents-v1", "num_samples": N,
                                        "latent_shape": [f, c, h, w], "text_len": L, "text_dim": d,
+                                       "dtype": "bfloat16",
                                        "shards": [{"file": "shard_00000.safetensors", "num_samples": n}, ...],
                                        "negative": "negative.safetensors", ...}
-    DATASET/shard_00000.safetensors   "latents" [n, f, c, h, w], "text" [n, L, d]
+    DATASET/shard_00000.safetensors   "latents" [n, f, c, h, w], "text" [n, L, d]  (both in "dtype")
     DATASET/negative.safetensors      "text" [1, L, d]  (the negative-prompt embedding)
 
 Latents are already normalised by the codec (the Wan VAE's latents mean / std, or the tiny preset's
 pixel codec); ``text`` is the text encoder's last hidden state, zero beyond the prompt's tokens
 (Wan's convention).
+
+Storage dtype: `write_latent_dataset` stores bfloat16 by default (half the bytes of float32; training
+runs in bf16 anyway) and records it as ``"dtype"``. Datasets written before that (no ``"dtype"`` key,
+float32 shards, e.g. by ``tools/prepare_dataset.py``) read unchanged: the dtype is then taken from the
+first shard's header. `LatentDataset` reads one sample at a time (``safe_open(...).get_slice("latents")[j]``
+copies only that sample's bytes out of the memory-mapped shard), never a whole shard.
 """
 
 from __future__ import annotations
@@ -27,14 +34,23 @@ import torch
 FORMAT = "anyflow-latents-v1"
 
 
-class LatentDataset:
-    """Random access to a precomputed-latent dataset directory.
+STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
-    ``ds[i]`` returns (latents [f, c, h, w], text [L, d]); `negative_text` is [1, L, d].
+
+class LatentDataset:
+    """Random access to a precomputed-latent dataset directory, one sample per read.
+
+    ``ds[i]`` returns (latents [f, c, h, w], text [L, d]) in the stored dtype (`dtype`: bfloat16 for
+    datasets written by `write_latent_dataset`, float32 for older ones); `negative_text` is [1, L, d] in
+    the same dtype. Each read copies one sample's bytes out of its memory-mapped shard
+    (``safe_open(...).get_slice(key)[j]``): no whole-shard loads, so a random order costs nothing extra.
+    The open shard handles are per process (rebuilt after fork and dropped when pickled), so the dataset
+    can be handed to `torch.utils.data.DataLoader` workers.
 
     Raises:
         FileNotFoundError: no ``index.json`` or a listed shard is missing (named).
-        ValueError: the index has another format or inconsistent counts.
+        ValueError: the index has another format, inconsistent counts or an unknown ``"dtype"``.
     """
 
     def __init__(self, path: str):
@@ -56,7 +72,21 @@ class LatentDataset:
             raise ValueError(f"{index_path}: shards hold {self.offsets[-1]} samples, index says "
                              f"{self.index['num_samples']}")
         self.latent_shape = tuple(self.index["latent_shape"])
-        self._cache: Tuple[int, dict] = (-1, {})
+        self._handles: dict = {}
+        self._handles_pid = os.getpid()
+        if "dtype" in self.index:
+            if self.index["dtype"] not in STORAGE_DTYPES:
+                raise ValueError(f"{index_path}: dtype {self.index['dtype']!r}, expected one of "
+                                 f"{sorted(STORAGE_DTYPES)}")
+            self.dtype = STORAGE_DTYPES[self.index["dtype"]]
+        elif self.shards:  # written before the index recorded it (float32)
+            stored = self._handle(0).get_slice("latents").get_dtype()
+            if stored not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"{os.path.join(path, self.shards[0]['file'])}: latents dtype {stored}, expected "
+                                 f"one of {sorted(_SAFETENSORS_DTYPES)}")
+            self.dtype = _SAFETENSORS_DTYPES[stored]
+        else:
+            self.dtype = torch.float32
         from safetensors.torch import load_file
 
         self.negative_text = load_file(os.path.join(path, self.index["negative"]))["text"]
@@ -64,20 +94,29 @@ class LatentDataset:
     def __len__(self) -> int:
         return self.offsets[-1]
 
-    def _shard(self, k: int) -> dict:
-        if self._cache[0] != k:
-            from safetensors.torch import load_file
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_handles"] = {}  # safe_open handles do not pickle; each process opens its own
+        return state
 
-            self._cache = (k, load_file(os.path.join(self.path, self.shards[k]["file"])))
-        return self._cache[1]
+    def _handle(self, k: int):
+        """The (per-process, memory-mapped) ``safe_open`` handle of shard ``k``."""
+        if self._handles_pid != os.getpid():  # a forked worker: do not share the parent's handles
+            self._handles, self._handles_pid = {}, os.getpid()
+        h = self._handles.get(k)
+        if h is None:
+            from safetensors import safe_open
+
+            h = self._handles[k] = safe_open(os.path.join(self.path, self.shards[k]["file"]), framework="pt")
+        return h
 
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} out of range [0, {len(self)})")
         k = bisect.bisect_right(self.offsets, i) - 1
-        shard = self._shard(k)
         j = i - self.offsets[k]
-        return shard["latents"][j], shard["text"][j]
+        h = self._handle(k)
+        return h.get_slice("latents")[j], h.get_slice("text")[j]
 
 
 class MockLatentDataset:
@@ -169,15 +208,21 @@ def collate(dataset, indices: Sequence[int], dtype: torch.dtype, device) -> Tupl
 
 
 def write_latent_dataset(path: str, latents: torch.Tensor, text: torch.Tensor, negative_text: torch.Tensor,
-                         extra_index: dict, samples_per_shard: int = 256) -> None:
-    """Write latents [n, f, c, h, w] and text [n, L, d] in this module's format (``index.json`` last,
-    atomically, so an interrupted write never looks complete).
+                         extra_index: dict, samples_per_shard: int = 256,
+                         dtype: torch.dtype = torch.bfloat16) -> None:
+    """Write latents [n, f, c, h, w] and text [n, L, d] (negative_text [1, L, d]) in this module's format,
+    all stored in ``dtype`` (bfloat16 by default, recorded in the index as ``"dtype"``; float32 keeps the
+    values exactly). ``index.json`` is written last, atomically, so an interrupted write never looks
+    complete.
 
     Raises:
-        ValueError: latents and text disagree on n.
+        ValueError: latents and text disagree on n, or ``dtype`` is not bfloat16 / float16 / float32.
     """
     from safetensors.torch import save_file
 
+    names = {v: k for k, v in STORAGE_DTYPES.items()}
+    if dtype not in names:
+        raise ValueError(f"write_latent_dataset {path}: dtype {dtype}, expected one of {sorted(STORAGE_DTYPES)}")
     if latents.shape[0] != text.shape[0]:
         raise ValueError(f"{latents.shape[0]} latents but {text.shape[0]} text embeddings")
     os.makedirs(path, exist_ok=True)
@@ -185,11 +230,12 @@ def write_latent_dataset(path: str, latents: torch.Tensor, text: torch.Tensor, n
     for k, start in enumerate(range(0, latents.shape[0], samples_per_shard)):
         name = f"shard_{k:05d}.safetensors"
         part = slice(start, start + samples_per_shard)
-        save_file({"latents": latents[part].contiguous(), "text": text[part].contiguous()}, os.path.join(path, name))
+        save_file({"latents": latents[part].to(dtype).contiguous(), "text": text[part].to(dtype).contiguous()},
+                  os.path.join(path, name))
         shards.append({"file": name, "num_samples": int(latents[part].shape[0])})
-    save_file({"text": negative_text.contiguous()}, os.path.join(path, "negative.safetensors"))
+    save_file({"text": negative_text.to(dtype).contiguous()}, os.path.join(path, "negative.safetensors"))
     index = dict(extra_index, format=FORMAT, num_samples=int(latents.shape[0]), latent_shape=list(latents.shape[1:]),
-                 text_len=int(text.shape[1]), text_dim=int(text.shape[2]), shards=shards,
+                 text_len=int(text.shape[1]), text_dim=int(text.shape[2]), dtype=names[dtype], shards=shards,
                  negative="negative.safetensors")
     tmp = os.path.join(path, "index.json.tmp")
     with open(tmp, "w") as f:

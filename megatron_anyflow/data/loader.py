@@ -1,0 +1,160 @@
+"""The training data loader: a `torch.utils.data.DataLoader` (worker processes, pinned memory when CUDA
+is present, prefetch) driven by the deterministic data-parallel sampler.
+
+The sampler stays the single source of the data order: `MicroBatchSampler` is the DataLoader's batch
+sampler and yields this rank's micro-batches (`DataParallelSampler.micro_batches`) of the iterations
+starting at ``consumed_samples``, so the order is a pure function of (seed, consumed samples) whatever
+the number of workers, and a resumed run reads exactly what an uninterrupted one would. Workers only
+decide *when* a micro-batch is read (ahead of its use), never *which*.
+
+`TrainingDataLoader` is what `Trainer` holds: ``next_iteration(consumed_samples, remaining)`` returns
+the iteration's micro-batch index lists (what ``Stage.train_step`` takes) and keeps their tensors so
+that ``get(indices)`` (behind ``Trainer.batch``) returns them without reading again. Its workers start on
+the first call and end with the last planned iteration (or `close`, or garbage collection).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from megatron_anyflow.data.latent_dataset import DataParallelSampler
+
+
+class MicroBatchSampler(Sampler):
+    """Batch sampler: this rank's micro-batches (lists of dataset indices) of ``num_iterations``
+    iterations, the first starting at stream position ``consumed_samples``, in training order
+    (iteration-major, then accumulation step ``j``): exactly
+    ``sampler.micro_batches(consumed_samples + k * global_batch)[j]`` for k, j in order.
+
+    Raises:
+        ValueError: negative ``consumed_samples`` or ``num_iterations``.
+    """
+
+    def __init__(self, sampler: DataParallelSampler, consumed_samples: int, num_iterations: int):
+        if consumed_samples < 0 or num_iterations < 0:
+            raise ValueError(f"consumed_samples {consumed_samples} and num_iterations {num_iterations} must be >= 0")
+        self.sampler, self.consumed, self.num_iterations = sampler, consumed_samples, num_iterations
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for k in range(self.num_iterations):
+            yield from self.sampler.micro_batches(self.consumed + k * self.sampler.global_batch)
+
+    def __len__(self) -> int:
+        return self.num_iterations * self.sampler.num_micro
+
+
+class IndexedSamples(Dataset):
+    """``dataset[i]`` as ``(i, latents [f, c, h, w], text [L, d])``: the index travels with its sample."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        x, text = self.dataset[i]
+        return i, x, text
+
+
+def collate_samples(items: Sequence[Tuple[int, torch.Tensor, torch.Tensor]], dtype: torch.dtype):
+    """(indices [b] list, latents [b, f, c, h, w], text [b, L, d]) in ``dtype``, on the CPU.
+
+    The same values as `latent_dataset.collate` (stack, then cast): the cast runs in the worker, so a
+    bf16 run moves bf16 through shared and pinned memory.
+    """
+    idx = [int(i) for i, _, _ in items]
+    x = torch.stack([a for _, a, _ in items]).to(dtype)
+    text = torch.stack([b for _, _, b in items]).to(dtype)
+    return idx, x, text
+
+
+def build_data_loader(dataset, batch_sampler: Sampler, num_workers: int, dtype: torch.dtype,
+                      pin_memory: Optional[bool] = None, prefetch_factor: int = 2) -> DataLoader:
+    """A DataLoader over ``dataset`` (``ds[i] -> (latents, text)``) yielding (indices, latents, text) per
+    batch of ``batch_sampler``. ``num_workers = 0`` reads in-process; ``pin_memory`` defaults to whether
+    CUDA is available; ``prefetch_factor`` batches per worker are read ahead.
+
+    Raises:
+        ValueError: ``num_workers < 0`` or ``prefetch_factor < 1``.
+    """
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0 (0 = read in the training process); got {num_workers}")
+    if prefetch_factor < 1:
+        raise ValueError(f"prefetch_factor must be >= 1; got {prefetch_factor}")
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    kwargs = dict(prefetch_factor=prefetch_factor) if num_workers > 0 else {}
+    return DataLoader(IndexedSamples(dataset), batch_sampler=batch_sampler, num_workers=num_workers,
+                      collate_fn=functools.partial(collate_samples, dtype=dtype), pin_memory=pin_memory,
+                      persistent_workers=False, **kwargs)
+
+
+class TrainingDataLoader:
+    """Per-iteration front end of the loader for the training loop.
+
+    ``next_iteration(consumed, remaining)`` returns this rank's micro-batch index lists of the iteration
+    starting at stream position ``consumed`` (== ``sampler.micro_batches(consumed)``, checked) and keeps
+    their tensors for ``get``. It (re)starts the DataLoader for ``remaining`` iterations whenever
+    ``consumed`` is not where the previous call left off (first call, a resume, another ``train()``), and
+    shuts the workers down after handing out the last of them.
+
+    Raises (``next_iteration``):
+        RuntimeError: the loader produced other indices than the sampler (a bug, never silent).
+    """
+
+    def __init__(self, dataset, sampler: DataParallelSampler, num_workers: int, dtype: torch.dtype,
+                 pin_memory: Optional[bool] = None, prefetch_factor: int = 2):
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (0 = read in the training process); got {num_workers}")
+        self.dataset, self.sampler, self.num_workers, self.dtype = dataset, sampler, num_workers, dtype
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self._it = None
+        self._next_consumed: Optional[int] = None
+        self._left = 0
+        self._ready: Dict[Tuple[int, ...], Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def next_iteration(self, consumed_samples: int, remaining: int) -> List[List[int]]:
+        """This rank's micro-batches of the iteration at ``consumed_samples``; ``remaining`` (>= 1) is how
+        many iterations, this one included, the caller will still ask for in sequence (the prefetch plan)."""
+        if remaining < 1:
+            raise ValueError(f"remaining must be >= 1; got {remaining}")
+        if self._it is None or consumed_samples != self._next_consumed:
+            self.close()
+            batches = MicroBatchSampler(self.sampler, consumed_samples, remaining)
+            self._it = iter(build_data_loader(self.dataset, batches, self.num_workers, self.dtype,
+                                              self.pin_memory, self.prefetch_factor))
+            self._left = remaining
+        expected = self.sampler.micro_batches(consumed_samples)
+        self._ready = {}
+        micro = []
+        for want in expected:
+            idx, x, text = next(self._it)
+            if idx != want:
+                raise RuntimeError(f"data loader at consumed_samples {consumed_samples}: read samples {idx}, the "
+                                   f"sampler expects {want}")
+            micro.append(idx)
+            self._ready[tuple(idx)] = (x, text)
+        self._next_consumed = consumed_samples + self.sampler.global_batch
+        self._left -= 1
+        if self._left == 0:
+            self.close(keep_ready=True)
+        return micro
+
+    def get(self, indices: Sequence[int]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(latents [b, f, c, h, w], text [b, L, d]) on the CPU (pinned when pinning) in the loader's dtype
+        for a micro-batch of the last ``next_iteration``, or None if ``indices`` is not one of them."""
+        return self._ready.get(tuple(int(i) for i in indices))
+
+    def close(self, keep_ready: bool = False) -> None:
+        """Shut the worker processes down (idempotent); the next ``next_iteration`` starts new ones."""
+        it, self._it = self._it, None
+        self._next_consumed = None
+        if not keep_ready:
+            self._ready = {}
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
