@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mock-latent-shape", type=int, nargs=4, default=[3, 16, 8, 8], metavar=("F", "C", "H", "W"))
     g.add_argument("--mock-num-samples", type=int, default=256)
     g.add_argument("--mock-text-len", type=int, default=8)
+    g.add_argument("--num-workers", type=int, default=2,
+                   help="data-loader worker processes reading and prefetching micro-batches (0 = in the training "
+                        "process); the order is the sampler's either way")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--micro-batch-size", type=int, default=1)
@@ -172,6 +175,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.critic_lr = args.lr
     if (args.data_path is None) == (not args.mock_data):
         parser.error("give exactly one of --data-path and --mock-data")
+    if args.num_workers < 0:
+        parser.error(f"--num-workers must be >= 0 (0 = read in the training process); got {args.num_workers}")
     for name in ("micro_batch_size", "train_iters", "tensor_model_parallel_size", "context_parallel_size",
                  "log_interval"):
         if getattr(args, name) < 1:
