@@ -70,7 +70,8 @@ def main(argv=None):
     extra["synthesized"] = {"teacher": args.teacher, "steps": args.steps, "guidance": args.guidance,
                             "shift": args.shift, "samples_per_prompt": args.samples_per_prompt, "seed": args.seed,
                             "source": args.data_path}
-    write_latent_dataset(args.output, torch.cat(outs), texts, ds.negative_text, extra)
+    # stored like the source (bf16 for datasets written by write_latent_dataset, float32 for older ones)
+    write_latent_dataset(args.output, torch.cat(outs), texts, ds.negative_text, extra, dtype=ds.dtype)
     print(f"wrote {n} teacher samples to {args.output} in {time.time() - t0:.1f}s", flush=True)
     return 0
 
