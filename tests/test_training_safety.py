@@ -226,6 +226,22 @@ def test_lora_teacher_recipe_end_to_end(tmp_path):
     assert _rel(_out(student, z, T, R, text), _out(tr2.model, z, T, R, text)) < 1e-5
     assert math.isfinite(_rel(_out(student, z, T, R, text), ref))
 
+    # ... and so does the diffusers export (tools/convert_to_hf.py, --verify on), loaded by diffusers.
+    import importlib.util
+
+    from diffusers import AnyFlowTransformer3DModel
+
+    spec = importlib.util.spec_from_file_location("convert_to_hf", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "convert_to_hf.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out_dir = str(tmp_path / "export")
+    assert tool.main(["--input", s2, "--output", out_dir, "--merge-lora", "generator", "--verify"]) in (0, None)
+    hf = AnyFlowTransformer3DModel.from_pretrained(out_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        exported = hf(z, T, R, text, return_dict=False)[0].double()
+    assert _rel(exported, _out(tr2.model, z, T, R, text)) < 1e-5
+
 
 def test_metric_collectives_run_on_the_training_device(monkeypatch):
     """NCCL rejects CPU tensors: the stage-2 metrics all-reduce once built ``torch.tensor(v)`` on the CPU
