@@ -7,8 +7,8 @@ starting at ``consumed_samples``, so the order is a pure function of (seed, cons
 the number of workers, and a resumed run reads exactly what an uninterrupted one would. Workers only
 decide *when* a micro-batch is read (ahead of its use), never *which*.
 
-`TrainingDataLoader` is what `Trainer` holds: ``next_iteration(consumed_samples, remaining)`` returns
-the iteration's micro-batch index lists (what ``Stage.train_step`` takes) and keeps their tensors so
+`TrainingDataLoader` is what `Trainer` holds: ``next_iteration(dataset, consumed_samples, remaining)``
+returns the iteration's micro-batch index lists (what ``Stage.train_step`` takes) and keeps their tensors so
 that ``get(indices)`` (behind ``Trainer.batch``) returns them without reading again. Its workers start on
 the first call and end with the last planned iteration (or `close`, or garbage collection).
 """
@@ -97,40 +97,45 @@ def build_data_loader(dataset, batch_sampler: Sampler, num_workers: int, dtype: 
 class TrainingDataLoader:
     """Per-iteration front end of the loader for the training loop.
 
-    ``next_iteration(consumed, remaining)`` returns this rank's micro-batch index lists of the iteration
-    starting at stream position ``consumed`` (== ``sampler.micro_batches(consumed)``, checked) and keeps
-    their tensors for ``get``. It (re)starts the DataLoader for ``remaining`` iterations whenever
-    ``consumed`` is not where the previous call left off (first call, a resume, another ``train()``), and
-    shuts the workers down after handing out the last of them.
+    ``next_iteration(dataset, consumed, remaining)`` returns this rank's micro-batch index lists of the
+    iteration starting at stream position ``consumed`` (== ``sampler.micro_batches(consumed)``, checked)
+    and keeps their tensors for ``get``. It (re)starts the DataLoader over ``dataset`` for ``remaining``
+    iterations whenever ``consumed`` is not where the previous call left off (first call, a resume,
+    another ``train()``) or ``dataset`` is another object, and shuts the workers down after handing out
+    the last of them.
 
     Raises (``next_iteration``):
         RuntimeError: the loader produced other indices than the sampler (a bug, never silent).
     """
 
-    def __init__(self, dataset, sampler: DataParallelSampler, num_workers: int, dtype: torch.dtype,
+    def __init__(self, sampler: DataParallelSampler, num_workers: int, dtype: torch.dtype,
                  pin_memory: Optional[bool] = None, prefetch_factor: int = 2):
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0 (0 = read in the training process); got {num_workers}")
-        self.dataset, self.sampler, self.num_workers, self.dtype = dataset, sampler, num_workers, dtype
+        self.sampler, self.num_workers, self.dtype = sampler, num_workers, dtype
+        self._dataset = None
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self._it = None
         self._next_consumed: Optional[int] = None
         self._left = 0
         self._ready: Dict[Tuple[int, ...], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._ready_dataset = None
 
-    def next_iteration(self, consumed_samples: int, remaining: int) -> List[List[int]]:
-        """This rank's micro-batches of the iteration at ``consumed_samples``; ``remaining`` (>= 1) is how
-        many iterations, this one included, the caller will still ask for in sequence (the prefetch plan)."""
+    def next_iteration(self, dataset, consumed_samples: int, remaining: int) -> List[List[int]]:
+        """This rank's micro-batches of ``dataset`` (``ds[i] -> (latents, text)``) for the iteration at
+        ``consumed_samples``; ``remaining`` (>= 1) is how many iterations, this one included, the caller
+        will still ask for in sequence (the prefetch plan)."""
         if remaining < 1:
             raise ValueError(f"remaining must be >= 1; got {remaining}")
-        if self._it is None or consumed_samples != self._next_consumed:
+        if self._it is None or consumed_samples != self._next_consumed or dataset is not self._dataset:
             self.close()
             batches = MicroBatchSampler(self.sampler, consumed_samples, remaining)
-            self._it = iter(build_data_loader(self.dataset, batches, self.num_workers, self.dtype,
+            self._it = iter(build_data_loader(dataset, batches, self.num_workers, self.dtype,
                                               self.pin_memory, self.prefetch_factor))
+            self._dataset = dataset
             self._left = remaining
         expected = self.sampler.micro_batches(consumed_samples)
-        self._ready = {}
+        self._ready, self._ready_dataset = {}, dataset
         micro = []
         for want in expected:
             idx, x, text = next(self._it)
@@ -145,16 +150,19 @@ class TrainingDataLoader:
             self.close(keep_ready=True)
         return micro
 
-    def get(self, indices: Sequence[int]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    def get(self, dataset, indices: Sequence[int]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """(latents [b, f, c, h, w], text [b, L, d]) on the CPU (pinned when pinning) in the loader's dtype
-        for a micro-batch of the last ``next_iteration``, or None if ``indices`` is not one of them."""
+        for a micro-batch of the last ``next_iteration``, or None if ``indices`` is not one of them or
+        ``dataset`` is not the one it read."""
+        if dataset is not self._ready_dataset:
+            return None
         return self._ready.get(tuple(int(i) for i in indices))
 
     def close(self, keep_ready: bool = False) -> None:
         """Shut the worker processes down (idempotent); the next ``next_iteration`` starts new ones."""
         it, self._it = self._it, None
-        self._next_consumed = None
+        self._next_consumed = self._dataset = None
         if not keep_ready:
-            self._ready = {}
+            self._ready, self._ready_dataset = {}, None
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()

@@ -200,14 +200,14 @@ class Trainer:
         self.sampler = DataParallelSampler(len(self.dataset), args.global_batch_size, args.micro_batch_size,
                                            self.dp_size, self.dp_rank, seed=args.seed)
         # Workers read (and prefetch) the sampler's micro-batches; they start with train()'s first fetch.
-        self.loader = TrainingDataLoader(self.dataset, self.sampler, args.num_workers, self.dtype)
+        self.loader = TrainingDataLoader(self.sampler, args.num_workers, self.dtype)
         self.negative_text = self.dataset.negative_text.to(self.device, self.dtype)
 
     def batch(self, indices: List[int]):
         """(latents [b, f, c, h, w], text [b, L, d]) of this rank's micro-batch, in the training dtype on
         the device: the loader's prefetched tensors when ``train()`` fetched this iteration (copied with
         ``non_blocking`` from pinned memory), else read now (``stage.train_step`` called directly)."""
-        ready = self.loader.get(indices)
+        ready = self.loader.get(self.dataset, indices)
         if ready is None:
             return collate(self.dataset, indices, self.dtype, self.device)
         return tuple(t.to(self.device, non_blocking=True) for t in ready)
@@ -309,7 +309,7 @@ class Trainer:
         last = {}
         save_pending = skipped = False
         while self.iteration < stop:
-            micro = self.loader.next_iteration(self.consumed_samples, stop - self.iteration)  # sampler's order
+            micro = self.loader.next_iteration(self.dataset, self.consumed_samples, stop - self.iteration)
             metrics = {k: float(v) for k, v in self.stage.train_step(self.iteration, micro).items()}  # one sync
             skipped = self.guard.end_iteration(self.iteration)  # raises after --max-skipped-iters in a row
             self.iteration += 1
