@@ -305,7 +305,7 @@ def _check_common(ckpt_dir: str) -> None:
         torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
         raise CheckpointError(f"checkpoint {ckpt_dir}: {path} is unreadable or unsafe "
-                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+                              f"({type(err).__name__}: {_weights_only_reason(err)})") from None
 
 
 def _check_shards(ckpt_dir: str, index: Any) -> None:
@@ -626,6 +626,19 @@ def load_checkpoint(ckpt_dir: str, sharded_state_dict: Dict[str, Any], strict: b
                               f"({what})") from None
 
 
+def _weights_only_reason(err: BaseException) -> str:
+    """The useful line of torch's weights_only refusal (``Trying to load unsupported GLOBAL posix.mkdir``),
+    without its advice to retry with ``weights_only=False``."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith(("Weights only load failed", "Check the documentation")):
+            continue
+        ln = ln.split("WeightsUnpickler error:", 1)[-1].strip()
+        if ln:
+            return ln
+    return "refused by weights_only=True"
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else "no message"
@@ -674,9 +687,8 @@ def load_rank_state(ckpt_dir: str) -> Optional[Dict[str, Any]]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise CheckpointError(f"checkpoint {ckpt_dir}: refused to load {path}: it holds objects other than "
-                              f"tensors / numbers / strings / lists / dicts ({first})") from None
+                              f"tensors / numbers / strings / lists / dicts ({_weights_only_reason(err)})") from None
     except Exception as err:  # noqa: BLE001 - truncated zip, EOFError, ...
         raise CheckpointError(f"checkpoint {ckpt_dir}: {path} is unreadable ({type(err).__name__}: "
                               f"{str(err).strip().splitlines()[0] if str(err).strip() else 'truncated?'})") from None
