@@ -5,7 +5,8 @@ Measured by running the real block on CPU at a small size (what is counted does 
 - **ops / bytes moved** (`OpCounter`, a `TorchDispatchMode`): every aten op that reaches the kernel
   level in forward and backward is counted once; its "bytes moved" are the bytes of its tensor inputs
   plus outputs (``numel * element_size``; a lower bound on DRAM traffic of an unfused kernel, the usual
-  roofline estimate). View ops (``OpOverload.is_view``: ``view``, ``permute``, ``expand`` ...) launch no
+  roofline estimate). View ops (``OpOverload.is_view``: ``view``, ``permute``, ``expand`` ...; and
+  ``_unsafe_view`` / ``detach`` / ``alias``) launch no
   kernel and move nothing: they are counted apart and not in the totals.
 - **saved-activation bytes** (`saved_bytes`): unique storages packed for backward
   (``torch.autograd.graph.saved_tensors_hooks``; a non-reentrant checkpoint's kept inputs show up there,
@@ -32,6 +33,10 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+# Ops that only make a new tensor header (no kernel) although not tagged as views.
+_NO_KERNEL = (torch.ops.aten.detach, torch.ops.aten.alias, torch.ops.aten._unsafe_view, torch.ops.aten.lift_fresh)
+
+
 class OpCounter(TorchDispatchMode):
     """Counts aten ops and the bytes of their tensor inputs + outputs while active.
 
@@ -49,7 +54,7 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func.is_view or func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
+        if func.is_view or func.overloadpacket in _NO_KERNEL:
             self.views += 1
             return out
         name = str(func.overloadpacket)
