@@ -318,7 +318,8 @@ def write_contact_sheet(rows: Dict[str, torch.Tensor], path: str, column_labels:
             if j == 0:
                 ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
             if i == 0 and column_labels is not None:
-                ax.set_title(_wrap(str(column_labels[j]), int(cell_w_in * 110), 6.0, 3), fontsize=7)
+                # ~0.6 em per character at 8 pt; the axes get ~80 % of the cell's width
+                ax.set_title(_wrap(str(column_labels[j]), int(0.8 * cell_w_in * 72), 0.6 * 8, 3), fontsize=8)
     shown = ", ".join(str(t + 1) for t in idx)
     fig.suptitle(f"{title}\n(each cell: frames {shown} of {f}, left to right)".strip(), fontsize=9)
     fig.tight_layout()
