@@ -18,7 +18,8 @@ Storage dtype: `write_latent_dataset` stores bfloat16 by default (half the bytes
 runs in bf16 anyway) and records it as ``"dtype"``. Datasets written before that (no ``"dtype"`` key,
 float32 shards, e.g. by ``tools/prepare_dataset.py``) read unchanged: the dtype is then taken from the
 first shard's header. `LatentDataset` reads one sample at a time (``safe_open(...).get_slice("latents")[j]``
-copies only that sample's bytes out of the memory-mapped shard), never a whole shard.
+is a view of that sample in the memory-mapped shard: only its pages are read from disk), never a whole
+shard.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ class LatentDataset:
 
     ``ds[i]`` returns (latents [f, c, h, w], text [L, d]) in the stored dtype (`dtype`: bfloat16 for
     datasets written by `write_latent_dataset`, float32 for older ones); `negative_text` is [1, L, d] in
-    the same dtype. Each read copies one sample's bytes out of its memory-mapped shard
-    (``safe_open(...).get_slice(key)[j]``): no whole-shard loads, so a random order costs nothing extra.
+    the same dtype. Each read is a view of one sample in its memory-mapped shard
+    (``safe_open(...).get_slice(key)[j]``; only its pages are read from disk): no whole-shard loads, so a
+    random order costs nothing extra.
     The open shard handles are per process (rebuilt after fork and dropped when pickled), so the dataset
     can be handed to `torch.utils.data.DataLoader` workers.
 

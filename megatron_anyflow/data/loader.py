@@ -16,6 +16,7 @@ the first call and end with the last planned iteration (or `close`, or garbage c
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -120,6 +121,7 @@ class TrainingDataLoader:
         self._left = 0
         self._ready: Dict[Tuple[int, ...], Tuple[torch.Tensor, torch.Tensor]] = {}
         self._ready_dataset = None
+        self._finalizer: Optional[weakref.finalize] = None
 
     def next_iteration(self, dataset, consumed_samples: int, remaining: int) -> List[List[int]]:
         """This rank's micro-batches of ``dataset`` (``ds[i] -> (latents, text)``) for the iteration at
@@ -132,6 +134,9 @@ class TrainingDataLoader:
             batches = MicroBatchSampler(self.sampler, consumed_samples, remaining)
             self._it = iter(build_data_loader(dataset, batches, self.num_workers, self.dtype,
                                               self.pin_memory, self.prefetch_factor))
+            # Holding the iterator from the finalizer keeps it (and its queues) out of the garbage when this
+            # loader is collected with a dropped trainer, so its workers get a clean, immediate shutdown.
+            self._finalizer = weakref.finalize(self, _shutdown_workers, self._it)
             self._dataset = dataset
             self._left = remaining
         expected = self.sampler.micro_batches(consumed_samples)
@@ -160,9 +165,15 @@ class TrainingDataLoader:
 
     def close(self, keep_ready: bool = False) -> None:
         """Shut the worker processes down (idempotent); the next ``next_iteration`` starts new ones."""
-        it, self._it = self._it, None
-        self._next_consumed = self._dataset = None
+        self._it = self._next_consumed = self._dataset = None
         if not keep_ready:
             self._ready, self._ready_dataset = {}, None
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
+        if self._finalizer is not None:
+            self._finalizer()  # runs _shutdown_workers once
+            self._finalizer = None
+
+
+def _shutdown_workers(it) -> None:
+    """Stop a DataLoader iterator's worker processes (and pin-memory thread) now, not at its collection."""
+    if hasattr(it, "_shutdown_workers"):  # the multi-process iterator; the in-process one has none
+        it._shutdown_workers()
