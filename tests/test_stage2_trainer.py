@@ -121,6 +121,11 @@ def _adam_bounds(step, beta1, beta2):
 # is itself at rounding level (e.g. an adapter of a nearly unused path) has an O(1) relative error that
 # says nothing about TP (the AMD EPYC failure, issue 11 item 10).
 GRAD_TOL = 1e-5
+# Tensors holding >= LARGE of the group norm are also compared relatively, at 1e-6 / LARGE: the absolute
+# error allowed to another CPU (~1e-6 of the norm, above) is at most that fraction of such a tensor.
+# Measured: <= 1.4e-6 relative. (A missing TP all-reduce in the column LoRA backward, tried as a mutation,
+# gives ~0.5 relative on the affected lora_A and 2e-3 of the group norm at step 2.)
+LARGE = 1e-2
 
 
 def test_stage2_tp2_matches_tp1(stage1_ckpt, tmp_path):
@@ -128,7 +133,8 @@ def test_stage2_tp2_matches_tp1(stage1_ckpt, tmp_path):
 
     Compared per group and step (the TP = 1 run replays the TP = 2 state after each step, see
     tests/distributed/stage2_tp_check.py): the parameters before the step (bitwise: same start), the
-    gradient given to AdamW (GRAD_TOL of the group norm), and the update. Update bound, per element: with
+    gradient given to AdamW (GRAD_TOL of the group norm per tensor; relatively for tensors holding >= LARGE
+    of it), and the update. Update bound, per element: with
     the same moments before the step, the two updates differ only through the step's gradient g, so
     ``|du| <= lr K |dg| / (sqrt(min v_hat) + eps)`` (mean-value theorem; along a segment where g keeps
     its sign v_hat is monotone in |g|, so its minimum is at an end), and by at most ``2 C lr`` where g
@@ -161,19 +167,27 @@ def test_stage2_tp2_matches_tp1(stage1_ckpt, tmp_path):
                 dg_all = math.sqrt(sum(float((a["grad"][n].double() - b["grad"][n]).square().sum()) for n in names))
                 assert dg_all <= GRAD_TOL * gnorm, (where, dg_all / gnorm)
                 c, kk = _adam_bounds(k + 1, beta1, beta2)
+                n_large = 0
                 lr = a["lr"]
                 for n in names:
                     g1, g2 = a["grad"][n].double(), b["grad"][n].double()
                     dg = (g2 - g1).abs()
                     assert dg.norm() <= GRAD_TOL * gnorm, (where, n, float(dg.norm()) / gnorm)
+                    if g1.norm() >= LARGE * gnorm:
+                        n_large += 1
+                        assert dg.norm() <= 1e-6 / LARGE * g1.norm(), (where, n, float(dg.norm() / g1.norm()))
                     p = a["before"][n].double()
                     v_hat = torch.minimum(a["exp_avg_sq"][n], b["exp_avg_sq"][n]).double() / (1 - beta2 ** (k + 1))
                     smooth = lr * kk * dg / (v_hat.sqrt() + eps)
-                    bound = torch.where(g1 * g2 > 0, torch.minimum(smooth, torch.full_like(smooth, 2 * c * lr)),
+                    # equal gradients (e.g. both exactly 0: fresh LoRA A behind B = 0) give bitwise the same
+                    # update arithmetic; a sign change gets the full 2 C lr
+                    same_sign = (g1 * g2 > 0) | (g1 == g2)
+                    bound = torch.where(same_sign, torch.minimum(smooth, torch.full_like(smooth, 2 * c * lr)),
                                         torch.full_like(smooth, 2 * c * lr))
                     bound = bound + 4 * u32 * (p.abs() + lr)
                     du = ((a["after"][n].double() - p) - (b["after"][n].double() - p)).abs()
                     assert bool((du <= bound).all()), (where, n, float((du - bound).max()))
+                assert n_large > 0, where
 
 
 def test_stage2_needs_a_stage1_generator(tmp_path):
