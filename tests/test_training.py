@@ -129,7 +129,7 @@ def test_synthesize_dataset_writes_teacher_samples(tmp_path):
     mock = MockLatentDataset(3, (3, 16, 4, 6), 5, 384, seed=2)
     src = str(tmp_path / "src")
     write_latent_dataset(src, torch.stack([mock[i][0] for i in range(3)]), torch.stack([mock[i][1] for i in range(3)]),
-                         mock.negative_text, {"note": "test"})
+                         mock.negative_text, {"note": "test"}, dtype=torch.float32)  # exact values; kept by the tool
     out = str(tmp_path / "syn")
     proc = subprocess.run([sys.executable, "tools/synthesize_dataset.py", "--teacher", teacher_root, "--data-path", src,
                            "--output", out, "--steps", "3", "--guidance", "2", "--samples-per-prompt", "2",
