@@ -20,10 +20,18 @@ def main(argv=None):
         from megatron_anyflow.training.dry_run import dry_run
 
         return dry_run(args)
+    from megatron_anyflow.training.checkpointing import CheckpointError
+    from megatron_anyflow.training.nan_guard import NonFiniteTrainingError
     from megatron_anyflow.training.trainer import Trainer
 
-    trainer = Trainer(args)
-    trainer.train()
+    try:
+        trainer = Trainer(args)
+        trainer.train()
+    except (CheckpointError, NonFiniteTrainingError) as err:
+        # A known failure that says what to do: one clear line and exit 2, not a traceback. The message
+        # is printed on every rank (each rank stops on it; rank 0's log is not the only one read).
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

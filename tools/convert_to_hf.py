@@ -73,7 +73,7 @@ def main(argv=None):
     from megatron_anyflow.models.wan.hf_io import write_hf_transformer_dir
     from megatron_anyflow.parallel.state import initialize_parallel
     from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
-    from megatron_anyflow.training.checkpointing import read_meta, resolve_checkpoint_dir
+    from megatron_anyflow.training.checkpointing import CheckpointError, read_meta, resolve_checkpoint_dir
     from megatron_anyflow.training.model_io import load_for_inference
 
     if os.path.exists(args.output):
@@ -95,10 +95,10 @@ def main(argv=None):
     t0 = time.time()
     try:
         ckpt_dir = resolve_checkpoint_dir(args.input)
-    except FileNotFoundError as err:
+        meta = read_meta(ckpt_dir)
+    except (FileNotFoundError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    meta = read_meta(ckpt_dir)
     print(f"[1/4] {ckpt_dir} (stage {meta.get('stage', 'converted')}, iteration {meta.get('iteration')})", flush=True)
     lora = meta.get("lora")
     if args.merge_lora is not None and (not lora or args.merge_lora not in lora["adapters"]):
@@ -110,7 +110,7 @@ def main(argv=None):
     print("[2/4] loading weights (following the base checkpoint; merging tensor-parallel shards)", flush=True)
     try:
         model = load_for_inference(ckpt_dir, adapter=args.merge_lora, ema=args.ema)
-    except (KeyError, FileNotFoundError) as err:
+    except (KeyError, FileNotFoundError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     cfg = model.config

@@ -129,6 +129,7 @@ def load_model(path: str, adapter: Optional[str] = "auto", ema: bool = False, te
             (its adapters were merged at export).
         FileNotFoundError: nothing loadable at ``path``.
     """
+    from megatron_anyflow.training import checkpointing as ckpt
     from megatron_anyflow.training.checkpointing import read_meta, resolve_checkpoint_dir
 
     device = device or torch.device("cpu")
@@ -155,10 +156,8 @@ def load_model(path: str, adapter: Optional[str] = "auto", ema: bool = False, te
                               f"stage {meta.get('stage', 'converted')!r}); pass --adapter one of {have} or "
                               "--adapter none for the base weights")
     if ema:
-        from megatron.core import dist_checkpointing
-
         group = adapter or "model"
-        keys = dist_checkpointing.load_tensors_metadata(d).keys()
+        keys = ckpt.tensor_keys(d)  # the verified index: megatron-core's reader would unpickle it unchecked
         if not any(k.startswith(f"ema.{group}.") for k in keys):
             raise GenerationError(f"--ema: checkpoint {d} holds no EMA weights of {group!r} "
                                   f"(stage {meta.get('stage', 'converted')!r}); drop --ema")

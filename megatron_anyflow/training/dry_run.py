@@ -35,7 +35,7 @@ def dry_run(args, log=print) -> int:
         try:
             arch = dict(ckpt.read_meta(ckpt.resolve_checkpoint_dir(args.pretrained))["wan_config"])
             log(f"architecture from {args.pretrained}")
-        except (FileNotFoundError, KeyError) as err:
+        except (FileNotFoundError, KeyError, ckpt.CheckpointError) as err:
             log(f"note: {err}; using preset {args.model_preset}")
     arch["delta_embedder"] = arch["delta_embedder"] or args.stage != "teacher"
     cfg = wan_config(None, **arch, perform_initialization=False)

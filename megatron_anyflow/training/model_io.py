@@ -18,7 +18,6 @@ import os
 from typing import List, Optional
 
 import torch
-from megatron.core import dist_checkpointing
 
 from megatron_anyflow.models import lora as L
 from megatron_anyflow.models.wan.config import wan_config
@@ -30,7 +29,7 @@ DELTA = "condition_embedder.delta_embedder."
 
 
 def _has_base(ckpt_dir: str, model: torch.nn.Module) -> bool:
-    avail = set(dist_checkpointing.load_tensors_metadata(ckpt_dir).keys())
+    avail = ckpt.tensor_keys(ckpt_dir)
     want = [k for k in module_sharded_state_dict(model) if ".adapters." not in k and not k.startswith(DELTA)]
     return all(k in avail for k in want)
 
@@ -98,7 +97,7 @@ def load_base(model: WanModel, path: str, merge_adapter: Optional[str] = None, m
                                               ce.time_embedder.state_dict().values()))
         L.apply_lora(model, [merge_adapter], lora["rank"], lora["alpha"], targets=lora["targets"])
         has_ema = merge_ema and any(k.startswith(f"ema.{merge_adapter}.")
-                                    for k in dist_checkpointing.load_tensors_metadata(d).keys())
+                                    for k in ckpt.tensor_keys(d))
         _load_adapter_tensors(model, d, ema=merge_adapter if has_ema else None, adapters=[merge_adapter])
         L.merge_adapter(model, merge_adapter)
         L.remove_lora(model)
@@ -110,14 +109,14 @@ def load_base(model: WanModel, path: str, merge_adapter: Optional[str] = None, m
 
 
 def _delta_in(ckpt_dir: str) -> bool:
-    return any(k.startswith(DELTA) for k in dist_checkpointing.load_tensors_metadata(ckpt_dir).keys())
+    return any(k.startswith(DELTA) for k in ckpt.tensor_keys(ckpt_dir))
 
 
 def _load_adapter_tensors(model: torch.nn.Module, ckpt_dir: str, ema: Optional[str] = None,
                           adapters: Optional[List[str]] = None) -> None:
     """Load adapter tensors (or their EMA copies under ``ema.<group>.``) that the checkpoint has."""
     prefix = f"ema.{ema}." if ema else ""
-    avail = set(dist_checkpointing.load_tensors_metadata(ckpt_dir).keys())
+    avail = ckpt.tensor_keys(ckpt_dir)
     request = {k: v for k, v in module_sharded_state_dict(model, prefix).items()
                if ".adapters." in k and k in avail
                and (adapters is None or any(f".adapters.{a}." in k for a in adapters))}
