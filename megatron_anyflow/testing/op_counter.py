@@ -13,6 +13,9 @@ Measured by running the real block on CPU at a small size (what is counted does 
   what it recomputes does not) plus the outputs a selective-checkpoint policy saves (reported by the
   policy itself). Parameters and the inputs every layer shares (modulation, text states, RoPE tables)
   are left out; the block input counts when the block saves it (it is the previous layer's output).
+  The per-token figure is the slope between two token counts (the grid and twice its frames), so
+  weight-sized tensors a layer saves (a cast weight, LoRA's per-call B matrix) are reported apart
+  ("fixed") instead of inflating the per-token figure at small sizes.
 
 `measure_block` returns both for one configuration; `tools/count_layer_ops.py` prints the table.
 """
@@ -123,6 +126,7 @@ class BlockMeasurement:
     bytes_backward: int
     saved_bytes_per_token: float
     saved_by_dtype_per_token: Dict[str, float]
+    saved_fixed_bytes: float
     top_ops: Dict[str, int] = field(default_factory=dict)
 
     def row(self) -> dict:
@@ -130,7 +134,8 @@ class BlockMeasurement:
                 "ops bwd": self.ops_backward, "MB fwd": round(self.bytes_forward / 1e6, 3),
                 "MB bwd": round(self.bytes_backward / 1e6, 3),
                 "saved B/token": round(self.saved_bytes_per_token, 1),
-                "of which fp32": round(self.saved_by_dtype_per_token.get("float32", 0.0), 1)}
+                "of which fp32": round(self.saved_by_dtype_per_token.get("float32", 0.0), 1),
+                "saved fixed KB": round(self.saved_fixed_bytes / 1e3, 1)}
 
 
 def build_block_inputs(preset: str = "tiny-video", dtype: torch.dtype = torch.float32, lora: bool = True,
@@ -172,12 +177,10 @@ def build_block_inputs(preset: str = "tiny-video", dtype: torch.dtype = torch.fl
 
 
 def measure_block(label: str, preset: str = "tiny-video", dtype: torch.dtype = torch.float32, lora: bool = True,
-                  grid=(2, 8, 8), batch: int = 1, text_len: int = 16, block_kwargs: Optional[dict] = None,
-                  **overrides) -> BlockMeasurement:
+                  grid=(2, 8, 8), batch: int = 1, text_len: int = 16, **overrides) -> BlockMeasurement:
     """Ops, bytes moved and saved-activation bytes of one block at ``preset`` dims (see module docstring).
 
-    ``overrides`` go to `wan_config` (e.g. ``recompute_granularity="full"``); ``block_kwargs`` to the
-    block call (e.g. ``adapter="generator"`` where the block takes it).
+    ``overrides`` go to `wan_config` (e.g. ``recompute_granularity="full"``).
     """
     try:  # full recompute exactly as the model applies it (FP8-aware context, adapter captured)
         from megatron_anyflow.models.wan.model import checkpoint_block
@@ -185,16 +188,20 @@ def measure_block(label: str, preset: str = "tiny-video", dtype: torch.dtype = t
         def checkpoint_block(config, blk, *args, **kw):
             return torch.utils.checkpoint.checkpoint(blk, *args, use_reentrant=False, **kw)
 
-    model, blk, (x, e, text, rope, segments) = build_block_inputs(preset, dtype, lora, grid, batch, text_len,
-                                                                 **overrides)
-    kw = dict(block_kwargs or {})
-    full = model.config.recompute_granularity == "full"
+    def setup(grid_):
+        model, blk, inputs = build_block_inputs(preset, dtype, lora, grid_, batch, text_len, **overrides)
+        # blocks the model checkpoints whole (full recompute, the save-attention policy), as it does
+        full = model._recompute(0) if hasattr(model, "_recompute") else False
 
-    def run(inp):
-        if full:
-            return checkpoint_block(model.config, blk, inp, e, text, rope, segments, **kw)
-        return blk(inp, e, text, rope, segments, **kw)
+        def run(inp):
+            _, e, text, rope, segments = inputs
+            if full:
+                return checkpoint_block(model.config, blk, inp, e, text, rope, segments)
+            return blk(inp, e, text, rope, segments)
 
+        return model, inputs, run
+
+    model, (x, e, text, rope, segments), run = setup(grid)
     tokens = x.shape[0] * x.shape[1]
     # warm-up (first-call caches, e.g. RoPE tables) outside the counters
     run(x).float().sum().backward()
@@ -207,14 +214,20 @@ def measure_block(label: str, preset: str = "tiny-video", dtype: torch.dtype = t
     with bwd:
         y.backward(w)
     del y
-    consts = [e, text, *rope, *model.parameters()]
-    per_layer = saved_bytes(lambda: run(x), exclude=consts)
+    saved = saved_bytes(lambda: run(x), exclude=[e, text, *rope, *model.parameters()])
+    # Per token = the slope between this grid and one with twice the frames: weight-sized tensors
+    # (LoRA's per-call B matrix, casts of weights) are the same at both sizes and drop out.
+    grid2 = (2 * grid[0], *grid[1:])
+    model2, (x2, e2, text2, rope2, _), run2 = setup(grid2)
+    tokens2 = x2.shape[0] * x2.shape[1]
+    saved2 = saved_bytes(lambda: run2(x2), exclude=[e2, text2, *rope2, *model2.parameters()])
+    per_token = {k: (saved2.get(k, 0) - saved.get(k, 0)) / (tokens2 - tokens) for k in set(saved) | set(saved2)}
     top = dict((fwd.ops + bwd.ops).most_common(12))
     return BlockMeasurement(
         label=label, tokens=tokens, ops_forward=fwd.total_ops, ops_backward=bwd.total_ops,
         bytes_forward=fwd.total_bytes, bytes_backward=bwd.total_bytes,
-        saved_bytes_per_token=per_layer["total"] / tokens,
-        saved_by_dtype_per_token={k: v / tokens for k, v in per_layer.items() if k != "total"}, top_ops=top)
+        saved_bytes_per_token=per_token["total"], saved_fixed_bytes=saved["total"] - per_token["total"] * tokens,
+        saved_by_dtype_per_token={k: v for k, v in per_token.items() if k != "total"}, top_ops=top)
 
 
 DEFAULT_CASES = (
@@ -226,4 +239,6 @@ DEFAULT_CASES = (
                                             recompute_modules=["core_attn"])),
     ("bf16 LoRA, selective mlp", dict(dtype=torch.bfloat16, recompute_granularity="selective",
                                       recompute_modules=["mlp"])),
+    ("bf16 LoRA, selective save-attention", dict(dtype=torch.bfloat16, recompute_granularity="selective",
+                                                 recompute_policy="save-attention")),
 )

@@ -74,7 +74,8 @@ def _recompute_kwargs(args) -> dict:
         return dict(recompute_granularity="full", recompute_method=args.recompute_method,
                     recompute_num_layers=args.recompute_num_layers)
     if args.recompute_granularity == "selective":
-        return dict(recompute_granularity="selective", recompute_modules=list(args.recompute_modules))
+        return dict(recompute_granularity="selective", recompute_modules=list(args.recompute_modules),
+                    recompute_policy=getattr(args, "recompute_policy", "modules"))
     return {}
 
 
@@ -166,6 +167,7 @@ class Trainer:
                          sequence_parallel=args.sequence_parallel and args.tensor_model_parallel_size > 1,
                          context_parallel_size=args.context_parallel_size, bf16=args.bf16,
                          backend=args.backend, attention_impl=args.attention_impl,
+                         lora_merged_nograd=getattr(args, "lora_nograd_merge", "per-call"),
                          perform_initialization=args.pretrained is None,
                          **_recompute_kwargs(args), **_fp8_kwargs(args))
         torch.manual_seed(args.seed)  # identical base init on every rank (random-init presets only)
@@ -183,6 +185,10 @@ class Trainer:
             model.condition_embedder.reset_delta_embedder()  # AnyFlow's start: exactly the base at t = r
         self.model = model.to(self.device)
         self.config = cfg
+        self._log(model.describe_kernels(self.device)
+                  + (", blocks compiled (torch.compile per block)" if getattr(args, "compile", False) else ""))
+        if getattr(args, "compile", False):
+            model.compile_blocks()
 
     def _build_data(self):
         args = self.args

@@ -21,6 +21,9 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+ATTENTION_IMPLS = ("auto", "cudnn", "fa3", "flash", "sdpa", "math")
+
+
 @dataclass
 class WanConfig(TransformerConfig):
     """Configuration of the Wan2.1 DiT with AnyFlow's second time input.
@@ -37,8 +40,16 @@ class WanConfig(TransformerConfig):
         deltatime_type: ``"r"`` (the embedder sees r, AnyFlow default) or ``"t-r"``.
         backend: ``"local"`` (megatron-core tensor-parallel linears + PyTorch attention, runs on CPU)
             or ``"te"`` (Transformer Engine modules; FP8-capable, GPU only).
-        attention_impl: core attention for the local backend: ``"sdpa"`` (PyTorch SDPA, which picks its
-            flash / memory-efficient kernels on GPU), ``"flash"`` (the flash-attn package) or ``"math"``.
+        attention_impl: core attention for the local backend (`layer.resolve_attention_impl`):
+            ``"auto"`` (cuDNN fused attention on Hopper, else FlashAttention-3, flash-attn, SDPA),
+            ``"cudnn"`` (SDPA with cuDNN first), ``"fa3"`` (``flash_attn_interface``), ``"flash"``
+            (the flash-attn package), ``"sdpa"`` (PyTorch's own priority) or ``"math"``.
+        recompute_policy: with ``recompute_granularity="selective"``: ``"modules"`` (checkpoint the
+            modules named in ``recompute_modules``, megatron's behaviour) or ``"save-attention"`` (one
+            selective checkpoint per block that keeps self-attention's q, k, v, output and
+            log-sum-exp and recomputes everything else, `layer.save_attention_policy`).
+        lora_merged_nograd: how LoRA runs under ``torch.no_grad()`` (`models.lora`): ``"per-call"``,
+            ``"cache"`` or ``"off"``.
         lora_rank / lora_alpha: LoRA adapter size (AnyFlow: 256 / 256).
 
     Raises:
@@ -59,6 +70,8 @@ class WanConfig(TransformerConfig):
     deltatime_type: str = "r"
     backend: str = "local"
     attention_impl: str = "sdpa"
+    recompute_policy: str = "modules"
+    lora_merged_nograd: str = "per-call"
     lora_rank: int = 256
     lora_alpha: float = 256.0
 
@@ -78,8 +91,12 @@ class WanConfig(TransformerConfig):
             raise ValueError(f"backend={self.backend!r}; expected 'local' or 'te'")
         if self.deltatime_type not in ("r", "t-r"):
             raise ValueError(f"deltatime_type={self.deltatime_type!r}; expected 'r' or 't-r'")
-        if self.attention_impl not in ("sdpa", "math", "flash"):
-            raise ValueError(f"attention_impl={self.attention_impl!r}; expected 'sdpa', 'math' or 'flash'")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
+        if self.recompute_policy not in ("modules", "save-attention"):
+            raise ValueError(f"recompute_policy={self.recompute_policy!r}; expected 'modules' or 'save-attention'")
+        if self.lora_merged_nograd not in ("per-call", "cache", "off"):
+            raise ValueError(f"lora_merged_nograd={self.lora_merged_nograd!r}; expected 'per-call', 'cache' or 'off'")
         if self.fp8 and self.backend != "te":
             raise ValueError(f"fp8={self.fp8!r} needs backend='te' (Transformer Engine); the local backend has no "
                              "FP8 GEMMs")

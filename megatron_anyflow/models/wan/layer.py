@@ -16,18 +16,24 @@ applied one frame-segment of the rank's tokens at a time with expanded views, so
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+import importlib.util
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from torch.utils.checkpoint import CheckpointPolicy
 
+from megatron_anyflow.models import lora as L
 from megatron_anyflow.models.wan.config import WanConfig
 from megatron_anyflow.models.wan.rope import apply_rotary
 from megatron_anyflow.parallel.context_parallel import (
@@ -85,13 +91,69 @@ class FrameSegments:
 def recompute_if(config: WanConfig, module: str, fn, *args):
     """Run ``fn(*args)``, recomputing it in backward under selective recomputation of ``module``.
 
-    ``config.recompute_granularity == "selective"`` with ``module`` in ``config.recompute_modules``
-    (``"core_attn"``: attention scores / softmax; ``"mlp"``: the FFN with its [s, b, ffn] activation).
+    ``config.recompute_granularity == "selective"`` with ``recompute_policy == "modules"`` and ``module``
+    in ``config.recompute_modules`` (``"core_attn"``: attention scores / softmax; ``"mlp"``: the FFN
+    with its [s, b, ffn] activation). The replay runs in the adapter scope of this forward
+    (`lora.bind_adapter_scope`).
     """
-    if (config.recompute_granularity == "selective" and module in (config.recompute_modules or ())
-            and torch.is_grad_enabled()):
-        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    if (config.recompute_granularity == "selective" and config.recompute_policy == "modules"
+            and module in (config.recompute_modules or ()) and torch.is_grad_enabled()):
+        return torch.utils.checkpoint.checkpoint(L.bind_adapter_scope(fn), *args, use_reentrant=False)
     return fn(*args)
+
+
+class _SaveRegion:
+    """Whether the ops now running are self-attention's core (read by `save_attention_policy`).
+
+    Set by `TorchCoreAttention` around its kernel call, both in the forward and in the recomputation
+    replay, so the policy gives the same answer to both. ``observer``: a callable that is given every
+    tensor the policy saves (``tools/count_layer_ops.py`` measures them with it).
+    """
+
+    active = False
+    observer: Optional[Callable] = None
+
+
+@contextlib.contextmanager
+def _attention_region(enabled: bool):
+    if not enabled:
+        yield
+        return
+    prev, _SaveRegion.active = _SaveRegion.active, True
+    try:
+        yield
+    finally:
+        _SaveRegion.active = prev
+
+
+@contextlib.contextmanager
+def observe_selective_saves(fn: Callable):
+    """Call ``fn(tensor)`` for every output `save_attention_policy` saves while the context is open."""
+    prev, _SaveRegion.observer = _SaveRegion.observer, fn
+    try:
+        yield
+    finally:
+        _SaveRegion.observer = prev
+
+
+def save_attention_policy(ctx, func, *args, **kwargs):
+    """Selective-checkpoint policy that fits flash attention (``recompute_policy="save-attention"``).
+
+    Saves every output of the ops inside self-attention's core (`TorchCoreAttention`): the q, k, v
+    it is given (views of them: their storages stay alive), the attention output and its log-sum-exp
+    (and the RNG state of the kernel, when it has one); everything else of the block (linears, LoRA,
+    norms, RoPE, modulation, cross-attention, FFN) is recomputed in backward. Flash / cuDNN attention
+    never stores the S x S scores, so attention's backward needs exactly what is saved, and the replay
+    skips the most expensive op of the block (70 % of the FLOPs at Wan sizes).
+    """
+    if _SaveRegion.active:
+        if not ctx.is_recompute and _SaveRegion.observer is not None:
+            out = ctx.op_output if isinstance(ctx.op_output, (tuple, list)) else (ctx.op_output,)
+            for t in out:
+                if isinstance(t, torch.Tensor):
+                    _SaveRegion.observer(t)
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _modulate(x, shift, scale):
@@ -110,11 +172,16 @@ class HeadShardedRMSNorm(nn.Module):
 
     The per-token sum of squares is summed over the TP group (one small collective) instead of gathering
     q or k. The weight is sharded like the heads (``partition_dim`` 0), so its gradient is local.
-    Numerics follow diffusers' `RMSNorm` (fp32 statistic, eps inside the root).
+    Numerics follow diffusers' `RMSNorm` (fp32 statistic, eps inside the root; a bf16 weight multiplies
+    the bf16-rounded normalised value, as diffusers does with its bf16 ``norm_q`` / ``norm_k``).
 
     Args:
         local_dim: channels on this rank (heads_local * head_dim).
         full_dim: channels over all ranks (heads * head_dim).
+
+    Forward: x [..., heads_local, head_dim] (a strided view is fine: q / k straight out of the fused
+    qkv, no copy) or [..., local_dim]; returns the same shape in x's dtype (the weight's, if it is
+    lower precision).
     """
 
     def __init__(self, local_dim: int, full_dim: int, eps: float = 1e-6, dtype=torch.float32):
@@ -128,40 +195,107 @@ class HeadShardedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        ss = all_reduce_sum_tp(xf.pow(2).sum(-1, keepdim=True))
+        dims = (-2, -1) if x.shape[-1] != self.weight.shape[0] else (-1,)
+        w = self.weight.view(x.shape[-2:]) if len(dims) == 2 else self.weight
+        ss = all_reduce_sum_tp(xf.pow(2).sum(dims, keepdim=True))
         y = xf * torch.rsqrt(ss / self.full_dim + self.eps)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            return y.to(self.weight.dtype) * self.weight
-        return (y * self.weight).to(x.dtype)
+        if w.dtype in (torch.float16, torch.bfloat16):
+            return y.to(w.dtype) * w
+        return (y * w).to(x.dtype)
+
+
+def _have(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def resolve_attention_impl(impl: str, device: torch.device) -> Tuple[str, str]:
+    """The attention kernel ``impl`` runs on ``device``: ``(choice, why)``.
+
+    ``auto``, in this order: ``cudnn`` on a CUDA device of compute capability >= 9.0 (Hopper) with
+    cuDNN >= 9 (cuDNN fused attention, ~595 / 516 TFLOP/s fwd / bwd on H100 against ~370 / 322 for
+    SDPA's default FlashAttention-2); ``fa3`` on Hopper when ``flash_attn_interface`` is installed;
+    ``flash`` when ``flash-attn`` is installed (CUDA); otherwise ``sdpa`` (PyTorch's own priority; on
+    CPU its flash-attention CPU kernel). An explicit choice is returned as is after checking it can run.
+
+    Raises:
+        ValueError: an unknown ``impl``, or ``cudnn`` / ``fa3`` / ``flash`` on a non-CUDA device.
+        ImportError: ``fa3`` without ``flash_attn_interface`` or ``flash`` without ``flash-attn``,
+            naming the package and the fallback.
+    """
+    from megatron_anyflow.models.wan.config import ATTENTION_IMPLS
+
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={impl!r}; expected one of {ATTENTION_IMPLS}")
+    cuda = device.type == "cuda"
+    cc = torch.cuda.get_device_capability(device) if cuda else None
+    if impl == "auto":
+        if not cuda:
+            return "sdpa", f"auto on {device.type}: PyTorch SDPA"
+        cudnn = torch.backends.cudnn.is_available() and (torch.backends.cudnn.version() or 0) >= 90000
+        if cc >= (9, 0) and cudnn:
+            return "cudnn", f"auto on sm{cc[0]}{cc[1]}: cuDNN fused attention (cuDNN {torch.backends.cudnn.version()})"
+        if cc >= (9, 0) and _have("flash_attn_interface"):
+            return "fa3", f"auto on sm{cc[0]}{cc[1]}: FlashAttention-3 (cuDNN < 9)"
+        if _have("flash_attn"):
+            return "flash", f"auto on sm{cc[0]}{cc[1]}: flash-attn"
+        return "sdpa", f"auto on sm{cc[0]}{cc[1]}: PyTorch SDPA (no cuDNN >= 9 on Hopper, no flash-attn)"
+    if impl in ("cudnn", "fa3", "flash") and not cuda:
+        raise ValueError(f"attention_impl={impl!r} needs a CUDA device; the inputs are on {device} "
+                         "(use 'sdpa', 'math' or 'auto')")
+    if impl == "fa3" and not _have("flash_attn_interface"):
+        raise ImportError("attention_impl='fa3' needs FlashAttention-3 (the flash_attn_interface module, built "
+                          "from flash-attention's hopper/ directory); use 'cudnn' or 'auto' otherwise")
+    if impl == "flash" and not _have("flash_attn"):
+        raise ImportError("attention_impl='flash' needs the flash-attn package (GPU only); use 'sdpa' or 'auto'")
+    return impl, "requested"
 
 
 class TorchCoreAttention(nn.Module):
-    """Core attention of the local backend: PyTorch SDPA (or the explicit math form).
+    """Core attention of the local backend: the kernel ``config.attention_impl`` resolves to.
 
-    Inputs q [sq, b, n, d], k / v [sk, b, n, d]; output [sq, b, n * d]. No mask (Wan is bidirectional).
+    Inputs q [sq, b, n, d], k / v [sk, b, n, d] (any strides with a contiguous last dim); output
+    [sq, b, n * d]. No mask (Wan is bidirectional). The kernel is resolved on the first call from the
+    inputs' device (`resolve_attention_impl`) and kept (``self.resolved``). Self-attention's kernel call
+    is the region `save_attention_policy` saves.
     """
 
-    def __init__(self, config: WanConfig, **_unused):
+    def __init__(self, config: WanConfig, attention_type: str = "self", **_unused):
         super().__init__()
         self.impl = config.attention_impl
+        self.attention_type = attention_type
+        self.resolved: Optional[str] = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, n, s, d]
-        if self.impl == "flash":
-            try:
-                from flash_attn import flash_attn_func
-            except ImportError as err:
-                raise ImportError("attention_impl='flash' needs the flash-attn package (GPU only); use 'sdpa'") from err
-            out = flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)))  # [b, s, n, d]
-            b, s, n, d = out.shape
-            return out.permute(1, 0, 2, 3).reshape(s, b, n * d)
-        if self.impl == "math":
-            scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
-            out = torch.matmul(scores.softmax(-1), v.float()).to(q.dtype)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
-        b, n, s, d = out.shape
-        return out.permute(2, 0, 1, 3).reshape(s, b, n * d)
+        if self.resolved is None:
+            self.resolved = resolve_attention_impl(self.impl, q.device)[0]
+        impl = self.resolved
+        sq, b = q.shape[:2]
+        with _attention_region(self.attention_type == "self"):
+            if impl in ("flash", "fa3"):
+                if impl == "fa3":
+                    from flash_attn_interface import flash_attn_func
+                else:
+                    from flash_attn import flash_attn_func
+                out = flash_attn_func(*(t.transpose(0, 1) for t in (q, k, v)))  # [b, s, n, d]
+                if isinstance(out, tuple):  # some FA3 releases return (out, lse)
+                    out = out[0]
+                out = out.transpose(0, 1)  # [s, b, n, d]
+            else:
+                q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, n, s, d]
+                if impl == "math":
+                    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+                    out = torch.matmul(scores.softmax(-1), v.float()).to(q.dtype)
+                elif impl == "cudnn":
+                    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                             SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+                    with sdpa_kernel(order, set_priority=True):
+                        out = F.scaled_dot_product_attention(q, k, v)
+                else:
+                    out = F.scaled_dot_product_attention(q, k, v)
+                out = out.permute(2, 0, 1, 3)  # [s, b, n, d]
+        return out.reshape(sq, b, -1)
 
 
 class TECoreAttention(nn.Module):
@@ -246,6 +380,30 @@ class WanLayerSubmodules:
     mlp: Union[ModuleSpec, type] = None
 
 
+class WanColumnParallelLinear(ColumnParallelLinear):
+    """megatron-core's column-parallel linear; at TP = 1 one ``F.linear`` with the bias in the GEMM.
+
+    megatron's linear adds the bias in a separate elementwise pass after its matmul (and goes through a
+    custom autograd function that ``torch.compile`` cannot trace whole); with one TP rank there is
+    nothing to communicate, so the plain fused GEMM is the same operation. TP > 1 runs megatron's path.
+    """
+
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        if tp_world_size() == 1 and not self.skip_bias_add:
+            return F.linear(input_, self.weight if weight is None else weight, self.bias), None
+        return super().forward(input_, weight, runtime_gather_output)
+
+
+class WanRowParallelLinear(RowParallelLinear):
+    """megatron-core's row-parallel linear; at TP = 1 one ``F.linear`` with the bias in the GEMM (see
+    `WanColumnParallelLinear`)."""
+
+    def forward(self, input_):
+        if tp_world_size() == 1 and not self.skip_bias_add:
+            return F.linear(input_, self.weight, self.bias), None
+        return super().forward(input_)
+
+
 def _init_method(config: WanConfig):
     std = config.init_method_std
     return lambda w: nn.init.normal_(w, mean=0.0, std=std)
@@ -323,10 +481,9 @@ class WanSelfAttention(MegatronModule):
         """x [s, b, h] local tokens; rope (cos, sin) [S / cp, 1, 1, d / 2] of this rank's CP chunk."""
         qkv, _ = self.linear_qkv(x)  # [S / cp, b, n_local * 3 * d] (whole CP chunk under SP)
         s, b = qkv.shape[:2]
-        qkv = qkv.view(s, b, self.heads_local, 3, -1)
-        q = self.q_layernorm(qkv[:, :, :, 0].reshape(s, b, -1)).view(s, b, self.heads_local, -1)
-        k = self.k_layernorm(qkv[:, :, :, 1].reshape(s, b, -1)).view(s, b, self.heads_local, -1)
-        v = qkv[:, :, :, 2]
+        # Views of the fused output (backward: one stack, not three zero-filled select_backward buffers).
+        q, k, v = qkv.view(s, b, self.heads_local, 3, -1).unbind(3)  # [s, b, n_local, d] each
+        q, k = self.q_layernorm(q), self.k_layernorm(k)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if not self.ulysses:
@@ -367,11 +524,10 @@ class WanCrossAttention(MegatronModule):
         kv, _ = self.linear_kv(text)
         s, b = q.shape[:2]
         l = kv.shape[0]
-        q = self.q_layernorm(q).view(s, b, self.heads_local, -1)
-        kv = kv.view(l, b, self.heads_local, 2, -1)
-        k = self.k_layernorm(kv[:, :, :, 0].reshape(l, b, -1)).view(l, b, self.heads_local, -1)
-        v = kv[:, :, :, 1].contiguous()
-        out = recompute_if(self.config, "core_attn", self.core_attention, q, k, v)
+        q = self.q_layernorm(q.view(s, b, self.heads_local, -1))
+        k, v = kv.view(l, b, self.heads_local, 2, -1).unbind(3)  # views of the fused k / v output
+        k = self.k_layernorm(k)
+        out = recompute_if(self.config, "core_attn", self.core_attention, q, k, v.contiguous())
         out, _ = self.linear_proj(out)
         return out
 

@@ -6,6 +6,7 @@ Equivalent to diffusers' `AnyFlowTransformer3DModel` (with the delta embedder) a
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -18,8 +19,9 @@ from megatron.core.fp8_utils import get_fp8_context
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from megatron_anyflow.models import lora as L
 from megatron_anyflow.models.wan.config import WanConfig
-from megatron_anyflow.models.wan.layer import FrameSegments, _modulate
+from megatron_anyflow.models.wan.layer import FrameSegments, _modulate, save_attention_policy
 from megatron_anyflow.models.wan.rope import RotaryCache
 from megatron_anyflow.models.wan.specs import get_wan_layer_spec
 from megatron_anyflow.parallel.context_parallel import (
@@ -32,6 +34,41 @@ from megatron_anyflow.parallel.context_parallel import (
     split_to_context_parallel_region,
 )
 from megatron_anyflow.parallel.tensor_parallel import mark_sequence_parallel, tp_rank, tp_world_size
+
+
+def checkpoint_block(config: WanConfig, block: nn.Module, x, e, text, rope, segments, layer: int = 0):
+    """Run ``block`` with its activations recomputed in backward, as ``config`` asks.
+
+    - ``recompute_granularity="full"``: the whole block is recomputed (non-reentrant
+      `torch.utils.checkpoint`). With FP8 (te backend) megatron-core's TE-aware checkpoint
+      (``te_checkpoint`` over ``transformer_engine.pytorch.distributed.checkpoint``) is used instead: the
+      recomputation re-enters ``fp8_autocast`` with the forward's scaling factors and does not update
+      the amax history twice (a plain checkpoint would replay the GEMMs outside the FP8 context).
+    - ``"selective"`` with ``recompute_policy="save-attention"``: one selective checkpoint of the block
+      (`torch.utils.checkpoint.create_selective_checkpoint_contexts` with
+      `layer.save_attention_policy`): self-attention's q, k, v, output and log-sum-exp are kept,
+      everything else is recomputed.
+
+    The replay runs in the adapter scope of this forward (`lora.bind_adapter_scope`), so an adapter set
+    globally between forward and backward does not change it.
+    """
+    fn = L.bind_adapter_scope(block)
+    if config.recompute_granularity == "selective":
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        ctx = functools.partial(create_selective_checkpoint_contexts, save_attention_policy)
+        return torch.utils.checkpoint.checkpoint(fn, x, e, text, rope, segments, use_reentrant=False, context_fn=ctx)
+    if config.fp8:  # UNTESTED here (no Transformer Engine on CPU)
+        from megatron.core import parallel_state
+        from megatron.core.extensions.transformer_engine import te_checkpoint
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        def run(x, e, text):  # tensors needing gradients are arguments; the rest is captured
+            return fn(x, e, text, rope, segments)
+
+        return te_checkpoint(run, False, get_cuda_rng_tracker, parallel_state.get_tensor_model_parallel_group(),
+                             x, e, text)
+    return torch.utils.checkpoint.checkpoint(fn, x, e, text, rope, segments, use_reentrant=False)
 
 
 def timestep_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -150,6 +187,12 @@ class WanModel(MegatronModule):
             raise ValueError(f"WanConfig.context_parallel_size={config.context_parallel_size} but the initialised "
                              f"context-parallel group has {cp_world_size()} rank(s); set both to the same size "
                              "(initialize_parallel(..., context_parallel_size=N))")
+        if (config.recompute_granularity == "selective" and config.recompute_policy == "save-attention"
+                and (config.backend != "local" or config.fp8)):
+            raise ValueError(f"recompute_policy='save-attention' needs backend='local' without FP8 (got backend="
+                             f"{config.backend!r}, fp8={config.fp8!r}): Transformer Engine's fused attention is "
+                             "not an op the selective checkpoint can save; use recompute_granularity='full' "
+                             "(FP8-aware) or recompute_policy='modules'")
         h = config.hidden_size
         p = config.patch_size
         self.patch_embedding = nn.Conv3d(config.in_channels, h, kernel_size=p, stride=p)
@@ -178,7 +221,8 @@ class WanModel(MegatronModule):
                     mark_sequence_parallel(blk.cross_attn_norm.parameters())
 
     def _cast_low_precision(self, dtype):
-        """Cast to ``dtype`` but keep diffusers' fp32 modules (time embedders, adaLN tables, norms)."""
+        """Cast to ``dtype`` but keep diffusers' fp32 modules (time embedders, adaLN tables, the affine
+        cross-attention norm)."""
         keep = {id(p) for m in (self.condition_embedder.time_embedder, self.condition_embedder.delta_embedder)
                 if m is not None for p in m.parameters()}
         keep.add(id(self.scale_shift_table))
@@ -186,9 +230,8 @@ class WanModel(MegatronModule):
             keep.add(id(blk.scale_shift_table))
             if blk.cross_attn_norm is not None:
                 keep.update(id(p) for p in blk.cross_attn_norm.parameters())
-            for norm in (blk.self_attention.q_layernorm, blk.self_attention.k_layernorm,
-                         blk.cross_attention.q_layernorm, blk.cross_attention.k_layernorm):
-                keep.add(id(norm.weight))
+            # q / k RMSNorm weights follow the model dtype, as diffusers' norm_q / norm_k (not in its
+            # _keep_in_fp32_modules): a bf16 weight keeps the three q / k norm products in bf16.
         for p in self.parameters():
             if id(p) not in keep:
                 p.data = p.data.to(dtype)
@@ -225,7 +268,21 @@ class WanModel(MegatronModule):
             out.append(x.float())
         return out
 
-    def forward(self, latents: torch.Tensor, t: torch.Tensor, r: Optional[torch.Tensor], text: torch.Tensor):
+    def forward(self, latents: torch.Tensor, t: torch.Tensor, r: Optional[torch.Tensor], text: torch.Tensor,
+                adapter=L._UNSET):
+        """See the class docstring. ``adapter``: the LoRA adapter this call runs (a name, or None for the
+        frozen base alone); omitted, the one `lora.set_active_adapter` selected. Recomputed blocks replay
+        with the same adapter, whatever is selected when backward runs.
+
+        Raises:
+            KeyError: ``adapter`` is not defined on the model's LoRA linears.
+        """
+        if adapter is L._UNSET:
+            adapter = L.default_adapter(self)
+        with L.adapter_scope(adapter):
+            return self._forward(latents, t, r, text)
+
+    def _forward(self, latents, t, r, text):
         cfg = self.config
         # Inputs are replicated over CP but each CP rank back-propagates only its tokens' share: sum
         # their gradients over CP (no-op unless they require grad).
@@ -276,7 +333,7 @@ class WanModel(MegatronModule):
             # FP8 (te backend): TE autocast per block; megatron keeps the first / last layers in bf16 on request.
             with get_fp8_context(cfg, i):
                 if self._recompute(i):
-                    x = torch.utils.checkpoint.checkpoint(blk, x, e, txt, rope, segments, use_reentrant=False)
+                    x = checkpoint_block(cfg, blk, x, e, txt, rope, segments, layer=i)
                 else:
                     x = blk(x, e, txt, rope, segments)
 
@@ -294,14 +351,38 @@ class WanModel(MegatronModule):
         return self._unpatchify(y, b, grid)
 
     def _recompute(self, i: int) -> bool:
-        """Whether block ``i`` is recomputed in backward (full recomputation, megatron's methods:
-        ``uniform`` = every block, ``block`` = the first ``recompute_num_layers`` blocks)."""
+        """Whether block ``i`` is checkpointed as a whole (`checkpoint_block`): full recomputation
+        (megatron's methods: ``uniform`` = every block, ``block`` = the first ``recompute_num_layers``
+        blocks) or the selective ``save-attention`` policy (every block)."""
         cfg = self.config
-        if cfg.recompute_granularity != "full" or not torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
+            return False
+        if cfg.recompute_granularity == "selective":
+            return cfg.recompute_policy == "save-attention"
+        if cfg.recompute_granularity != "full":
             return False
         if cfg.recompute_method == "block":
             return i < (cfg.recompute_num_layers or 0)
         return True
+
+    def compile_blocks(self, fullgraph: bool = False, **kwargs) -> None:
+        """Regional compilation: ``torch.compile`` each transformer block in place (``nn.Module.compile``,
+        so parameter names and checkpoints are unchanged). All blocks share one compiled graph (same
+        code, same shapes); the first call traces. ``fullgraph=True`` fails on a graph break instead of
+        splitting (the blocks trace whole at TP = 1 with LoRA; tests/test_compile.py)."""
+        for blk in self.blocks:
+            blk.compile(fullgraph=fullgraph, **kwargs)
+
+    def describe_kernels(self, device: Optional[torch.device] = None) -> str:
+        """One line naming the attention kernel the blocks will run on ``device`` (start-up log)."""
+        cfg = self.config
+        if cfg.backend == "te":
+            return "attention: Transformer Engine fused attention (te backend)"
+        from megatron_anyflow.models.wan.layer import resolve_attention_impl
+
+        device = device or next(self.parameters()).device
+        choice, why = resolve_attention_impl(cfg.attention_impl, device)
+        return f"attention: {choice} (--attention-impl {cfg.attention_impl}; {why})"
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """megatron-core distributed-checkpoint view of the model (see `parallel.sharding`).

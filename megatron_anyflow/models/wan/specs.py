@@ -1,24 +1,26 @@
 """Layer specs of the Wan block for the two backends; both share `WanLayer`'s definition.
 
-- ``local``: megatron-core `ColumnParallelLinear` / `RowParallelLinear` and PyTorch SDPA; runs anywhere,
-  CPU included (TP / SP with gloo).
+- ``local``: megatron-core `ColumnParallelLinear` / `RowParallelLinear` (one fused GEMM + bias at TP = 1)
+  and the attention kernel ``--attention-impl`` picks (cuDNN / FlashAttention-3 / flash-attn / SDPA /
+  math); runs anywhere, CPU included (TP / SP with gloo).
 - ``te``: Transformer Engine linears (FP8-capable) and TE fused attention; GPU only.
 """
 
 from __future__ import annotations
 
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_anyflow.models.wan.layer import (
     TECoreAttention,
     TorchCoreAttention,
+    WanColumnParallelLinear,
     WanCrossAttention,
     WanCrossAttentionSubmodules,
     WanLayer,
     WanLayerSubmodules,
     WanMLP,
     WanMLPSubmodules,
+    WanRowParallelLinear,
     WanSelfAttention,
     WanSelfAttentionSubmodules,
 )
@@ -44,8 +46,9 @@ def _layer_spec(column, row, core_attention) -> ModuleSpec:
 
 
 def get_wan_layer_local_spec() -> ModuleSpec:
-    """Spec of the local backend (megatron-core parallel linears + PyTorch attention)."""
-    return _layer_spec(ColumnParallelLinear, RowParallelLinear, TorchCoreAttention)
+    """Spec of the local backend: megatron-core parallel linears (one fused ``F.linear`` with its bias at
+    TP = 1) and the attention kernel of ``config.attention_impl`` (`layer.TorchCoreAttention`)."""
+    return _layer_spec(WanColumnParallelLinear, WanRowParallelLinear, TorchCoreAttention)
 
 
 def get_wan_layer_te_spec() -> ModuleSpec:
