@@ -16,6 +16,7 @@ the first call and end with the last planned iteration (or `close`, or garbage c
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -62,6 +63,18 @@ class IndexedSamples(Dataset):
         return i, x, text
 
 
+def _stack(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.stack(tensors).to(dtype)``; in a worker written straight into shared memory (as
+    ``default_collate`` does), so handing the batch to the training process copies nothing."""
+    shape = (len(tensors), *tensors[0].shape)
+    if torch.utils.data.get_worker_info() is None:
+        return torch.stack(list(tensors)).to(dtype)
+    out = torch.empty(shape, dtype=dtype).share_memory_()
+    for k, t in enumerate(tensors):
+        out[k].copy_(t)  # the cast happens in the copy
+    return out
+
+
 def collate_samples(items: Sequence[Tuple[int, torch.Tensor, torch.Tensor]], dtype: torch.dtype):
     """(indices [b] list, latents [b, f, c, h, w], text [b, L, d]) in ``dtype``, on the CPU.
 
@@ -69,9 +82,7 @@ def collate_samples(items: Sequence[Tuple[int, torch.Tensor, torch.Tensor]], dty
     bf16 run moves bf16 through shared and pinned memory.
     """
     idx = [int(i) for i, _, _ in items]
-    x = torch.stack([a for _, a, _ in items]).to(dtype)
-    text = torch.stack([b for _, _, b in items]).to(dtype)
-    return idx, x, text
+    return idx, _stack([a for _, a, _ in items], dtype), _stack([b for _, _, b in items], dtype)
 
 
 def build_data_loader(dataset, batch_sampler: Sampler, num_workers: int, dtype: torch.dtype,
@@ -100,7 +111,9 @@ class TrainingDataLoader:
 
     ``next_iteration(dataset, consumed, remaining)`` returns this rank's micro-batch index lists of the
     iteration starting at stream position ``consumed`` (== ``sampler.micro_batches(consumed)``, checked)
-    and keeps their tensors for ``get``. It (re)starts the DataLoader over ``dataset`` for ``remaining``
+    and keeps their tensors for ``get``. By default the workers read up to one whole iteration ahead
+    (``prefetch_factor = max(2, ceil(micro-batches per iteration / num_workers))``), so the next
+    iteration is read while this one trains. It (re)starts the DataLoader over ``dataset`` for ``remaining``
     iterations whenever ``consumed`` is not where the previous call left off (first call, a resume,
     another ``train()``) or ``dataset`` is another object, and shuts the workers down after handing out
     the last of them.
@@ -110,11 +123,13 @@ class TrainingDataLoader:
     """
 
     def __init__(self, sampler: DataParallelSampler, num_workers: int, dtype: torch.dtype,
-                 pin_memory: Optional[bool] = None, prefetch_factor: int = 2):
+                 pin_memory: Optional[bool] = None, prefetch_factor: Optional[int] = None):
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0 (0 = read in the training process); got {num_workers}")
         self.sampler, self.num_workers, self.dtype = sampler, num_workers, dtype
         self._dataset = None
+        if prefetch_factor is None:  # the workers hold the whole next iteration while this one trains
+            prefetch_factor = max(2, math.ceil(sampler.num_micro / max(num_workers, 1)))
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self._it = None
         self._next_consumed: Optional[int] = None
