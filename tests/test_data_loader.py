@@ -235,3 +235,23 @@ def test_workers_end_when_training_fails():
     del tr
     gc.collect()
     assert multiprocessing.active_children() == []
+
+
+def test_benchmark_loader_tool_runs(tmp_path):
+    """tools/benchmark_loader.py at a tiny size: one row per loader, the assumption recorded."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_loader", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                                         "benchmark_loader.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--num-samples", "4", "--latent-shape", "1", "2", "2", "2", "--text-len", "2", "--text-dim", "4",
+                      "--samples-per-shard", "2", "--global-batch-size", "2", "--workers", "0", "1", "--repeats", "1",
+                      "--consumer-ms-per-sample", "0", "--output-dir", str(tmp_path)]) == 0
+    result = json.load(open(tmp_path / "loader.json"))
+    assert [r["num_workers"] for r in result["rows"]][1:] == [0, 1]
+    assert all(r["samples"] == 4 and r["samples_per_s"] > 0 for r in result["rows"])
+    assert result["assumption"]["per_gpu_samples_per_s"] == pytest.approx(1 / 3.0)
+    assert "samples/s" in (tmp_path / "loader.md").read_text()
+    assert multiprocessing.active_children() == []
