@@ -163,7 +163,11 @@ def build_block_inputs(preset: str = "tiny-video", dtype: torch.dtype = torch.fl
             p.requires_grad_(True)
     blk = model.blocks[0]
     captured = {}
-    blk.register_forward_pre_hook(lambda m, a: captured.setdefault("args", a))
+
+    def capture(module, args):
+        captured["args"] = args  # returns None: the call's arguments are left as they are
+
+    handle = blk.register_forward_pre_hook(capture)
     f, hh, ww = grid
     pt, ph, pw = cfg.patch_size
     g = torch.Generator().manual_seed(seed + 1)
@@ -171,6 +175,7 @@ def build_block_inputs(preset: str = "tiny-video", dtype: torch.dtype = torch.fl
     txt = torch.randn(batch, text_len, cfg.text_dim, generator=g).to(dtype)
     with torch.no_grad():
         model(lat, torch.full((batch,), 500.0), torch.full((batch,), 200.0), txt)
+    handle.remove()
     x, e, text, rope, segments = captured["args"]
     x = x.detach().clone().requires_grad_(True)
     return model, blk, (x, e.detach(), text.detach(), rope, segments)

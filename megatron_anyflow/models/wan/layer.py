@@ -239,14 +239,14 @@ def resolve_attention_impl(impl: str, device: torch.device) -> Tuple[str, str]:
         if _have("flash_attn"):
             return "flash", f"auto on sm{cc[0]}{cc[1]}: flash-attn"
         return "sdpa", f"auto on sm{cc[0]}{cc[1]}: PyTorch SDPA (no cuDNN >= 9 on Hopper, no flash-attn)"
-    if impl in ("cudnn", "fa3", "flash") and not cuda:
-        raise ValueError(f"attention_impl={impl!r} needs a CUDA device; the inputs are on {device} "
-                         "(use 'sdpa', 'math' or 'auto')")
     if impl == "fa3" and not _have("flash_attn_interface"):
         raise ImportError("attention_impl='fa3' needs FlashAttention-3 (the flash_attn_interface module, built "
                           "from flash-attention's hopper/ directory); use 'cudnn' or 'auto' otherwise")
     if impl == "flash" and not _have("flash_attn"):
         raise ImportError("attention_impl='flash' needs the flash-attn package (GPU only); use 'sdpa' or 'auto'")
+    if impl in ("cudnn", "fa3", "flash") and not cuda:
+        raise ValueError(f"attention_impl={impl!r} needs a CUDA device; the inputs are on {device} "
+                         "(use 'sdpa', 'math' or 'auto')")
     return impl, "requested"
 
 
