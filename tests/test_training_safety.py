@@ -269,3 +269,24 @@ def test_time_shift_reaches_every_stage2_time():
     args = parse_args(["--stage", "stage2", "--mock-data", "--train-iters", "1", "--time-shift", "3"])
     cfg = distill_config(args)
     assert (cfg.shift, cfg.dmd_tau_shift, cfg.critic_time_shift) == (3.0, 3.0, 3.0)
+
+
+def test_cli_fails_loudly_with_one_error_line(tmp_path):
+    """The command line turns the two known fatal conditions into one 'error:' line and exit code 2."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "pretrain_anyflow.py", "--stage", "stage1", "--mock-data", "--micro-batch-size", "1",
+           "--global-batch-size", "1", "--num-workers", "0", "--mock-latent-shape", "3", "16", "4", "6"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    root = str(tmp_path / "c")
+    subprocess.run(cmd + ["--train-iters", "1", "--save", root], cwd=repo, env=env, check=True, capture_output=True)
+    with open(os.path.join(root, "iter_0000001", "anyflow_meta.json"), "w") as f:
+        f.write("{garbage")
+    p = subprocess.run(cmd + ["--train-iters", "2", "--load", root], cwd=repo, env=env, capture_output=True, text=True)
+    assert p.returncode == 2 and "error: cannot resume from" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    p = subprocess.run(cmd + ["--train-iters", "4", "--lr", "1e30", "--lr-warmup-iters", "1", "--max-skipped-iters", "2"],
+                       cwd=repo, env=env, capture_output=True, text=True)
+    assert p.returncode == 2 and "consecutive iterations with a non-finite loss" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
