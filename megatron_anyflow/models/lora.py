@@ -33,13 +33,15 @@ layer at Wan sizes).
 
 No-grad forwards (``torch.is_grad_enabled()`` False: CFG branches, real / fake score, rollouts) run the
 merged weight ``W + s B A`` through the base linear instead of the unmerged path (`merged_nograd`):
-``"per-call"`` (default) merges each wrapped weight when it is used (2 r out in FLOPs, about 0.2 % of a
+``"per-call"`` merges each wrapped weight when it is used (2 r out in FLOPs, about 0.2 % of a
 forward at 32k tokens; one weight-sized temporary at a time), ``"cache"`` keeps one merged copy per
 (linear, adapter) until the adapter's or the base's parameters change (keyed on their ``_version``
 counters and data pointers, so an optimizer step or a load invalidates it; a write through ``.data``
 bypasses the counters: call `clear_merged_cache`). Memory of ``"cache"``: one copy of every wrapped
-base weight per adapter: 2.2 GB (bf16) per adapter at 1.3B, 19.7 GB / TP at 14B. ``"off"``: the
-unmerged path always.
+base weight per adapter: 2.2 GB (bf16) per adapter at 1.3B, 19.7 GB / TP at 14B. ``"off"`` (the
+default, `WanConfig.lora_merged_nograd`): the unmerged path always, so a no-grad forward is bit-identical
+to a grad-enabled one (merged and unmerged agree only to rounding: 1e-6 relative in float32, bf16
+rounding in bf16).
 """
 
 from __future__ import annotations
@@ -207,7 +209,7 @@ class LoRALinear(nn.Module):
         self.kind = _kind(base)
         self.adapters = nn.ModuleDict()
         self.active: Optional[str] = None
-        self.merged_nograd = "per-call"  # see the module docstring; set_merged_nograd changes it
+        self.merged_nograd = "off"  # see the module docstring; apply_lora / set_merged_nograd set it
         self._merged_cache = {}  # adapter -> (key, merged weight); "cache" mode only
         groups, head_dim = getattr(base, "lora_out_groups", (1, None))
         self.groups, self.head_dim = groups, head_dim
@@ -378,7 +380,7 @@ def apply_lora(model: nn.Module, adapters: Iterable[str], rank: int, alpha: floa
         raise ValueError(f"LoRA rank must be >= 1; got {rank}")
     adapters = list(adapters)
     cfg = getattr(model, "config", None)
-    mode = getattr(cfg, "lora_merged_nograd", "per-call")
+    mode = getattr(cfg, "lora_merged_nograd", "off")
     if getattr(cfg, "fp8", None):
         mode = "off"  # TE caches FP8 casts of its weights: a swapped-in merged weight is not safe there
     for p in model.parameters():

@@ -167,7 +167,7 @@ class Trainer:
                          sequence_parallel=args.sequence_parallel and args.tensor_model_parallel_size > 1,
                          context_parallel_size=args.context_parallel_size, bf16=args.bf16,
                          backend=args.backend, attention_impl=args.attention_impl,
-                         lora_merged_nograd=getattr(args, "lora_nograd_merge", "per-call"),
+                         lora_merged_nograd=getattr(args, "lora_nograd_merge", "off"),
                          perform_initialization=args.pretrained is None,
                          **_recompute_kwargs(args), **_fp8_kwargs(args))
         torch.manual_seed(args.seed)  # identical base init on every rank (random-init presets only)

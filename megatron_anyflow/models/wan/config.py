@@ -49,7 +49,7 @@ class WanConfig(TransformerConfig):
             selective checkpoint per block that keeps self-attention's q, k, v, output and
             log-sum-exp and recomputes everything else, `layer.save_attention_policy`).
         lora_merged_nograd: how LoRA runs under ``torch.no_grad()`` (`models.lora`): ``"per-call"``,
-            ``"cache"`` or ``"off"``.
+            ``"cache"`` or ``"off"`` (default: numerics bit-identical to the grad-enabled path).
         lora_rank / lora_alpha: LoRA adapter size (AnyFlow: 256 / 256).
 
     Raises:
@@ -71,7 +71,7 @@ class WanConfig(TransformerConfig):
     backend: str = "local"
     attention_impl: str = "sdpa"
     recompute_policy: str = "modules"
-    lora_merged_nograd: str = "per-call"
+    lora_merged_nograd: str = "off"
     lora_rank: int = 256
     lora_alpha: float = 256.0
 
