@@ -21,8 +21,8 @@ Schedules (``--schedule``):
 
 The critic's rollout in ``sequential`` uses the same noise and simulation plan as the generator's, so with
 a frozen generator (lr 0) both schedules see the same rollouts and give identical updates (tested).
-Adapter switching is global state on the model: the right adapter is active again before each backward,
-which matters when blocks are recomputed in backward.
+Each role names its adapter in the call (`Stage2.role`: ``model(..., adapter=...)``); recomputed blocks
+capture it, so no adapter has to be re-selected before a backward.
 """
 
 from __future__ import annotations
@@ -83,11 +83,13 @@ class Stage2(Stage1):
 
     # -- roles -------------------------------------------------------------------------------------
     def role(self, adapter):
+        """The model as one role: ``call(z, T, R, text)`` runs ``adapter`` (None: the frozen base, the
+        real score). The adapter travels with the call (`WanModel.forward`'s ``adapter``): recomputed
+        blocks replay it in backward whatever another role selected meanwhile."""
         model = self.t.model
 
         def call(z, T, R, text):
-            L.set_active_adapter(model, adapter)
-            return model(z, T, R, text)
+            return model(z, T, R, text, adapter=adapter)
 
         return call
 
@@ -118,7 +120,6 @@ class Stage2(Stage1):
         s1_value, s1_stats = None, {}
         if self.dcfg.cotrain_stage1:
             s1, s1_stats = self.stage1_loss(gen, iteration, j, x, text, carry)
-            L.set_active_adapter(t.model, GENERATOR)  # the backward (and any recomputation) runs the generator
             (self.dcfg.stage1_weight * s1 / n).backward()
             s1_value = s1.detach()
         neg = t.negative_text.expand(x.shape[0], -1, -1)
@@ -126,7 +127,6 @@ class Stage2(Stage1):
             gen, real, fake, noise, text, neg, plan, self.dcfg,
             tau_generator=t.generator("tau", iteration, j, t.dp_rank, device=t.device),
             rollout_generator=t.generator("rollout", iteration, j, t.dp_rank, device=t.device))
-        L.set_active_adapter(t.model, GENERATOR)  # the backward (and any recomputation) runs the generator
         info["stage1_loss"] = s1_value
         info["stage1_stats"] = s1_stats
         total = loss.detach()
@@ -139,7 +139,6 @@ class Stage2(Stage1):
         t = self.t
         loss, info = critic_loss(self.role(FAKE), x0, text,
                                  t.generator("critic", iteration, j, t.dp_rank, device=t.device), self.dcfg)
-        L.set_active_adapter(t.model, FAKE)
         return loss, info
 
     def train_step(self, iteration: int, micro: List[List[int]]) -> Dict[str, float]:
