@@ -9,7 +9,7 @@ decide *when* a micro-batch is read (ahead of its use), never *which*.
 
 `TrainingDataLoader` is what `Trainer` holds: ``next_iteration(dataset, consumed_samples, remaining)``
 returns the iteration's micro-batch index lists (what ``Stage.train_step`` takes) and keeps their tensors so
-that ``get(indices)`` (behind ``Trainer.batch``) returns them without reading again. Its workers start on
+that ``get(dataset, indices)`` (behind ``Trainer.batch``) returns them without reading again. Its workers start on
 the first call and end with the last planned iteration (or `close`, or garbage collection).
 """
 
