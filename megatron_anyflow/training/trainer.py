@@ -300,6 +300,21 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def train(self) -> Dict[str, float]:
+        """Train from the current iteration to ``--train-iters`` (or ``--exit-after-iters`` more); returns the
+        last iteration's metrics. On any exception the data-loader workers are stopped before it propagates
+        (no worker outlives a failed run).
+
+        Raises:
+            NonFiniteTrainingError: ``--max-skipped-iters`` consecutive non-finite iterations, or non-finite
+                state at a save.
+        """
+        try:
+            return self._train()
+        except BaseException:
+            self.loader.close()
+            raise
+
+    def _train(self) -> Dict[str, float]:
         args = self.args
         start_iter = self.iteration
         stop = args.train_iters
