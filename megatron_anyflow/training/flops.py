@@ -17,12 +17,21 @@ then does less than the model-FLOP count says). So a forward with grad counts 3x
     stage-1 step     3 F_fwd + 3 F_fwd                         (cond with grad; null, plus, minus)
     stage-2 step     generator: segments with grad x 3 + real score 2 (cond, uncond) + fake 1 (+ stage-1 co-training 6)
                      critic: rollout segments x 1 + fake score with grad 3
+
+Hardware FLOPs (`pass_hardware_flops`, `step_hardware_flops`) count what the GPU executes instead:
+the frozen base gets dgrad only (no wgrad) and only where its input needs a gradient; the LoRA GEMMs
+are counted (forward always when the adapter runs unmerged; both grads of the trainable adapter);
+attention backward is 2.5x its forward (flash / cuDNN / FA3 kernels recompute the scores: PyTorch's
+``sdpa_backward_flop_count``). Stage 2 is credited with each iteration's own rollout draw
+(`rollout_segments`, `stage2_iteration_flops`), not the expectation.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 from megatron_anyflow.models.wan.config import WanConfig
 
@@ -87,3 +96,176 @@ def expected_segments(num_steps_choices) -> float:
 def mfu(tflops_per_gpu: float, peak_tflops: float) -> float:
     """Model FLOP utilisation: achieved model TFLOP/s per GPU over the measured bf16 matmul rate."""
     return tflops_per_gpu / peak_tflops if peak_tflops > 0 and math.isfinite(peak_tflops) else float("nan")
+
+
+# --------------------------------------------------------------------------------------------------
+# hardware FLOPs
+# --------------------------------------------------------------------------------------------------
+#: attention backward / forward FLOPs of the kernel that runs: fused kernels (flash, cuDNN, FA3, SDPA's
+#: flash / efficient) recompute the scores (5 GEMMs for the forward's 2); explicit-matmul attention
+#: (``attention_impl="math"``) runs 4 GEMMs, fewer where q or k / v needs no gradient.
+ATTENTION_KERNELS = ("flash", "math")
+
+
+def _lora_targets_default() -> Tuple[str, ...]:
+    from megatron_anyflow.models.lora import DEFAULT_TARGETS
+
+    return tuple(DEFAULT_TARGETS)
+
+
+class _Pass:
+    """Accumulates the FLOPs of one forward (and its backward) linear by linear, tracking which
+    activations need a gradient (autograd runs a backward GEMM only for those)."""
+
+    def __init__(self, targets: Sequence[str], rank: int, lora: bool, grad: bool):
+        self.targets, self.rank, self.lora, self.grad = tuple(targets), rank, lora, grad
+        self.fwd = self.bwd = 0.0
+
+    def linear(self, path: str, M: int, d_in: int, d_out: int, in_grad: bool, groups: int = 1) -> bool:
+        """y = x W^T (+ s B A x); returns whether y needs a gradient."""
+        self.fwd += 2.0 * M * d_in * d_out
+        lora = self.lora and self.rank > 0 and any(fnmatch.fnmatchcase(path, t) for t in self.targets)
+        in_grad = in_grad and self.grad
+        if lora:
+            gr = groups * self.rank  # A: [g r, in]; B as one block-structured [out, g r] matrix (models/lora.py)
+            self.fwd += 2.0 * M * gr * (d_in + d_out)
+        if in_grad:
+            self.bwd += 2.0 * M * d_in * d_out  # frozen base: dgrad only
+        if lora and self.grad:  # the trainable adapter: wgrad of B, dgrad to A(x), wgrad of A, dgrad of x
+            self.bwd += 2.0 * M * gr * d_out * 2 + 2.0 * M * gr * d_in * (2 if in_grad else 1)
+        return in_grad or (lora and self.grad)
+
+    def attention(self, B: int, s_q: int, s_k: int, h: int, q_grad: bool, kv_grad: bool, kernel: str) -> bool:
+        """softmax(q k^T) v over B sequences, width h (all heads): forward 2 GEMMs of 2 s_q s_k h each."""
+        gemm = 2.0 * B * s_q * s_k * h
+        self.fwd += 2 * gemm
+        if not self.grad or not (q_grad or kv_grad):
+            return False
+        if kernel == "flash":
+            self.bwd += 5 * gemm
+        else:  # math: dP = dO v^T, then dq = dS k, dk = dS^T q, dv = P^T dO as needed
+            self.bwd += gemm * (1 + q_grad + 2 * kv_grad)
+        return True
+
+
+def pass_hardware_flops(cfg: WanConfig, frames: int, height: int, width: int, text_len: int = 512, *,
+                        grad: bool, lora_rank: int = 0, lora_targets: Optional[Sequence[str]] = None,
+                        lora: bool = True, input_requires_grad: bool = False, attention: str = "flash",
+                        per_frame_time: bool = False, batch: int = 1) -> float:
+    """Hardware FLOPs of one model call on ``batch`` samples: its forward, plus its backward when ``grad``.
+
+    A call with ``grad`` trains the adapter it runs (``lora_targets``, rank ``lora_rank``; the base is
+    frozen). Counted: every GEMM of the forward (base linears, the patch convolution, attention,
+    the LoRA A and B GEMMs when ``lora``: the adapter runs unmerged; a fused q/k/v or k/v linear has a
+    block-structured ``[out, groups r]`` B, which the GPU multiplies zeros and all); in the backward,
+    the base linears' dgrad where the input needs a gradient (``input_requires_grad``: the latents do,
+    e.g. a chained rollout segment; the text never does, so the cross-attention k / v GEMMs have no
+    backward; the first block's input needs one only through a trained time embedder's modulation),
+    both grads of the trained adapter (A's dgrad only where its input needs one), and attention backward
+    at 2.5x its forward (``attention="flash"``: fused kernels, which compute dq, dk and dv whatever is
+    needed) or the explicit-matmul count (``"math"``: 4 GEMMs, dq alone for cross-attention on the
+    text). Elementwise work, norms, softmax and the optimiser are not counted.
+    """
+    if attention not in ATTENTION_KERNELS:
+        raise ValueError(f"attention {attention!r}; expected one of {ATTENTION_KERNELS}")
+    targets = _lora_targets_default() if lora_targets is None else tuple(lora_targets)
+    pt, ph, pw = cfg.patch_size
+    S = batch * (frames // pt) * (height // ph) * (width // pw)
+    C, h, Fw, L = batch * text_len, cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_layers
+    p = pt * ph * pw
+    n_time = batch * ((frames // pt) if per_frame_time else 1)
+    P = _Pass(targets, lora_rank, lora, grad)
+    # embeddings: patch (a convolution over whole patches = a GEMM), text, time (+ delta) embedders
+    P.linear("patch_embedding", S, cfg.in_channels * p, h, input_requires_grad)
+    t1 = P.linear("condition_embedder.text_embedder.linear_1", C, cfg.text_dim, h, False)
+    txt = P.linear("condition_embedder.text_embedder.linear_2", C, h, h, t1)
+    mod = False
+    for emb in ("time_embedder", "delta_embedder") if cfg.delta_embedder else ("time_embedder",):
+        e1 = P.linear(f"condition_embedder.{emb}.linear_1", n_time, cfg.freq_dim, h, False)
+        mod = P.linear(f"condition_embedder.{emb}.linear_2", n_time, h, h, e1) or mod
+    temb = mod
+    mod = P.linear("condition_embedder.time_proj", n_time, h, 6 * h, temb)
+    x = input_requires_grad
+    for i in range(L):
+        b = f"blocks.{i}"
+        qkv = P.linear(f"{b}.self_attention.linear_qkv", S, h, 3 * h, x or mod, groups=3)
+        a = P.attention(batch, S // batch, S // batch, h, qkv, qkv, attention)
+        x = P.linear(f"{b}.self_attention.linear_proj", S, h, h, a) or x or mod
+        q = P.linear(f"{b}.cross_attention.linear_q", S, h, h, x)
+        kv = P.linear(f"{b}.cross_attention.linear_kv", C, h, 2 * h, txt, groups=2)
+        a = P.attention(batch, S // batch, C // batch, h, q, kv, attention)
+        x = P.linear(f"{b}.cross_attention.linear_proj", S, h, h, a) or x
+        f1 = P.linear(f"{b}.mlp.linear_fc1", S, h, Fw, x or mod)
+        x = P.linear(f"{b}.mlp.linear_fc2", S, Fw, h, f1) or x or mod
+    P.linear("proj_out", S, h, cfg.out_channels * p, x or temb)
+    return P.fwd + P.bwd
+
+
+def rollout_segments(N: int, k: int) -> int:
+    """Generator calls of one flow-map backward simulation with plan (N, k): 1 + (k > 0) + (k < N - 1)."""
+    return 1 + (k > 0) + (k < N - 1)
+
+
+@dataclass
+class StepHardwareFlops:
+    """Hardware FLOPs per sample of one training step, by role."""
+
+    generator: float
+    critic: float
+
+    @property
+    def total(self) -> float:
+        return self.generator + self.critic
+
+
+def step_hardware_flops(cfg: WanConfig, stage: str, frames: int, height: int, width: int, text_len: int = 512, *,
+                        lora_rank: int, lora_targets: Optional[Sequence[str]] = None, rollout_grad_segments: int = 3,
+                        rollout_segments: int = 3, cotrain: bool = True, merged_nograd: bool = False,
+                        attention: str = "flash") -> StepHardwareFlops:
+    """Hardware FLOPs per sample of a ``teacher``, ``stage1`` or ``stage2`` (generator + critic) step.
+
+    The calls are those of `step_flops`: teacher 1 with grad; stage 1 cond with grad + null, plus, minus
+    without; stage 2 generator: ``rollout_grad_segments`` with grad (the first from noise, the others on a
+    latent that needs a gradient: chained) + real score cond / uncond (base, no adapter) + fake score +
+    stage-1 co-training; critic: ``rollout_segments`` no-grad generator calls + fake score with grad.
+    ``merged_nograd``: no-grad calls with an adapter run a merged weight (no LoRA GEMMs).
+    """
+    kw = dict(lora_rank=lora_rank, lora_targets=lora_targets, attention=attention)
+    shape = (cfg, frames, height, width, text_len)
+    g = pass_hardware_flops(*shape, grad=True, **kw)
+    g_chain = pass_hardware_flops(*shape, grad=True, input_requires_grad=True, **kw)
+    n = pass_hardware_flops(*shape, grad=False, lora=not merged_nograd, **kw)
+    base = pass_hardware_flops(*shape, grad=False, lora=False, **kw)
+    if stage == "teacher":
+        return StepHardwareFlops(g, 0.0)
+    if stage == "stage1":
+        return StepHardwareFlops(g + 3 * n, 0.0)
+    if stage != "stage2":
+        raise ValueError(f"stage {stage!r}; expected teacher, stage1 or stage2")
+    rollout = (g + (rollout_grad_segments - 1) * g_chain) if rollout_grad_segments > 0 else 0.0
+    gen = rollout + 2 * base + n + ((g + 3 * n) if cotrain else 0.0)
+    return StepHardwareFlops(gen, rollout_segments * n + g)
+
+
+def stage2_iteration_flops(cfg: WanConfig, plans: Iterable[Tuple[int, int]], frames: int, height: int, width: int,
+                           text_len: int = 512, *, schedule: str = "sequential", cotrain: bool = True,
+                           lora_rank: int = 0, lora_targets: Optional[Sequence[str]] = None,
+                           merged_nograd: bool = False, attention: str = "flash") -> List[Tuple[float, float]]:
+    """(model FLOPs, hardware FLOPs) per sample of each stage-2 iteration, from its drawn plan (N, k).
+
+    Each iteration is credited with its own rollout: ``rollout_segments(N, k)`` generator calls with
+    grad in the generator step, and as many without in the critic step (``sequential``: the critic's own
+    rollout with the same plan) or none (``pipelined``: the critic reuses the generator's rollout).
+    """
+    out = []
+    for N, k in plans:
+        seg = rollout_segments(N, k)
+        crit = seg if schedule == "sequential" else 0
+        m = (step_flops(cfg, "stage2_generator", frames, height, width, text_len, rollout_grad_segments=seg,
+                        cotrain=cotrain).flops_per_sample
+             + step_flops(cfg, "stage2_critic", frames, height, width, text_len, rollout_segments=crit).flops_per_sample)
+        hw = step_hardware_flops(cfg, "stage2", frames, height, width, text_len, lora_rank=lora_rank,
+                                 lora_targets=lora_targets, rollout_grad_segments=seg, rollout_segments=crit,
+                                 cotrain=cotrain, merged_nograd=merged_nograd, attention=attention).total
+        out.append((m, hw))
+    return out
