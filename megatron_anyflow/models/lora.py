@@ -55,10 +55,16 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-from megatron_anyflow.parallel.tensor_parallel import tp_rank, tp_world_size
+from megatron_anyflow.parallel.tensor_parallel import (
+    copy_to_tp,
+    gather_sequence_tp,
+    reduce_from_tp,
+    reduce_scatter_sequence_tp,
+    tp_rank,
+    tp_world_size,
+)
 
 # AnyFlow's targets (ANYFLOW.md section 1): self-attention q/k/v/o, FFN, time and delta embedders.
 DEFAULT_TARGETS = (
@@ -298,12 +304,11 @@ class LoRALinear(nn.Module):
         """``A(x)`` [..., groups * r] in the layout of the base output's tokens (TP / SP collectives on r)."""
         a = F.linear(x, ad.lora_A.to(x.dtype))
         sp = self._sequence_parallel()
+        # Functional-collective mappings (traceable by torch.compile), megatron's semantics.
         if self.kind == "column" and tp_world_size() > 1:
-            a = (tensor_parallel.gather_from_sequence_parallel_region(a) if sp
-                 else tensor_parallel.copy_to_tensor_model_parallel_region(a))
+            a = gather_sequence_tp(a) if sp else copy_to_tp(a)
         elif self.kind == "row" and tp_world_size() > 1:
-            a = (tensor_parallel.reduce_scatter_to_sequence_parallel_region(a) if sp
-                 else tensor_parallel.reduce_from_tensor_model_parallel_region(a))
+            a = reduce_scatter_sequence_tp(a) if sp else reduce_from_tp(a)
         return a
 
     def _delta(self, x: torch.Tensor, ad: LoRAAdapter) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Tensor / sequence-parallel helpers the Wan layers need beyond megatron-core's mappings."""
+"""Tensor / sequence-parallel helpers the Wan layers need: the TP mappings on functional collectives
+(traceable by ``torch.compile``), the q/k-norm statistic all-reduce, and the gradient reductions."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from megatron.core import parallel_state
 
 
@@ -29,20 +31,20 @@ class _AllReduceSum(torch.autograd.Function):
     The q/k RMSNorm statistic is a sum over all heads; each TP rank holds some heads and uses the summed
     statistic for its own channels only, so the gradient of that sum is the sum of every rank's
     gradient (unlike megatron's reduce-from-region, whose backward is the identity).
+
+    Both directions are functional collectives (``torch.distributed._functional_collectives``): out of
+    place, so ``torch.compile`` traces them into the block's graph (no graph break) and can overlap them
+    with independent work; eager mode waits on the result where it is used.
     """
 
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
+        return funcol.all_reduce(x, "sum", group)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return funcol.all_reduce(grad.contiguous(), "sum", ctx.group), None
 
 
 def all_reduce_sum_tp(x: torch.Tensor) -> torch.Tensor:
@@ -50,6 +52,87 @@ def all_reduce_sum_tp(x: torch.Tensor) -> torch.Tensor:
     if tp_world_size() == 1:
         return x
     return _AllReduceSum.apply(x, parallel_state.get_tensor_model_parallel_group())
+
+
+# ------------------------------------------------------------------------------------------------
+# Tensor / sequence-parallel mappings on functional collectives (traceable by torch.compile)
+# ------------------------------------------------------------------------------------------------
+# The same four mappings as megatron-core's (`copy_to_tensor_model_parallel_region` ...), written with
+# out-of-place functional collectives so that a compiled block keeps them in its graph instead of
+# breaking around megatron's in-place ``dist.*`` calls. Sequence dimension: 0 ([s, b, h]).
+class _CopyToTP(torch.autograd.Function):
+    """Forward identity; backward all-reduce (sum) over TP (megatron's copy-to-region)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return funcol.all_reduce(grad.contiguous(), "sum", ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """Forward all-reduce (sum) over TP; backward identity (megatron's reduce-from-region)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return funcol.all_reduce(x.contiguous(), "sum", group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherSequence(torch.autograd.Function):
+    """Forward all-gather along dim 0 over TP; backward reduce-scatter (megatron's SP gather)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return funcol.all_gather_tensor(x.contiguous(), 0, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return funcol.reduce_scatter_tensor(grad.contiguous(), "sum", 0, ctx.group), None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    """Forward reduce-scatter along dim 0 over TP; backward all-gather (megatron's SP reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return funcol.reduce_scatter_tensor(x.contiguous(), "sum", 0, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return funcol.all_gather_tensor(grad.contiguous(), 0, ctx.group), None
+
+
+def _tp_group():
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def copy_to_tp(x: torch.Tensor) -> torch.Tensor:
+    """Input of a column-parallel GEMM without SP: identity; its gradient is summed over TP."""
+    return x if tp_world_size() == 1 else _CopyToTP.apply(x, _tp_group())
+
+
+def reduce_from_tp(x: torch.Tensor) -> torch.Tensor:
+    """Output of a row-parallel GEMM without SP: summed over TP; gradient passed through."""
+    return x if tp_world_size() == 1 else _ReduceFromTP.apply(x, _tp_group())
+
+
+def gather_sequence_tp(x: torch.Tensor) -> torch.Tensor:
+    """[s / tp, ...] -> [s, ...] (rank order) under SP; gradient reduce-scattered back."""
+    return x if tp_world_size() == 1 else _GatherSequence.apply(x, _tp_group())
+
+
+def reduce_scatter_sequence_tp(x: torch.Tensor) -> torch.Tensor:
+    """[s, ...] partial sums -> this rank's [s / tp, ...] of the sum under SP; gradient all-gathered."""
+    return x if tp_world_size() == 1 else _ReduceScatterSequence.apply(x, _tp_group())
 
 
 def mark_sequence_parallel(params: Iterable[torch.nn.Parameter]) -> None:

@@ -41,7 +41,14 @@ from megatron_anyflow.parallel.context_parallel import (
     all_to_all_sequence_to_heads,
     cp_world_size,
 )
-from megatron_anyflow.parallel.tensor_parallel import all_reduce_sum_tp, tp_world_size
+from megatron_anyflow.parallel.tensor_parallel import (
+    all_reduce_sum_tp,
+    copy_to_tp,
+    gather_sequence_tp,
+    reduce_from_tp,
+    reduce_scatter_sequence_tp,
+    tp_world_size,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,27 +388,39 @@ class WanLayerSubmodules:
 
 
 class WanColumnParallelLinear(ColumnParallelLinear):
-    """megatron-core's column-parallel linear; at TP = 1 one ``F.linear`` with the bias in the GEMM.
+    """megatron-core's column-parallel linear (same parameters, sharding and checkpoints) whose forward is
+    one ``F.linear`` with the bias in the GEMM, behind the TP mapping of its input.
 
-    megatron's linear adds the bias in a separate elementwise pass after its matmul (and goes through a
-    custom autograd function that ``torch.compile`` cannot trace whole); with one TP rank there is
-    nothing to communicate, so the plain fused GEMM is the same operation. TP > 1 runs megatron's path.
+    megatron's forward adds the bias in a separate pass after its matmul and communicates with in-place
+    ``torch.distributed`` calls inside a custom autograd function, which ``torch.compile`` cannot keep
+    in a graph. Here: TP = 1 -> ``F.linear``; TP > 1 -> `gather_sequence_tp` (SP) or `copy_to_tp`
+    (functional collectives, same gradients as megatron's mappings), then ``F.linear``. Configurations
+    this does not cover (``skip_bias_add``, ``gather_output``) run megatron's forward.
     """
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
-        if tp_world_size() == 1 and not self.skip_bias_add:
-            return F.linear(input_, self.weight if weight is None else weight, self.bias), None
-        return super().forward(input_, weight, runtime_gather_output)
+        if self.skip_bias_add or self.gather_output or runtime_gather_output:
+            return super().forward(input_, weight, runtime_gather_output)
+        w = self.weight if weight is None else weight
+        if tp_world_size() > 1:
+            input_ = gather_sequence_tp(input_) if self.sequence_parallel else copy_to_tp(input_)
+        return F.linear(input_, w, self.bias), None
 
 
 class WanRowParallelLinear(RowParallelLinear):
-    """megatron-core's row-parallel linear; at TP = 1 one ``F.linear`` with the bias in the GEMM (see
-    `WanColumnParallelLinear`)."""
+    """megatron-core's row-parallel linear with a traceable forward (see `WanColumnParallelLinear`):
+    TP = 1 -> one ``F.linear`` with its bias; TP > 1 -> ``F.linear`` on the local input columns, then
+    `reduce_scatter_sequence_tp` (SP) or `reduce_from_tp`, then the bias (added once, after the sum).
+    ``skip_bias_add`` or a non-parallel input run megatron's forward."""
 
     def forward(self, input_):
-        if tp_world_size() == 1 and not self.skip_bias_add:
+        if self.skip_bias_add or not self.input_is_parallel:
+            return super().forward(input_)
+        if tp_world_size() == 1:
             return F.linear(input_, self.weight, self.bias), None
-        return super().forward(input_)
+        y = F.linear(input_, self.weight)
+        y = reduce_scatter_sequence_tp(y) if self.sequence_parallel else reduce_from_tp(y)
+        return (y + self.bias if self.bias is not None else y), None
 
 
 def _init_method(config: WanConfig):
