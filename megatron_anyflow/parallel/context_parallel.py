@@ -22,6 +22,7 @@ from typing import Tuple
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from megatron.core import parallel_state
 
 
@@ -172,12 +173,12 @@ def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> to
     the chunks received from ranks 0..world-1 along ``gather_dim``.
 
     One ``all_to_all_single`` on a ``[world, *chunk]`` buffer (supported by NCCL and, checked with
-    torch 2.13, by gloo on CPU).
+    torch 2.13, by gloo on CPU), as a functional collective (out of place: ``torch.compile`` keeps it
+    in the block's graph).
     """
     world = dist.get_world_size(group)
     send = torch.stack(x.chunk(world, dim=scatter_dim), dim=0).contiguous()
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
+    recv = funcol.all_to_all_single(send, None, None, group)
     return torch.cat(recv.unbind(0), dim=gather_dim)
 
 
