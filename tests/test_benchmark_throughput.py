@@ -8,13 +8,18 @@ import os
 import sys
 
 import pytest
+import torch
 from conftest import REPO, run_cmd
 
 from megatron_anyflow.models.wan.config import wan_config
-from megatron_anyflow.training.flops import expected_segments, step_flops, tokens
+from megatron_anyflow.models import lora as L
+from megatron_anyflow.training import benchmark as B
+from megatron_anyflow.training.flops import (rollout_segments, stage2_iteration_flops, step_flops,
+                                             step_hardware_flops, tokens)
 
 TOOL = os.path.join(REPO, "tools", "benchmark_throughput.py")
 LATENT, TEXT, MBS, SIM = (2, 8, 8), 8, 1, [2, 4]
+ITERS, WARMUP, SEED = 2, 0, 1234
 
 
 def _load_tool():
@@ -24,21 +29,43 @@ def _load_tool():
     return mod
 
 
-def _expected_flops_per_sample(step, schedule):
+def _timed_plans():
+    """The (N, k) the timed stage-2 iterations draw, recomputed here from the trainer's own plan seeds."""
+    from megatron_anyflow.anyflow.distill import DistillConfig, sample_simulation_plan
+    from megatron_anyflow.training.trainer import derive_seed
+
+    out = []
+    for it in range(WARMUP, WARMUP + ITERS):
+        p = sample_simulation_plan(torch.Generator().manual_seed(derive_seed(SEED, "plan", it, 0)),
+                                   DistillConfig(num_steps_choices=tuple(SIM)))
+        out.append((p.N, p.k))
+    return out
+
+
+def _expected_flops_per_sample(step, schedule, rank):
+    """(model, hardware) FLOPs per sample of the timed iterations: stage 2 the mean over their own draws."""
     cfg = wan_config("tiny")
     F, H, W = LATENT
+    targets = L.TEACHER_TARGETS if step == "teacher" else L.DEFAULT_TARGETS
     if step in ("teacher", "stage1"):
-        return step_flops(cfg, step, F, H, W, TEXT).flops_per_sample
-    e = expected_segments(SIM)
-    gen = step_flops(cfg, "stage2_generator", F, H, W, TEXT, rollout_grad_segments=e, rollout_segments=e)
-    crit = step_flops(cfg, "stage2_critic", F, H, W, TEXT, rollout_segments=e if schedule == "sequential" else 0.0)
-    return gen.flops_per_sample + crit.flops_per_sample
+        return (step_flops(cfg, step, F, H, W, TEXT).flops_per_sample,
+                step_hardware_flops(cfg, step, F, H, W, TEXT, lora_rank=rank, lora_targets=targets).total)
+    total_m = total_h = 0.0
+    for N, k in _timed_plans():  # sum over the iterations' plans, each credited its own segment count
+        n = rollout_segments(N, k)
+        crit = n if schedule == "sequential" else 0
+        total_m += (step_flops(cfg, "stage2_generator", F, H, W, TEXT, rollout_grad_segments=n).flops_per_sample
+                    + step_flops(cfg, "stage2_critic", F, H, W, TEXT, rollout_segments=crit).flops_per_sample)
+        total_h += step_hardware_flops(cfg, "stage2", F, H, W, TEXT, lora_rank=rank, lora_targets=targets,
+                                       rollout_grad_segments=n, rollout_segments=crit).total
+    return total_m / ITERS, total_h / ITERS
 
 
 def test_cpu_run_rows_and_flops(tmp_path):
     jpath, mpath = tmp_path / "out.json", tmp_path / "out.md"
     proc = run_cmd([sys.executable, TOOL, "--preset", "tiny", "--latent-shape", *map(str, LATENT), "--text-len",
-                    str(TEXT), "--micro-batch-size", str(MBS), "--iters", "1", "--warmup", "0", "--simulation-steps",
+                    str(TEXT), "--micro-batch-size", str(MBS), "--iters", str(ITERS), "--warmup", str(WARMUP),
+                    "--seed", str(SEED), "--recompute-granularity", "full", "--simulation-steps",
                     *map(str, SIM), "--matmul-size", "256", "--json", str(jpath), "--markdown", str(mpath)],
                    timeout=300)
     assert "measuring on the CPU" in proc.stdout
@@ -53,11 +80,21 @@ def test_cpu_run_rows_and_flops(tmp_path):
     S = meta["tokens_per_sample"]
     for r in rows:
         assert "error" not in r, r
-        assert r["s_per_iter"] > 0 and len(r["iteration_times_s"]) == 1 and r["iteration_times_s"][0] > 0
+        assert r["s_per_iter"] > 0 and len(r["iteration_times_s"]) == ITERS and min(r["iteration_times_s"]) > 0
         assert r["global_batch"] == MBS and r["world_size"] == 1
-        fps = _expected_flops_per_sample(r["step"], r["schedule"])
+        fps, hw = _expected_flops_per_sample(r["step"], r["schedule"], meta["lora_rank"])
         assert math.isclose(r["model_flops_per_iteration"], MBS * fps, rel_tol=1e-12)
+        assert math.isclose(r["hardware_flops_per_iteration"], MBS * hw, rel_tol=1e-12)
         assert math.isclose(r["model_tflops_per_s_per_gpu"], MBS * fps / r["s_per_iter"] / 1e12, rel_tol=1e-9)
+        assert math.isclose(r["hardware_tflops_per_s_per_gpu"], MBS * hw / r["s_per_iter"] / 1e12, rel_tol=1e-9)
+        # stage 2: mean time x mean of the iterations' own FLOPs = sum of FLOPs / sum of times
+        if r["step"] == "stage2":
+            assert [tuple(p) for p in r["rollout_plans"]] == _timed_plans()
+            assert math.isclose(sum(r["model_flops_per_iteration_each"]) / sum(r["iteration_times_s"]) / 1e12,
+                                r["model_tflops_per_s_per_gpu"], rel_tol=1e-9)
+        # both sides recompute: the reference through diffusers' gradient checkpointing
+        assert r["recompute"] == ("full" if r["implementation"] == "megatron_anyflow" else "gradient_checkpointing")
+        assert r["peak_reserved_gib"] is None  # CPU: no allocator reserve
         assert math.isclose(r["tokens_per_s_per_gpu"], MBS * S / r["s_per_iter"], rel_tol=1e-9)
         assert math.isclose(r["mfu"], r["model_tflops_per_s_per_gpu"] / meta["matmul"]["tflops"], rel_tol=1e-9)
         assert r["peak_memory_gib"] >= 0 and r["peak_memory_kind"].startswith("host_peak_rss")
@@ -67,7 +104,10 @@ def test_cpu_run_rows_and_flops(tmp_path):
             assert math.isclose(r["speedup_vs_reference"], r["tokens_per_s_per_gpu"] / ref["tokens_per_s_per_gpu"])
     for key, f in meta["flops"].items():
         step, _, sch = key.partition("/")
-        assert math.isclose(f["flops_per_sample"], _expected_flops_per_sample(step, sch or None), rel_tol=1e-12)
+        fps, hw = _expected_flops_per_sample(step, sch or None, meta["lora_rank"])
+        assert math.isclose(f["flops_per_sample"], fps, rel_tol=1e-12)
+        assert math.isclose(f["hardware_flops_per_sample"], hw, rel_tol=1e-12)
+    assert meta["reference_recompute"] == "gradient_checkpointing"
     md = mpath.read_text()
     assert "Measured on the CPU" in md and "| stage2 | pipelined | reference |" in md
 
@@ -94,3 +134,51 @@ def test_num_layers_override_reaches_the_trainer_preset():
     with tool.preset_with_layers("wan2.1-14b", 3) as name:
         assert wan_config(name).num_layers == 3 and wan_config(name).hidden_size == 5120
     assert name not in C.PRESETS
+
+
+def test_reference_targets_follow_the_projects_targets():
+    """The teacher row's PEFT targets are TEACHER_TARGETS' linears (no time embedders); the stage rows'
+    DEFAULT_TARGETS' (with the time and delta embedders)."""
+    teacher, stage = B.peft_targets("teacher"), B.peft_targets("stage1")
+    assert B.lora_targets("teacher") == tuple(L.TEACHER_TARGETS)
+    assert B.lora_targets("stage2") == tuple(L.DEFAULT_TARGETS)
+    assert teacher == ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+    assert not any("embedder" in t for t in teacher)
+    assert stage[:6] == teacher and len(stage) == 10 and all("embedder" in t for t in stage[6:])
+
+
+def test_trainer_options_pass_through():
+    """Known trainer options are passed on; unknown options are forwarded to pretrain_anyflow.py unchanged."""
+    tool = _load_tool()
+    a = tool.parse_args(["--preset", "tiny", "--latent-shape", "2", "8", "8", "--attention-impl", "sdpa", "--compile",
+                         "--num-workers", "0", "--recompute-granularity", "selective", "--recompute-policy",
+                         "save-attention", "--extra-trainer-args", "--grad-through chain"])
+    argv = B.trainer_argv(a, "stage1", None, 8)
+    from megatron_anyflow.training.arguments import parse_args as trainer_parse_args
+
+    t = trainer_parse_args(argv)
+    assert t.attention_impl == "sdpa" and t.compile and t.num_workers == 0
+    assert t.recompute_granularity == "selective" and t.recompute_policy == "save-attention"
+    assert t.grad_through == "chain" and t.mock_data
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--preset", "tiny", "stray-positional"])
+
+
+def test_real_data_loader_rows(tmp_path):
+    """--data-path: both rows read the dataset through the trainer's loader (a worker process), the
+    latent size and text length are the dataset's."""
+    from megatron_anyflow.data.latent_dataset import write_latent_dataset
+
+    cfg = wan_config("tiny")
+    g = torch.Generator().manual_seed(0)
+    F, H, W = LATENT
+    write_latent_dataset(str(tmp_path / "data"), torch.randn(4, F, cfg.in_channels, H, W, generator=g),
+                         torch.randn(4, TEXT, cfg.text_dim, generator=g), torch.randn(1, TEXT, cfg.text_dim, generator=g), {})
+    jpath = tmp_path / "out.json"
+    proc = run_cmd([sys.executable, TOOL, "--preset", "tiny", "--data-path", str(tmp_path / "data"), "--num-workers",
+                    "1", "--steps", "teacher", "--iters", "2", "--warmup", "1", "--matmul-size", "128", "--json",
+                    str(jpath), "--markdown", str(tmp_path / "out.md")], timeout=300)
+    report = json.loads(jpath.read_text())
+    assert report["meta"]["data"] == str(tmp_path / "data") and report["meta"]["num_workers"] == 1
+    assert report["meta"]["latent_shape"] == list(LATENT) and report["meta"]["text_len"] == TEXT
+    assert len(report["rows"]) == 2 and all("error" not in r for r in report["rows"]), proc.stdout[-2000:]
