@@ -101,11 +101,21 @@ def recompute_if(config: WanConfig, module: str, fn, *args):
     ``config.recompute_granularity == "selective"`` with ``recompute_policy == "modules"`` and ``module``
     in ``config.recompute_modules`` (``"core_attn"``: attention scores / softmax; ``"mlp"``: the FFN
     with its [s, b, ffn] activation). The replay runs in the adapter scope of this forward
-    (`lora.bind_adapter_scope`).
+    (`lora.bind_adapter_scope`). With FP8 the module is checkpointed by megatron-core's TE-aware
+    ``te_checkpoint``, whose replay re-enters the FP8 context with the forward's scaling (the FFN's
+    GEMMs are FP8; UNTESTED here: no Transformer Engine).
     """
     if (config.recompute_granularity == "selective" and config.recompute_policy == "modules"
             and module in (config.recompute_modules or ()) and torch.is_grad_enabled()):
-        return torch.utils.checkpoint.checkpoint(L.bind_adapter_scope(fn), *args, use_reentrant=False)
+        fn = L.bind_adapter_scope(fn)
+        if config.fp8:
+            from megatron.core import parallel_state
+            from megatron.core.extensions.transformer_engine import te_checkpoint
+            from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+            return te_checkpoint(fn, False, get_cuda_rng_tracker, parallel_state.get_tensor_model_parallel_group(),
+                                 *args)
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
 
 
