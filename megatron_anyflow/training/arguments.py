@@ -38,11 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block (regional compilation: fuses the norm / modulation / "
                         "RoPE / gating elementwise chains; the first iteration traces)")
-    g.add_argument("--lora-nograd-merge", choices=["per-call", "cache", "off"], default="off",
-                   help="no-grad forwards (CFG branches, real / fake score, rollouts) run W + s B A: merged at each call "
-                        "(per-call), or once per optimizer step per adapter (cache: one copy of every wrapped weight "
-                        "per adapter, 2.2 GB bf16 at 1.3B, 19.7 GB / TP at 14B), or the unmerged LoRA path (off: no-grad and "
-                        "grad-enabled forwards agree bit for bit, which the stage-2 schedule-equivalence test needs)")
+    g.add_argument("--lora-nograd-merge", choices=["per-call", "cache", "off"], default="cache",
+                   help="no-grad forwards (CFG branches, real / fake score, rollouts) run W + s B A merged once per "
+                        "optimizer step per adapter (cache: one copy of every wrapped weight per adapter, 2.2 GB bf16 "
+                        "at 1.3B, 19.7 GB / TP at 14B), or merged at each call (per-call: one weight-sized temporary), "
+                        "or the unmerged LoRA path (off: no-grad and grad-enabled forwards agree bit for bit instead of "
+                        "to rounding). Always off under FP8")
     g.add_argument("--lora-rank", type=int, default=None,
                    help="LoRA rank; 0 = full fine-tuning (default: the preset's rank: 256 for the Wan2.1 sizes as "
                         "in the reference, 8 / 32 for tiny / tiny-video; with --pretrained, the rank of the preset "
