@@ -182,3 +182,21 @@ def test_real_data_loader_rows(tmp_path):
     assert report["meta"]["data"] == str(tmp_path / "data") and report["meta"]["num_workers"] == 1
     assert report["meta"]["latent_shape"] == list(LATENT) and report["meta"]["text_len"] == TEXT
     assert len(report["rows"]) == 2 and all("error" not in r for r in report["rows"]), proc.stdout[-2000:]
+
+
+@pytest.mark.parametrize("name, category", [
+    ("void flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128>>", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_knob_7", "attention"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "gemm"),
+    ("nvjet_tst_256x128_64x4_1x2_h_bz_coopA_NTT", "gemm"),
+    ("triton_tem_fused_addmm_0", "gemm"),
+    ("aten::addmm", "gemm"),
+    ("aten::mm", "gemm"),
+    ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL", "communication"),
+    ("triton_poi_fused_add_mul_native_layer_norm_0", "elementwise"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", "elementwise"),
+    ("aten::copy_", "elementwise"),
+])
+def test_kernel_categories(name, category):
+    assert B.kernel_category(name) == category

@@ -95,6 +95,10 @@ Trainer options: the ones below are passed on; any option this tool does not kno
 ``pretrain_anyflow.py`` unchanged (e.g. ``--recompute-policy save-attention``, ``--lora-nograd-merge
 cache``, ``--grad-through no_grad_prefix``); ``--extra-trainer-args '...'`` does the same in one string.
 
+``--profile``: after timing, one more iteration of each megatron_anyflow row runs under
+``torch.profiler``; the report adds its time per kernel category (attention, GEMM, elementwise,
+communication: `benchmark.KERNEL_CATEGORIES`) and the top kernels.
+
 Output: progress on stdout, then the markdown table; ``--json`` / ``--markdown`` paths (default
 ``--output-dir benchmarks/results/`` with ``throughput_<date>_<device>.json/.md``).
 
@@ -197,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("output")
     g.add_argument("--matmul-size", type=int, default=None, help="matmul n for the rate (default 8192 CUDA, 2048 CPU)")
+    g.add_argument("--profile", action="store_true",
+                   help="after timing, profile one more iteration of each megatron_anyflow row: time per kernel "
+                        "category (attention, GEMM, elementwise, communication; torch.profiler) in the report")
     g.add_argument("--output-dir", default="benchmarks/results")
     g.add_argument("--json", default=None, metavar="PATH", help="default: <output-dir>/throughput_<date>_<device>.json")
     g.add_argument("--markdown", default=None, metavar="PATH", help="default: <output-dir>/throughput_<date>_<device>.md")
@@ -215,13 +222,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
     a.trainer_extra = a.extra_trainer_args.split() + unknown  # forwarded to pretrain_anyflow.py
     if a.data_path:
-        import json as _json
-
         index = os.path.join(a.data_path, "index.json")
         if not os.path.isfile(index):
             p.error(f"--data-path {a.data_path}: no index.json (expected a dataset written by tools/prepare_dataset.py)")
         with open(index) as f:
-            meta = _json.load(f)
+            meta = json.load(f)
         Fl, _, Hl, Wl = meta["latent_shape"]
         a.latent_shape, a.text_len = [Fl, Hl, Wl], int(meta["text_len"])
     cuda = torch.cuda.is_available()

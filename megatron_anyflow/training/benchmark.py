@@ -554,6 +554,69 @@ class ReferenceRunner:
 # ------------------------------------------------------------------------------------------------
 # measurement
 # ------------------------------------------------------------------------------------------------
+# kernel (CUDA) or aten-op (CPU) name patterns -> category, first match wins
+KERNEL_CATEGORIES = (
+    ("communication", r"nccl|all_?reduce|all_?gather|reduce_?scatter|all_to_all|alltoall|broadcast|c10d"),
+    ("attention", r"flash|fmha|attention|_attn|sdpa|mha"),
+    ("gemm", r"gemm|cutlass|xmma|nvjet|cublas|wgmma|aten::(mm|bmm|addmm|baddbmm|matmul|linear|_convolution|"
+             r"convolution|conv\w*)$|(^|_)b?mm(_|$)|addmm|conv"),
+)
+
+
+def kernel_category(name: str) -> str:
+    """``attention``, ``gemm``, ``communication`` or ``elementwise`` (everything else: norms, copies,
+    fused Triton pointwise, reductions) for a CUDA kernel or aten op name."""
+    n = name.lower()
+    for cat, pattern in KERNEL_CATEGORIES:
+        if re.search(pattern, n):
+            return cat
+    return "elementwise"
+
+
+def profile_categories(fn, top: int = 15) -> Dict[str, object]:
+    """Run ``fn`` once under `torch.profiler` and group its time by `kernel_category`.
+
+    CUDA: each kernel's self device time (``key_averages``, device events). CPU: each ``aten::`` op's
+    self CPU time (what the host spends in the op itself). Returns ``{"unit": "ms", "source": ...,
+    "categories": {cat: {"ms", "share", "calls"}}, "top": [{"name", "category", "ms", "calls"}]}``.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _sync()
+    with profile(activities=acts) as prof:
+        fn()
+        _sync()
+    rows = []
+    for e in prof.key_averages():
+        name = e.key
+        if cuda:  # kernels: events on the device
+            if getattr(e.device_type, "name", str(e.device_type)) != "CUDA":
+                continue
+            us = getattr(e, "self_device_time_total", None)
+            us = getattr(e, "self_cuda_time_total", 0) if us is None else us
+        else:
+            if not name.startswith("aten::"):
+                continue
+            us = e.self_cpu_time_total
+        if us:
+            rows.append((name, float(us) / 1e3, int(e.count)))
+    cats: Dict[str, Dict[str, float]] = {c: {"ms": 0.0, "share": 0.0, "calls": 0}
+                                         for c in ("attention", "gemm", "elementwise", "communication")}
+    for name, ms, n in rows:
+        c = cats[kernel_category(name)]
+        c["ms"] += ms
+        c["calls"] += n
+    total = sum(c["ms"] for c in cats.values())
+    for c in cats.values():
+        c["share"] = c["ms"] / total if total > 0 else 0.0
+    rows.sort(key=lambda r: -r[1])
+    return {"unit": "ms", "source": "CUDA kernels (self device time)" if cuda else "aten ops (self CPU time)",
+            "total_ms": total, "categories": cats,
+            "top": [{"name": n[:120], "category": kernel_category(n), "ms": ms, "calls": c} for n, ms, c in rows[:top]]}
+
+
 def stage2_plans(a, iterations) -> List[Tuple[int, int]]:
     """The rollout plans (N, k) the stage-2 iterations ``iterations`` draw: the trainer's plan seed
     ``derive_seed(seed, "plan", iteration, 0)`` (micro-batch 0), which the reference uses too."""
@@ -609,6 +672,15 @@ def measure(a, impl: str, step: str, schedule: Optional[str], matmul: Dict, cotr
             say(f"  {label}: iteration {k + 1}/{a.iters} {times[-1]:.3f} s")
         times = _max_over_ranks(times) if impl == "megatron_anyflow" else times
         peaks = mem.peaks_gib()
+        if getattr(a, "profile", False) and impl == "megatron_anyflow":  # one more iteration, profiled
+            try:
+                row["profile"] = profile_categories(lambda: runner.step(a.warmup + a.iters))
+            except Exception as e:  # noqa: BLE001 -- the timing stands without the profile
+                row["profile_error"] = f"{type(e).__name__}: {e}"[:300]
+                say(f"  {label}: profile failed: {row['profile_error']}")
+        if row.get("profile"):
+            say(f"  {label}: profiled one iteration: " + ", ".join(
+                f"{k} {v['ms']:.1f} ms ({100 * v['share']:.0f} %)" for k, v in row["profile"]["categories"].items()))
         world, gb = runner.world, runner.global_batch
     except Exception as e:  # noqa: BLE001 -- an OOM or a missing package ends this row, not the run
         msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
@@ -742,6 +814,17 @@ def markdown(report: Dict) -> str:
             "Stage 2 of the public reference keeps three full models (generator, fake score, real score); here the "
             "reference is ONE diffusers model with two PEFT adapters switched per call (the real score with "
             "adapters disabled), the fair single-GPU memory comparison."]
+    for r in rows:
+        prof = r.get("profile")
+        if prof:
+            label = f"{r['step']}{'/' + r['schedule'] if r['schedule'] else ''}"
+            out += ["", f"Profile of one {label} iteration ({prof['source']}, torch.profiler key averages grouped by "
+                    "name patterns, `benchmark.KERNEL_CATEGORIES`):", "",
+                    "| category | ms | share | calls |", "|---|---:|---:|---:|"]
+            out += [f"| {k} | {v['ms']:.2f} | {100 * v['share']:.1f} % | {v['calls']} |"
+                    for k, v in prof["categories"].items()]
+            out += ["", "| top kernels | category | ms | calls |", "|---|---|---:|---:|"]
+            out += [f"| `{t['name']}` | {t['category']} | {t['ms']:.2f} | {t['calls']} |" for t in prof["top"]]
     if m["world_size"] > 1:
         one = "one GPU" if m["device_kind"] == "cuda" else "one process"
         out.append(f"The reference ran on rank 0 only ({one}, micro-batch {m['micro_batch_size']}); its per-GPU "
