@@ -42,11 +42,17 @@ def test_14b_parameter_counts_and_base_weights():
     replicated = (16 * 4 * h + h) + 2 * emb + (4096 * h + h + h * h + h) + (h * 6 * h + 6 * h) \
         + (h * 64 + 64) + 2 * h + L * (6 * h + 2 * h + 3 * h)
     assert c.replicated_params == replicated
-    # bytes: bf16 except diffusers' fp32 modules (embedders, adaLN tables, norms)
+    # sharded (head / FFN-split) parameters per block: self-attention qkv weight + bias, proj weight;
+    # cross-attention q and kv weights + biases, proj weight; fc1 weight + bias, fc2 weight; and the q / k
+    # RMSNorm weights of self- and cross-attention (4 h, head-sharded)
+    per_block = (3 * h * h + 3 * h) + h * h + (h * h + h) + (2 * h * h + 2 * h) + h * h + (F * h + F) + h * F + 4 * h
+    assert c.sharded_params == L * per_block
+    # bytes: bf16 except diffusers' fp32 modules (embedders, adaLN tables, the cross-attention LayerNorm);
+    # the q / k RMSNorm weights are bf16 in a bf16 model (cast with the rest), so every sharded parameter
+    # is 2 bytes
     fp32_rep = 2 * emb + 2 * h + L * (6 * h + 2 * h)
-    fp32_sharded = L * 4 * h  # q/k RMSNorm weights of self- and cross-attention (head-sharded)
     assert c.replicated_bytes == 4 * fp32_rep + 2 * (replicated - fp32_rep)
-    assert c.sharded_bytes == 4 * fp32_sharded + 2 * (c.sharded_params - fp32_sharded)
+    assert c.sharded_bytes == 2 * c.sharded_params
     p = mp.plan(mp.PlanConfig(preset="wan2.1-14b", stage=2, tp=8, cp=1, dp=1))
     base = p["components"]["base weights (bf16, TP-sharded + replicated)"] * GIB
     # ~ 14.29e9 * 2 / 8 bytes, plus the replicated part whole on every rank
