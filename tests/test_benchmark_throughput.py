@@ -42,14 +42,15 @@ def _timed_plans():
     return out
 
 
-def _expected_flops_per_sample(step, schedule, rank):
+def _expected_flops_per_sample(step, schedule, rank, merged=True):
     """(model, hardware) FLOPs per sample of the timed iterations: stage 2 the mean over their own draws."""
     cfg = wan_config("tiny")
     F, H, W = LATENT
     targets = L.TEACHER_TARGETS if step == "teacher" else L.DEFAULT_TARGETS
     if step in ("teacher", "stage1"):
         return (step_flops(cfg, step, F, H, W, TEXT).flops_per_sample,
-                step_hardware_flops(cfg, step, F, H, W, TEXT, lora_rank=rank, lora_targets=targets).total)
+                step_hardware_flops(cfg, step, F, H, W, TEXT, lora_rank=rank, lora_targets=targets,
+                                    merged_nograd=merged).total)
     total_m = total_h = 0.0
     for N, k in _timed_plans():  # sum over the iterations' plans, each credited its own segment count
         n = rollout_segments(N, k)
@@ -57,7 +58,7 @@ def _expected_flops_per_sample(step, schedule, rank):
         total_m += (step_flops(cfg, "stage2_generator", F, H, W, TEXT, rollout_grad_segments=n).flops_per_sample
                     + step_flops(cfg, "stage2_critic", F, H, W, TEXT, rollout_segments=crit).flops_per_sample)
         total_h += step_hardware_flops(cfg, "stage2", F, H, W, TEXT, lora_rank=rank, lora_targets=targets,
-                                       rollout_grad_segments=n, rollout_segments=crit).total
+                                       rollout_grad_segments=n, rollout_segments=crit, merged_nograd=merged).total
     return total_m / ITERS, total_h / ITERS
 
 
@@ -65,7 +66,8 @@ def test_cpu_run_rows_and_flops(tmp_path):
     jpath, mpath = tmp_path / "out.json", tmp_path / "out.md"
     proc = run_cmd([sys.executable, TOOL, "--preset", "tiny", "--latent-shape", *map(str, LATENT), "--text-len",
                     str(TEXT), "--micro-batch-size", str(MBS), "--iters", str(ITERS), "--warmup", str(WARMUP),
-                    "--seed", str(SEED), "--recompute-granularity", "full", "--simulation-steps",
+                    "--seed", str(SEED), "--recompute-granularity", "full", "--lora-nograd-merge", "per-call",
+                    "--simulation-steps",
                     *map(str, SIM), "--matmul-size", "256", "--json", str(jpath), "--markdown", str(mpath)],
                    timeout=300)
     assert "measuring on the CPU" in proc.stdout
@@ -162,6 +164,13 @@ def test_trainer_options_pass_through():
     assert t.grad_through == "chain" and t.mock_data
     with pytest.raises(SystemExit):
         tool.parse_args(["--preset", "tiny", "stray-positional"])
+    # hardware FLOPs follow how the trainer runs its no-grad forwards
+    assert not B.merged_nograd(tool.parse_args(["--preset", "tiny", "--lora-nograd-merge", "off"]))
+    assert B.merged_nograd(tool.parse_args(["--preset", "tiny", "--lora-nograd-merge", "cache"]))
+    from megatron_anyflow.training.arguments import build_parser as trainer_parser
+
+    default = trainer_parser().get_default("lora_nograd_merge")
+    assert B.merged_nograd(tool.parse_args(["--preset", "tiny"])) == (default != "off")
 
 
 def test_real_data_loader_rows(tmp_path):

@@ -231,7 +231,8 @@ def iteration_flops(a, cfg, step: str, schedule: Optional[str], cotrain: bool = 
     seeds), credited iteration by iteration (`stage2_iteration_flops`); ``flops_per_sample`` is then the
     mean over the iterations and ``per_iteration`` lists them. Hardware FLOPs assume fused attention
     (backward 2.5x forward) unless ``--attention-impl math``, and LoRA GEMMs in the no-grad forwards
-    unless ``--lora-nograd-merge`` merges them.
+    only where the trainer runs them unmerged (`merged_nograd`); the merges themselves (weight-sized
+    GEMMs, < 0.3 % of a 1.3B step) are not counted.
     """
     from megatron_anyflow.training.flops import (expected_segments, rollout_segments, stage2_iteration_flops,
                                                  step_flops, step_hardware_flops)
@@ -239,7 +240,7 @@ def iteration_flops(a, cfg, step: str, schedule: Optional[str], cotrain: bool = 
     F, H, W = a.latent
     shape = (cfg, F, H, W, a.text_len)
     hw_kw = dict(lora_rank=a.lora_rank, lora_targets=lora_targets(step),
-                 attention="math" if a.attention_impl == "math" else "flash", merged_nograd=_merged_nograd(a))
+                 attention="math" if a.attention_impl == "math" else "flash", merged_nograd=merged_nograd(a, step))
     if step in ("teacher", "stage1"):
         m = step_flops(*shape[:1], step, *shape[1:])
         hw = step_hardware_flops(*shape[:1], step, *shape[1:], **hw_kw).total
@@ -264,13 +265,13 @@ def iteration_flops(a, cfg, step: str, schedule: Optional[str], cotrain: bool = 
     return out
 
 
-def _merged_nograd(a) -> bool:
-    extra = list(getattr(a, "trainer_extra", []))
-    for i, v in enumerate(extra):
-        if v.startswith("--lora-nograd-merge"):
-            val = v.split("=", 1)[1] if "=" in v else (extra[i + 1] if i + 1 < len(extra) else "off")
-            return val != "off"
-    return False
+def merged_nograd(a, step: str = "stage1") -> bool:
+    """Whether the trainer's no-grad forwards run merged ``W + s B A`` (no LoRA GEMMs): its
+    ``--lora-nograd-merge`` as this run passes it (or the trainer's default), never under FP8."""
+    from megatron_anyflow.training.arguments import parse_args as trainer_parse_args
+
+    targs = trainer_parse_args(trainer_argv(a, step, "sequential" if step == "stage2" else None, 64))
+    return getattr(targs, "lora_nograd_merge", "off") != "off" and not targs.fp8_format
 
 
 # ------------------------------------------------------------------------------------------------
