@@ -26,7 +26,7 @@
 #
 # Environment:
 #   GPU_SUITE_DRY=1        CPU, tiny sizes, each part a few seconds
-#   GPU_SUITE_BUDGET_S     the whole suite's deadline in seconds (default 530 on GPU, 150 dry)
+#   GPU_SUITE_BUDGET_S     the whole suite's deadline in seconds (default 530 on GPU, 300 dry: a loaded CPU is slow to import)
 #   GPU_SUITE_OUT          results folder (default benchmarks/results/<UTC date>_<device>)
 #   GPU_SUITE_WHEELS       folder of wheels to install first (default .whl; benchmarks/prepare_gpu_wheels.sh)
 #   GPU_SUITE_PARTS        space-separated subset of part names to run (default: all)
@@ -43,7 +43,7 @@ DRY=${GPU_SUITE_DRY:-0}
 PY=${PYTHON:-python3}
 START=$(date +%s)
 if [ "$DRY" = 1 ]; then
-    BUDGET=${GPU_SUITE_BUDGET_S:-150}
+    BUDGET=${GPU_SUITE_BUDGET_S:-300}
     export CUDA_VISIBLE_DEVICES=""
     DEVICE=cpu-dry
 else
