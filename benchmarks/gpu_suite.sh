@@ -20,7 +20,8 @@
 #   07_profile_stage1      06's stage-1 profile: time per kernel category (attention, GEMM,
 #                          elementwise, communication)                                           10
 #   08_kernels             tools/benchmark_kernels.py                                            25
-#   09_throughput_stage2   tools/benchmark_throughput.py stage 2, both schedules, vs reference,
+#   09_throughput_stage2   tools/benchmark_throughput.py stage 2: sequential, pipelined and overlapped
+#                          (pipelined + --overlap-critic: the overlap's time against pipelined), vs reference,
 #                          --recompute-granularity selective (the reference: gradient checkpointing)  the rest
 # Throughput: wan2.1-1.3b, 81 x 480 x 832 video (21 x 60 x 104 latents), text 512, bf16, batch 1.
 #
@@ -191,7 +192,7 @@ p_kernels() {
 
 p_throughput_stage2() {
     "$PY" tools/benchmark_throughput.py "${THR_SIZE[@]}" "${THR2_ITERS[@]}" --steps stage2 \
-        --schedules sequential pipelined "${THR_EXTRA[@]}" \
+        --schedules sequential pipelined overlapped "${THR_EXTRA[@]}" \
         --json "$OUTDIR/09_throughput_stage2.json" --markdown "$OUTDIR/09_throughput_stage2.md"
 }
 

@@ -125,7 +125,7 @@ from typing import Dict
 
 import torch
 
-from megatron_anyflow.training.benchmark import (IMPLS, SCHEDULES, STEPS, _count_params, _rank, _tokens, _world,
+from megatron_anyflow.training.benchmark import (DEFAULT_SCHEDULES, IMPLS, SCHEDULES, STEPS, _count_params, _rank, _tokens, _world,
                                                  arch_config, device_name, device_slug, iteration_flops, markdown,
                                                  measure, measure_matmul_tflops, preset_with_layers, say,
                                                  stage2_plans)
@@ -160,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-len", type=int, default=None, help="text tokens (default 512 on CUDA, 16 on CPU)")
     g.add_argument("--micro-batch-size", type=int, default=None, help="samples per GPU (default 1 CUDA, 2 CPU)")
     g.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
-    g.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=list(SCHEDULES),
-                   help="stage-2 schedules")
+    g.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=list(DEFAULT_SCHEDULES),
+                   help="stage-2 schedules; overlapped = pipelined with --overlap-critic (compare it with the "
+                        "pipelined row of the same run)")
     g.add_argument("--simulation-steps", type=int, nargs="+", default=[2, 4, 8, 16, 50],
                    help="stage-2 rollout budgets N")
     g.add_argument("--iters", type=int, default=None, help="timed iterations (default 10 CUDA, 3 CPU)")
@@ -310,7 +311,8 @@ def main(argv=None) -> Dict:
             if multi:
                 say(f"reference: rank 0 only, on one device (the other {dist.get_world_size() - 1} ranks wait)")
             for step, sch in plan:
-                rows.append(measure(a, "reference", step, sch, matmul, cotrain))
+                if sch != "overlapped":  # the reference has no overlap: its pipelined row is the comparison
+                    rows.append(measure(a, "reference", step, sch, matmul, cotrain))
         if multi:
             dist.barrier(group=grp)
         ours = {(r["step"], r["schedule"]): r for r in rows if r["implementation"] == "megatron_anyflow"}
@@ -321,6 +323,10 @@ def main(argv=None) -> Dict:
                 # host RSS peaks depend on what earlier rows left in the process: no ratio on CPU
                 o["memory_vs_reference"] = (o["peak_memory_gib"] / r["peak_memory_gib"]
                                             if a.device_kind == "cuda" and r["peak_memory_gib"] > 0 else None)
+        piped = ours.get(("stage2", "pipelined"))
+        over = ours.get(("stage2", "overlapped"))
+        if piped and over and "error" not in piped and "error" not in over:
+            over["speedup_vs_pipelined"] = over["tokens_per_s_per_gpu"] / piped["tokens_per_s_per_gpu"]
         order = {k: i for i, k in enumerate(plan)}
         rows.sort(key=lambda r: (order[(r["step"], r["schedule"])], IMPLS.index(r["implementation"])))
 

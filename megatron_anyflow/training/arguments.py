@@ -130,7 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--real-guidance", type=float, default=3.0)
     g.add_argument("--no-cotrain-stage1", action="store_true")
     g.add_argument("--critic-updates", type=int, default=1, help="critic updates per generator update")
-    g.add_argument("--schedule", choices=["sequential", "pipelined"], default="sequential")
+    g.add_argument("--schedule", choices=["sequential", "pipelined"], default="sequential",
+                   help="sequential: the reference order (critic on the updated generator's own rollout); "
+                        "pipelined: the critic trains on the generator's rollout of the same micro-batch (an "
+                        "algorithmic variant, one rollout less)")
+    g.add_argument("--overlap-critic", action="store_true",
+                   help="with --schedule pipelined: run the critic of micro-batch j on a second CUDA stream, "
+                        "concurrently with the generator's work on micro-batch j + 1 (same numbers as pipelined)")
 
     g = p.add_argument_group("checkpointing and logging")
     g.add_argument("--save", default=None, help="checkpoint root to write")

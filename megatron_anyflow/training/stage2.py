@@ -16,8 +16,19 @@ Schedules (``--schedule``):
 - ``pipelined``: per micro-batch, the critic's forward / backward runs right behind the generator's on the
   generator's detached rollout of the same micro-batch (no second rollout: up to three generator forwards
   saved per micro-batch), and both updates happen at the end of the iteration with one gradient
-  all-reduce for both adapters. On a GPU the critic's kernels queue directly behind the rollout's, and
-  its independent work fills the gaps of the rollout's small kernels and collectives.
+  all-reduce for both adapters. This is an **algorithmic variant**, not an overlap: the critic learns from
+  the pre-update generator's samples (the reference's critic sees the updated generator's), and on one
+  stream its kernels simply queue behind the rollout's.
+
+Overlap (``--overlap-critic``, with ``pipelined``): the critic's forward / backward of micro-batch j is
+issued on a second CUDA stream, so it runs concurrently with the generator's rollout of micro-batch
+j + 1 on the main stream (the design card's overlapped schedule). The work and its order are those of
+``pipelined``: the two roles touch disjoint trainable tensors (the base is frozen), every collective is
+enqueued in the same program order on every rank, and the main stream waits for the side stream before
+the gradient reduction. Its gain is hiding one role's TP / CP communication and small kernels behind the
+other's compute (14B at TP4 x CP2); at 1.3B on one GPU expect little. Without CUDA there is no second
+stream and the schedule is ``pipelined`` exactly (tested); on a GPU the equality is tested to rounding
+(the caching allocator and kernel selection may differ per stream) and the profiler shows the overlap.
 
 The critic's rollout in ``sequential`` uses the same noise and simulation plan as the generator's, so with
 a frozen generator (lr 0) both schedules see the same rollouts and give identical updates (tested).
@@ -80,6 +91,10 @@ class Stage2(Stage1):
         self.dcfg = distill_config(args)
         if args.schedule == "pipelined" and args.critic_updates != 1:
             raise ValueError("--schedule pipelined reuses each generator rollout once: it needs --critic-updates 1")
+        if args.overlap_critic and args.schedule != "pipelined":
+            raise ValueError("--overlap-critic overlaps the critic of micro-batch j with the generator of j + 1, "
+                             "which only --schedule pipelined allows (sequential trains the critic on the updated "
+                             f"generator); got --schedule {args.schedule}")
 
     # -- roles -------------------------------------------------------------------------------------
     def role(self, adapter):
@@ -141,9 +156,21 @@ class Stage2(Stage1):
                                  t.generator("critic", iteration, j, t.dp_rank, device=t.device), self.dcfg)
         return loss, info
 
+    def _critic_on_side_stream(self, iteration, j, x0, text, n, critic_acc, side):
+        """The pipelined critic step of micro-batch ``j`` on ``side`` (a CUDA stream), after the main
+        stream's work so far (the rollout ``x0`` is ready)."""
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            lc, _ = self._critic_loss(iteration, j, x0, text)
+            (lc / n).backward()
+            critic_acc.add_mean("critic_loss", lc.detach() / n)
+        x0.record_stream(side)  # x0 was allocated on the main stream: keep it until the side stream is done
+
     def train_step(self, iteration: int, micro: List[List[int]]) -> Dict[str, float]:
         t, n = self.t, len(micro)
         g_gen, g_fake = t.groups[GENERATOR], t.groups[FAKE]
+        side = (torch.cuda.Stream(device=t.device) if self.args.overlap_critic and t.device.type == "cuda"
+                else None)
         gen_acc, critic_acc = MetricAccumulator(t.device), MetricAccumulator(t.device)
         metrics: Dict[str, float] = {}
         inputs = []
@@ -158,12 +185,16 @@ class Stage2(Stage1):
             if info["stage1_loss"] is not None:
                 gen_acc.add_mean("stage1_loss", info["stage1_loss"] / n)
                 gen_acc.add_samples(idx, info["stage1_stats"])
-            if self.args.schedule == "pipelined":
+            if self.args.schedule == "pipelined" and side is not None:
+                self._critic_on_side_stream(iteration, j, info["x0"], text, n, critic_acc, side)
+            elif self.args.schedule == "pipelined":
                 lc, _ = self._critic_loss(iteration, j, info["x0"], text)
                 (lc / n).backward()
                 critic_acc.add_mean("critic_loss", lc.detach() / n)
             else:
                 inputs.append((text, plan, noise))
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)  # both adapters' gradients complete
         if self.args.schedule == "pipelined":
             red = t.reduce_metrics(gen_acc, critic_acc)
             metrics.update(t.finalize_and_step_groups(
