@@ -6,7 +6,8 @@ What is counted, per GPU, in GiB (2^30 bytes):
 * **base weights** -- one frozen copy shared by the generator, the fake score and the teacher (the real
   score is the base with no adapter active, i.e. the teacher is the base or merged into it). Exact
   parameter counts and dtypes come from a ``WanModel`` built on the meta device with ``bf16=True``
-  (diffusers' fp32 modules -- time / delta embedders, adaLN tables, norms -- stay fp32).
+  (diffusers' fp32 modules -- time / delta embedders, adaLN tables, the cross-attention LayerNorm --
+  stay fp32; the q / k RMSNorm weights are bf16).
   Tensor-parallel parameters (megatron ``tensor_model_parallel``) are divided by TP, the others
   (embedders, adaLN tables, head, row-parallel biases) are replicated on every rank.
 * **LoRA adapters** (rank 256 on self-attention q/k/v/o, FFN, time and delta embedders; ``models.lora``
@@ -16,35 +17,75 @@ What is counted, per GPU, in GiB (2^30 bytes):
   buffer) + 12 B (fp32 master + Adam m, v) per parameter; the 12 B are divided by DP x CP with the
   distributed optimizer (``--no-dist-opt`` to keep them whole). The generator's EMA is one fp32 copy
   (4 B). ``--teacher-adapter`` adds a frozen bf16 teacher adapter (2 B) instead of a merged teacher.
-* **activations** of every forward that keeps its graph, bf16 (2 B per element). For a Wan block with
-  ``s`` tokens on the rank after the context-parallel split, micro-batch ``b``, hidden ``h``, FFN ``F``,
-  ``C`` = 512 text tokens, TP size ``t``, LoRA rank ``r``, with sequence parallelism (the default when
-  ``t > 1``; ``--no-sp`` replicates the part outside the TP region), the elements kept for backward are:
+* **merged no-grad LoRA** (``--lora-nograd-merge``, the trainer's default ``cache``): one merged copy
+  ``W + s B A`` of every wrapped base weight (qkv, proj, fc1, fc2 in bf16 / TP; the time and delta
+  embedders' linears in fp32, whole) per adapter that no-grad forwards use: the generator in stage 1
+  (u_null, u_plus, u_minus); the generator (rollout prefix, critic rollout) and the fake score (DMD
+  call) in stage 2 (+ a ``--teacher-adapter``). 2.2 GB per adapter at 1.3B, 19.7 GB / TP at 14B. Zero
+  under FP8 (forced off) or ``off``; ``per-call`` keeps no copy but builds one weight-sized temporary
+  (counted in transient).
+* **activations** of every forward that keeps its graph, MEASURED-CALIBRATED: per layer
+  ``b x (s x B_tok + B_fix)`` with ``s`` the tokens of one sample on the rank after the context-parallel
+  split (`layer_saved_bytes_per_token`, `layer_saved_fixed_bytes`). What a Wan block saves in eager
+  mode, read off the code and checked against ``testing/op_counter.py`` (``saved_tensors_hooks``, one
+  count per storage) for every recompute setting in bf16 and fp32 by tests/test_memory_plan.py (exact
+  on CPU at TP = 1; the TP / SP / Ulysses splits below are derived from the code, not measured). Per
+  token, bf16 (``p`` = 2), hidden ``h``, FFN ``F``, ``n`` heads, LoRA rank ``r``, TP ``t``, ``to`` = ``t``
+  under sequence parallelism else 1; LoRA training, frozen base (a frozen linear without an adapter
+  saves nothing of its input):
 
-  - outside the TP region (split by ``t`` under SP): 8 s b h -- for self-attention, cross-attention and
-    FFN the norm input and the (modulated) norm output; the self-attention and FFN outputs that the
-    adaLN gates multiply;
-  - inside the TP region (always split by ``t``): 9 s b h (q, k before the qk RMSNorm; q, k, v after
-    norm / RoPE and the output, as flash attention saves them; cross-attention q before / after its norm
-    and output) + 2 s b F (GELU input and output) + 3 C b h (text k before its norm, k, v);
-  - LoRA A outputs of the active adapter: (4 + 2 / t) s b r (q/k/v and fc1 see the gathered sequence);
-  - flash-attention softmax statistics: 2 s b a / t fp32 values (self and cross).
+  ==========================================================  =================================
+  term (where it is saved)                                     bytes per token
+  ==========================================================  =================================
+  3 x ``F.layer_norm(x.float())``: fp32 input + mean + rstd    3 (4 h + 8) / to
+  (adaLN of self-attn and FFN, affine LN of cross-attn)
+  LoRA A GEMM inputs of qkv and fc1 (modulated norm outputs)   2 p h / to
+  q / k RMSNorm (self): fp32 ``x.float()`` + rsqrt             2 x 4 h / t + 8  (fp32 runs: the
+                                                               whole fused qkv, 12 h / t, + 8)
+  q RMSNorm (cross): fp32 input + rsqrt                        4 h / t + 4
+  self-attention kernel: q, k, v, output + fp32 lse            4 p h / t + 4 n / t
+  (the output is also linear_proj's input: one storage)
+  cross-attention kernel: q, output + lse                      2 p h / t + 4 n / t
+  GELU input (fc1 output), fc2 input (GELU output)             2 p F / t
+  LoRA A outputs (qkv 3 r, fc1 r gathered; proj, fc2 r / to)   p r (4 + 2 / to)
+  Ulysses CP only: linear_proj input after the all-to-all      p h / t
+  ==========================================================  =================================
 
-  ``full`` recomputation keeps only each layer's input (s b h / t with SP) and recomputes one layer at a
-  time in backward (that layer's full set is counted once as transient). ``selective`` recomputes the
-  norm/modulation outputs that feed linears and the GELU output (drops 3 s b h and s b F). Attention
-  itself is flash attention: no ``s^2`` term. Per forward with grad, the patch embedding, head and
-  residual stream outside the blocks add 3 s b h / t.
-* **transient**: one layer's recomputed activations (full recomputation) plus the attention backward
-  workspace (dq, dk, dv, do bf16 and an fp32 dq accumulator: 12 s b h / t bytes; with CP, the Ulysses
-  all-to-all buffers add 12 s b h / t bytes).
+  i.e. 40 h + 4 F + 12 r + 8 n + 36 bytes at TP = 1 in bf16 (1.3B: 100,484 B = 3.07 GiB per layer at
+  32,760 tokens; of it 36,996 B fp32: the norm intermediates, 37 %). Recompute settings (the trainer's
+  ``--recompute-granularity`` / ``--recompute-policy`` / ``--recompute-modules``):
+
+  - ``full``: the block input only, p h / to (one layer's whole set is rematerialised in backward:
+    transient);
+  - ``selective`` + ``save-attention`` (the trainer's default policy): self-attention's q, k, v,
+    output and lse + the block input, 4 p h / t + 4 n / t + p h / to (the rest is recomputed; transient
+    as for full);
+  - ``selective`` + ``modules core_attn``: drops the self lse and cross-attention's output and lse
+    (the checkpoints keep their inputs q, k, v; linear_proj still saves the self-attention output);
+  - ``selective`` + ``modules mlp``: drops the GELU / fc2 inputs and fc1's / fc2's LoRA A outputs.
+
+  Fixed per layer and forward (``B_fix``, none / modules only): the LoRA weights cast to bf16 for the
+  input gradient (A of qkv / proj / fc1 / fc2, B of proj / fc1 / fc2, the block-structured ``s B`` of
+  qkv ``[3 h / t, 3 r]``: ~26 MB per layer at 14B TP = 4), the text k / v (2 x 512 x p h / t) and the
+  modulation (32 h B per latent frame). Outside the blocks (not measured): 6 h / to bytes per token
+  (the head's fp32 LayerNorm input and a residual copy). ``--compile`` is an ESTIMATE (inductor's
+  saved set is not measured here and may differ): the fp32 norm inputs become bf16 (-12 h at TP = 1);
+  the eager figure is the default. FP8 (``--fp8``, te backend) is planned with the same bf16 figures
+  (TE's saved set is not measured; with full recompute only the transient depends on it) and rules out
+  the save-attention policy (WanModel rejects it), as the model does.
+* **transient**: with full recomputation or save-attention, one layer's rematerialised set (its
+  no-recompute bytes less what was kept); the attention backward workspace (dq, dk, dv, do bf16 and an
+  fp32 dq accumulator: 12 s b h / t bytes; with CP, the Ulysses all-to-all buffers add 12 s b h / t
+  bytes); with a merged no-grad LoRA, the largest merge's fp32 ``s B A`` (+ its result per call).
 * **reserve**: CUDA context, NCCL buffers and allocator fragmentation (``--reserve-gib``, default 5).
 
-Steps and their forwards with grad: stage 1 -- one (the conditional forward; the null and +/- finite
-difference forwards run without grad). Stage 2 -- the generator step keeps up to 3 rollout segments
-(``--grad-through chain``, the reference) or 2 (``no_grad_prefix``); the DMD score calls run without
-grad; the stage-1 co-training loss is back-propagated separately (one more graph only with
-``--stage1-same-graph``); the critic step keeps one fake-score forward. The peak is the larger step.
+Steps and their forwards with grad, as ``training/`` runs them: stage 1 -- one (the conditional
+forward; the null and +/- finite-difference forwards run without grad). Stage 2 -- the co-trained
+stage-1 loss is backpropagated BEFORE the rollout (``stage2.Stage2._generator_loss``), so its graph is
+never alive with the rollout's; the generator's rollout keeps up to 3 segments (``--grad-through
+chain``, the reference) or 2 (``no_grad_prefix``); the DMD score calls run without grad; the critic step
+keeps one fake-score forward, alive together with the next rollout only with ``--overlap-critic``
+(side stream: 3 + 1). The peak is the largest of these.
 
 Not counted: text encoder and VAE (latents and text embeddings are precomputed), data-loader memory,
 CUDA graphs. Tokens: ``frames`` video frames -> ``(frames - 1) / 4 + 1`` latent frames, ``H/8 x W/8``
@@ -55,6 +96,8 @@ Usage::
     python tools/memory_plan.py                        # headline: 14B and 1.3B on 8 x 80 GB and 1 x 141 GB
     python tools/memory_plan.py --preset wan2.1-14b --stage 2 --tp 8 --cp 1 --dp 1
     python tools/memory_plan.py --json                 # the same as JSON on stdout
+    python tools/memory_plan.py --preset wan2.1-1.3b --stage 1 --tp 1 --recompute selective \
+        --recompute-policy save-attention --gpu-gib 139    # the save-attention policy on one H200
 """
 from __future__ import annotations
 
@@ -92,6 +135,9 @@ class ModelCounts:
         lora_sharded, lora_replicated: parameters of ONE rank-``lora_rank`` adapter that are / are not
             divided by TP.
         lora_rank: the adapter rank counted.
+        wrapped_sharded_bytes, wrapped_replicated_bytes: bytes of the base weights LoRA wraps (what one
+            merged no-grad copy per adapter costs), TP-sharded / replicated; wrapped_max_*_numel: the
+            largest of them as (elements, bytes per element) (a merge's temporary).
     """
 
     preset: str
@@ -106,6 +152,17 @@ class ModelCounts:
     lora_rank: int
     lora_sharded: int
     lora_replicated: int
+    wrapped_sharded_bytes: int = 0
+    wrapped_replicated_bytes: int = 0
+    wrapped_max_sharded: tuple = (0, 2)
+    wrapped_max_replicated: tuple = (0, 4)
+
+    def merge_temporary_bytes(self, tp: int, per_call: bool) -> float:
+        """Largest temporary of merging one wrapped weight on one rank: its fp32 ``s B A`` (4 B per
+        element) plus, per call, the merged result in the weight's dtype (in cache mode the result is the
+        cached copy, counted apart)."""
+        (ns, es), (nr, er) = self.wrapped_max_sharded, self.wrapped_max_replicated
+        return max(ns / tp * (4 + (es if per_call else 0)), nr * (4 + (er if per_call else 0)))
 
     @property
     def total_params(self) -> int:
@@ -173,10 +230,21 @@ def model_counts(preset: str, lora_rank: int = 256) -> ModelCounts:
         else:
             rp, rb = rp + p.numel(), rb + nbytes
     ls, lr = lora_counts(model, lora_rank)
+    default_targets, _kind, _match, _, _ = _quiet_imports()
+    ws = wr = 0
+    ms, mr = (0, 2), (0, 4)
+    for name, module in model.named_modules():
+        if _match(name, default_targets):
+            w = module.weight
+            if getattr(w, "tensor_model_parallel", False):
+                ws, ms = ws + w.numel() * w.element_size(), max(ms, (w.numel(), w.element_size()))
+            else:
+                wr, mr = wr + w.numel() * w.element_size(), max(mr, (w.numel(), w.element_size()))
     return ModelCounts(preset=preset, hidden=cfg.hidden_size, ffn=cfg.ffn_hidden_size,
                        heads=cfg.num_attention_heads, layers=cfg.num_layers, sharded_params=sp,
                        replicated_params=rp, sharded_bytes=sb, replicated_bytes=rb, lora_rank=lora_rank,
-                       lora_sharded=ls, lora_replicated=lr)
+                       lora_sharded=ls, lora_replicated=lr, wrapped_sharded_bytes=ws, wrapped_replicated_bytes=wr,
+                       wrapped_max_sharded=ms, wrapped_max_replicated=mr)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,32 +263,143 @@ def latent_tokens(frames: int, height: int, width: int) -> int:
     return ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
 
 
-def layer_activation_bytes(s: int, b: int, h: int, ffn: int, heads: int, tp: int, sp: bool = True,
-                           recompute: str = "none", lora_rank: int = 256, text_tokens: int = TEXT_TOKENS) -> float:
-    """Bytes kept for backward by ONE Wan block (see the module docstring for the derivation).
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+RECOMPUTE_POLICIES = ("save-attention", "modules")
+RECOMPUTE_MODULES = ("core_attn", "mlp")
 
-    Args:
-        s: tokens of one sample on this rank after the context-parallel split (before the SP split).
-        b: micro-batch. h, ffn, heads: architecture. tp: tensor-parallel size. sp: sequence parallelism.
-        recompute: ``"none"``, ``"selective"`` or ``"full"`` (``full``: the layer input only).
-        lora_rank: rank of the active adapter (0: no LoRA).
+
+def _recompute_key(recompute: str, policy: str, modules: Sequence[str]):
+    """Validate a recompute setting; returns ``(granularity, policy, frozenset(modules))``."""
+    if recompute not in ("none", "selective", "full"):
+        raise ValueError(f"recompute must be 'none', 'selective' or 'full', got {recompute!r}")
+    if policy not in RECOMPUTE_POLICIES:
+        raise ValueError(f"recompute policy must be one of {RECOMPUTE_POLICIES}, got {policy!r}")
+    bad = sorted(set(modules) - set(RECOMPUTE_MODULES))
+    if bad:
+        raise ValueError(f"recompute modules must be among {RECOMPUTE_MODULES}, got {bad}")
+    return recompute, policy, frozenset(modules)
+
+
+def saved_terms_per_token(h: int, ffn: int, heads: int, lora_rank: int, tp: int = 1, sp: bool = True,
+                          dtype: str = "bf16", recompute: str = "none", policy: str = "save-attention",
+                          modules: Sequence[str] = ("core_attn",), compile: bool = False,
+                          ulysses: bool = False) -> Dict[str, float]:
+    """Bytes ONE Wan block keeps for backward per token of the rank's sequence (micro-batch 1), by term.
+
+    Derived from what ``models/wan/layer.py`` and ``models/lora.py`` save in eager mode (autograd's
+    saved tensors, one count per storage), checked against ``testing/op_counter.py`` at TP = 1 by
+    tests/test_memory_plan.py for every setting below. ``p`` = bytes of the activation dtype, ``t`` = TP,
+    ``to`` = ``t`` under sequence parallelism (tokens outside the TP region are split) else 1, ``n`` =
+    heads, ``r`` = LoRA rank (LoRA on qkv, proj, fc1, fc2; frozen base, so a frozen linear without an
+    adapter saves nothing of its input); see the module docstring for the list of terms.
+
+    ``compile=True`` is an ESTIMATE, not measured here (inductor's min-cut partitioner chooses its own
+    saved set): every fp32 intermediate of the norms is replaced by the ``p``-byte tensor it is computed
+    from. The plan uses the eager figure unless asked.
 
     Raises:
-        ValueError: unknown ``recompute``.
+        ValueError: unknown dtype or recompute setting.
     """
-    t_out = tp if (sp and tp > 1) else 1
-    if recompute == "full":
-        return BF16 * s * b * h / t_out
-    if recompute not in ("none", "selective"):
-        raise ValueError(f"recompute must be 'none', 'selective' or 'full', got {recompute!r}")
-    outside = 8 * s * b * h
-    inside = 9 * s * b * h + 2 * s * b * ffn + 3 * text_tokens * b * h
-    if recompute == "selective":
-        outside -= 3 * s * b * h
-        inside -= s * b * ffn
-    lora = (4 + 2 / tp) * s * b * lora_rank
-    stats = 2 * s * b * heads / tp * 4  # fp32 bytes
-    return BF16 * (outside / t_out + inside / tp + lora) + stats
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
+    gran, policy, mods = _recompute_key(recompute, policy, modules)
+    p = DTYPE_BYTES[dtype]
+    t = tp
+    to = tp if (sp and tp > 1) else 1
+    if gran == "full":
+        return {"block input (the checkpoint's only saved tensor)": p * h / to}
+    attn = 4 * p * h / t + 4 * heads / t  # q, k, v, output (p bytes) + log-sum-exp (fp32 per head)
+    if gran == "selective" and policy == "save-attention":
+        return {"self-attention q, k, v, output + log-sum-exp (the policy's saves)": attn,
+                "block input (kept by the checkpoint)": p * h / to}
+    f32 = p if compile else 4  # bytes of a norm's saved input: fp32 copy in eager, p-byte input compiled
+    terms = {
+        # F.layer_norm(x.float()) x 3 (adaLN before self-attention and FFN, affine LN before cross-attn):
+        # its fp32 input + mean + rstd (4 B each per token). In fp32 runs the input is x itself.
+        "LayerNorm fp32 inputs + mean / rstd (x3)": 3 * (max(f32, p) * h + 8) / to,
+        # LoRA's A GEMM saves its input (the modulated norm output) for A's gradient: qkv and fc1.
+        "qkv / fc1 inputs (LoRA A GEMMs)": 2 * p * h / to,
+        # HeadShardedRMSNorm: xf = x.float() (saved by pow and by the multiply) + rsqrt (4 B per token,
+        # TP-replicated statistic). q and k are views of the fused qkv output: in fp32 runs xf IS that
+        # view, so the whole qkv output (3 h / t) stays alive; in bf16 two fp32 copies (2 x 4 h / t).
+        "q / k RMSNorm fp32 inputs + rstd (self-attention)":
+            ((2 * max(f32, p) * h) if p < 4 else 3 * 4 * h) / t + 8,
+        "q RMSNorm fp32 input + rstd (cross-attention)": max(f32, p) * h / t + 4,
+        # scaled_dot_product_attention saves q, k (after norm / RoPE), v (contiguous copy), its output
+        # (which is also linear_proj's input, one storage) and the fp32 log-sum-exp.
+        "self-attention q, k, v, output + log-sum-exp": attn,
+        # cross-attention: q (after its norm) and the output; the text k / v are fixed (per layer).
+        "cross-attention q, output + log-sum-exp": 2 * p * h / t + 4 * heads / t,
+        # GELU saves fc1's output; fc2's LoRA A GEMM saves GELU's output.
+        "GELU input, fc2 input": 2 * p * ffn / t,
+        # LoRA A outputs kept for B's gradient (addmm): qkv 3r and fc1 r on the gathered sequence,
+        # proj / fc2 r on the reduce-scattered one (s / to).
+        "LoRA A outputs": p * lora_rank * (4 + 2 / to),
+    }
+    if ulysses:  # the inverse all-to-all makes linear_proj's input a new tensor (saved by its LoRA A)
+        terms["Ulysses: linear_proj input after the all-to-all"] = p * h / t
+    if gran == "selective":  # policy "modules": megatron's checkpointed sub-modules
+        if "core_attn" in mods:  # the checkpoint keeps its inputs; drops lse, and cross-attn's output
+            terms["self-attention q, k, v, output + log-sum-exp"] -= 4 * heads / t
+            terms["cross-attention q, output + log-sum-exp"] -= p * h / t + 4 * heads / t
+        if "mlp" in mods:  # the checkpoint keeps fc1's input (already counted)
+            terms["GELU input, fc2 input"] = 0.0
+            terms["LoRA A outputs"] -= p * lora_rank * (1 + 1 / to)
+    return terms
+
+
+def layer_saved_bytes_per_token(h: int, ffn: int, heads: int, lora_rank: int, tp: int = 1, sp: bool = True,
+                                dtype: str = "bf16", recompute: str = "none", policy: str = "save-attention",
+                                modules: Sequence[str] = ("core_attn",), compile: bool = False,
+                                ulysses: bool = False) -> float:
+    """Sum of `saved_terms_per_token`: the plan's per-token per-layer saved bytes (micro-batch 1)."""
+    return sum(saved_terms_per_token(h, ffn, heads, lora_rank, tp, sp, dtype, recompute, policy, modules,
+                                     compile, ulysses).values())
+
+
+def layer_saved_fixed_bytes(h: int, ffn: int, heads: int, lora_rank: int, tp: int = 1, dtype: str = "bf16",
+                            recompute: str = "none", policy: str = "save-attention",
+                            modules: Sequence[str] = ("core_attn",), text_tokens: int = TEXT_TOKENS,
+                            frames: int = 1) -> float:
+    """Bytes ONE block keeps for backward that do not grow with the tokens (micro-batch 1, one forward):
+
+    - LoRA weights cast to the activation dtype and saved for the input gradient: A of qkv (3 r h), proj
+      (r h / t), fc1 (r h), fc2 (r F / t) and B of proj (h r), fc1 (F r / t), fc2 (h r), only when the
+      activations are not fp32 (in fp32 they are the parameters); the block-structured ``s B`` of qkv
+      ``[3 h / t, 3 r]`` always (it is built per call);
+    - the text keys / values of cross-attention: 2 x ``text_tokens`` x p h / t;
+    - the modulation (6 h fp32, one storage) and the two ``1 + scale`` (h fp32 each), per latent frame.
+
+    ``full`` and ``save-attention`` recompute all of it (0); ``mlp`` drops fc1's / fc2's LoRA casts.
+    """
+    gran, policy, mods = _recompute_key(recompute, policy, modules)
+    if gran == "full" or (gran == "selective" and policy == "save-attention"):
+        return 0.0
+    p = DTYPE_BYTES[dtype]
+    t, r = tp, lora_rank
+    low = p < 4
+    qkv = (3 * r * h if low else 0) + 3 * h / t * 3 * r
+    proj = (r * h / t + h * r) if low else 0
+    mlp = (r * h + ffn * r / t + r * ffn / t + h * r) if low else 0
+    if gran == "selective" and "mlp" in mods:
+        mlp = 0
+    return p * (qkv + proj + mlp) + 2 * text_tokens * p * h / t + frames * 4 * 8 * h
+
+
+def layer_activation_bytes(s: int, b: int, h: int, ffn: int, heads: int, tp: int, sp: bool = True,
+                           recompute: str = "none", lora_rank: int = 256, text_tokens: int = TEXT_TOKENS,
+                           policy: str = "save-attention", modules: Sequence[str] = ("core_attn",),
+                           dtype: str = "bf16", compile: bool = False, ulysses: bool = False) -> float:
+    """Bytes kept for backward by ONE Wan block at ``s`` tokens on the rank (after the CP split, before the
+    SP split) and micro-batch ``b``: ``b`` x (s x `layer_saved_bytes_per_token` + `layer_saved_fixed_bytes`).
+
+    Raises:
+        ValueError: unknown ``recompute`` / ``policy`` / ``modules`` / ``dtype``.
+    """
+    per_token = layer_saved_bytes_per_token(h, ffn, heads, lora_rank, tp, sp, dtype, recompute, policy, modules,
+                                            compile, ulysses)
+    fixed = layer_saved_fixed_bytes(h, ffn, heads, lora_rank, tp, dtype, recompute, policy, modules, text_tokens)
+    return b * (s * per_token + fixed)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -241,10 +420,15 @@ class PlanConfig:
     width: int = 832
     micro_batch: int = 1
     recompute: str = "full"
+    recompute_policy: str = "save-attention"
+    recompute_modules: tuple = ("core_attn",)
     grad_through: str = "chain"
-    stage1_same_graph: bool = False
+    overlap_critic: bool = False
     lora_rank: int = 256
     teacher_adapter: bool = False
+    lora_nograd_merge: str = "cache"
+    fp8: bool = False
+    compile: bool = False
     dist_opt: bool = True
     reserve_gib: float = 5.0
     gpu_gib: float = H100_80GB_GIB
@@ -259,7 +443,21 @@ class PlanConfig:
             raise ValueError(f"TP={self.tp} does not divide the {counts.heads} heads of {self.preset}")
         if self.grad_through not in ("chain", "no_grad_prefix"):
             raise ValueError(f"grad_through must be 'chain' or 'no_grad_prefix', got {self.grad_through!r}")
+        if self.lora_nograd_merge not in ("cache", "per-call", "off"):
+            raise ValueError(f"lora_nograd_merge must be 'cache', 'per-call' or 'off', got {self.lora_nograd_merge!r}")
+        _recompute_key(self.recompute, self.recompute_policy, self.recompute_modules)
+        if self.fp8 and self.recompute == "selective" and self.recompute_policy == "save-attention":
+            raise ValueError("recompute policy 'save-attention' needs the local backend without FP8 (as WanModel "
+                             "checks); with FP8 use recompute 'full' or --recompute-policy modules")
         latent_tokens(self.frames, self.height, self.width)  # validates the clip size
+
+    @property
+    def recompute_label(self) -> str:
+        if self.recompute != "selective":
+            return self.recompute
+        if self.recompute_policy == "save-attention":
+            return "selective save-attention"
+        return "selective " + "+".join(self.recompute_modules)
 
 
 def plan(cfg: PlanConfig) -> Dict[str, object]:
@@ -280,6 +478,8 @@ def plan(cfg: PlanConfig) -> Dict[str, object]:
     tokens = latent_tokens(cfg.frames, cfg.height, cfg.width)
     s = math.ceil(tokens / (tp * cp)) * tp  # tokens on this CP rank (padded so SP divides)
     sp = cfg.sp and tp > 1
+    t_out = tp if sp else 1
+    ulysses = cp > 1 and a % (tp * cp) == 0
 
     comp: Dict[str, float] = {}
     comp["base weights (bf16, TP-sharded + replicated)"] = (counts.sharded_bytes / tp + counts.replicated_bytes) / GIB
@@ -294,25 +494,42 @@ def plan(cfg: PlanConfig) -> Dict[str, object]:
     if cfg.teacher_adapter and cfg.stage == 2:
         comp["LoRA teacher (frozen bf16)"] = lora_local * 2 / GIB
 
-    per_layer = layer_activation_bytes(s, b, h, F, a, tp, sp, cfg.recompute, cfg.lora_rank)
-    outside_layers = BF16 * 3 * s * b * h / tp
+    # Merged no-grad LoRA (models/lora.py): one merged copy of every wrapped weight per adapter that
+    # no-grad forwards use (stage 1: generator; stage 2: generator rollout prefix / critic rollout and
+    # the fake score's DMD call; + a teacher adapter), kept across the step. Off under FP8.
+    wrapped_local = counts.wrapped_sharded_bytes / tp + counts.wrapped_replicated_bytes
+    merge = "off" if cfg.fp8 else cfg.lora_nograd_merge
+    cached = (1 if cfg.stage == 1 else 2 + int(cfg.teacher_adapter)) if merge == "cache" else 0
+    if cached:
+        comp[f"merged no-grad LoRA weights (cache: {cached} adapter(s) x wrapped weights)"] = cached * wrapped_local / GIB
+
+    kw = dict(policy=cfg.recompute_policy, modules=cfg.recompute_modules, compile=cfg.compile, ulysses=ulysses)
+    per_layer = layer_activation_bytes(s, b, h, F, a, tp, sp, cfg.recompute, cfg.lora_rank, **kw)
+    # Outside the blocks (not measured): the head's fp32 LayerNorm input (4 h) and one residual copy.
+    outside_layers = b * s * 6 * h / t_out
     stack = L * per_layer + outside_layers
     if cfg.stage == 1:
         grad_forwards = 1
         act_label = "activations: 1 forward with grad"
     else:
+        # The co-trained stage-1 loss is backpropagated before the rollout (stage2._generator_loss): its
+        # single graph is never alive with the rollout's. The critic step keeps one fake-score forward,
+        # alive together with the next rollout only when --overlap-critic runs it on a side stream.
         gen = 3 if cfg.grad_through == "chain" else 2
-        if cfg.stage1_same_graph:
-            gen += 1
-        grad_forwards = max(gen, 1)  # the critic step keeps 1
-        act_label = f"activations: {gen} generator forwards with grad ({cfg.grad_through})"
+        grad_forwards = gen + (1 if cfg.overlap_critic else 0)
+        act_label = (f"activations: {gen} generator forwards with grad ({cfg.grad_through})"
+                     + (" + 1 critic (overlapped)" if cfg.overlap_critic else ""))
     comp[act_label] = grad_forwards * stack / GIB
     transient = BF16 * 12 / 2 * s * b * h / tp  # attention backward workspace (12 s b h / t bytes)
     if cp > 1:
         transient += 12 * s * b * h / tp
-    if cfg.recompute == "full":
-        transient += layer_activation_bytes(s, b, h, F, a, tp, sp, "none", cfg.lora_rank)
-    comp["transient: recomputed layer + attention workspace"] = transient / GIB
+    if cfg.recompute == "full" or (cfg.recompute == "selective" and cfg.recompute_policy == "save-attention"):
+        # backward rematerialises one layer at a time: its whole no-recompute set, less what was kept
+        transient += (layer_activation_bytes(s, b, h, F, a, tp, sp, "none", cfg.lora_rank, compile=cfg.compile,
+                                             ulysses=ulysses) - per_layer)
+    if merge != "off":  # building one merged weight: its fp32 delta (+ the bf16 result when per-call)
+        transient += counts.merge_temporary_bytes(tp, per_call=merge == "per-call")
+    comp["transient: recomputed layer + attention workspace + merge"] = transient / GIB
     comp["reserve (CUDA context, NCCL, fragmentation)"] = cfg.reserve_gib
     total = sum(comp.values())
     return {
@@ -325,12 +542,23 @@ def plan(cfg: PlanConfig) -> Dict[str, object]:
         "components": comp,
         "total_gib": total,
         "fits": total <= cfg.gpu_gib,
+        "recompute": cfg.recompute_label,
+        "saved_bytes_per_token_per_layer": layer_saved_bytes_per_token(h, F, a, cfg.lora_rank, tp, sp, "bf16",
+                                                                         cfg.recompute, **kw),
         "trainable_adapters": n_train,
         "params": {"base": counts.total_params, "lora_per_adapter": counts.lora_params},
     }
 
 
 _RECOMPUTE_ORDER = ("none", "selective", "full")
+
+
+def _searchable(recompute: str, kw: dict) -> dict:
+    """``kw`` for a searched ``recompute``: selective under FP8 uses the ``modules`` policy (the
+    save-attention policy needs the local backend without FP8)."""
+    if recompute == "selective" and kw.get("fp8") and kw.get("recompute_policy", "save-attention") == "save-attention":
+        return dict(kw, recompute_policy="modules")
+    return kw
 
 
 def search_layouts(preset: str, stage: int, gpus: int = 8, gpu_gib: float = H100_80GB_GIB,
@@ -346,7 +574,7 @@ def search_layouts(preset: str, stage: int, gpus: int = 8, gpu_gib: float = H100
                 continue
             for rc in _RECOMPUTE_ORDER:
                 cfg = PlanConfig(preset=preset, stage=stage, tp=tp, cp=cp, dp=gpus // (tp * cp), recompute=rc,
-                                 gpu_gib=gpu_gib, **kw)
+                                 gpu_gib=gpu_gib, **_searchable(rc, kw))
                 out.append(plan(cfg))
     out.sort(key=lambda p: (not p["fits"], _RECOMPUTE_ORDER.index(p["config"]["recompute"]),
                             -p["config"]["dp"], p["total_gib"]))
@@ -361,7 +589,7 @@ def search_clip(preset: str, stage: int, gpu_gib: float = H200_141GB_GIB,
     for fr in frames_options:
         for rc in _RECOMPUTE_ORDER:
             out.append(plan(PlanConfig(preset=preset, stage=stage, tp=1, cp=1, dp=1, frames=fr, recompute=rc,
-                                       gpu_gib=gpu_gib, **kw)))
+                                       gpu_gib=gpu_gib, **_searchable(rc, kw))))
     out.sort(key=lambda p: (not p["fits"], -p["config"]["frames"],
                             _RECOMPUTE_ORDER.index(p["config"]["recompute"])))
     return out
@@ -374,7 +602,9 @@ def _layout(p) -> str:
     c = p["config"]
     return (f"{c['preset']} stage {c['stage']}: TP={c['tp']} CP={c['cp']} DP={c['dp']} SP={c['sp'] and c['tp'] > 1} "
             f"{c['frames']}x{c['height']}x{c['width']} ({p['tokens']} tokens, {p['tokens_per_rank']}/CP rank) "
-            f"b={c['micro_batch']} recompute={c['recompute']}")
+            f"b={c['micro_batch']} recompute={p['recompute']}" + (" fp8" if c["fp8"] else "")
+            + (" compile (estimate)" if c["compile"] else "")
+            + f"; saved {p['saved_bytes_per_token_per_layer']:.0f} B/token/layer")
 
 
 def format_plan(p) -> str:
@@ -389,7 +619,7 @@ def format_plan(p) -> str:
 def _row(p) -> Dict[str, object]:
     c = p["config"]
     return {"tp": c["tp"], "cp": c["cp"], "dp": c["dp"], "frames": c["frames"], "tokens": p["tokens"],
-            "recompute": c["recompute"], "total_gib": round(p["total_gib"], 2), "fits": p["fits"]}
+            "recompute": p["recompute"], "total_gib": round(p["total_gib"], 2), "fits": p["fits"]}
 
 
 def headline(kw, frames: int = 81) -> Dict[str, object]:
@@ -422,10 +652,10 @@ def headline(kw, frames: int = 81) -> Dict[str, object]:
 
 
 def _format_rows(rows) -> str:
-    out = [f"    {'TP':>3s} {'CP':>3s} {'DP':>3s} {'frames':>6s} {'tokens':>7s} {'recompute':>10s} {'GiB':>8s}"]
+    out = [f"    {'TP':>3s} {'CP':>3s} {'DP':>3s} {'frames':>6s} {'tokens':>7s} {'recompute':>24s} {'GiB':>8s}"]
     for r in rows:
         out.append(f"    {r['tp']:3d} {r['cp']:3d} {r['dp']:3d} {r['frames']:6d} {r['tokens']:7d} "
-                   f"{r['recompute']:>10s} {r['total_gib']:8.1f}  {'fits' if r['fits'] else 'does not fit'}")
+                   f"{r['recompute']:>24s} {r['total_gib']:8.1f}  {'fits' if r['fits'] else 'does not fit'}")
     return "\n".join(out)
 
 
@@ -444,10 +674,21 @@ def parse_args(argv=None):
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--recompute", choices=_RECOMPUTE_ORDER, default="full")
+    p.add_argument("--recompute", choices=_RECOMPUTE_ORDER, default="full",
+                   help="as the trainer's --recompute-granularity")
+    p.add_argument("--recompute-policy", choices=RECOMPUTE_POLICIES, default="save-attention",
+                   help="selective: keep self-attention's q/k/v/output/lse (save-attention, the trainer's default) "
+                        "or checkpoint --recompute-modules (modules)")
+    p.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=["core_attn"])
     p.add_argument("--grad-through", choices=("chain", "no_grad_prefix"), default="chain")
-    p.add_argument("--stage1-same-graph", action="store_true",
-                   help="stage-2 co-training loss in the generator's graph (one more forward with grad)")
+    p.add_argument("--overlap-critic", action="store_true",
+                   help="stage 2: the critic's graph is alive with the next rollout (side stream)")
+    p.add_argument("--lora-nograd-merge", choices=("cache", "per-call", "off"), default="cache",
+                   help="as the trainer's option (cache: one merged copy of the wrapped weights per adapter)")
+    p.add_argument("--fp8", nargs="?", const="hybrid", default=None, metavar="FORMAT",
+                   help="FP8 run (te backend): no merged no-grad LoRA; activations as bf16 (not modelled)")
+    p.add_argument("--compile", action="store_true",
+                   help="per-block torch.compile: an ESTIMATE of the saved set (not measured)")
     p.add_argument("--lora-rank", type=int, default=256)
     p.add_argument("--teacher-adapter", action="store_true",
                    help="a frozen teacher adapter instead of a merged teacher")
@@ -460,7 +701,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     kw = dict(sp=not args.no_sp, micro_batch=args.micro_batch, grad_through=args.grad_through,
-              stage1_same_graph=args.stage1_same_graph, lora_rank=args.lora_rank,
+              overlap_critic=args.overlap_critic, recompute_policy=args.recompute_policy,
+              recompute_modules=tuple(args.recompute_modules), lora_nograd_merge=args.lora_nograd_merge,
+              fp8=bool(args.fp8), compile=args.compile, lora_rank=args.lora_rank,
               teacher_adapter=args.teacher_adapter, dist_opt=not args.no_dist_opt, reserve_gib=args.reserve_gib)
     kw.update(height=args.height, width=args.width)
     if args.preset is None:
