@@ -245,3 +245,10 @@ def test_headline_and_cli():
     proc = run_cmd([sys.executable, "tools/memory_plan.py", "--preset", "wan2.1-1.3b", "--stage", "1",
                     "--tp", "2", "--cp", "2", "--dp", "2", "--recompute", "none"])
     assert "fit" in proc.stdout and "base weights" in proc.stdout
+    # FP8 (what the 14B launch script runs): no merged-LoRA copy; the save-attention policy is refused
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert mp.main(["--preset", "wan2.1-14b", "--stage", "2", "--tp", "4", "--cp", "2", "--fp8", "hybrid"]) == 0
+    assert "fp8" in buf.getvalue() and "merged no-grad LoRA" not in buf.getvalue()
+    assert mp.main(["--preset", "wan2.1-14b", "--tp", "4", "--cp", "2", "--fp8", "hybrid",
+                    "--recompute", "selective"]) == 2

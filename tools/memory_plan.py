@@ -711,6 +711,12 @@ def main(argv=None) -> int:
         if args.json:
             print(json.dumps(res, indent=1, default=str))
             return 0
+        print(f"Per-GPU memory plan, computed (not measured on a GPU): bf16, LoRA rank {args.lora_rank}, activations "
+              f"per layer as tools/count_layer_ops.py measures them on CPU (eager"
+              f"{', compile estimate' if args.compile else ''}), merged no-grad LoRA "
+              f"{'off (FP8)' if args.fp8 else args.lora_nograd_merge}, stage 2 --grad-through {args.grad_through}"
+              f"{' + overlapped critic' if args.overlap_critic else ''}; selective = --recompute-policy "
+              f"{'modules ' + '+'.join(args.recompute_modules) if args.recompute_policy == 'modules' or args.fp8 else 'save-attention'}.\n")
         for key, r in res.items():
             print(f"=== {key}: best plan")
             print(format_plan(r["best"]))
@@ -721,8 +727,12 @@ def main(argv=None) -> int:
     gpu_gib = args.gpu_gib if args.gpu_gib is not None else H100_80GB_GIB
     kw.update(frames=args.frames)
     if args.tp is not None:
-        res = plan(PlanConfig(preset=args.preset, stage=args.stage, tp=args.tp, cp=args.cp, dp=args.dp,
-                              recompute=args.recompute, gpu_gib=gpu_gib, **kw))
+        try:
+            res = plan(PlanConfig(preset=args.preset, stage=args.stage, tp=args.tp, cp=args.cp, dp=args.dp,
+                                  recompute=args.recompute, gpu_gib=gpu_gib, **kw))
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         print(json.dumps(res, indent=1, default=str) if args.json else format_plan(res))
         return 0
     res = search_layouts(args.preset, args.stage, args.gpus, gpu_gib, **kw)
