@@ -64,6 +64,9 @@ ARGS=(--stage "$STAGE" --model-preset wan2.1-14b --bf16 --backend te
       --lora-rank 256 --lora-alpha 256 --recompute-granularity "$RECOMPUTE"
       --save "$SAVE" --load "$SAVE" --save-interval 200 --log-interval 1 --tensorboard-dir "$SAVE/tensorboard")
 [ -n "$FP8" ] && ARGS+=(--fp8-format "$FP8" --fp8-recipe "$FP8_RECIPE")
+# The te backend's fused attention is not an op the save-attention policy can keep: selective = modules here.
+POLICY=()
+[ "$RECOMPUTE" = selective ] && POLICY=(--recompute-policy modules) && ARGS+=("${POLICY[@]}")
 if [ "$MOCK_DATA" = 1 ] || [ "$DRY_RUN" = 1 ]; then
   ARGS+=(--mock-data --mock-latent-shape "$LAT_F" 16 "$LAT_H" "$LAT_W" --mock-text-len 512)
 else
@@ -79,7 +82,7 @@ if [ "$DRY_RUN" = 1 ]; then
   STAGE_NO=$([ "$STAGE" = stage2 ] && echo 2 || echo 1)
   python tools/memory_plan.py --preset wan2.1-14b --stage "$STAGE_NO" --tp "$TP" --cp "$CP" \
     --dp $((WORLD_SIZE / (TP * CP))) --frames "$FRAMES" --height "$HEIGHT" --width "$WIDTH" \
-    --micro-batch "$MICRO_BATCH" --recompute "$RECOMPUTE"
+    --micro-batch "$MICRO_BATCH" --recompute "$RECOMPUTE" "${POLICY[@]}" ${FP8:+--fp8 "$FP8"}
   exit 0
 fi
 

@@ -39,7 +39,8 @@ forward at 32k tokens; one weight-sized temporary at a time), ``"cache"`` keeps 
 counters and data pointers, so an optimizer step or a load invalidates it; a write through ``.data``
 bypasses the counters: call `clear_merged_cache`). Memory of ``"cache"``: one copy of every wrapped
 base weight per adapter: 2.2 GB (bf16) per adapter at 1.3B, 19.7 GB / TP at 14B. ``"off"`` (the
-default, `WanConfig.lora_merged_nograd`): the unmerged path always, so a no-grad forward is bit-identical
+library default, `WanConfig.lora_merged_nograd`; the trainer's ``--lora-nograd-merge`` defaults to
+``"cache"``): the unmerged path always, so a no-grad forward is bit-identical
 to a grad-enabled one (merged and unmerged agree only to rounding: 1e-6 relative in float32, bf16
 rounding in bf16).
 """
