@@ -35,7 +35,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from megatron_anyflow.models import lora as L
 from megatron_anyflow.models.wan.config import WanConfig
-from megatron_anyflow.models.wan.rope import apply_rotary
+from megatron_anyflow.models.wan.rope import apply_rotary, apply_rotary_te, te_fused_rope
 from megatron_anyflow.parallel.context_parallel import (
     all_to_all_heads_to_sequence,
     all_to_all_sequence_to_heads,
@@ -496,6 +496,8 @@ class WanSelfAttention(MegatronModule):
         self.linear_qkv.lora_out_groups = (3, d)  # read by LoRA: output interleaved (head, group, d)
         self.q_layernorm = HeadShardedRMSNorm(self.heads_local * d, h, config.layernorm_epsilon)
         self.k_layernorm = HeadShardedRMSNorm(self.heads_local * d, h, config.layernorm_epsilon)
+        # TE's fused RoPE on the te backend (None without TE or on the local backend: `apply_rotary`).
+        self._te_rope = te_fused_rope() if config.backend == "te" else None
         self.core_attention = build_module(submodules.core_attention, config=config, layer_number=layer_number,
                                            attention_type="self")
         self.linear_proj = _row(submodules.linear_proj, config, h, h)
@@ -514,7 +516,10 @@ class WanSelfAttention(MegatronModule):
         q, k, v = qkv.view(s, b, self.heads_local, 3, -1).unbind(3)  # [s, b, n_local, d] each
         q, k = self.q_layernorm(q), self.k_layernorm(k)
         cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self._te_rope is not None:  # te backend: TE's fused RoPE kernel (one pass per tensor)
+            q, k = apply_rotary_te(self._te_rope, q, cos, sin), apply_rotary_te(self._te_rope, k, cos, sin)
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if not self.ulysses:
             out = recompute_if(self.config, "core_attn", self.core_attention, q, k, v.contiguous())
         else:

@@ -72,3 +72,30 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return out.flatten(-2).to(x.dtype)
+
+
+def te_fused_rope():
+    """Transformer Engine's fused RoPE kernel (``apply_rotary_pos_emb``) if TE is installed and supports
+    interleaved channel pairs (Wan's complex RoPE layout); None otherwise (callers use `apply_rotary`)."""
+    try:
+        try:
+            from transformer_engine.pytorch.attention.rope import apply_rotary_pos_emb
+        except ImportError:
+            from transformer_engine.pytorch.attention import apply_rotary_pos_emb
+    except ImportError:
+        return None
+    import inspect
+
+    params = inspect.signature(apply_rotary_pos_emb).parameters
+    if "interleaved" not in params or "fused" not in params:
+        return None
+    return apply_rotary_pos_emb
+
+
+def apply_rotary_te(fn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rotary` through TE's fused kernel ``fn`` (from `te_fused_rope`): x [S, b, n, d] ("sbhd"),
+    cos / sin [S, 1, 1, d // 2] float32. TE takes the angles per channel, repeated for each pair
+    (interleaved layout); ``atan2`` recovers them in (-pi, pi], the same rotation to float32 rounding
+    (TE evaluates cos / sin in float32: ~1e-7 relative, far below bf16's 4e-3)."""
+    freqs = torch.atan2(sin, cos).repeat_interleave(2, dim=-1)
+    return fn(x.contiguous(), freqs, tensor_format="sbhd", interleaved=True, fused=True)
