@@ -528,7 +528,6 @@ def flow_matching_loss(
     _check_latent_and_text(x, text, negative_text)
     _check_noise(noise, x)
     b, f = x.shape[:2]
-    device = x.device
     t_s, eps, u = _row_draws(x, noise, noise_generator, 1, time_fn=lambda n, g: logit_normal_t(
         n, g, shift=cfg.shift, mean=cfg.logit_mean, std=cfg.logit_std))
     drop = u[0] < cfg.text_dropout
