@@ -51,6 +51,15 @@ class WanConfig(TransformerConfig):
         lora_merged_nograd: how LoRA runs under ``torch.no_grad()`` (`models.lora`): ``"per-call"``,
             ``"cache"`` or ``"off"`` (default: numerics bit-identical to the grad-enabled path).
         lora_rank / lora_alpha: LoRA adapter size (AnyFlow: 256 / 256).
+        far: build the causal AnyFlow-FAR model (FAR.md section 1): adds ``far_patch_embedding`` (a
+            Conv3d with kernel = stride = ``compressed_patch_size``) and enables the chunked forwards
+            (teacher forcing, KV-cache prefill, cached generation step; `models.wan.far`). The
+            bidirectional forward of the same weights stays available.
+        compressed_patch_size: (t, h, w) patch of the compressed context frames, (1, 4, 4).
+        full_chunk_limit: chunks kept at full resolution in a FAR forward (3: the current chunk and the
+            two before it; older context is compressed).
+        chunk_partition: latent frames per chunk of a whole video, (1, 3, 3, 3, 3, 3, 3, 2) for 21 latent
+            frames (chunk 0 is the I2V image).
 
     Raises:
         ValueError: for a hidden size not divisible by the heads, a head dim that is odd or too
@@ -74,6 +83,10 @@ class WanConfig(TransformerConfig):
     lora_merged_nograd: str = "off"
     lora_rank: int = 256
     lora_alpha: float = 256.0
+    far: bool = False
+    compressed_patch_size: Tuple[int, int, int] = (1, 4, 4)
+    full_chunk_limit: int = 3
+    chunk_partition: Tuple[int, ...] = (1, 3, 3, 3, 3, 3, 3, 2)
 
     def __post_init__(self):
         if self.kv_channels is None and self.num_attention_heads:
@@ -101,17 +114,35 @@ class WanConfig(TransformerConfig):
             raise ValueError(f"fp8={self.fp8!r} needs backend='te' (Transformer Engine); the local backend has no "
                              "FP8 GEMMs")
         self.patch_size = tuple(int(p) for p in self.patch_size)
+        self.compressed_patch_size = tuple(int(p) for p in self.compressed_patch_size)
+        self.chunk_partition = tuple(int(c) for c in self.chunk_partition)
+        if self.far:
+            cps, ps = self.compressed_patch_size, self.patch_size
+            if ps[0] != 1 or cps[0] != 1 or any(c % p for c, p in zip(cps[1:], ps[1:])):
+                raise ValueError(f"far=True needs temporal patches of 1 and a compressed_patch_size "
+                                 f"{cps} that is a multiple of patch_size {ps} in h and w")
+            if self.full_chunk_limit < 2:
+                raise ValueError(f"full_chunk_limit={self.full_chunk_limit}; expected >= 2 (the cache keeps "
+                                 "full_chunk_limit - 1 chunks at full resolution)")
+            if not self.chunk_partition or any(c < 1 for c in self.chunk_partition):
+                raise ValueError(f"chunk_partition={self.chunk_partition}; expected positive frame counts")
 
     # Fields that define the architecture (what a checkpoint records); parallel / precision settings
     # are the run's business and are not stored.
     ARCH_FIELDS = ("hidden_size", "num_attention_heads", "num_layers", "ffn_hidden_size", "in_channels",
                    "out_channels", "patch_size", "text_dim", "freq_dim", "rope_theta", "rope_max_seq_len",
-                   "cross_attn_norm", "delta_embedder", "delta_gate", "deltatime_type", "layernorm_epsilon")
+                   "cross_attn_norm", "delta_embedder", "delta_gate", "deltatime_type", "layernorm_epsilon",
+                   "far", "compressed_patch_size", "full_chunk_limit", "chunk_partition")
 
     def arch_dict(self) -> dict:
-        """The architecture fields as a JSON-serialisable dict (stored in checkpoints)."""
+        """The architecture fields as a JSON-serialisable dict (stored in checkpoints). The FAR fields
+        are written only for FAR models, so bidirectional checkpoints keep their format."""
         d = {k: getattr(self, k) for k in self.ARCH_FIELDS}
-        d["patch_size"] = list(d["patch_size"])
+        for k in ("patch_size", "compressed_patch_size", "chunk_partition"):
+            d[k] = list(d[k])
+        if not self.far:
+            for k in ("far", "compressed_patch_size", "full_chunk_limit", "chunk_partition"):
+                d.pop(k)
         return d
 
     @property

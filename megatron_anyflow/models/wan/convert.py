@@ -52,6 +52,11 @@ _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$")
 
 HF_ANYFLOW = "AnyFlowTransformer3DModel"
 HF_WAN = "WanTransformer3DModel"
+HF_ANYFLOW_FAR = "AnyFlowFARTransformer3DModel"
+# Defaults of diffusers' AnyFlowFARTransformer3DModel for the FAR keys a released (reference) config may omit.
+FAR_DEFAULTS = dict(compressed_patch_size=(1, 4, 4), full_chunk_limit=3, chunk_partition=(1, 3, 3, 3, 3, 3, 3, 2))
+# Keys of the reference FAR class that diffusers' FAR class does not take (dropped on import, FAR.md 1.1 / 7).
+FAR_REFERENCE_ONLY = ("qk_norm", "added_kv_proj_dim", "init_far_model", "init_flowmap_model")
 
 
 class ConversionError(ValueError):
@@ -227,8 +232,9 @@ def arch_from_hf_config(hf_cfg: dict) -> dict:
         ConversionError: unsupported class or features (image conditioning, no qk norm across heads).
     """
     cls = hf_cfg.get("_class_name")
-    if cls not in (HF_ANYFLOW, HF_WAN):
-        raise ConversionError(f"config _class_name={cls!r}; expected {HF_ANYFLOW!r} or {HF_WAN!r}")
+    if cls not in (HF_ANYFLOW, HF_WAN, HF_ANYFLOW_FAR):
+        raise ConversionError(f"config _class_name={cls!r}; expected {HF_ANYFLOW!r}, {HF_ANYFLOW_FAR!r} or {HF_WAN!r}")
+    far = cls == HF_ANYFLOW_FAR
     if hf_cfg.get("image_dim") is not None or hf_cfg.get("added_kv_proj_dim") is not None:
         raise ConversionError("image-conditioned (I2V) Wan transformers (image_dim / added_kv_proj_dim set) are "
                               "not supported; convert a T2V checkpoint")
@@ -242,11 +248,30 @@ def arch_from_hf_config(hf_cfg: dict) -> dict:
         patch_size=list(hf_cfg.get("patch_size", (1, 2, 2))), text_dim=hf_cfg.get("text_dim", 4096),
         freq_dim=hf_cfg.get("freq_dim", 256), rope_max_seq_len=hf_cfg.get("rope_max_seq_len", 1024),
         cross_attn_norm=hf_cfg.get("cross_attn_norm", True), layernorm_epsilon=hf_cfg.get("eps", 1e-6),
-        delta_embedder=cls == HF_ANYFLOW,
+        delta_embedder=cls in (HF_ANYFLOW, HF_ANYFLOW_FAR),
     )
-    if cls == HF_ANYFLOW:
+    if cls in (HF_ANYFLOW, HF_ANYFLOW_FAR):
+        # The reference FAR class defaults gate_value to 0; released configs that omit it were trained
+        # with diffusers' 0.25 (FAR.md 7.3): fill diffusers' default.
         arch.update(delta_gate=hf_cfg.get("gate_value", 0.25), deltatime_type=hf_cfg.get("deltatime_type", "r"))
+    if far:
+        if hf_cfg.get("qk_norm", "rms_norm_across_heads") not in (None, "rms_norm_across_heads"):
+            raise ConversionError(f"qk_norm={hf_cfg.get('qk_norm')!r}; only 'rms_norm_across_heads' is supported")
+        arch["far"] = True
+        for k, v in FAR_DEFAULTS.items():
+            val = hf_cfg.get(k)
+            val = v if val is None else val
+            arch[k] = int(val) if k == "full_chunk_limit" else [int(x) for x in val]
     return arch
+
+
+def far_config_defaults_filled(hf_cfg: dict) -> list:
+    """Names of the FAR config keys a (reference / released) config omits and `arch_from_hf_config` fills
+    with diffusers' defaults, plus the reference-only keys it ignores: for the converter's message."""
+    filled = [k for k in FAR_DEFAULTS if hf_cfg.get(k) is None]
+    if "gate_value" not in hf_cfg:
+        filled.append("gate_value")
+    return filled + [f"{k} (ignored)" for k in FAR_REFERENCE_ONLY if k in hf_cfg]
 
 
 def hf_config_from_arch(arch: dict) -> dict:
@@ -260,6 +285,10 @@ def hf_config_from_arch(arch: dict) -> dict:
         ffn_dim=arch["ffn_hidden_size"], num_layers=arch["num_layers"], cross_attn_norm=arch["cross_attn_norm"],
         eps=arch["layernorm_epsilon"], image_dim=None, rope_max_seq_len=arch["rope_max_seq_len"],
     )
+    if arch.get("far"):
+        return dict(_class_name=HF_ANYFLOW_FAR, **common, gate_value=arch["delta_gate"],
+                    deltatime_type=arch["deltatime_type"], compressed_patch_size=list(arch["compressed_patch_size"]),
+                    full_chunk_limit=arch["full_chunk_limit"], chunk_partition=list(arch["chunk_partition"]))
     if arch["delta_embedder"]:
         return dict(_class_name=HF_ANYFLOW, **common, gate_value=arch["delta_gate"],
                     deltatime_type=arch["deltatime_type"])

@@ -79,6 +79,26 @@ class FrameSegments:
         assert segs[-1][0] < num_frames
         return FrameSegments(segs)
 
+    @staticmethod
+    def from_runs(runs: List[Tuple[int, int]], start: int, length: int) -> "FrameSegments":
+        """Segments of the local token range ``[start, start + length)`` of a sequence described by
+        ``runs``, a list of (modulation row, token count) covering it in order (AnyFlow-FAR: frames of
+        different token counts, clean copies with their own rows; `models.wan.far.FarLayout.frame_runs`)."""
+        segs, pos, end = [], 0, start + length
+        for row, n in runs:
+            a, e = max(pos, start), min(pos + n, end)
+            if e > a:
+                if segs and segs[-1][0] == row:
+                    segs[-1] = (row, segs[-1][1] + e - a)
+                else:
+                    segs.append((row, e - a))
+            pos += n
+            if pos >= end:
+                break
+        if sum(n for _, n in segs) != length:
+            raise ValueError(f"token runs cover {pos} tokens; the local range is [{start}, {end})")
+        return FrameSegments(segs)
+
     def apply(self, fn, tokens: Tuple[torch.Tensor, ...], frames: Tuple[torch.Tensor, ...]) -> torch.Tensor:
         """``fn(*token_segs, *frame_rows)`` per segment, concatenated on dim 0.
 
@@ -502,14 +522,18 @@ class WanSelfAttention(MegatronModule):
                                            attention_type="self")
         self.linear_proj = _row(submodules.linear_proj, config, h, h)
         cp = cp_world_size()
-        self.ulysses = cp > 1 and not getattr(self.core_attention, "handles_context_parallel", False)
+        self.layer_number = layer_number
+        self.cp_handled_by_core = cp > 1 and getattr(self.core_attention, "handles_context_parallel", False)
+        self.ulysses = cp > 1 and not self.cp_handled_by_core
         if self.ulysses and self.heads_local % cp:
             raise ValueError(f"num_attention_heads={config.num_attention_heads} is not divisible by "
                              f"tensor-parallel size {tp_world_size()} x context-parallel size {cp} "
                              "(Ulysses context parallelism splits heads over TP x CP)")
 
-    def forward(self, x: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x [s, b, h] local tokens; rope (cos, sin) [S / cp, 1, 1, d / 2] of this rank's CP chunk."""
+    def forward(self, x: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor], far=None) -> torch.Tensor:
+        """x [s, b, h] local tokens; rope (cos, sin) [S / cp, 1, 1, d / 2] of this rank's CP chunk.
+        ``far``: the `models.wan.far.FarAttention` of an AnyFlow-FAR forward (grouped attention over
+        the whole sequence after the Ulysses exchange, KV-cache read / write); None: full attention."""
         qkv, _ = self.linear_qkv(x)  # [S / cp, b, n_local * 3 * d] (whole CP chunk under SP)
         s, b = qkv.shape[:2]
         # Views of the fused output (backward: one stack, not three zero-filled select_backward buffers).
@@ -520,7 +544,18 @@ class WanSelfAttention(MegatronModule):
             q, k = apply_rotary_te(self._te_rope, q, cos, sin), apply_rotary_te(self._te_rope, k, cos, sin)
         else:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if not self.ulysses:
+        if far is not None:
+            if self.cp_handled_by_core:
+                raise ValueError("AnyFlow-FAR attention cannot run through Transformer Engine's context-parallel "
+                                 "attention (it has no block mask); use the local backend with context parallelism")
+            if self.ulysses:
+                q, k, v = all_to_all_heads_to_sequence(torch.stack([q, k, v.to(q.dtype)], dim=3)).unbind(3)
+            out = far.attend(functools.partial(recompute_if, self.config, "core_attn", self.core_attention),
+                             q, k, v.to(q.dtype), self.layer_number - 1)
+            if self.ulysses:
+                out = out.view(out.shape[0], b, self.heads_local // cp_world_size(), -1)
+                out = all_to_all_sequence_to_heads(out).reshape(s, b, -1)
+        elif not self.ulysses:
             out = recompute_if(self.config, "core_attn", self.core_attention, q, k, v.contiguous())
         else:
             # [s, b, n_local, 3, d] -> [S, b, n_local / cp, 3, d]: one exchange for q, k and v.
@@ -589,7 +624,8 @@ class WanLayer(MegatronModule):
         text: [L, b, h] embedded text states (whole on every rank).
         rope: (cos, sin) [S / cp, 1, 1, d/2] for the rank's CP chunk of the sequence (the tokens
             self-attention's qkv holds; the whole sequence at CP = 1).
-        segments: `FrameSegments` mapping local tokens to frames.
+        segments: `FrameSegments` mapping local tokens to frames (modulation rows).
+        far: the `models.wan.far.FarAttention` of an AnyFlow-FAR forward, or None (full attention).
     Returns [s, b, h] in x's dtype.
     """
 
@@ -608,12 +644,12 @@ class WanLayer(MegatronModule):
     def _ln(self, x):
         return F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps)
 
-    def forward(self, x, e, text, rope, segments: FrameSegments):
+    def forward(self, x, e, text, rope, segments: FrameSegments, far=None):
         mod = (self.scale_shift_table[None] + e.float()).unbind(2)  # 6 x [F, b, h], fp32
         shift, scale, gate, c_shift, c_scale, c_gate = mod
 
         y = segments.apply(_modulate, (self._ln(x),), (shift, scale)).type_as(x)
-        y = self.self_attention(y, rope)
+        y = self.self_attention(y, rope, far) if far is not None else self.self_attention(y, rope)
         x = segments.apply(_gated_add, (x.float(), y), (gate,)).type_as(x)
 
         y = self.cross_attn_norm(x.float()).type_as(x) if self.cross_attn_norm is not None else x

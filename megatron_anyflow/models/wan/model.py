@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -22,7 +22,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron_anyflow.models import lora as L
 from megatron_anyflow.models.wan.config import WanConfig
 from megatron_anyflow.models.wan.layer import FrameSegments, _modulate, save_attention_policy
-from megatron_anyflow.models.wan.rope import RotaryCache
+from megatron_anyflow.models.wan.rope import RotaryCache, rope_angles_at, rope_tables
 from megatron_anyflow.models.wan.specs import get_wan_layer_spec
 from megatron_anyflow.parallel.context_parallel import (
     check_sequence_split,
@@ -36,7 +36,7 @@ from megatron_anyflow.parallel.context_parallel import (
 from megatron_anyflow.parallel.tensor_parallel import mark_sequence_parallel, tp_rank, tp_world_size
 
 
-def checkpoint_block(config: WanConfig, block: nn.Module, x, e, text, rope, segments, layer: int = 0):
+def checkpoint_block(config: WanConfig, block: nn.Module, x, e, text, rope, segments, layer: int = 0, far=None):
     """Run ``block`` with its activations recomputed in backward, as ``config`` asks.
 
     - ``recompute_granularity="full"``: the whole block is recomputed (non-reentrant
@@ -53,6 +53,8 @@ def checkpoint_block(config: WanConfig, block: nn.Module, x, e, text, rope, segm
     globally between forward and backward does not change it.
     """
     fn = L.bind_adapter_scope(block)
+    if far is not None:  # AnyFlow-FAR: the attention plan is a constant of the region
+        fn = functools.partial(_call_far_block, fn, far)
     if config.recompute_granularity == "selective":
         from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
@@ -69,6 +71,10 @@ def checkpoint_block(config: WanConfig, block: nn.Module, x, e, text, rope, segm
         return te_checkpoint(run, False, get_cuda_rng_tracker, parallel_state.get_tensor_model_parallel_group(),
                              x, e, text)
     return torch.utils.checkpoint.checkpoint(fn, x, e, text, rope, segments, use_reentrant=False)
+
+
+def _call_far_block(fn, far, x, e, text, rope, segments):
+    return fn(x, e, text, rope, segments, far)
 
 
 def timestep_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -196,6 +202,13 @@ class WanModel(MegatronModule):
         h = config.hidden_size
         p = config.patch_size
         self.patch_embedding = nn.Conv3d(config.in_channels, h, kernel_size=p, stride=p)
+        if config.far:
+            # AnyFlow-FAR's compressed-context embedding, initialised by trilinear interpolation of the
+            # patch embedding (FAR.md 1.1; trained fully, not with LoRA). Replicated over TP and applied
+            # before the CP / SP split, like patch_embedding.
+            cps = config.compressed_patch_size
+            self.far_patch_embedding = nn.Conv3d(config.in_channels, h, kernel_size=cps, stride=cps)
+            self.reset_far_patch_embedding()
         self.condition_embedder = ConditionEmbedder(config)
         spec = layer_spec if layer_spec is not None else get_wan_layer_spec(config.backend)
         self.blocks = nn.ModuleList(
@@ -219,6 +232,22 @@ class WanModel(MegatronModule):
                 mark_sequence_parallel([blk.scale_shift_table])
                 if blk.cross_attn_norm is not None:
                     mark_sequence_parallel(blk.cross_attn_norm.parameters())
+
+    def reset_far_patch_embedding(self) -> None:
+        """``far_patch_embedding`` := trilinear interpolation of ``patch_embedding`` (bias copied), the
+        initialisation of diffusers' `AnyFlowFARTransformer3DModel` and the reference ``setup_far_model``.
+
+        Raises:
+            ValueError: the model is not a FAR model.
+        """
+        from megatron_anyflow.models.wan.far import trilinear_far_patch_init
+
+        if not self.config.far:
+            raise ValueError("this model has no far_patch_embedding (WanConfig.far=False)")
+        with torch.no_grad():
+            w = trilinear_far_patch_init(self.patch_embedding.weight.float(), self.config.compressed_patch_size)
+            self.far_patch_embedding.weight.copy_(w.to(self.far_patch_embedding.weight.dtype))
+            self.far_patch_embedding.bias.copy_(self.patch_embedding.bias)
 
     def _cast_low_precision(self, dtype):
         """Cast to ``dtype`` but keep diffusers' fp32 modules (time embedders, adaLN tables, the affine
@@ -269,18 +298,61 @@ class WanModel(MegatronModule):
         return out
 
     def forward(self, latents: torch.Tensor, t: torch.Tensor, r: Optional[torch.Tensor], text: torch.Tensor,
-                adapter=L._UNSET):
+                adapter=L._UNSET, *, chunk_partition: Optional[Sequence[int]] = None,
+                clean_latents: Optional[torch.Tensor] = None, clean_t: Optional[torch.Tensor] = None,
+                kv_cache=None, dense_mask: bool = False):
         """See the class docstring. ``adapter``: the LoRA adapter this call runs (a name, or None for the
         frozen base alone); omitted, the one `lora.set_active_adapter` selected. Recomputed blocks replay
         with the same adapter, whatever is selected when backward runs.
 
+        AnyFlow-FAR (``config.far``; FAR.md 1; `models.wan.far`), selected by ``chunk_partition``:
+
+        - training / teacher forcing (``kv_cache`` None): ``latents`` [b, F, c, H, W] are the chunks
+          ``chunk_partition`` (sum = F); t, r [b] or [b, F] per frame (context frames t = r = 0).
+          ``clean_latents`` [b, Ff, c, H, W]: clean copies of the full-resolution (last
+          ``min(n, full_chunk_limit)``) chunks, at ``clean_t`` [b] / [b, Ff] (default 0; used for t and r).
+          Returns u of the full-resolution chunks, [b, Ff, c, H, W].
+        - generation step (``kv_cache`` a `FarKVCache` of ``chunk_partition[:-1]``): ``latents`` are the
+          last chunk only, [b, chunk_partition[-1], c, H, W]; returns its u.
+        - ``dense_mask``: the masked-SDPA reference attention instead of the grouped one (tests).
+
+        Without ``chunk_partition`` a FAR model runs the bidirectional forward of the same weights.
+
         Raises:
             KeyError: ``adapter`` is not defined on the model's LoRA linears.
+            ValueError: FAR arguments on a non-FAR model, inconsistent chunk / cache / shape arguments.
         """
         if adapter is L._UNSET:
             adapter = L.default_adapter(self)
         with L.adapter_scope(adapter):
-            return self._forward(latents, t, r, text)
+            if chunk_partition is None:
+                if clean_latents is not None or kv_cache is not None:
+                    raise ValueError("clean_latents / kv_cache are AnyFlow-FAR arguments: pass chunk_partition")
+                return self._forward(latents, t, r, text)
+            return self._forward_far(latents, t, r, text, chunk_partition, clean_latents, clean_t, kv_cache,
+                                     dense_mask)
+
+    @torch.no_grad()
+    def prefill(self, latents: torch.Tensor, text: torch.Tensor, chunk_partition: Sequence[int],
+                adapter=L._UNSET, dense_mask: bool = False):
+        """Encode the clean prefix into a new KV cache (AnyFlow-FAR, FAR.md 1.6), without gradient.
+
+        Args:
+            latents: [b, sum(chunk_partition), c, H, W] clean latents of chunks 0..j (generated or given).
+            text: [b, L, text_dim].
+            chunk_partition: cp[:j+1].
+        Returns:
+            `FarKVCache` of chunk_partition: every layer's post-RoPE K and V of the prefix, encoded at
+            t = r = 0 with the last ``full_chunk_limit - 1`` chunks full resolution, older ones compressed,
+            block-causal (the reference re-encodes the whole prefix after every chunk; so do we).
+        """
+        if adapter is L._UNSET:
+            adapter = L.default_adapter(self)
+        b, f = latents.shape[:2]
+        zeros = torch.zeros(b, f, device=latents.device)
+        with L.adapter_scope(adapter):
+            return self._forward_far(latents, zeros, zeros, text, chunk_partition, None, None, None, dense_mask,
+                                     prefill=True)
 
     def _forward(self, latents, t, r, text):
         cfg = self.config
@@ -349,6 +421,127 @@ class WanModel(MegatronModule):
         # Same over CP: the gather's backward keeps this rank's slice of the replicated output gradient.
         y = gather_from_context_parallel_region(y, 0)  # [S, b, c_out * prod(p)]
         return self._unpatchify(y, b, grid)
+
+    # ------------------------------------------------------------------------------------------
+    def _far_times(self, x, name, b, f, default=None):
+        if x is None:
+            if default is None:
+                raise ValueError(f"{name} is required")
+            x = default
+        x = torch.as_tensor(x, device=self.patch_embedding.weight.device)
+        if x.dim() == 0:
+            x = x.expand(b)
+        if x.dim() == 1:
+            x = x[:, None].expand(b, f)
+        if tuple(x.shape) != (b, f):
+            raise ValueError(f"{name} must be [b] or [b, f] = [{b}] or [{b}, {f}]; got {tuple(x.shape)}")
+        return x.float()
+
+    def _forward_far(self, latents, t, r, text, chunk_partition, clean_latents, clean_t, kv_cache, dense_mask,
+                     prefill: bool = False):
+        from megatron_anyflow.models.wan.far import CLEAN, FarAttention, FarKVCache, FarLayout, check_chunk_partition
+
+        cfg = self.config
+        if not cfg.far:
+            raise ValueError("chunk_partition given to a bidirectional model (WanConfig.far=False)")
+        cp = check_chunk_partition(chunk_partition)
+        latents, text = reduce_grad_over_context_parallel(latents), reduce_grad_over_context_parallel(text)
+        if clean_latents is not None:
+            clean_latents = reduce_grad_over_context_parallel(clean_latents)
+        if latents.dim() != 5 or latents.shape[2] != cfg.in_channels:
+            raise ValueError(f"latents must be [b, f, c={cfg.in_channels}, H, W]; got {tuple(latents.shape)}")
+        b, f, _, H, W = latents.shape
+        if text.dim() != 3 or text.shape[0] != b or text.shape[2] != cfg.text_dim:
+            raise ValueError(f"text must be [b={b}, L, text_dim={cfg.text_dim}]; got {tuple(text.shape)}")
+        tp, cpw = tp_world_size(), cp_world_size()
+        sp = cfg.sequence_parallel and tp > 1
+        sp_tp = tp if sp else 1
+        geo = dict(height=H, width=W, patch_size=cfg.patch_size, compressed_patch_size=cfg.compressed_patch_size,
+                   full_chunk_limit=cfg.full_chunk_limit, pad_to=cpw * sp_tp)
+        if kv_cache is not None:
+            if not isinstance(kv_cache, FarKVCache):
+                raise ValueError(f"kv_cache must be a FarKVCache (from WanModel.prefill); got {type(kv_cache).__name__}")
+            if tuple(kv_cache.chunk_partition) != cp[:-1]:
+                raise ValueError(f"the KV cache holds chunks {list(kv_cache.chunk_partition)}; a step of chunk "
+                                 f"{len(cp) - 1} with chunk_partition={list(cp)} needs {list(cp[:-1])}")
+            if (kv_cache.height, kv_cache.width) != (H, W) and kv_cache.layers:
+                raise ValueError(f"the KV cache was built for latents {kv_cache.height}x{kv_cache.width}; got {H}x{W}")
+            if f != cp[-1]:
+                raise ValueError(f"a generation step takes the current chunk only: {cp[-1]} frames, got {f}")
+            if not cp[:-1]:
+                layout = FarLayout.train(cp, **geo)  # chunk 0 of a T2V: nothing cached, plain forward
+                kv_cache = None
+            else:
+                layout = FarLayout.step(cp, **geo)
+        elif prefill:
+            layout = FarLayout.prefill(cp, **geo)
+        else:
+            layout = FarLayout.train(cp, clean=clean_latents is not None, **geo)
+        if kv_cache is None and f != sum(cp):
+            raise ValueError(f"latents have {f} frames; chunk_partition={list(cp)} sums to {sum(cp)}")
+        t = self._far_times(t, "t", b, f)
+        r = self._far_times(r, "r", b, f, default=t)
+        ff = sum(s.frames for s in layout.of_kind(CLEAN))
+        if layout.clean:
+            if tuple(clean_latents.shape) != (b, ff, *latents.shape[2:]):
+                raise ValueError(f"clean_latents must be the clean copies of the {ff} full-resolution frames, "
+                                 f"[{b}, {ff}, {cfg.in_channels}, {H}, {W}]; got {tuple(clean_latents.shape)}")
+            ct = self._far_times(clean_t, "clean_t", b, ff, default=torch.zeros(b, device=latents.device))
+            t, r = torch.cat([t, ct], 1), torch.cat([r, ct], 1)
+        dtype = self.dtype
+
+        # Tokens: [compressed frames | full frames | clean copies | padding], each embedding on its frames.
+        def embed(conv, v):
+            y = conv(v.permute(0, 2, 1, 3, 4).to(conv.weight.dtype))
+            return y.flatten(2).permute(2, 0, 1)
+
+        fc = sum(s.frames for s in layout.segments if s.compressed)
+        parts = []
+        if fc:
+            parts.append(embed(self.far_patch_embedding, latents[:, :fc]))
+        parts.append(embed(self.patch_embedding, latents[:, fc:]))
+        if layout.clean:
+            parts.append(embed(self.patch_embedding, clean_latents))
+        x = torch.cat(parts).to(dtype)
+        if layout.pad:
+            x = torch.cat([x, x.new_zeros(layout.pad, b, x.shape[-1])])
+        seq = layout.length
+
+        temb = self.condition_embedder.time_embedding(t.reshape(-1), r.reshape(-1), dtype)  # [b*R, h]
+        e = self.condition_embedder.time_proj(F.silu(temb))
+        nrow = t.shape[1]
+        temb = temb.view(b, nrow, -1).transpose(0, 1)
+        e = e.view(b, nrow, 6, -1).transpose(0, 1)
+        txt = self.condition_embedder.text_embedder(text.to(self.condition_embedder.text_embedder.linear_1.weight.dtype))
+        txt = txt.to(dtype).transpose(0, 1).contiguous()
+
+        start, length = local_token_range(seq, cpw, cp_rank(), sp_tp, tp_rank() if sp else 0)
+        x = split_to_context_parallel_region(x.contiguous(), 0)
+        if sp:
+            x = tensor_parallel.scatter_to_sequence_parallel_region(x)
+        segments = FrameSegments.from_runs(layout.frame_runs(), start, length)
+        rope = rope_tables(rope_angles_at(layout.rope_positions(), cfg.rope_split, cfg.rope_theta), x.device)
+        rope = tuple(split_to_context_parallel_region(c, 0) for c in rope)
+        far = FarAttention(layout, kv_cache, dense_mask=dense_mask)
+
+        for i, blk in enumerate(self.blocks):
+            with get_fp8_context(cfg, i):
+                if self._recompute(i):
+                    x = checkpoint_block(cfg, blk, x, e, txt, rope, segments, layer=i, far=far)
+                else:
+                    x = blk(x, e, txt, rope, segments, far)
+        if prefill:
+            return far.new_cache(H, W)
+
+        shift, scale = (self.scale_shift_table[None] + temb[:, :, None, :].float()).unbind(2)
+        y = F.layer_norm(x.float(), (x.shape[-1],), eps=cfg.layernorm_epsilon)
+        y = segments.apply(_modulate, (y,), (shift, scale)).type_as(x)
+        y = self.proj_out(y.to(self.proj_out.weight.dtype))
+        if sp:
+            y = tensor_parallel.gather_from_sequence_parallel_region(y, tensor_parallel_output_grad=False)
+        y = gather_from_context_parallel_region(y, 0)  # [L, b, c_out * prod(p)]
+        o0, o1 = layout.output_range
+        return self._unpatchify(y[o0:o1], b, (layout.output_frames, *layout.full_grid))
 
     def _recompute(self, i: int) -> bool:
         """Whether block ``i`` is checkpointed as a whole (`checkpoint_block`): full recomputation

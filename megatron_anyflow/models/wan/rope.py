@@ -45,6 +45,37 @@ def rope_angles(grid: Tuple[int, int, int], split: Tuple[int, int, int], theta: 
     return torch.cat([af, ah, aw], dim=-1).reshape(f * h * w, -1)
 
 
+def rope_angles_at(positions: torch.Tensor, split: Tuple[int, int, int], theta: float = 10000.0) -> torch.Tensor:
+    """Rotation angles of tokens at arbitrary (possibly fractional) (frame, row, col) positions.
+
+    ``rope_angles(grid)`` is this at the integer grid. AnyFlow-FAR's compressed tokens sit at the centres
+    of the full-resolution patches they pool (``2j + 0.5``): diffusers / the reference average-pool the
+    complex exponentials and renormalise, which is exactly the rotation at the mean position because
+    the pooled factor ``cos(theta / 2)`` is positive (FAR.md 1.4).
+
+    Args:
+        positions: [L, 3] positions (any float dtype; used in float64).
+        split, theta: as `rope_angles`.
+    Returns:
+        float64 [L, head_dim // 2].
+    """
+    if any(s % 2 for s in split):
+        raise ValueError(f"RoPE split {split} must be even per axis")
+    pos = positions.to(torch.float64)
+    parts = []
+    for axis, dim in enumerate(split):
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64)[: dim // 2] / dim))
+        parts.append(torch.outer(pos[:, axis], inv_freq))
+    return torch.cat(parts, dim=-1)
+
+
+def rope_tables(angles: torch.Tensor, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) float32 [L, 1, 1, d // 2] on ``device`` from float64 angles [L, d // 2]."""
+    cos = torch.cos(angles).to(torch.float32)[:, None, None, :].to(device)
+    sin = torch.sin(angles).to(torch.float32)[:, None, None, :].to(device)
+    return cos, sin
+
+
 class RotaryCache:
     """cos / sin tables per (grid, device), float32 [S, 1, 1, head_dim // 2] for [s, b, n, d] inputs."""
 
