@@ -38,6 +38,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_anyflow.models.lora import _UNSET
+
 CTX, NOISY, CLEAN, PAD = "ctx", "noisy", "clean", "pad"
 MODES = ("train", "prefill", "step")
 
@@ -407,14 +409,15 @@ class FarModelRunner:
 
     Args:
         model: a `WanModel` with ``config.far``.
-        adapter: the LoRA adapter every call runs (omitted: the model's selected one).
+        adapter: the LoRA adapter every call runs (a name, or None for the base alone; omitted: the one
+            `lora.set_active_adapter` selected).
     """
 
-    def __init__(self, model, adapter=None, *, use_default_adapter: bool = True):
+    def __init__(self, model, adapter=_UNSET):
         if not getattr(model.config, "far", False):
             raise ValueError("FarModelRunner needs a FAR model (WanConfig.far=True)")
         self.model = model
-        self.kwargs = {} if use_default_adapter and adapter is None else {"adapter": adapter}
+        self.kwargs = {} if adapter is _UNSET else {"adapter": adapter}
 
     def new_cache(self, batch_size: int) -> FarKVCache:
         return FarKVCache()
