@@ -400,8 +400,21 @@ def backward_simulation(
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[torch.Tensor, Dict[str, object]]:
     """Dispatch on ``cfg.simulation``: :func:`flow_map_backward_simulation` (with ``cfg.grad_through``) or
-    :func:`consistency_backward_simulation` (with ``generator`` for the re-noising)."""
+    :func:`consistency_backward_simulation` (with ``generator`` for the re-noising). A generator with a
+    ``causal_rollout(noise, text, plan, grad_through)`` method (the AnyFlow-FAR generator of
+    `training.stage2`) is rolled out by it: `anyflow.causal.causal_flow_map_backward_simulation`.
+
+    Raises:
+        ValueError: a causal generator with ``cfg.simulation != "flow_map"``.
+    """
     cfg = cfg if cfg is not None else DistillConfig()
+    causal = getattr(generator_model, "causal_rollout", None)
+    if causal is not None:
+        # AnyFlow-FAR: chunk-by-chunk rollout through the KV cache (anyflow.causal, FAR.md 2.2).
+        if cfg.simulation != "flow_map":
+            raise ValueError(f"simulation={cfg.simulation!r}: the causal (FAR) generator supports the flow-map "
+                             "backward simulation only (the reference's FAR stage 2)")
+        return causal(noise, text, plan, cfg.grad_through)
     if cfg.simulation == "flow_map":
         return flow_map_backward_simulation(generator_model, noise, text, plan, grad_through=cfg.grad_through)
     return consistency_backward_simulation(generator_model, noise, text, plan, generator=generator)

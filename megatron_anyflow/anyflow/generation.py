@@ -483,6 +483,31 @@ def sample_any_step(model: Callable, noise: torch.Tensor, text: torch.Tensor, st
         return out
 
     out: Dict[int, torch.Tensor] = {}
+    if getattr(getattr(model, "config", None), "far", False):
+        # AnyFlow-FAR: chunk by chunk with the KV cache (anyflow.causal.sample_chunked, FAR.md 3); the
+        # condition is the first whole chunks (I2V: chunk 0 = the image latent).
+        from megatron_anyflow.anyflow.causal import sample_chunked
+        from megatron_anyflow.models.wan.far import FarModelRunner
+
+        cp = tuple(model.config.chunk_partition)
+        if sum(cp) != noise.shape[1]:
+            raise GenerationError(f"the FAR model's chunk_partition {list(cp)} covers {sum(cp)} latent frames; the "
+                                  f"video has {noise.shape[1]} (pass --frames for {sum(cp)} latent frames)")
+        runner = FarModelRunner(model)
+        for N in steps:
+            parts = []
+            for a, b in chunks:
+                cond = condition_frames[a:b] if condition_frames is not None else None
+                try:
+                    parts.append(sample_chunked(runner, noise[a:b], text[a:b], cp, N, shift=shift, condition=cond))
+                except ValueError as err:
+                    raise GenerationError(str(err)) from None
+                if bar is not None:
+                    bar.update(N)
+            out[N] = torch.cat(parts)
+        if bar is not None:
+            bar.close()
+        return out
     for N in steps:
         if bar is not None:
             bar.set_postfix_str(f"N={N}")

@@ -38,6 +38,9 @@ __all__ = [
     "TeacherObjectiveConfig",
     "stage1_loss",
     "flow_matching_loss",
+    "far_stage1_loss",
+    "sample_far_num_chunks",
+    "guidance_fused",
 ]
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -544,3 +547,112 @@ def flow_matching_loss(
     stats = {"loss": loss.detach(), "per_sample_loss": per_sample.detach(), "t": t_s, "t_mean": t_s.mean(),
              "text_dropped": drop}
     return loss, stats
+
+
+# --------------------------------------------------------------------------------------------------
+# AnyFlow-FAR stage 1: teacher forcing with clean copies (FAR.md section 2.1)
+# --------------------------------------------------------------------------------------------------
+def sample_far_num_chunks(generator: Optional[torch.Generator], total_chunks: int, long_context_prob: float,
+                          min_chunks: int = 3) -> int:
+    """The chunk count ``n`` of a FAR stage-1 iteration (reference ``long_context_training_ratio``).
+
+    With probability ``long_context_prob``: ``n ~ U{min_chunks, ..., total_chunks}``; else
+    ``n = min_chunks`` (both capped at ``total_chunks``). Two draws are always made, in this order
+    (``rand()``, ``randint``), so the stream does not depend on the outcome. Pass a generator with the
+    same state on every rank (the reference draws on rank 0 and broadcasts).
+
+    Raises:
+        ValueError: ``total_chunks < 1`` or a probability outside [0, 1].
+    """
+    if total_chunks < 1:
+        raise ValueError(f"total_chunks must be >= 1, got {total_chunks}")
+    p = _check_prob("long_context_prob", long_context_prob)
+    lo = min(min_chunks, total_chunks)
+    u = torch.rand((), generator=generator)
+    n = torch.randint(lo, total_chunks + 1, (), generator=generator)
+    return int(n) if float(u) < p else lo
+
+
+def far_stage1_loss(
+    model,
+    x: torch.Tensor,
+    text: torch.Tensor,
+    negative_text: torch.Tensor,
+    cfg: Optional[FlowMapObjectiveConfig] = None,
+    *,
+    chunk_partition: Sequence[int],
+    num_chunks: int,
+    full_chunk_limit: int = 3,
+    **stage1_kwargs,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """AnyFlow-FAR stage-1 loss (FAR.md 2.1, reference ``FAR_Wan_AnyFlow_Pretrain_Trainer.train_causal``):
+    :func:`stage1_loss` on the target chunks under teacher forcing.
+
+    The clip is cut to its first ``n = num_chunks`` chunks of ``chunk_partition``; the last
+    ``min(n, full_chunk_limit)`` chunks are the *target* (``Ff`` frames, full resolution), the earlier ones
+    clean compressed context at ``t = r = 0``. Every forward of :func:`stage1_loss` (conditional, null,
+    and the two finite-difference ones, which perturb the target frames only) is the teacher-forcing
+    forward ``model(cat(context, z), cat(0, T), cat(0, R), text, chunk_partition=cp[:n],
+    clean_latents=x_target, clean_t=0)`` of `WanModel`. One (t, r) per sample for all target frames;
+    eps is drawn for the target frames only; loss, ``w(t)``, the global split and the adaptive
+    reweighting are those of :func:`stage1_loss` on ``x_target``.
+
+    Args:
+        model: a FAR `WanModel` (or anything with its FAR call signature).
+        x: ``[b, F, c, h, w]`` clean latents of whole clips (``F >= sum(chunk_partition[:n])``).
+        text, negative_text, cfg: as :func:`stage1_loss` (``cfg.i2v_prob`` must be 0: I2V ability comes
+            from teacher forcing, chunk 0 being the image).
+        chunk_partition: latent frames per chunk of a whole clip.
+        num_chunks: ``n`` (:func:`sample_far_num_chunks`), the same on every rank.
+        full_chunk_limit: the model's ``full_chunk_limit`` (3).
+        stage1_kwargs: the keyword arguments of :func:`stage1_loss` (generators, global batch layout,
+            ``boundary_carry``, ``noise`` of the target's shape, ...).
+
+    Returns:
+        :func:`stage1_loss`'s ``(loss, stats)`` plus ``stats["num_chunks"]`` and ``stats["target_frames"]``.
+
+    Raises:
+        ValueError: ``num_chunks`` outside ``1..len(chunk_partition)``, clips shorter than the chunks, or
+            ``cfg.i2v_prob > 0``; plus :func:`stage1_loss`'s errors.
+    """
+    cfg = cfg if cfg is not None else FlowMapObjectiveConfig()
+    cp = tuple(int(c) for c in chunk_partition)
+    if not 1 <= num_chunks <= len(cp):
+        raise ValueError(f"num_chunks={num_chunks}; expected 1..{len(cp)} (chunk_partition={list(cp)})")
+    if cfg.i2v_prob > 0:
+        raise ValueError(f"i2v_prob={cfg.i2v_prob}: FAR stage 1 has no image-to-video draw (teacher forcing "
+                         "trains it: chunk 0 is the image)")
+    cp = cp[:num_chunks]
+    frames = sum(cp)
+    if x.dim() != 5 or x.shape[1] < frames:
+        raise ValueError(f"latents {tuple(x.shape)}: {num_chunks} chunks of {list(cp)} need {frames} latent frames")
+    nf = min(num_chunks, full_chunk_limit)
+    n_target = sum(cp[num_chunks - nf:])
+    context, target = x[:, :frames - n_target], x[:, frames - n_target:frames]
+    fc = context.shape[1]
+
+    def teacher_forcing(z, T, R, txt):
+        zeros = T.new_zeros(T.shape[0], fc)
+        return model(torch.cat([context, z], 1), torch.cat([zeros, T], 1), torch.cat([zeros, R], 1), txt,
+                     chunk_partition=cp, clean_latents=target, clean_t=T.new_zeros(T.shape[0]))
+
+    loss, stats = stage1_loss(teacher_forcing, target, text, negative_text, cfg, **stage1_kwargs)
+    stats["num_chunks"] = torch.tensor(float(num_chunks))
+    stats["target_frames"] = torch.tensor(float(n_target))
+    return loss, stats
+
+
+def guidance_fused(model: ModelFn, negative_text: torch.Tensor, guidance: float) -> ModelFn:
+    """``model`` with the negative branch fused (paper eq. 6): ``(u_c - (1 - g) sg(u_null)) / g``, the null
+    forward without gradient. ``guidance == 1`` returns ``model`` (no extra forward). Used by the FAR
+    stage-1 bidirectional branch (reference ``_forward_bidirection`` training)."""
+    if guidance == 1.0:
+        return model
+
+    def fused(z, T, R, txt):
+        u_c = model(z, T, R, txt)
+        with torch.no_grad():
+            u_null = model(z, T, R, negative_text.to(txt.dtype).expand(txt.shape[0], -1, -1))
+        return (u_c - (1.0 - guidance) * u_null) / guidance
+
+    return fused

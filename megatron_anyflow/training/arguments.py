@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stage 2: checkpoint of stage 1 whose 'generator' adapter initialises the generator")
     g.add_argument("--init-from-live-weights", action="store_true",
                    help="stage 2: start the generator from stage 1's live adapter weights instead of its EMA")
+    g.add_argument("--model", choices=["bidirectional", "far"], default="bidirectional",
+                   help="bidirectional: the AnyFlow DiT; far: AnyFlow-FAR, the causal (frame-autoregressive) model "
+                        "on the same weights plus far_patch_embedding (FAR.md)")
+    g.add_argument("--chunk-partition", type=int, nargs="+", default=None,
+                   help="--model far: latent frames per chunk of a training clip (default (1, 3, 3, 3, 3, 3, 3, 2) for "
+                        "21 latent frames; must sum to the dataset's latent frames)")
     g.add_argument("--backend", choices=["local", "te"], default="local", help="layer backend")
     g.add_argument("--attention-impl", choices=["auto", "cudnn", "fa3", "flash", "sdpa", "math"], default="auto",
                    help="local-backend attention kernel: auto = cuDNN fused attention on Hopper, else FlashAttention-3, "
@@ -122,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--i2v-prob", type=float, default=0.0, help="probability of a clean first frame (image-to-video)")
     g.add_argument("--kernel-backend", choices=["auto", "torch", "triton"], default="auto",
                    help="fused loss kernels: auto = Triton on CUDA, PyTorch reference elsewhere")
+    g.add_argument("--long-context-prob", type=float, default=0.5,
+                   help="--model far: probability that an iteration trains on n ~ U{3..len(chunks)} chunks instead "
+                        "of 3 (the reference's long_context_training_ratio)")
+    g.add_argument("--far-bidirectional-prob", type=float, default=None,
+                   help="--model far: probability of the bidirectional flow-matching branch in an iteration "
+                        "(reference: 0.1 in stage 1, 0 in stage 2's co-training)")
 
     g = p.add_argument_group("stage 2 (on-policy distillation)")
     g.add_argument("--simulation", choices=["flow_map", "consistency"], default="flow_map")
@@ -224,6 +236,21 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.fp8_format and (args.backend != "te" or not args.bf16):
         parser.error(f"--fp8-format {args.fp8_format} needs --backend te and --bf16 (FP8 GEMMs come from "
                      "Transformer Engine)")
+    if args.far_bidirectional_prob is None:
+        args.far_bidirectional_prob = 0.1 if args.stage == "stage1" else 0.0
+    for name in ("long_context_prob", "far_bidirectional_prob"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            parser.error(f"--{name.replace('_', '-')} must lie in [0, 1]; got {getattr(args, name)}")
+    if args.model == "far":
+        if args.stage == "teacher":
+            parser.error("--model far trains the causal student (stage1 / stage2); the teacher is bidirectional")
+        if args.i2v_prob > 0:
+            parser.error("--i2v-prob is not used with --model far: image-to-video comes from teacher forcing "
+                         "(chunk 0 is the image)")
+        if args.chunk_partition is not None and any(c < 1 for c in args.chunk_partition):
+            parser.error(f"--chunk-partition {args.chunk_partition}: every chunk needs >= 1 latent frame")
+    elif args.chunk_partition is not None:
+        parser.error("--chunk-partition needs --model far")
     if args.save_interval is not None and args.save_interval < 1:
         parser.error("--save-interval must be >= 1")
     return args

@@ -26,11 +26,16 @@ from megatron_anyflow.parallel.sharding import load_module_state, module_sharded
 from megatron_anyflow.training import checkpointing as ckpt
 
 DELTA = "condition_embedder.delta_embedder."
+# AnyFlow-FAR's compressed-context embedding: absent from a Wan / bidirectional base (initialised from
+# patch_embedding, FAR.md 1.1) and trained fully (not LoRA) with the generator adapter, whose checkpoint
+# holds it live and under ``ema.generator.``.
+FAR = "far_patch_embedding."
 
 
 def _has_base(ckpt_dir: str, model: torch.nn.Module) -> bool:
     avail = ckpt.tensor_keys(ckpt_dir)
-    want = [k for k in module_sharded_state_dict(model) if ".adapters." not in k and not k.startswith(DELTA)]
+    want = [k for k in module_sharded_state_dict(model)
+            if ".adapters." not in k and not k.startswith(DELTA) and not k.startswith(FAR)]
     return all(k in avail for k in want)
 
 
@@ -74,9 +79,11 @@ def load_base(model: WanModel, path: str, merge_adapter: Optional[str] = None, m
     d = ckpt.resolve_checkpoint_dir(path)
     meta = ckpt.read_meta(d)
     if _has_base(d, model):
-        ckpt.load_model_weights(model, d, allow_missing=(DELTA,))
+        ckpt.load_model_weights(model, d, allow_missing=(DELTA, FAR))
         if model.condition_embedder.delta_embedder is not None and not _delta_in(d):
             model.condition_embedder.reset_delta_embedder()
+        if getattr(model.config, "far", False) and not any(k.startswith(FAR) for k in ckpt.tensor_keys(d)):
+            model.reset_far_patch_embedding()  # a Wan / bidirectional base: trilinear init (FAR.md 1.1)
     elif meta.get("pretrained"):
         if not os.path.isdir(meta["pretrained"]):
             raise FileNotFoundError(f"{d} holds adapters only; its recorded base {meta['pretrained']!r} (anyflow_meta.json "
@@ -103,6 +110,8 @@ def load_base(model: WanModel, path: str, merge_adapter: Optional[str] = None, m
         L.remove_lora(model)
         if delta_is_copy:
             ce.reset_delta_embedder()
+        if getattr(model.config, "far", False) and not any(k.startswith(FAR) for k in ckpt.tensor_keys(d)):
+            model.reset_far_patch_embedding()  # follow a teacher-merged patch embedding
         for p in model.parameters():
             p.requires_grad_(True)
     return d
@@ -120,6 +129,11 @@ def _load_adapter_tensors(model: torch.nn.Module, ckpt_dir: str, ema: Optional[s
     request = {k: v for k, v in module_sharded_state_dict(model, prefix).items()
                if ".adapters." in k and k in avail
                and (adapters is None or any(f".adapters.{a}." in k for a in adapters))}
+    # FAR: the fully trained far_patch_embedding travels with the generator adapter (live, or its EMA).
+    far_prefix = f"ema.{ema}." if ema else ""
+    if getattr(getattr(model, "config", None), "far", False):
+        request.update({k: v for k, v in module_sharded_state_dict(model, far_prefix).items()
+                        if k[len(far_prefix):].startswith(FAR) and k in avail})
     if request:
         load_module_state(model, ckpt.load_checkpoint(ckpt_dir, request, strict=True), prefix)
 

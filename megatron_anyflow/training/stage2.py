@@ -44,7 +44,7 @@ import torch
 
 from megatron_anyflow.anyflow.distill import DistillConfig, backward_simulation, critic_loss, generator_loss, sample_simulation_plan
 from megatron_anyflow.models import lora as L
-from megatron_anyflow.training.stages import MetricAccumulator, Stage1, flow_map_objective_config
+from megatron_anyflow.training.stages import FarStage1, MetricAccumulator, Stage1, flow_map_objective_config
 
 GENERATOR, FAKE = "generator", "fake_score"
 
@@ -222,3 +222,52 @@ class Stage2(Stage1):
         L.set_active_adapter(t.model, GENERATOR)
         metrics.update(red)
         return metrics
+
+
+class FarGenerator:
+    """The AnyFlow-FAR generator role: called like the model (the co-trained FAR stage-1 loss passes the
+    teacher-forcing arguments) and rolled out chunk by chunk through the KV cache by
+    `distill.backward_simulation` (``causal_rollout``: `anyflow.causal.causal_flow_map_backward_simulation`,
+    FAR.md 2.2: the same plan (N, k) for every chunk, history re-encoded under no_grad)."""
+
+    def __init__(self, model, adapter, chunk_partition):
+        from megatron_anyflow.models.wan.far import FarModelRunner
+
+        self.model, self.adapter, self.chunk_partition = model, adapter, tuple(chunk_partition)
+        self.runner = FarModelRunner(model, adapter)
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, adapter=self.adapter, **kwargs)
+
+    def causal_rollout(self, noise, text, plan, grad_through):
+        from megatron_anyflow.anyflow.causal import causal_flow_map_backward_simulation
+
+        if noise.shape[1] != sum(self.chunk_partition):
+            raise ValueError(f"FAR rollout: noise has {noise.shape[1]} latent frames; chunk_partition "
+                             f"{list(self.chunk_partition)} covers {sum(self.chunk_partition)}")
+        return causal_flow_map_backward_simulation(self.runner, noise, text, self.chunk_partition, plan,
+                                                   grad_through=grad_through)
+
+
+class FarStage2(Stage2, FarStage1):
+    """AnyFlow-FAR stage 2 (FAR.md 2.2): the causal generator (`FarGenerator`) rolled out on the whole
+    clip; real score (frozen base) and fake score (``fake_score`` adapter) are the **bidirectional**
+    forwards of the same weights on the whole video (DMD and critic unchanged); the co-trained stage-1
+    loss is FAR stage 1's causal branch (``--far-bidirectional-prob`` 0 by default in stage 2)."""
+
+    def __init__(self, trainer):
+        Stage2.__init__(self, trainer)
+        cp = tuple(trainer.config.chunk_partition)
+        self.chunk_partition = cp
+        frames = trainer.dataset.latent_shape[0]
+        if frames != sum(cp):
+            raise ValueError(f"--chunk-partition {list(cp)} covers {sum(cp)} latent frames; the dataset's clips have "
+                             f"{frames} (stage 2 rolls out whole clips)")
+        from megatron_anyflow.anyflow.objective import TeacherObjectiveConfig
+
+        self.bi_cfg = TeacherObjectiveConfig(shift=self.args.time_shift, text_dropout=0.0)
+
+    def role(self, adapter):
+        if adapter == GENERATOR:
+            return FarGenerator(self.t.model, GENERATOR, self.chunk_partition)
+        return super().role(adapter)

@@ -35,7 +35,10 @@ import torch
 from megatron_anyflow.anyflow.objective import (
     FlowMapObjectiveConfig,
     TeacherObjectiveConfig,
+    far_stage1_loss,
     flow_matching_loss,
+    guidance_fused,
+    sample_far_num_chunks,
     stage1_loss,
 )
 from megatron_anyflow.anyflow.timesteps import TimeSamplerConfig
@@ -60,6 +63,9 @@ class Stage(abc.ABC):
             L.apply_lora(model, adapters, args.lora_rank, args.lora_alpha, targets=self.targets, seed=args.seed)
             L.set_active_adapter(model, adapters[0])
             self.adapters = list(adapters)
+            if getattr(model.config, "far", False) and "generator" in adapters:
+                # AnyFlow-FAR: far_patch_embedding is trained fully with the generator (FAR.md 1.1).
+                model.far_patch_embedding.requires_grad_(True)
         else:
             for p in model.parameters():
                 p.requires_grad_(True)
@@ -73,7 +79,9 @@ class Stage(abc.ABC):
     def group_params(self, adapter: Optional[str]) -> Dict[str, torch.nn.Parameter]:
         if adapter is None or not self.adapters:
             return self.t.named_trainable(lambda n: True)
-        return self.t.named_trainable(lambda n: f".adapters.{adapter}." in n)
+        far = adapter == "generator" and getattr(self.t.model.config, "far", False)
+        return self.t.named_trainable(lambda n: f".adapters.{adapter}." in n
+                                      or (far and n.startswith("far_patch_embedding.")))
 
     def param_groups(self) -> Dict[str, Tuple[Dict[str, torch.nn.Parameter], float]]:
         name = self.adapter if self.adapters else "model"
@@ -99,6 +107,9 @@ class Stage(abc.ABC):
             (loss / n).backward()
             carry = stats.get("carry")
             acc.add_mean("loss", loss.detach() / n)
+            for key, name in (("num_chunks", "chunks"), ("bidirectional_loss", "bidirectional")):
+                if key in stats:  # FAR: the iteration's chunk count; the bidirectional branch's loss
+                    acc.add_mean(name, stats[key].to(acc.device) / n)
             acc.add_samples(idx, stats)
         red = t.reduce_metrics(acc)
         metrics = dict(red)
@@ -186,14 +197,64 @@ class Stage1(Stage):
         return loss, stats
 
 
+class FarStage1(Stage1):
+    """AnyFlow-FAR stage 1 (FAR.md 2.1): the causal branch every iteration (`far_stage1_loss`: teacher
+    forcing, n chunks drawn per iteration identically on every rank), plus with probability
+    ``--far-bidirectional-prob`` (one draw per iteration, the same on every rank) the bidirectional branch:
+    guidance-fused flow matching of the same model's bidirectional forward on the whole clip, with the
+    prompts after the causal branch's text dropout (the reference drops them once for both branches);
+    its loss is added (the reference runs a second backward into the same optimizer step)."""
+
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        cfg = self.t.config
+        self.chunk_partition = tuple(cfg.chunk_partition)
+        frames = self.t.dataset.latent_shape[0]
+        if frames < sum(self.chunk_partition):
+            raise ValueError(f"--chunk-partition {list(self.chunk_partition)} needs {sum(self.chunk_partition)} latent "
+                             f"frames per clip; the dataset has {frames}")
+        self.bi_cfg = TeacherObjectiveConfig(shift=self.args.time_shift, text_dropout=0.0)
+
+    def iteration_plan(self, iteration: int) -> Tuple[int, bool]:
+        """(chunk count n, bidirectional branch on?) of ``iteration``: functions of (seed, iteration) only."""
+        g = self.t.generator("far-plan", iteration)
+        n = sample_far_num_chunks(g, len(self.chunk_partition), self.args.long_context_prob)
+        bi = bool(torch.rand((), generator=g) < self.args.far_bidirectional_prob)
+        return n, bi
+
+    def stage1_loss(self, model, iteration, j, x, text, carry):
+        t = self.t
+        n, bi = self.iteration_plan(iteration)
+        loss, stats = far_stage1_loss(
+            model, x, text, t.negative_text, self.cfg, chunk_partition=self.chunk_partition, num_chunks=n,
+            full_chunk_limit=t.config.full_chunk_limit,
+            time_generator=t.generator("time", iteration),
+            noise_generator=t.sample_generators("noise", iteration, j, x.shape[0]),
+            global_batch=self.args.global_batch_size, global_offset=t.global_offset(j), dp_group=t.dp_group,
+            boundary_carry=carry)
+        stats["carry"] = (stats["boundary_sum"], stats["boundary_count"])
+        if bi:
+            neg = t.negative_text.to(text.dtype).expand(text.shape[0], -1, -1)
+            dropped = stats["text_dropped"].to(text.device)[:, None, None]
+            text_used = torch.where(dropped, neg, text)
+            clip = x[:, :sum(self.chunk_partition)]
+            bi_loss, bi_stats = flow_matching_loss(
+                guidance_fused(model, t.negative_text, self.args.guidance), clip, text_used, t.negative_text,
+                self.bi_cfg, noise_generator=t.sample_generators("far-bidirectional", iteration, j, x.shape[0]))
+            loss = loss + bi_loss
+            stats["bidirectional_loss"] = bi_stats["loss"]
+        return loss, stats
+
+
 def build_stage(trainer) -> Stage:
     stage = trainer.args.stage
+    far = getattr(trainer.args, "model", "bidirectional") == "far"
     if stage == "teacher":
         return TeacherStage(trainer)
     if stage == "stage1":
-        return Stage1(trainer)
+        return FarStage1(trainer) if far else Stage1(trainer)
     if stage == "stage2":
-        from megatron_anyflow.training.stage2 import Stage2
+        from megatron_anyflow.training.stage2 import FarStage2, Stage2
 
-        return Stage2(trainer)
+        return FarStage2(trainer) if far else Stage2(trainer)
     raise ValueError(f"unknown stage {stage!r}")

@@ -55,7 +55,7 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
 
 
-_COUNT_METRICS = ("boundary", "r0", "free")
+_COUNT_METRICS = ("boundary", "r0", "free", "chunks")
 
 
 def _fmt_metric(k: str, v: float) -> str:
@@ -162,6 +162,16 @@ class Trainer:
             arch = wan_config(args.model_preset).arch_dict()
         base_has_delta = arch["delta_embedder"]
         arch["delta_embedder"] = base_has_delta or need_delta
+        if getattr(args, "model", "bidirectional") == "far":
+            # The FAR student is built on the bidirectional base (Wan / teacher): same weights plus
+            # far_patch_embedding, initialised from patch_embedding when the base has none (FAR.md 1.1).
+            arch["far"] = True
+            if args.chunk_partition is not None:
+                arch["chunk_partition"] = list(args.chunk_partition)
+            for k, v in wan_config(None, **{**arch, "far": True}).arch_dict().items():
+                arch.setdefault(k, v)
+        elif arch.get("far"):
+            raise ValueError(f"--pretrained {args.pretrained} is an AnyFlow-FAR checkpoint; pass --model far")
         self.arch = arch
         cfg = wan_config(None, **arch, tensor_model_parallel_size=args.tensor_model_parallel_size,
                          sequence_parallel=args.sequence_parallel and args.tensor_model_parallel_size > 1,
@@ -183,6 +193,8 @@ class Trainer:
             load_as_base(model, self.pretrained_dir)
         elif need_delta and not base_has_delta:
             model.condition_embedder.reset_delta_embedder()  # AnyFlow's start: exactly the base at t = r
+        if cfg.far and not self.pretrained_dir:
+            model.reset_far_patch_embedding()
         self.model = model.to(self.device)
         self.config = cfg
         self._log(model.describe_kernels(self.device)
