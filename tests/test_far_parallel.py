@@ -2,8 +2,8 @@
 
 One reference run (TP = CP = 1) and two launches (tests/distributed/far_parallel_check.py has the
 details): 2 processes run CP = 2, then TP = 2 + SP; 4 processes run TP = 2 + SP + CP = 2, then TP = 2 +
-CP = 2 without SP (padding to a multiple of CP only). Each setting
-repeats, for full fine-tuning and for LoRA (+ the fully trained ``far_patch_embedding``):
+CP = 2 without SP (padding to a multiple of CP only). Each setting repeats, for full fine-tuning and for
+LoRA (+ the fully trained ``far_patch_embedding``):
 
 - teacher forcing forward + backward, n = 5 chunks (2 compressed context chunks, 3 noisy chunks with
   per-frame (t, r), context frames at 0, clean copies at nonzero per-frame clean_t), in three token
