@@ -13,7 +13,8 @@
 #   bash examples/pretrain_anyflow_tiny.sh --teacher-iters 2000 --stage1-iters 1500 --stage2-iters 600
 #
 # Options: --out DIR (outputs/tiny), --teacher-iters, --stage1-iters, --stage2-iters, --eval-samples,
-# --nproc N (torchrun data parallel; 1 = plain python), --skip-install.
+# --nproc N (torchrun data parallel; 1 = plain python), --skip-install, --stop-after-data (steps 1-4 only:
+# the dataset, the teacher and its synthetic training set; examples/pretrain_anyflow_far_tiny.sh uses them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,7 @@ STAGE2_ITERS=120
 EVAL_SAMPLES=6
 NPROC=1
 INSTALL=1
+STOP_AFTER_DATA=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT=$2; shift 2 ;;
@@ -33,7 +35,8 @@ while [ $# -gt 0 ]; do
     --eval-samples) EVAL_SAMPLES=$2; shift 2 ;;
     --nproc) NPROC=$2; shift 2 ;;
     --skip-install) INSTALL=0; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    --stop-after-data) STOP_AFTER_DATA=1; shift ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -68,6 +71,8 @@ step "3/8 teacher: flow matching from scratch (full fine-tuning of the tiny DiT)
 step "4/8 teacher-synthesised data: the teacher's 50-step ODE samples for every prompt"
 python tools/synthesize_dataset.py --teacher "$OUT/ckpt/teacher" --data-path "$OUT/data" --output "$OUT/synthetic" \
   --steps 50 --guidance 1 --samples-per-prompt 1
+
+if [ "$STOP_AFTER_DATA" = 1 ]; then step "stopping after the data (--stop-after-data)"; exit 0; fi
 
 COMMON=(--model-preset tiny-video --data-path "$OUT/synthetic" --log-interval 25 --seed 1234 --guidance 1)
 

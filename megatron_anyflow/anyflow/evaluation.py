@@ -116,11 +116,15 @@ def write_report(result: ScalingResult, out_dir: str, title: str = "AnyFlow test
     key, label = ("psnr", "PSNR vs teacher reference (dB, higher is better)") if use_psnr else \
         ("latent_mse", "latent MSE vs teacher reference (lower is better)")
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for name, style in (("student", "o-"), ("teacher", "s--")):
+    students = [m for m in result.metrics if m != "teacher"]
+    for i, name in enumerate(students + ["teacher"]):
+        if name not in result.metrics:
+            continue
         xs = [n for n in result.steps if n in result.metrics[name]]
-        ax.plot(xs, [result.metrics[name][n][key] for n in xs], style,
-                label=("AnyFlow student (flow-map Euler)" if name == "student"
-                       else f"teacher (Euler ODE, {result.teacher_label()})"))
+        style = "s--" if name == "teacher" else ["o-", "^-", "D-", "v-"][i % 4]
+        label = (f"teacher (Euler ODE, {result.teacher_label()})" if name == "teacher"
+                 else "AnyFlow student (flow-map Euler)" if name == "student" else name)
+        ax.plot(xs, [result.metrics[name][n][key] for n in xs], style, label=label)
     ax.set_xscale("log", base=2)
     ax.set_xticks(result.steps)
     ax.set_xticklabels([str(n) for n in result.steps])
@@ -133,6 +137,128 @@ def write_report(result: ScalingResult, out_dir: str, title: str = "AnyFlow test
     ax.legend()
     fig.tight_layout()
     fig.savefig(paths["plot"])
+    plt.close(fig)
+    return paths
+
+
+@torch.no_grad()
+def evaluate_causal(students: Dict[str, object], teacher, noise: torch.Tensor, text: torch.Tensor,
+                    negative_text: torch.Tensor, steps: Sequence[int], chunk_partition: Sequence[int],
+                    reference_steps: int = 50, guidance: float = 3.0, shift: float = 5.0,
+                    decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, keep_samples: Sequence[int] = (),
+                    progress: Optional[Callable[[str], None]] = None):
+    """Test-time scaling and per-chunk error of AnyFlow-FAR students against the teacher's reference.
+
+    Each student (a FAR `WanModel`) generates chunk by chunk with its KV cache
+    (`anyflow.causal.sample_chunked`, T2V) at every N of ``steps``; the teacher (bidirectional) samples the
+    whole video with its Euler ODE at N and at ``reference_steps`` (the reference). Errors are against the
+    reference from the same noise and prompts.
+
+    Per-chunk error (exposure bias, FAR.md 2.3): for every student and N, the error restricted to the
+    frames of each chunk of ``chunk_partition``: latent MSE, and pixel MSE / PSNR when ``decode`` keeps one
+    decoded frame per latent frame (the pixel codec). A student trained only with teacher forcing
+    (stage 1) sees its own, imperfect history at test time; its error grows with the chunk index.
+
+    Args:
+        students: name -> FAR model (``stage 1``, ``stage 2``, ...).
+        teacher, noise [b, F, c, h, w], text, negative_text, steps, reference_steps, guidance, shift, decode,
+            keep_samples, progress: as `evaluate_test_time_scaling`.
+        chunk_partition: the students' chunks (sum = F).
+
+    Returns:
+        (ScalingResult with one method per student plus "teacher", per_chunk
+        ``{name: {N: [{"latent_mse", "pixel_mse", "psnr"} per chunk]}}``, samples name-N -> latents).
+
+    Raises:
+        ValueError: ``chunk_partition`` does not sum to the frames of ``noise``.
+    """
+    from megatron_anyflow.anyflow.causal import sample_chunked
+    from megatron_anyflow.models.wan.far import FarModelRunner
+
+    cp = [int(c) for c in chunk_partition]
+    if sum(cp) != noise.shape[1]:
+        raise ValueError(f"chunk_partition {cp} covers {sum(cp)} latent frames; the noise has {noise.shape[1]}")
+    log = progress or (lambda s: None)
+    neg = negative_text.expand(noise.shape[0], -1, -1) if negative_text.shape[0] == 1 else negative_text
+    log(f"teacher reference: {reference_steps} steps")
+    ref = TeacherEulerSampler(reference_steps, shift=shift, guidance_scale=guidance)(teacher, noise, text, neg)
+    ref_px = decode(ref).float() if decode is not None else None
+    per_frame_px = ref_px is not None and ref_px.shape[2] == noise.shape[1]
+    bounds = [(sum(cp[:i]), sum(cp[:i + 1])) for i in range(len(cp))]
+    result = ScalingResult(list(steps), reference_steps, {**{n: {} for n in students}, "teacher": {}},
+                           guidance=guidance)
+    per_chunk: Dict[str, Dict[int, List[Dict[str, float]]]] = {n: {} for n in students}
+    samples = {f"teacher-{reference_steps}": ref}
+    for n in steps:
+        outs = {}
+        for name, model in students.items():
+            log(f"{name}: {n} steps per chunk")
+            outs[name] = sample_chunked(FarModelRunner(model), noise, text, cp, n, shift=shift)
+        log(f"teacher: {n} steps")
+        outs["teacher"] = TeacherEulerSampler(n, shift=shift, guidance_scale=guidance)(teacher, noise, text, neg)
+        for name, out in outs.items():
+            m = {"latent_mse": float((out.float() - ref.float()).pow(2).mean())}
+            px = decode(out).float() if decode is not None else None
+            if px is not None:
+                mse = float((px - ref_px).pow(2).mean())
+                m.update(pixel_mse=mse, psnr=psnr(mse))
+            result.metrics[name][n] = m
+            if name in per_chunk:
+                rows = []
+                for a, e in bounds:
+                    c = {"latent_mse": float((out[:, a:e].float() - ref[:, a:e].float()).pow(2).mean())}
+                    if per_frame_px:
+                        mse = float((px[:, :, a:e] - ref_px[:, :, a:e]).pow(2).mean())
+                        c.update(pixel_mse=mse, psnr=psnr(mse))
+                    rows.append(c)
+                per_chunk[name][n] = rows
+            if n in keep_samples:
+                samples[f"{name}-{n}"] = out
+    return result, per_chunk, samples
+
+
+def write_per_chunk_report(per_chunk: Dict[str, Dict[int, List[Dict[str, float]]]], chunk_partition: Sequence[int],
+                           out_dir: str, title: str = "AnyFlow-FAR error by chunk (exposure bias)") -> Dict[str, str]:
+    """Write ``per_chunk.json``, ``per_chunk.md`` (one row per chunk, one column per student and N) and
+    ``per_chunk.png`` (error vs chunk index, one line per student and N) into ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"per_chunk_json": os.path.join(out_dir, "per_chunk.json"),
+             "per_chunk_markdown": os.path.join(out_dir, "per_chunk.md"),
+             "per_chunk_plot": os.path.join(out_dir, "per_chunk.png")}
+    with open(paths["per_chunk_json"], "w") as f:
+        json.dump({"chunk_partition": list(chunk_partition),
+                   "per_chunk": {m: {str(n): v for n, v in d.items()} for m, d in per_chunk.items()}}, f, indent=1)
+    use_psnr = all("psnr" in c for d in per_chunk.values() for rows in d.values() for c in rows)
+    key, unit = ("psnr", "PSNR (dB)") if use_psnr else ("latent_mse", "latent MSE")
+    cols = [(m, n) for m, d in per_chunk.items() for n in d]
+    lines = [f"# {title}\n", f"{unit} against the teacher's reference, frames of each chunk only "
+                             f"(chunk_partition {list(chunk_partition)}).\n",
+             "| chunk (frames) | " + " | ".join(f"{m}, N={n}" for m, n in cols) + " |",
+             "|" + "---|" * (1 + len(cols))]
+    start = 0
+    for i, c in enumerate(chunk_partition):
+        cells = [f"{per_chunk[m][n][i][key]:.2f}" if use_psnr else f"{per_chunk[m][n][i][key]:.5f}" for m, n in cols]
+        lines.append(f"| {i} ({start}-{start + c - 1}) | " + " | ".join(cells) + " |")
+        start += c
+    with open(paths["per_chunk_markdown"], "w") as f:
+        f.write("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for m, n in cols:
+        ys = [c[key] for c in per_chunk[m][n]]
+        ax.plot(range(len(ys)), ys, "o-", label=f"{m}, N={n}")
+    ax.set_xlabel("chunk index (generation order)")
+    ax.set_ylabel(f"{unit} vs teacher reference" + (" (higher is better)" if use_psnr else " (lower is better)"))
+    ax.set_xticks(range(len(chunk_partition)))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths["per_chunk_plot"])
     plt.close(fig)
     return paths
 
