@@ -24,6 +24,24 @@ are counted (forward always when the adapter runs unmerged; both grads of the tr
 attention backward is 2.5x its forward (flash / cuDNN / FA3 kernels recompute the scores: PyTorch's
 ``sdpa_backward_flop_count``). Stage 2 is credited with each iteration's own rollout draw
 (`rollout_segments`, `stage2_iteration_flops`), not the expectation.
+
+AnyFlow-FAR (the causal model, FAR.md; `models.wan.far.FarLayout`): the same per-token formula over the
+layout's tokens (compressed context, full-resolution chunks, clean copies; padding counted by the hardware
+figures only), with self-attention ``4 P h`` where P = the allowed (query, key) pairs summed over
+`FarLayout.attention_groups` (block-sparse: what the grouped attention runs; a cached generation step
+attends ``q x (cache + q)``), the compressed frames embedded by ``far_patch_embedding`` (1 x 4 x 4
+patches), no head in a KV-cache prefill, one time-embedder row per modulation row (`far_pass_shape`).
+A step (`far_step_flops`, `far_step_hardware_flops`), per sample:
+
+    FAR stage 1      6 F_tf(n)  [+ 3 F_bi + (1 if guidance != 1) F_bi: the bidirectional branch]
+    FAR stage 2      generator: 3 x seg x sum_k F_step(k) + sum_j F_prefill(j) + real score 2 F_bi + fake 1 F_bi
+                     (+ FAR stage-1 co-training 6 F_tf(n)); critic: seg x sum_k F_step(k) + sum_j F_prefill(j)
+                     (sequential; none pipelined) + fake score with grad 3 F_bi
+
+with F_tf(n) the teacher-forcing forward over the first n chunks, F_step(k) chunk k's generation step
+against the cache of chunks < k (chunk 0: a plain forward), F_prefill(j) the no-grad re-encoding of
+chunks 0..j, F_bi the bidirectional forward of the whole clip, seg = `rollout_segments(N, k)`.
+Forward-equivalents of FAR steps are in units of F_bi.
 """
 
 from __future__ import annotations
@@ -36,21 +54,57 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 from megatron_anyflow.models.wan.config import WanConfig
 
 
+@dataclass(frozen=True)
+class PassShape:
+    """The token counts of one model call on one sample: all the FLOP formulas need.
+
+    Attributes:
+        tokens: tokens through the blocks (self- and cross-attention queries, every linear), padding
+            included.
+        self_pairs: (query, key) pairs of self-attention: ``S^2`` for the bidirectional model; the
+            allowed pairs of the FAR layout's attention groups (block-sparse); ``q x (cache + q)`` for a
+            cached generation step.
+        patch: ``(module, tokens, in_features)`` per patch embedding (``patch_embedding``: ``c x 1 x 2 x 2``;
+            FAR's compressed frames ``far_patch_embedding``: ``c x 1 x 4 x 4``).
+        head_tokens: tokens through the output head (0: a KV-cache prefill stops after the last block).
+        time_rows: rows through the time embedders (1 when every frame shares (t, r)).
+    """
+
+    tokens: int
+    self_pairs: int
+    patch: Tuple[Tuple[str, int, int], ...]
+    head_tokens: int
+    time_rows: int = 1
+
+
+def bidirectional_shape(cfg: WanConfig, frames: int, height: int, width: int,
+                        per_frame_time: bool = False) -> PassShape:
+    """`PassShape` of the bidirectional forward at latent size (frames, height, width)."""
+    pt, ph, pw = cfg.patch_size
+    S = (frames // pt) * (height // ph) * (width // pw)
+    return PassShape(S, S * S, (("patch_embedding", S, cfg.in_channels * pt * ph * pw),), S,
+                     (frames // pt) if per_frame_time else 1)
+
+
+def shape_forward_flops(cfg: WanConfig, shape: PassShape, text_len: int = 512) -> float:
+    """Model FLOPs of one forward of one sample of `PassShape` ``shape`` (module docstring)."""
+    S, P = shape.tokens, shape.self_pairs
+    C, h, F, L = text_len, cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_layers
+    p = math.prod(cfg.patch_size)
+    self_attn = 2 * S * h * 3 * h + 4 * P * h + 2 * S * h * h
+    cross_attn = 2 * S * h * h + 4 * C * h * h + 4 * S * C * h + 2 * S * h * h
+    mlp = 4 * S * h * F
+    embedders = 2 if cfg.delta_embedder else 1
+    emb = (sum(2 * n * fan_in * h for _, n, fan_in in shape.patch) + 2 * C * (cfg.text_dim * h + h * h)
+           + 2 * shape.head_tokens * h * cfg.out_channels * p
+           + shape.time_rows * (embedders * 2 * (cfg.freq_dim * h + h * h) + 2 * h * 6 * h))
+    return float(L * (self_attn + cross_attn + mlp) + emb)
+
+
 def forward_flops(cfg: WanConfig, frames: int, height: int, width: int, text_len: int = 512,
                   per_frame_time: bool = False) -> float:
     """FLOPs of one forward of one sample at latent size (frames, height, width) (see module docstring)."""
-    pt, ph, pw = cfg.patch_size
-    S = (frames // pt) * (height // ph) * (width // pw)
-    C, h, F, L = text_len, cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_layers
-    p = pt * ph * pw
-    self_attn = 2 * S * h * 3 * h + 4 * S * S * h + 2 * S * h * h
-    cross_attn = 2 * S * h * h + 4 * C * h * h + 4 * S * C * h + 2 * S * h * h
-    mlp = 4 * S * h * F
-    n_time = (frames // pt) if per_frame_time else 1
-    embedders = 2 if cfg.delta_embedder else 1
-    emb = (2 * S * cfg.in_channels * p * h + 2 * C * (cfg.text_dim * h + h * h) + 2 * S * h * cfg.out_channels * p
-           + n_time * (embedders * 2 * (cfg.freq_dim * h + h * h) + 2 * h * 6 * h))
-    return float(L * (self_attn + cross_attn + mlp) + emb)
+    return shape_forward_flops(cfg, bidirectional_shape(cfg, frames, height, width, per_frame_time), text_len)
 
 
 def tokens(cfg: WanConfig, frames: int, height: int, width: int) -> int:
@@ -121,9 +175,13 @@ class _Pass:
         self.targets, self.rank, self.lora, self.grad = tuple(targets), rank, lora, grad
         self.fwd = self.bwd = 0.0
 
-    def linear(self, path: str, M: int, d_in: int, d_out: int, in_grad: bool, groups: int = 1) -> bool:
-        """y = x W^T (+ s B A x); returns whether y needs a gradient."""
+    def linear(self, path: str, M: int, d_in: int, d_out: int, in_grad: bool, groups: int = 1,
+               trainable: bool = False) -> bool:
+        """y = x W^T (+ s B A x); returns whether y needs a gradient. ``trainable``: W itself is trained
+        (a full parameter, e.g. FAR's ``far_patch_embedding``): its wgrad is counted."""
         self.fwd += 2.0 * M * d_in * d_out
+        if trainable and self.grad:
+            self.bwd += 2.0 * M * d_in * d_out
         lora = self.lora and self.rank > 0 and any(fnmatch.fnmatchcase(path, t) for t in self.targets)
         in_grad = in_grad and self.grad
         if lora:
@@ -133,11 +191,12 @@ class _Pass:
             self.bwd += 2.0 * M * d_in * d_out  # frozen base: dgrad only
         if lora and self.grad:  # the trainable adapter: wgrad of B, dgrad to A(x), wgrad of A, dgrad of x
             self.bwd += 2.0 * M * gr * d_out * 2 + 2.0 * M * gr * d_in * (2 if in_grad else 1)
-        return in_grad or (lora and self.grad)
+        return in_grad or (lora and self.grad) or (trainable and self.grad)
 
-    def attention(self, B: int, s_q: int, s_k: int, h: int, q_grad: bool, kv_grad: bool, kernel: str) -> bool:
-        """softmax(q k^T) v over B sequences, width h (all heads): forward 2 GEMMs of 2 s_q s_k h each."""
-        gemm = 2.0 * B * s_q * s_k * h
+    def attention(self, pairs: int, h: int, q_grad: bool, kv_grad: bool, kernel: str) -> bool:
+        """softmax(q k^T) v over ``pairs`` (query, key) pairs (all sequences), width h (all heads):
+        forward 2 GEMMs of 2 pairs h each."""
+        gemm = 2.0 * pairs * h
         self.fwd += 2 * gemm
         if not self.grad or not (q_grad or kv_grad):
             return False
@@ -166,17 +225,29 @@ def pass_hardware_flops(cfg: WanConfig, frames: int, height: int, width: int, te
     needed) or the explicit-matmul count (``"math"``: 4 GEMMs, dq alone for cross-attention on the
     text). Elementwise work, norms, softmax and the optimiser are not counted.
     """
+    return shape_hardware_flops(cfg, bidirectional_shape(cfg, frames, height, width, per_frame_time), text_len,
+                                grad=grad, lora_rank=lora_rank, lora_targets=lora_targets, lora=lora,
+                                input_requires_grad=input_requires_grad, attention=attention, batch=batch)
+
+
+def shape_hardware_flops(cfg: WanConfig, shape: PassShape, text_len: int = 512, *, grad: bool, lora_rank: int = 0,
+                         lora_targets: Optional[Sequence[str]] = None, lora: bool = True,
+                         input_requires_grad: bool = False, attention: str = "flash", batch: int = 1,
+                         trainable: Sequence[str] = ()) -> float:
+    """`pass_hardware_flops` of a call of `PassShape` ``shape`` (bidirectional or FAR). ``trainable``: full
+    parameters the call trains besides the adapter (FAR's generator: ``far_patch_embedding``), whose
+    wgrad is counted."""
     if attention not in ATTENTION_KERNELS:
         raise ValueError(f"attention {attention!r}; expected one of {ATTENTION_KERNELS}")
     targets = _lora_targets_default() if lora_targets is None else tuple(lora_targets)
-    pt, ph, pw = cfg.patch_size
-    S = batch * (frames // pt) * (height // ph) * (width // pw)
-    C, h, Fw, L = batch * text_len, cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_layers
-    p = pt * ph * pw
-    n_time = batch * ((frames // pt) if per_frame_time else 1)
+    S, C, h, Fw, L = batch * shape.tokens, batch * text_len, cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_layers
+    p = math.prod(cfg.patch_size)
+    n_time = batch * shape.time_rows
     P = _Pass(targets, lora_rank, lora, grad)
     # embeddings: patch (a convolution over whole patches = a GEMM), text, time (+ delta) embedders
-    P.linear("patch_embedding", S, cfg.in_channels * p, h, input_requires_grad)
+    x = input_requires_grad
+    for name, n, fan_in in shape.patch:
+        x = P.linear(name, batch * n, fan_in, h, input_requires_grad, trainable=name in trainable) or x
     t1 = P.linear("condition_embedder.text_embedder.linear_1", C, cfg.text_dim, h, False)
     txt = P.linear("condition_embedder.text_embedder.linear_2", C, h, h, t1)
     mod = False
@@ -185,19 +256,18 @@ def pass_hardware_flops(cfg: WanConfig, frames: int, height: int, width: int, te
         mod = P.linear(f"condition_embedder.{emb}.linear_2", n_time, h, h, e1) or mod
     temb = mod
     mod = P.linear("condition_embedder.time_proj", n_time, h, 6 * h, temb)
-    x = input_requires_grad
     for i in range(L):
         b = f"blocks.{i}"
         qkv = P.linear(f"{b}.self_attention.linear_qkv", S, h, 3 * h, x or mod, groups=3)
-        a = P.attention(batch, S // batch, S // batch, h, qkv, qkv, attention)
+        a = P.attention(batch * shape.self_pairs, h, qkv, qkv, attention)
         x = P.linear(f"{b}.self_attention.linear_proj", S, h, h, a) or x or mod
         q = P.linear(f"{b}.cross_attention.linear_q", S, h, h, x)
         kv = P.linear(f"{b}.cross_attention.linear_kv", C, h, 2 * h, txt, groups=2)
-        a = P.attention(batch, S // batch, C // batch, h, q, kv, attention)
+        a = P.attention(batch * shape.tokens * text_len, h, q, kv, attention)
         x = P.linear(f"{b}.cross_attention.linear_proj", S, h, h, a) or x
         f1 = P.linear(f"{b}.mlp.linear_fc1", S, h, Fw, x or mod)
         x = P.linear(f"{b}.mlp.linear_fc2", S, Fw, h, f1) or x or mod
-    P.linear("proj_out", S, h, cfg.out_channels * p, x or temb)
+    P.linear("proj_out", batch * shape.head_tokens, h, cfg.out_channels * p, x or temb)
     return P.fwd + P.bwd
 
 
@@ -269,3 +339,152 @@ def stage2_iteration_flops(cfg: WanConfig, plans: Iterable[Tuple[int, int]], fra
                                  cotrain=cotrain, merged_nograd=merged_nograd, attention=attention).total
         out.append((m, hw))
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# AnyFlow-FAR (the causal model)
+# --------------------------------------------------------------------------------------------------
+def far_attention_pairs(layout, cache_tokens: int = 0) -> int:
+    """(query, key) pairs the FAR self-attention computes for `FarLayout` ``layout``: the sum over its
+    attention groups of queries x keys (block-sparse; == ``layout.dense_mask().sum()``), plus, for a
+    generation step, the queries against the ``cache_tokens`` cached keys."""
+    pairs = sum((q1 - q0) * sum(e - a for a, e in ranges) for q0, q1, ranges in layout.attention_groups())
+    if layout.mode == "step":
+        pairs += layout.valid_length * cache_tokens
+    return pairs
+
+
+def far_pass_shape(cfg: WanConfig, layout, cache_tokens: int = 0, dense: bool = False) -> PassShape:
+    """`PassShape` of a FAR call with `FarLayout` ``layout`` (padding, if the layout has any, goes through
+    the blocks and the head). ``cache_tokens``: the KV cache a ``"step"`` reads. ``dense``: attention
+    over all ``L^2`` pairs (a dense masked kernel) instead of the allowed ones."""
+    from megatron_anyflow.models.wan.far import PAD
+
+    pt, ph, pw = cfg.patch_size
+    cpt, cph, cpw = cfg.compressed_patch_size
+    comp = sum(s.length for s in layout.segments if s.compressed)
+    full = sum(s.length for s in layout.segments if not s.compressed and s.kind != PAD)
+    patch = [("patch_embedding", full, cfg.in_channels * pt * ph * pw)]
+    if comp:
+        patch.insert(0, ("far_patch_embedding", comp, cfg.in_channels * cpt * cph * cpw))
+    L = layout.length
+    pairs = L * (L + (cache_tokens if layout.mode == "step" else 0)) if dense else far_attention_pairs(layout,
+                                                                                                   cache_tokens)
+    return PassShape(L, pairs, tuple(patch), 0 if layout.mode == "prefill" else L, layout.num_rows)
+
+
+@dataclass(frozen=True)
+class FarShapes:
+    """The FAR calls of one sample at one latent size and chunk partition ``cp``: teacher forcing over the
+    first n chunks (``teacher_forcing[n]``), the bidirectional whole clip (``bidirectional``), chunk k's
+    generation step (``steps[k]``; chunk 0 is a plain forward) and the prefill of chunks 0..j
+    (``prefills[j]``, j < len(cp) - 1)."""
+
+    chunk_partition: Tuple[int, ...]
+    teacher_forcing: dict
+    bidirectional: PassShape
+    steps: Tuple[PassShape, ...]
+    prefills: Tuple[PassShape, ...]
+
+
+def far_shapes(cfg: WanConfig, height: int, width: int, chunk_partition: Optional[Sequence[int]] = None,
+               pad_to: int = 1, dense: bool = False, min_chunks: int = 3) -> FarShapes:
+    """The `FarShapes` of ``cfg`` (``chunk_partition`` defaults to the config's) at latent height x width;
+    ``pad_to``: the CP x SP multiple the model pads every FAR sequence to (hardware FLOPs; model FLOPs
+    use 1)."""
+    from megatron_anyflow.models.wan.far import FarLayout
+
+    cp = tuple(chunk_partition or cfg.chunk_partition)
+    geo = dict(height=height, width=width, patch_size=cfg.patch_size, compressed_patch_size=cfg.compressed_patch_size,
+               full_chunk_limit=cfg.full_chunk_limit, pad_to=pad_to)
+    tf = {n: far_pass_shape(cfg, FarLayout.train(cp[:n], clean=True, **geo), dense=dense)
+          for n in range(min(min_chunks, len(cp)), len(cp) + 1)}
+    prefill_layouts = [FarLayout.prefill(cp[:j + 1], **geo) for j in range(len(cp) - 1)]
+    steps = [far_pass_shape(cfg, FarLayout.train(cp[:1], **geo), dense=dense)]
+    steps += [far_pass_shape(cfg, FarLayout.step(cp[:k + 1], **geo), prefill_layouts[k - 1].valid_length, dense)
+              for k in range(1, len(cp))]
+    prefills = tuple(far_pass_shape(cfg, lay, dense=dense) for lay in prefill_layouts)
+    bi = bidirectional_shape(cfg, sum(cp), height, width)
+    return FarShapes(cp, tf, bi, tuple(steps), prefills)
+
+
+def far_step_flops(cfg: WanConfig, step: str, height: int, width: int, text_len: int = 512, *,
+                   num_chunks: Optional[int] = None, bidirectional: bool = False, guidance: float = 3.0,
+                   rollout_grad_segments: float = 3.0, rollout_segments: float = 3.0, cotrain: bool = True,
+                   chunk_partition: Optional[Sequence[int]] = None, dense: bool = False) -> StepFlops:
+    """Model FLOPs per sample of an AnyFlow-FAR ``stage1``, ``stage2_generator`` or ``stage2_critic`` step
+    (module docstring); forward-equivalents in units of one bidirectional forward of the whole clip.
+
+    ``num_chunks``: the iteration's teacher-forcing chunk count n (stage 1; stage 2's co-training), default
+    all chunks; ``bidirectional``: the iteration runs stage 1's bidirectional branch (``guidance`` != 1
+    adds its no-grad null forward); ``rollout_grad_segments`` / ``rollout_segments``: generator calls per
+    chunk with grad (generator step) / without (critic step; 0 = the pipelined schedule, no critic
+    rollout and no prefills). ``dense``: attention over all L^2 pairs (a dense masked kernel).
+    """
+    sh = far_shapes(cfg, height, width, chunk_partition, dense=dense)
+    f = lambda s: shape_forward_flops(cfg, s, text_len)  # noqa: E731
+    bi = f(sh.bidirectional)
+    n = len(sh.chunk_partition) if num_chunks is None else num_chunks
+    if n not in sh.teacher_forcing:
+        raise ValueError(f"num_chunks={n}; expected one of {sorted(sh.teacher_forcing)}")
+    tf = 6.0 * f(sh.teacher_forcing[n]) + ((3.0 + (guidance != 1.0)) * bi if bidirectional else 0.0)
+    steps, prefills = sum(f(s) for s in sh.steps), sum(f(s) for s in sh.prefills)
+    if step == "stage1":
+        total = tf
+    elif step == "stage2_generator":
+        total = 3.0 * rollout_grad_segments * steps + prefills + 3.0 * bi + (tf if cotrain else 0.0)
+    elif step == "stage2_critic":
+        total = rollout_segments * steps + (prefills if rollout_segments else 0.0) + 3.0 * bi
+    else:
+        raise ValueError(f"FAR step {step!r}; expected stage1, stage2_generator or stage2_critic")
+    return StepFlops(total / bi, total)
+
+
+def far_step_hardware_flops(cfg: WanConfig, step: str, height: int, width: int, text_len: int = 512, *,
+                            lora_rank: int, lora_targets: Optional[Sequence[str]] = None,
+                            num_chunks: Optional[int] = None, bidirectional: bool = False, guidance: float = 3.0,
+                            rollout_grad_segments: int = 3, rollout_segments: int = 3, cotrain: bool = True,
+                            merged_nograd: bool = False, attention: str = "flash", pad_to: int = 1,
+                            chunk_partition: Optional[Sequence[int]] = None) -> StepHardwareFlops:
+    """Hardware FLOPs per sample of an AnyFlow-FAR ``stage1`` or ``stage2`` step (the calls of
+    `far_step_flops`, counted as `step_hardware_flops` counts them; the generator's calls also train
+    ``far_patch_embedding``, a full parameter). ``pad_to``: CP x SP, the multiple the FAR sequences
+    are padded to (pad tokens run through every linear)."""
+    sh = far_shapes(cfg, height, width, chunk_partition, pad_to=pad_to)
+    kw = dict(lora_rank=lora_rank, lora_targets=lora_targets, attention=attention)
+    trained = ("far_patch_embedding",)
+
+    def g(s, chain=False):  # a generator call with grad
+        return shape_hardware_flops(cfg, s, text_len, grad=True, input_requires_grad=chain, trainable=trained, **kw)
+
+    def nograd(s, lora=not merged_nograd):
+        return shape_hardware_flops(cfg, s, text_len, grad=False, lora=lora, **kw)
+
+    n = len(sh.chunk_partition) if num_chunks is None else num_chunks
+    if n not in sh.teacher_forcing:
+        raise ValueError(f"num_chunks={n}; expected one of {sorted(sh.teacher_forcing)}")
+    tf_shape, bi = sh.teacher_forcing[n], sh.bidirectional
+    bi_branch = 0.0
+    if bidirectional:
+        bi_branch = shape_hardware_flops(cfg, bi, text_len, grad=True, **kw) + (nograd(bi) if guidance != 1.0 else 0.0)
+    s1 = g(tf_shape) + 3 * nograd(tf_shape) + bi_branch
+    if step == "stage1":
+        return StepHardwareFlops(s1, 0.0)
+    if step != "stage2":
+        raise ValueError(f"FAR step {step!r}; expected stage1 or stage2")
+    prefills = sum(nograd(s) for s in sh.prefills)
+    rollout = (sum(g(s) + (rollout_grad_segments - 1) * g(s, chain=True) for s in sh.steps) + prefills
+               if rollout_grad_segments > 0 else 0.0)
+    # real score: the frozen base (no adapter), cond + uncond; fake score: no grad, its adapter
+    gen = rollout + 2 * nograd(bi, lora=False) + nograd(bi) + (s1 if cotrain else 0.0)
+    critic_rollout = (rollout_segments * sum(nograd(s) for s in sh.steps) + prefills) if rollout_segments else 0.0
+    return StepHardwareFlops(gen, critic_rollout + shape_hardware_flops(cfg, bi, text_len, grad=True, **kw))
+
+
+def far_inference_flops(cfg: WanConfig, height: int, width: int, num_steps: int, text_len: int = 512,
+                        chunk_partition: Optional[Sequence[int]] = None) -> float:
+    """Model FLOPs of one FAR text-to-video sample with ``num_steps`` steps per chunk: every chunk's steps
+    plus the prefills between chunks (FAR.md 3)."""
+    sh = far_shapes(cfg, height, width, chunk_partition)
+    return float(num_steps * sum(shape_forward_flops(cfg, s, text_len) for s in sh.steps)
+                 + sum(shape_forward_flops(cfg, s, text_len) for s in sh.prefills))
