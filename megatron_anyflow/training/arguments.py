@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chunk-partition", type=int, nargs="+", default=None,
                    help="--model far: latent frames per chunk of a training clip (default (1, 3, 3, 3, 3, 3, 3, 2) for "
                         "21 latent frames; must sum to the dataset's latent frames)")
+    g.add_argument("--far-attention", choices=["grouped", "flex", "dense"], default="grouped",
+                   help="--model far: grouped = exact grouped dense attention on the backend's core attention (every "
+                        "allowed pair, no mask); flex = flex attention with a block mask (diffusers / the reference; "
+                        "compiled on CUDA); dense = masked SDPA over all pairs (reference path)")
     g.add_argument("--backend", choices=["local", "te"], default="local", help="layer backend")
     g.add_argument("--attention-impl", choices=["auto", "cudnn", "fa3", "flash", "sdpa", "math"], default="auto",
                    help="local-backend attention kernel: auto = cuDNN fused attention on Hopper, else FlashAttention-3, "

@@ -179,6 +179,7 @@ class Trainer:
                          backend=args.backend, attention_impl=args.attention_impl,
                          lora_merged_nograd=getattr(args, "lora_nograd_merge", "off"),
                          perform_initialization=args.pretrained is None,
+                         **({"far_attention": getattr(args, "far_attention", "grouped")} if arch.get("far") else {}),
                          **_recompute_kwargs(args), **_fp8_kwargs(args))
         torch.manual_seed(args.seed)  # identical base init on every rank (random-init presets only)
         model = WanModel(cfg)

@@ -60,6 +60,9 @@ class WanConfig(TransformerConfig):
             two before it; older context is compressed).
         chunk_partition: latent frames per chunk of a whole video, (1, 3, 3, 3, 3, 3, 3, 2) for 21 latent
             frames (chunk 0 is the I2V image).
+        far_attention: the FAR attention kernel (`models.wan.far.FarAttention`): ``"grouped"`` (exact
+            grouped dense attention on the backend's core attention; default), ``"flex"`` (flex attention
+            with a block mask, as diffusers / the reference) or ``"dense"`` (masked SDPA, reference path).
 
     Raises:
         ValueError: for a hidden size not divisible by the heads, a head dim that is odd or too
@@ -87,6 +90,7 @@ class WanConfig(TransformerConfig):
     compressed_patch_size: Tuple[int, int, int] = (1, 4, 4)
     full_chunk_limit: int = 3
     chunk_partition: Tuple[int, ...] = (1, 3, 3, 3, 3, 3, 3, 2)
+    far_attention: str = "grouped"
 
     def __post_init__(self):
         if self.kv_channels is None and self.num_attention_heads:
@@ -124,6 +128,8 @@ class WanConfig(TransformerConfig):
             if self.full_chunk_limit < 2:
                 raise ValueError(f"full_chunk_limit={self.full_chunk_limit}; expected >= 2 (the cache keeps "
                                  "full_chunk_limit - 1 chunks at full resolution)")
+            if self.far_attention not in ("grouped", "flex", "dense"):
+                raise ValueError(f"far_attention={self.far_attention!r}; expected 'grouped', 'flex' or 'dense'")
             if not self.chunk_partition or any(c < 1 for c in self.chunk_partition):
                 raise ValueError(f"chunk_partition={self.chunk_partition}; expected positive frame counts")
 

@@ -335,17 +335,32 @@ class FarAttention:
     Args:
         layout: the forward's `FarLayout`.
         cache: the `FarKVCache` read by a ``"step"`` forward.
-        dense_mask: run one masked SDPA over the whole sequence instead of the groups (reference path
-            for tests; O(L^2) memory).
+        dense_mask: shorthand for ``impl="dense"``.
+        impl: ``"grouped"`` (default: exact grouped dense attention, the block sparsity exploited by any
+            dense kernel), ``"dense"`` (one masked SDPA over the whole sequence with `FarLayout.dense_mask`:
+            the reference path for tests, O(L^2) memory, every pair computed) or ``"flex"``
+            (`torch.nn.attention.flex_attention` with a `BlockMask` of the same rule, as diffusers and the
+            reference; compiled on CUDA, eager elsewhere; skips empty 128 x 128 blocks, computes partial
+            ones whole). The generation step has no mask and always runs one dense call.
+
+    Raises:
+        ValueError: a ``"step"`` layout without a cache; an unknown ``impl``.
     """
 
-    def __init__(self, layout: FarLayout, cache: Optional[FarKVCache] = None, dense_mask: bool = False):
+    IMPLS = ("grouped", "dense", "flex")
+
+    def __init__(self, layout: FarLayout, cache: Optional[FarKVCache] = None, dense_mask: bool = False,
+                 impl: Optional[str] = None):
         if layout.mode == "step" and cache is None:
             raise ValueError("a FAR generation step needs the KV cache of the previous chunks")
+        impl = "dense" if dense_mask else (impl or "grouped")
+        if impl not in self.IMPLS:
+            raise ValueError(f"FAR attention impl={impl!r}; expected one of {self.IMPLS}")
         self.layout = layout
         self.cache = cache
-        self.dense = dense_mask
+        self.impl = impl
         self.written: dict = {}
+        self._block_mask = None
 
     def attend(self, core, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
         lay = self.layout
@@ -359,10 +374,14 @@ class FarAttention:
             ck, cv = self.cache.layers[layer]
             keys, vals = torch.cat([ck.to(k.dtype), k[:nv]]), torch.cat([cv.to(v.dtype), v[:nv]])
             out = core(q[:nv], keys, vals)
-        elif self.dense:
+        elif self.impl == "dense":
             mask = lay.dense_mask().to(q.device)[:nv, :nv]
             qq, kk, vv = (t[:nv].permute(1, 2, 0, 3) for t in (q, k, v))
             out = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask)
+            out = out.permute(2, 0, 1, 3).reshape(nv, b, n * d)
+        elif self.impl == "flex":
+            qq, kk, vv = (t[:nv].permute(1, 2, 0, 3).contiguous() for t in (q, k, v))
+            out = _flex_attention(q.device)(qq, kk, vv, block_mask=self._flex_mask(nv, q.device))
             out = out.permute(2, 0, 1, 3).reshape(nv, b, n * d)
         else:
             outs = []
@@ -378,12 +397,53 @@ class FarAttention:
             out = torch.cat([out, out.new_zeros(L - nv, b, out.shape[-1])])
         return out
 
+    def _flex_mask(self, nv: int, device):
+        """The layout's rule as a flex `BlockMask` over the valid tokens, from O(L) per-token vectors (no
+        L x L tensor); built once per forward and shared by all layers."""
+        if self._block_mask is None:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            codes = {CTX: 0, NOISY: 1, CLEAN: 2}
+            kind = torch.empty(nv, dtype=torch.int8)
+            chunk = torch.empty(nv, dtype=torch.int32)
+            for sg in self.layout.segments:
+                if sg.kind != PAD:
+                    kind[sg.start:sg.end] = codes[sg.kind]
+                    chunk[sg.start:sg.end] = sg.chunk
+            kind, chunk = kind.to(device), chunk.to(device)
+            clean = self.layout.clean
+
+            def mask_mod(b, h, qi, ki):
+                qk, kk, qc, kc = kind[qi], kind[ki], chunk[qi], chunk[ki]
+                ok = kc <= qc
+                if clean:
+                    ok = ok & ~((qk == 2) & (kk == 1)) & ~((qk == 1) & (kk == 1) & (kc != qc)) \
+                        & ~((qk == 1) & (kk == 2) & (kc == qc))
+                return ok
+
+            self._block_mask = create_block_mask(mask_mod, None, None, nv, nv, device=str(device))
+        return self._block_mask
+
     def new_cache(self, height: int, width: int) -> FarKVCache:
         """The cache a ``"prefill"`` forward wrote (all layers)."""
         if self.layout.mode != "prefill":
             raise RuntimeError("only a prefill forward writes a KV cache")
         layers = tuple(self.written[i] for i in sorted(self.written))
         return FarKVCache(self.layout.chunk_partition, layers, height, width)
+
+
+_FLEX = {}
+
+
+def _flex_attention(device):
+    """flex_attention, compiled once per process on CUDA (what makes it fast); eager elsewhere (tests)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if torch.device(device).type != "cuda":
+        return flex_attention
+    if "compiled" not in _FLEX:
+        _FLEX["compiled"] = torch.compile(flex_attention, dynamic=True)
+    return _FLEX["compiled"]
 
 
 def trilinear_far_patch_init(patch_weight: torch.Tensor, compressed_patch_size=(1, 4, 4)) -> torch.Tensor:

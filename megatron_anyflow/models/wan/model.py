@@ -522,7 +522,7 @@ class WanModel(MegatronModule):
         segments = FrameSegments.from_runs(layout.frame_runs(), start, length)
         rope = rope_tables(rope_angles_at(layout.rope_positions(), cfg.rope_split, cfg.rope_theta), x.device)
         rope = tuple(split_to_context_parallel_region(c, 0) for c in rope)
-        far = FarAttention(layout, kv_cache, dense_mask=dense_mask)
+        far = FarAttention(layout, kv_cache, impl="dense" if dense_mask else cfg.far_attention)
 
         for i, blk in enumerate(self.blocks):
             with get_fp8_context(cfg, i):
