@@ -252,3 +252,177 @@ def test_headline_and_cli():
     assert "fp8" in buf.getvalue() and "merged no-grad LoRA" not in buf.getvalue()
     assert mp.main(["--preset", "wan2.1-14b", "--tp", "4", "--cp", "2", "--fp8", "hybrid",
                     "--recompute", "selective"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# AnyFlow-FAR (--model far)
+# ------------------------------------------------------------------------------------------------
+RECIPE = (1, 3, 3, 3, 3, 3, 3, 2)
+
+
+def test_far_token_counts_are_far_md_1_2():
+    """Token counts come from FarLayout: FAR.md 1.2 at 480 x 832 (latents 60 x 104)."""
+    assert mp.default_chunk_partition() == RECIPE
+    lays = mp.far_layouts(RECIPE, 60, 104)
+    tf = {n: lay.valid_length for n, lay in lays["teacher_forcing"].items()}
+    assert tf == {3: 21840, 4: 28470, 5: 29640, 6: 30810, 7: 31980, 8: 30030}
+    assert [lay.valid_length for lay in lays["prefills"]] == [1560, 6240, 9750, 10920, 12090, 13260, 14430]
+    assert [lay.valid_length for lay in lays["steps"]] == [1560] + [4680] * 6 + [3120]
+    assert list(mp.far_layouts(RECIPE, 60, 104, long_context_prob=0.0)["teacher_forcing"]) == [3]
+    # CP x SP = 4: the odd-Fc lengths (n = 4, 6, 8) are padded, never rejected (FAR.md 4.3)
+    padded = mp.far_layouts(RECIPE, 60, 104, pad_to=4)["teacher_forcing"]
+    assert {n: lay.length for n, lay in padded.items() if lay.pad} == {4: 28472, 6: 30812, 8: 30032}
+    # shorter clips: the recipe cut to the clip (61 frames = 16 latents)
+    assert mp.fit_chunk_partition(RECIPE, 16) == (1, 3, 3, 3, 3, 3) and mp.fit_chunk_partition(RECIPE, 5) == (1, 3, 1)
+    with pytest.raises(ValueError, match="covers 21"):
+        mp.fit_chunk_partition(RECIPE, 22)
+
+
+def _far_plan(**kw):
+    base = dict(model="far", preset="wan2.1-1.3b", tp=1, cp=1, dp=1, recompute="full")
+    return mp.plan(mp.PlanConfig(**{**base, **kw}))
+
+
+def _component(p, prefix):
+    hits = [v for k, v in p["components"].items() if k.startswith(prefix)]
+    assert len(hits) == 1, (prefix, list(p["components"]))
+    return hits[0] * GIB
+
+
+def test_far_kv_cache_bytes():
+    """KV caches: tokens x layers x 2 (K, V) x hidden / (TP x CP) x 2 bytes (bf16). Inference: the largest
+    cache, 14,430 tokens: 2.48 GiB per sample for 1.3B, 11.0 GiB for 14B (FAR.md 1.6). Stage 2 with full
+    recompute: every prefix cache of the rollout once (68,250 tokens); without it each of the 3 step calls
+    with grad per chunk keeps its own cat(cache, k / v) copy."""
+    def kv(tokens, layers, hidden, tp=1, cp=1):
+        return tokens * layers * 2 * hidden / (tp * cp) * 2
+
+    p = _far_plan(stage=2)
+    assert p["far"]["inference_cache_tokens"] == 14430
+    assert p["far"]["inference_cache_gib_per_sample"] * GIB == kv(14430, 30, 1536)
+    assert p["far"]["inference_cache_gib_per_sample"] == pytest.approx(2.48, abs=0.005)
+    assert _component(p, "KV caches alive during the rollout") == kv(68250, 30, 1536)
+    assert p["far"]["kv_tokens_alive"] == 68250 == sum(p["far"]["prefill_tokens"])
+    p14 = _far_plan(stage=2, preset="wan2.1-14b", tp=4, cp=2, micro_batch=2)
+    assert p14["far"]["inference_cache_gib_per_sample"] * GIB == kv(14430, 40, 5120, 4, 2)
+    assert kv(14430, 40, 5120) / GIB == pytest.approx(11.0, abs=0.05)
+    assert _component(p14, "KV caches alive") == 2 * kv(68250, 40, 5120, 4, 2)  # per sample of the micro-batch
+    none = _far_plan(stage=2, recompute="none")
+    assert _component(none, "KV caches alive") == 3 * kv(68250, 30, 1536)
+    nogp = _far_plan(stage=2, recompute="none", grad_through="no_grad_prefix")
+    assert _component(nogp, "KV caches alive") == 2 * kv(68250, 30, 1536)
+    # the rollout's activations are the bidirectional plan's: 3 segments over the clip's 32,760 query tokens
+    bi = mp.plan(mp.PlanConfig(preset="wan2.1-1.3b", stage=2, tp=1, cp=1, dp=1, recompute="full"))
+    assert _component(p, "activations: 3 segments x 8 chunks") == pytest.approx(_component(bi, "activations"),
+                                                                                rel=1e-12)
+    # + the transient of the DMD backward's rematerialised layer: its cat(cache, k / v), the largest cache
+    assert p["total_gib"] == pytest.approx(bi["total_gib"] + (kv(68250, 30, 1536) + kv(14430, 1, 1536)) / GIB,
+                                           rel=1e-12)
+
+
+def test_far_stage1_activations():
+    """Stage 1: the longest teacher-forcing graph (n = 7, 31,980 tokens at 480p), plus the bidirectional
+    branch's whole clip (32,760 tokens) alive with it: stages.FarStage1 adds the two losses and runs one
+    backward. Full recompute keeps the block inputs of both."""
+    h, L = 1536, 30
+    p = _far_plan(stage=1)
+    assert p["far"]["longest_n"] == 7 and p["grad_forwards"] == 2
+    per = 2 * h  # full recompute: the block input (bf16), TP = 1
+    assert _component(p, "activations: FAR teacher forcing n=7 (31980 tokens)") == pytest.approx(
+        L * 31980 * per + 31980 * 6 * h, rel=1e-12)
+    assert _component(p, "activations: + bidirectional branch (32760 tokens)") == pytest.approx(
+        L * 32760 * per + 32760 * 6 * h, rel=1e-12)
+    only = _far_plan(stage=1, far_bidirectional_prob=0.0, long_context_prob=0.0)
+    assert only["grad_forwards"] == 1 and only["far"]["longest_n"] == 3
+    assert _component(only, "activations: FAR teacher forcing n=3 (21840 tokens)") == pytest.approx(
+        L * 21840 * per + 21840 * 6 * h, rel=1e-12)
+    # no recompute: the grouped attention's K / V copies of multi-range query groups and the output copy
+    lay = mp.far_layouts(RECIPE, 60, 104)["teacher_forcing"][7]
+    keys = sum(sum(e - a for a, e in r) for _, _, r in lay.attention_groups() if len(r) > 1)
+    assert mp.far_attention_extra_bytes(lay, h, 1, 1, "none") == keys * 2 * 2 * h + 31980 * 2 * h
+    assert mp.far_attention_extra_bytes(lay, h, 2, 2, "selective", "save-attention") == keys * 2 * 2 * h / 4
+    assert mp.far_attention_extra_bytes(lay, h, 1, 1, "full") == 0
+    # layouts: FAR needs the Ulysses exchange (heads / (TP x CP)); the partition must fit the clip
+    with pytest.raises(ValueError, match="Ulysses"):
+        _far_plan(tp=4, cp=2)
+    with pytest.raises(ValueError, match="stage 2 rolls out whole clips"):
+        _far_plan(stage=2, chunk_partition=(1, 3, 3))
+    assert _far_plan(stage=1, chunk_partition=(1, 3, 3))["far"]["bidirectional_tokens"] == 7 * 1560
+    layouts = mp.search_layouts("wan2.1-1.3b", 1, 8, model="far")
+    assert layouts and all(12 % (q["config"]["tp"] * q["config"]["cp"]) == 0 for q in layouts)
+
+
+def test_far_grouped_attention_extras_match_measured_saved_bytes():
+    """The FAR-only saved bytes of one block (the K / V copies of multi-range query groups + the
+    concatenated output at CP = 1; a cached step's cat(cache, k / v)) against what autograd keeps: one
+    block's saved bytes (a 2-layer minus a 1-layer model) of a FAR forward with grad, less the same
+    model's bidirectional per-token and fixed bytes measured at the same harness (two clip lengths,
+    per-frame times, LoRA on every default target, bf16)."""
+    import torch
+
+    from megatron_anyflow.models import lora as L
+    from megatron_anyflow.models.wan.config import wan_config
+    from megatron_anyflow.models.wan.far import FarLayout
+    from megatron_anyflow.models.wan.model import WanModel
+    from megatron_anyflow.testing.op_counter import saved_bytes
+
+    cp, H, W = (1, 1, 2, 1, 1), 8, 12  # 24 tokens per full frame, 6 per compressed
+    text = torch.randn(1, 8, 384, dtype=torch.bfloat16)
+
+    def layer_bytes(call):
+        out = []
+        for nl in (1, 2):
+            torch.manual_seed(0)
+            cfg = wan_config("tiny-video", num_layers=nl, bf16=True, far=True, chunk_partition=cp)
+            m = WanModel(cfg)
+            L.apply_lora(m, ["generator"], cfg.lora_rank, cfg.lora_alpha)
+            m.far_patch_embedding.weight.requires_grad_(True)
+            fn = call(m)
+            fn()
+            out.append(saved_bytes(fn, exclude=list(m.parameters()))["total"])
+        return out[1] - out[0]
+
+    def x_t(f):
+        g = torch.Generator().manual_seed(f)
+        return torch.randn(1, f, 48, H, W, generator=g).to(torch.bfloat16), torch.rand(1, f, generator=g) * 1000
+
+    def bi(f):
+        x, t = x_t(f)
+        return lambda m: (lambda: m(x, t, t * 0.5, text, adapter="generator"))
+
+    def teacher_forcing(m):
+        x, t = x_t(sum(cp))
+        return lambda: m(x, t, t * 0.5, text, adapter="generator", chunk_partition=cp, clean_latents=x[:, -4:])
+
+    def step(m):
+        x, t = x_t(sum(cp))
+        cache = m.prefill(x[:, :-1], text, cp[:-1], adapter="generator")
+        return lambda: m(x[:, -1:], t[:, -1:], t[:, -1:] * 0.5, text, adapter="generator", chunk_partition=cp,
+                         kv_cache=cache)
+
+    b2, b6 = layer_bytes(bi(2)), layer_bytes(bi(6))
+    per_token = (b6 - b2) / (4 * 24)
+    fixed = b2 - 48 * per_token
+    h = 128
+    lay = FarLayout.train(cp, H, W, clean=True)
+    measured = layer_bytes(teacher_forcing) - (lay.length * per_token + fixed)
+    planned = mp.far_attention_extra_bytes(lay, h, 1, 1, "none")
+    assert planned > 0.1 * (lay.length * per_token + fixed)  # the copies matter: 12 % of the layer here
+    assert measured == pytest.approx(planned, rel=0.15)  # the rest: per-frame modulation rows
+    st, cache = FarLayout.step(cp, H, W), FarLayout.prefill(cp[:-1], H, W).valid_length
+    measured = layer_bytes(step) - (st.length * per_token + fixed)
+    assert measured == pytest.approx(cache * 2 * 2 * h, rel=0.05)  # one cat(cache, k), one cat(cache, v)
+
+
+def test_far_cli_prints_the_token_counts():
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert mp.main(["--model", "far", "--preset", "wan2.1-14b", "--stage", "2", "--tp", "4", "--cp", "2",
+                        "--fp8", "hybrid"]) == 0
+    out = buf.getvalue()
+    assert "AnyFlow-FAR" in out and "n=7: 31980" in out and "n=3: 21840" in out and "n=8: 30030" in out
+    assert "1560 + 6240 + 9750 + 10920 + 12090 + 13260 + 14430 = 68250 tokens" in out
+    assert "KV caches alive during the rollout: 68250 tokens" in out and "largest KV cache 14430 tokens" in out
+    with redirect_stdout(io.StringIO()):
+        assert mp.main(["--chunk-partition", "1", "3", "--preset", "wan2.1-14b", "--tp", "8"]) == 2
+        assert mp.main(["--model", "far", "--preset", "wan2.1-1.3b", "--tp", "8"]) == 2  # 12 heads / 8

@@ -87,6 +87,28 @@ chain``, the reference) or 2 (``no_grad_prefix``); the DMD score calls run witho
 keeps one fake-score forward, alive together with the next rollout only with ``--overlap-critic``
 (side stream: 3 + 1). The peak is the largest of these.
 
+**AnyFlow-FAR** (``--model far``, the causal model; FAR.md 1.2, 1.6, 2, 4.3): token counts come from
+`models.wan.far.FarLayout` at the clip's latent size and chunk partition (default the recipe's
+(1, 3, 3, 3, 3, 3, 3, 2), cut to shorter clips), each FAR sequence padded to a multiple of CP x SP as the
+model pads it, heads divisible by TP x CP (the FAR attention runs after the Ulysses exchange).
+
+* Stage 1: the teacher-forcing forward over n chunks (compressed context, full-resolution targets and
+  their clean copies: 21,840 tokens at n = 3 .. 31,980 at n = 7, 30,030 at n = 8 at 480p) keeps its graph
+  for the longest n; the grouped attention adds, per layer, the key / value copies of the query groups
+  whose keys are several ranges (``torch.cat`` before the kernel; not with full recompute) and, at
+  CP = 1 without full recompute or a core-attention checkpoint, the concatenated attention output (the
+  groups' own outputs are saved by the kernel). With ``--far-bidirectional-prob`` > 0 the bidirectional
+  branch (the whole clip, 32,760 tokens) is alive **at the same time**: ``training/stages.py`` adds the
+  two losses and runs one backward (the reference backpropagates them one after the other, where the
+  larger of the two would govern).
+* Stage 2: the bidirectional plan (the rollout's chunk steps have the clip's 32,760 query tokens per
+  segment; fixed per-forward bytes once per step call: chunks x segments) plus **the KV caches alive
+  during the rollout**: every graph of a chunk step references the cache it read until the DMD backward,
+  so the caches of all prefixes are alive at once (after chunks 0..6: 1,560 + 6,240 + ... + 14,430 =
+  68,250 tokens at 480p) x layers x 2 (K, V) x hidden / (TP x CP) x 2 bytes (bf16). Without full
+  recompute each step call with grad keeps its own ``cat(cache, k)`` / ``cat(cache, v)`` copy instead
+  (segments x 68,250 tokens). Printed for inference: the largest single cache (14,430 tokens).
+
 Not counted: text encoder and VAE (latents and text embeddings are precomputed), data-loader memory,
 CUDA graphs. Tokens: ``frames`` video frames -> ``(frames - 1) / 4 + 1`` latent frames, ``H/8 x W/8``
 latents, patch (1, 2, 2): 81 x 480 x 832 -> 21 x 60 x 104 -> 32,760 tokens.
@@ -96,6 +118,7 @@ Usage::
     python tools/memory_plan.py                        # headline: 14B and 1.3B on 8 x 80 GB and 1 x 141 GB
     python tools/memory_plan.py --preset wan2.1-14b --stage 2 --tp 8 --cp 1 --dp 1
     python tools/memory_plan.py --json                 # the same as JSON on stdout
+    python tools/memory_plan.py --model far --preset wan2.1-1.3b --stage 2 --tp 1 --cp 1  # AnyFlow-FAR
     python tools/memory_plan.py --preset wan2.1-1.3b --stage 1 --tp 1 --recompute selective \
         --recompute-policy save-attention --gpu-gib 139    # the save-attention policy on one H200
 """
@@ -403,6 +426,81 @@ def layer_activation_bytes(s: int, b: int, h: int, ffn: int, heads: int, tp: int
 
 
 # ------------------------------------------------------------------------------------------------
+# AnyFlow-FAR token counts (FarLayout)
+# ------------------------------------------------------------------------------------------------
+MODELS = ("bidirectional", "far")
+
+
+def default_chunk_partition() -> tuple:
+    """The recipe's chunk partition (``WanConfig.chunk_partition``: (1, 3, 3, 3, 3, 3, 3, 2), 21 latent frames)."""
+    _quiet_imports()
+    from megatron_anyflow.models.wan.config import WanConfig
+
+    return tuple(WanConfig.__dataclass_fields__["chunk_partition"].default)
+
+
+def fit_chunk_partition(chunk_partition: Sequence[int], latent_frames: int) -> tuple:
+    """``chunk_partition`` cut to ``latent_frames``: whole chunks while they fit, the last one shortened
+    (how the default partition is applied to clips shorter than 81 frames).
+
+    Raises:
+        ValueError: the partition covers fewer frames than the clip has.
+    """
+    out, left = [], latent_frames
+    for c in chunk_partition:
+        if left <= 0:
+            break
+        out.append(min(int(c), left))
+        left -= out[-1]
+    if left > 0:
+        raise ValueError(f"chunk partition {list(chunk_partition)} covers {sum(chunk_partition)} latent frames; "
+                         f"the clip has {latent_frames}")
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=64)
+def far_layouts(chunk_partition: Sequence[int], lat_h: int, lat_w: int, pad_to: int = 1,
+                long_context_prob: float = 0.5, min_chunks: int = 3) -> Dict[str, object]:
+    """The FAR sequences of one sample (`FarLayout`, padded to ``pad_to`` = CP x SP as the model pads):
+    ``teacher_forcing`` {n: layout} for the chunk counts stage 1 draws (n = 3 only when
+    ``long_context_prob`` is 0), ``prefills`` [layout of chunks 0..j for j < len(cp) - 1] (the KV caches of
+    a rollout), ``steps`` [chunk k's generation step layout; chunk 0 a plain forward]."""
+    _quiet_imports()
+    from megatron_anyflow.models.wan.far import FarLayout
+
+    cp = tuple(chunk_partition)
+    lo = min(min_chunks, len(cp))
+    ns = range(lo, len(cp) + 1) if long_context_prob > 0 else (lo,)
+    return {
+        "teacher_forcing": {n: FarLayout.train(cp[:n], lat_h, lat_w, clean=True, pad_to=pad_to) for n in ns},
+        "prefills": [FarLayout.prefill(cp[:j + 1], lat_h, lat_w, pad_to=pad_to) for j in range(len(cp) - 1)],
+        "steps": [FarLayout.train(cp[:1], lat_h, lat_w, pad_to=pad_to)]
+        + [FarLayout.step(cp[:k + 1], lat_h, lat_w, pad_to=pad_to) for k in range(1, len(cp))],
+    }
+
+
+def far_attention_extra_bytes(layout, h: int, tp: int, cp: int, recompute: str = "none",
+                              policy: str = "save-attention", modules: Sequence[str] = ("core_attn",),
+                              dtype: str = "bf16") -> float:
+    """Bytes ONE block keeps for backward, on one rank, beyond the per-token terms, for the FAR grouped
+    attention of ``layout`` (`models.wan.far.FarAttention`): a query group whose allowed keys are several
+    ranges gets its keys and values as ``torch.cat`` copies, which the kernel (or the core-attention
+    checkpoint, or the save-attention policy) keeps: keys x 2 x p h / (TP x CP). Without CP the
+    concatenated output is linear_proj's input while every group's output is saved by its kernel: one
+    more p h / TP per token, unless full recompute, the save-attention policy or a core-attention
+    checkpoint. Full recompute keeps none of it (one layer's worth is transient)."""
+    gran, policy, mods = _recompute_key(recompute, policy, modules)
+    if gran == "full":
+        return 0.0
+    p = DTYPE_BYTES[dtype]
+    keys = sum(sum(e - a for a, e in ranges) for _, _, ranges in layout.attention_groups() if len(ranges) > 1)
+    extra = keys * 2 * p * h / (tp * cp)
+    if cp == 1 and (gran == "none" or (policy == "modules" and "core_attn" not in mods)):
+        extra += layout.length * p * h / tp
+    return extra
+
+
+# ------------------------------------------------------------------------------------------------
 # plan
 # ------------------------------------------------------------------------------------------------
 @dataclass
@@ -432,6 +530,24 @@ class PlanConfig:
     dist_opt: bool = True
     reserve_gib: float = 5.0
     gpu_gib: float = H100_80GB_GIB
+    model: str = "bidirectional"
+    chunk_partition: Optional[tuple] = None
+    long_context_prob: float = 0.5
+    far_bidirectional_prob: Optional[float] = None
+
+    def far_partition(self) -> tuple:
+        """The FAR chunk partition of this clip: ``chunk_partition``, or the recipe's cut to the clip."""
+        frames = (self.frames - 1) // 4 + 1
+        if self.chunk_partition is None:
+            return fit_chunk_partition(default_chunk_partition(), frames)
+        return tuple(int(c) for c in self.chunk_partition)
+
+    @property
+    def bidirectional_prob(self) -> float:
+        """FAR: the probability of the bidirectional branch (the trainer's default: 0.1 in stage 1, 0 in 2)."""
+        if self.far_bidirectional_prob is not None:
+            return self.far_bidirectional_prob
+        return 0.1 if self.stage == 1 else 0.0
 
     def check(self, counts: ModelCounts) -> None:
         if self.stage not in (1, 2):
@@ -450,6 +566,22 @@ class PlanConfig:
             raise ValueError("recompute policy 'save-attention' needs the local backend without FP8 (as WanModel "
                              "checks); with FP8 use recompute 'full' or --recompute-policy modules")
         latent_tokens(self.frames, self.height, self.width)  # validates the clip size
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.model == "far":
+            if counts.heads % (self.tp * self.cp):
+                raise ValueError(f"--model far: TP x CP = {self.tp * self.cp} does not divide the {counts.heads} heads "
+                                 f"of {self.preset} (the FAR attention runs after the Ulysses exchange over heads)")
+            cp, frames = self.far_partition(), (self.frames - 1) // 4 + 1
+            if not cp or any(c < 1 for c in cp):
+                raise ValueError(f"chunk partition {list(cp)}: expected positive latent frame counts")
+            if sum(cp) > frames or (self.stage == 2 and sum(cp) != frames):
+                raise ValueError(f"chunk partition {list(cp)} sums to {sum(cp)} latent frames; the clip has {frames} "
+                                 + ("(stage 2 rolls out whole clips: they must be equal)" if self.stage == 2 else
+                                    "(stage 1 keeps the first sum(chunks) frames: at most the clip's)"))
+            for name in ("long_context_prob", "bidirectional_prob"):
+                if not 0.0 <= getattr(self, name) <= 1.0:
+                    raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
 
     @property
     def recompute_label(self) -> str:
@@ -504,13 +636,27 @@ def plan(cfg: PlanConfig) -> Dict[str, object]:
         comp[f"merged no-grad LoRA weights (cache: {cached} adapter(s) x wrapped weights)"] = cached * wrapped_local / GIB
 
     kw = dict(policy=cfg.recompute_policy, modules=cfg.recompute_modules, compile=cfg.compile, ulysses=ulysses)
-    per_layer = layer_activation_bytes(s, b, h, F, a, tp, sp, cfg.recompute, cfg.lora_rank, **kw)
-    # Outside the blocks (not measured): the head's fp32 LayerNorm input (4 h) and one residual copy.
-    outside_layers = b * s * 6 * h / t_out
-    stack = L * per_layer + outside_layers
-    if cfg.stage == 1:
+    per_token = layer_saved_bytes_per_token(h, F, a, cfg.lora_rank, tp, sp, "bf16", cfg.recompute, **kw)
+    fixed = layer_saved_fixed_bytes(h, F, a, cfg.lora_rank, tp, "bf16", cfg.recompute, cfg.recompute_policy,
+                                    cfg.recompute_modules)
+
+    def graph(s_rank: float, calls: int = 1, extra_per_layer: float = 0.0) -> float:
+        """Bytes kept by forwards with grad over ``s_rank`` tokens of the rank in all (``calls`` forwards:
+        their fixed per-forward bytes): every block, plus outside the blocks (not measured: the head's fp32
+        LayerNorm input (4 h) and one residual copy)."""
+        return L * b * (s_rank * per_token + calls * fixed + extra_per_layer) + b * s_rank * 6 * h / t_out
+
+    stack = graph(s)  # == L * per_layer + outside, one bidirectional forward of the clip
+    far_info = None
+    transient_s = s
+    if cfg.model == "far":
+        far_info, act = _far_activations(cfg, counts, graph, t_out)
+        comp.update(act)
+        grad_forwards = far_info["grad_forwards"]
+        transient_s = far_info["transient_tokens_per_rank"]
+    elif cfg.stage == 1:
         grad_forwards = 1
-        act_label = "activations: 1 forward with grad"
+        comp["activations: 1 forward with grad"] = stack / GIB
     else:
         # The co-trained stage-1 loss is backpropagated before the rollout (stage2._generator_loss): its
         # single graph is never alive with the rollout's. The critic step keeps one fake-score forward,
@@ -519,14 +665,17 @@ def plan(cfg: PlanConfig) -> Dict[str, object]:
         grad_forwards = gen + (1 if cfg.overlap_critic else 0)
         act_label = (f"activations: {gen} generator forwards with grad ({cfg.grad_through})"
                      + (" + 1 critic (overlapped)" if cfg.overlap_critic else ""))
-    comp[act_label] = grad_forwards * stack / GIB
-    transient = BF16 * 12 / 2 * s * b * h / tp  # attention backward workspace (12 s b h / t bytes)
+        comp[act_label] = grad_forwards * stack / GIB
+    transient = BF16 * 12 / 2 * transient_s * b * h / tp  # attention backward workspace (12 s b h / t bytes)
     if cp > 1:
-        transient += 12 * s * b * h / tp
+        transient += 12 * transient_s * b * h / tp
     if cfg.recompute == "full" or (cfg.recompute == "selective" and cfg.recompute_policy == "save-attention"):
         # backward rematerialises one layer at a time: its whole no-recompute set, less what was kept
-        transient += (layer_activation_bytes(s, b, h, F, a, tp, sp, "none", cfg.lora_rank, compile=cfg.compile,
-                                             ulysses=ulysses) - per_layer)
+        transient += (layer_activation_bytes(transient_s, b, h, F, a, tp, sp, "none", cfg.lora_rank,
+                                             compile=cfg.compile, ulysses=ulysses)
+                      - layer_activation_bytes(transient_s, b, h, F, a, tp, sp, cfg.recompute, cfg.lora_rank, **kw))
+        if far_info is not None:  # ... with the grouped attention's copies of the longest FAR sequence
+            transient += b * far_info["transient_far_extra_bytes"]
     if merge != "off":  # building one merged weight: its fp32 delta (+ the bf16 result when per-call)
         transient += counts.merge_temporary_bytes(tp, per_call=merge == "per-call")
     comp["transient: recomputed layer + attention workspace + merge"] = transient / GIB
@@ -547,7 +696,91 @@ def plan(cfg: PlanConfig) -> Dict[str, object]:
                                                                          cfg.recompute, **kw),
         "trainable_adapters": n_train,
         "params": {"base": counts.total_params, "lora_per_adapter": counts.lora_params},
+        "model": cfg.model,
+        "far": far_info,
     }
+
+
+def _kv_bytes_per_token(counts: ModelCounts, tp: int, cp: int) -> float:
+    """KV-cache bytes per cached token on one rank: layers x 2 (K, V) x hidden / (TP x CP) x 2 (bf16)."""
+    return counts.layers * 2 * counts.hidden / (tp * cp) * BF16
+
+
+def _far_activations(cfg: PlanConfig, counts: ModelCounts, graph, t_out: int):
+    """AnyFlow-FAR activations of `plan` (module docstring): ``(far info dict, {component: GiB})``."""
+    h = counts.hidden
+    tp, cp, b = cfg.tp, cfg.cp, cfg.micro_batch
+    sp_tp = tp if (cfg.sp and tp > 1) else 1
+    pad_to = cp * sp_tp
+    chunks = cfg.far_partition()
+    lat_h, lat_w = cfg.height // 8, cfg.width // 8
+    lays = far_layouts(chunks, lat_h, lat_w, pad_to, cfg.long_context_prob)
+    rkw = dict(recompute=cfg.recompute, policy=cfg.recompute_policy, modules=cfg.recompute_modules)
+    bi_tokens = sum(chunks) * (lat_h // 2) * (lat_w // 2)  # the bidirectional forward of the (cut) clip
+    s_bi = math.ceil(bi_tokens / (tp * cp)) * tp
+    bi_on = cfg.bidirectional_prob > 0
+    tf = {n: graph(lay.length // cp, 1, far_attention_extra_bytes(lay, h, tp, cp, **rkw))
+          for n, lay in lays["teacher_forcing"].items()}
+    n_max = max(tf, key=lambda n: (tf[n], n))
+    lay_max = lays["teacher_forcing"][n_max]
+    pad_note = f", padded {lay_max.length}" if lay_max.pad else ""
+    tf_label = f"activations: FAR teacher forcing n={n_max} ({lay_max.valid_length} tokens{pad_note}), with grad"
+    bi_bytes = graph(s_bi) if bi_on else 0.0
+    bi_label = f"activations: + bidirectional branch ({bi_tokens} tokens), same backward"
+    kv_tok = _kv_bytes_per_token(counts, tp, cp)
+    prefill_tokens = [lay.valid_length for lay in lays["prefills"]]
+    info = {
+        "chunk_partition": list(chunks), "pad_to": pad_to,
+        "teacher_forcing_tokens": {n: lay.valid_length for n, lay in lays["teacher_forcing"].items()},
+        "teacher_forcing_padded_tokens": {n: lay.length for n, lay in lays["teacher_forcing"].items()},
+        "teacher_forcing_gib": {n: v / GIB for n, v in tf.items()},
+        "longest_n": n_max, "bidirectional_tokens": bi_tokens, "bidirectional_prob": cfg.bidirectional_prob,
+        "prefill_tokens": prefill_tokens, "step_query_tokens": [lay.valid_length for lay in lays["steps"]],
+        "inference_cache_tokens": max(prefill_tokens, default=0),
+        "inference_cache_gib_per_sample": max(prefill_tokens, default=0) * kv_tok / GIB,
+        "transient_far_extra_bytes": (far_attention_extra_bytes(lay_max, h, tp, cp)
+                                      - far_attention_extra_bytes(lay_max, h, tp, cp, **rkw)),
+    }
+    comp: Dict[str, float] = {}
+    if cfg.stage == 1:
+        comp[tf_label] = tf[n_max] / GIB
+        if bi_on:
+            comp[bi_label] = bi_bytes / GIB
+        info.update(grad_forwards=1 + int(bi_on),
+                    transient_tokens_per_rank=max(lay_max.length // cp, s_bi if bi_on else 0))
+        return info, comp
+    # stage 2: the rollout keeps `gen` step calls with grad per chunk (their graphs until the DMD
+    # backward), each referencing the KV cache it read; the co-trained FAR stage-1 loss is backpropagated
+    # before the rollout (its graph is never alive with the rollout's).
+    gen = 3 if cfg.grad_through == "chain" else 2
+    steps = lays["steps"]
+    rollout = graph(gen * sum(lay.length // cp for lay in steps), gen * len(steps))
+    if cfg.overlap_critic:
+        rollout += graph(s_bi)
+    alive = sum(prefill_tokens)
+    if cfg.recompute == "full":
+        kv_label = f"KV caches alive during the rollout: {alive} tokens (K, V; bf16)"
+        kv_tokens = alive
+    else:
+        kv_tokens = gen * alive
+        kv_label = f"KV caches alive during the rollout: {gen} copies x {alive} tokens (K, V)"
+    kv = b * kv_tokens * kv_tok
+    cotrain = tf[n_max] + bi_bytes
+    # transient: the DMD backward rematerialises one layer of a step call at a time, with its cat(cache, k / v)
+    # copy when the calls recompute (full): the largest cache, one layer
+    info.update(kv_tokens_alive=kv_tokens, kv_gib=kv / GIB, rollout_gib=rollout / GIB, cotrain_gib=cotrain / GIB,
+                grad_forwards=gen + (1 if cfg.overlap_critic else 0), transient_tokens_per_rank=s_bi,
+                transient_far_extra_bytes=(max(prefill_tokens, default=0) * kv_tok / counts.layers
+                                           if cfg.recompute == "full" else 0.0))
+    if cotrain > rollout + kv:  # a short clip / tiny model: the co-training graph is the larger
+        comp[tf_label.replace("teacher forcing", "co-training")] = tf[n_max] / GIB
+        if bi_on:
+            comp[bi_label] = bi_bytes / GIB
+        return info, comp
+    comp[(f"activations: {gen} segments x {len(steps)} chunks with grad ({cfg.grad_through})"
+          + (" + 1 critic (overlapped)" if cfg.overlap_critic else ""))] = rollout / GIB
+    comp[kv_label] = kv / GIB
+    return info, comp
 
 
 _RECOMPUTE_ORDER = ("none", "selective", "full")
@@ -571,6 +804,8 @@ def search_layouts(preset: str, stage: int, gpus: int = 8, gpu_gib: float = H100
     for tp in (1, 2, 4, 8, 16):
         for cp in (1, 2, 4, 8, 16):
             if tp * cp > gpus or gpus % (tp * cp) or counts.heads % tp:
+                continue
+            if kw.get("model") == "far" and counts.heads % (tp * cp):  # FAR: Ulysses only
                 continue
             for rc in _RECOMPUTE_ORDER:
                 cfg = PlanConfig(preset=preset, stage=stage, tp=tp, cp=cp, dp=gpus // (tp * cp), recompute=rc,
@@ -600,15 +835,41 @@ def search_clip(preset: str, stage: int, gpu_gib: float = H200_141GB_GIB,
 # ------------------------------------------------------------------------------------------------
 def _layout(p) -> str:
     c = p["config"]
-    return (f"{c['preset']} stage {c['stage']}: TP={c['tp']} CP={c['cp']} DP={c['dp']} SP={c['sp'] and c['tp'] > 1} "
+    return (f"{c['preset']}{' AnyFlow-FAR' if c.get('model') == 'far' else ''} stage {c['stage']}: TP={c['tp']} CP={c['cp']} DP={c['dp']} SP={c['sp'] and c['tp'] > 1} "
             f"{c['frames']}x{c['height']}x{c['width']} ({p['tokens']} tokens, {p['tokens_per_rank']}/CP rank) "
             f"b={c['micro_batch']} recompute={p['recompute']}" + (" fp8" if c["fp8"] else "")
             + (" compile (estimate)" if c["compile"] else "")
             + f"; saved {p['saved_bytes_per_token_per_layer']:.0f} B/token/layer")
 
 
+def format_far(p) -> List[str]:
+    """The FAR token lines of a plan (``--model far``)."""
+    f, c = p["far"], p["config"]
+    tf = f["teacher_forcing_tokens"]
+    pad = f["teacher_forcing_padded_tokens"]
+    padded = {n: pad[n] for n in tf if pad[n] != tf[n]}
+    lines = [f"  AnyFlow-FAR, chunks {tuple(f['chunk_partition'])}, sequences padded to a multiple of CP x SP = "
+             f"{f['pad_to']}:",
+             "    teacher forcing tokens (FarLayout, clean copies): " + ", ".join(f"n={n}: {v}" for n, v in tf.items())
+             + (" (padded: " + ", ".join(f"n={n}: {v}" for n, v in padded.items()) + ")" if padded else "")
+             + f"; longest graph n={f['longest_n']}",
+             f"    bidirectional branch: {f['bidirectional_tokens']} tokens, probability {f['bidirectional_prob']:g}"
+             + (" (its graph is alive with the causal one: one backward of the summed losses)"
+                if c["stage"] == 1 and f["bidirectional_prob"] > 0 else ""),
+             "    KV cache prefills after chunks 0..{}: {} = {} tokens".format(
+                 len(f["prefill_tokens"]) - 1, " + ".join(map(str, f["prefill_tokens"])), sum(f["prefill_tokens"]))]
+    if c["stage"] == 2:
+        lines.append(f"    rollout: chunk steps of {', '.join(map(str, f['step_query_tokens']))} query tokens, "
+                     f"{p['grad_forwards']} segment(s) with grad each; the cache of chunks < k is read by chunk k")
+        lines.append(f"    KV caches alive during the rollout: {f['kv_tokens_alive']} tokens = {f['kv_gib']:.2f} GiB/GPU "
+                     f"(layers x 2 (K, V) x hidden / (TP x CP) x 2 B x micro-batch)")
+    lines.append(f"    inference: largest KV cache {f['inference_cache_tokens']} tokens = "
+                 f"{f['inference_cache_gib_per_sample']:.2f} GiB per sample per GPU (not in the training total)")
+    return lines
+
+
 def format_plan(p) -> str:
-    lines = [_layout(p), f"  {'component':68s} {'GiB/GPU':>9s}"]
+    lines = [_layout(p)] + (format_far(p) if p.get("far") else []) + [f"  {'component':68s} {'GiB/GPU':>9s}"]
     for k, v in p["components"].items():
         lines.append(f"  {k:68s} {v:9.2f}")
     verdict = "fits" if p["fits"] else "does NOT fit"
@@ -694,6 +955,14 @@ def parse_args(argv=None):
                    help="a frozen teacher adapter instead of a merged teacher")
     p.add_argument("--no-dist-opt", action="store_true", help="optimizer state not sharded over DP x CP")
     p.add_argument("--reserve-gib", type=float, default=5.0)
+    p.add_argument("--model", choices=MODELS, default="bidirectional",
+                   help="far: AnyFlow-FAR, the causal model (teacher-forcing tokens, KV caches; as the trainer's --model)")
+    p.add_argument("--chunk-partition", type=int, nargs="+", default=None,
+                   help="--model far: latent frames per chunk (default (1, 3, 3, 3, 3, 3, 3, 2), cut to the clip)")
+    p.add_argument("--long-context-prob", type=float, default=0.5,
+                   help="--model far: > 0 means stage 1 draws n up to every chunk (the longest graph counts)")
+    p.add_argument("--far-bidirectional-prob", type=float, default=None,
+                   help="--model far: the bidirectional branch's probability (trainer default: 0.1 stage 1, 0 stage 2)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return p.parse_args(argv)
 
@@ -705,7 +974,12 @@ def main(argv=None) -> int:
               recompute_modules=tuple(args.recompute_modules), lora_nograd_merge=args.lora_nograd_merge,
               fp8=bool(args.fp8), compile=args.compile, lora_rank=args.lora_rank,
               teacher_adapter=args.teacher_adapter, dist_opt=not args.no_dist_opt, reserve_gib=args.reserve_gib)
-    kw.update(height=args.height, width=args.width)
+    kw.update(height=args.height, width=args.width, model=args.model, long_context_prob=args.long_context_prob,
+              far_bidirectional_prob=args.far_bidirectional_prob,
+              chunk_partition=tuple(args.chunk_partition) if args.chunk_partition else None)
+    if args.chunk_partition and args.model != "far":
+        print("error: --chunk-partition needs --model far", file=sys.stderr)
+        return 2
     if args.preset is None:
         res = headline(kw, frames=args.frames)
         if args.json:
