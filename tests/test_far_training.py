@@ -459,20 +459,8 @@ def far_s1(tmp_path_factory):
     return tr, root
 
 
-# Known bug (trainer.py / optim.py, not this file's to fix): AdamW skips a parameter whose .grad is None,
-# so far_patch_embedding (no gradient in an iteration without compressed context, n <= 3) falls behind the
-# group's step count; a checkpoint stores one step count per group (`optimizer_steps`, the max) and
-# `set_optimizer_steps` gives it to every parameter on resume, so far_patch_embedding's bias correction
-# after the resume differs from the straight run's (its moments still agree). Fix: store each parameter's
-# AdamW step in the checkpoint and restore it (verified: both tests then pass). Strict: remove the marker
-# with the fix.
-RESUME_BUG = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="per-parameter AdamW step counts are not checkpointed: far_patch_embedding (no gradient at n <= 3) "
-           "resumes with the group's step count")
 
 
-@RESUME_BUG
 def test_far_stage1_resume_is_bit_exact(far_s1, tmp_path):
     straight, root = far_s1
     plans = [straight.stage.iteration_plan(i) for i in range(4)]
@@ -493,7 +481,6 @@ def test_far_stage1_resume_is_bit_exact(far_s1, tmp_path):
     assert_bitwise(a, b)
 
 
-@RESUME_BUG
 def test_far_stage2_resume_is_bit_exact(far_s1, tmp_path):
     _, s1_root = far_s1
     straight = far_s2(s1_root, "--train-iters", "3", "--save", str(tmp_path / "straight"))
@@ -591,8 +578,6 @@ def test_far_argument_errors_are_named(capsys, argv, needles):
         assert needle in err, (needle, err)
 
 
-@pytest.mark.xfail(strict=True, reason="arguments.py's messages for these two do not name the value given "
-                                       "(not this test's file to change)")
 @pytest.mark.parametrize("argv,value", [
     (["--stage", "stage1", "--chunk-partition", "1", "2"], "[1, 2]"),
     (["--stage", "stage1", "--model", "far", "--i2v-prob", "0.5"], "0.5"),

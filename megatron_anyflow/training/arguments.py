@@ -249,12 +249,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         if args.stage == "teacher":
             parser.error("--model far trains the causal student (stage1 / stage2); the teacher is bidirectional")
         if args.i2v_prob > 0:
-            parser.error("--i2v-prob is not used with --model far: image-to-video comes from teacher forcing "
-                         "(chunk 0 is the image)")
+            parser.error(f"--i2v-prob {args.i2v_prob} is not used with --model far: image-to-video comes from teacher "
+                         "forcing (chunk 0 is the image); drop it")
         if args.chunk_partition is not None and any(c < 1 for c in args.chunk_partition):
             parser.error(f"--chunk-partition {args.chunk_partition}: every chunk needs >= 1 latent frame")
     elif args.chunk_partition is not None:
-        parser.error("--chunk-partition needs --model far")
+        parser.error(f"--chunk-partition {args.chunk_partition} needs --model far (got --model {args.model})")
     if args.save_interval is not None and args.save_interval < 1:
         parser.error("--save-interval must be >= 1")
     return args

@@ -419,7 +419,11 @@ class Trainer:
                 "consumed_samples": self.consumed_samples, "wan_config": self.arch,
                 "pretrained": os.path.abspath(self.pretrained_dir) if self.pretrained_dir else None,
                 "lora": self.stage.lora_meta(), "layout": self._layout(),
-                "groups": {n: {"optimizer_steps": optimizer_steps(g.optimizer), "steps": g.steps}
+                "groups": {n: {"optimizer_steps": optimizer_steps(g.optimizer), "steps": g.steps,
+                               # per tensor: AdamW skips a tensor without gradient (FAR's far_patch_embedding
+                               # when no chunk is compressed), so its bias-correction step can lag the group's
+                               "param_steps": {k: float(g.optimizer.state[p]["step"]) for k, p in g.params.items()
+                                               if "step" in g.optimizer.state[p]}}
                            for n, g in self.groups.items()},
                 "args": {k: v for k, v in vars(args).items()}}
         rank_state = {"torch_rng": torch.get_rng_state(),
@@ -450,6 +454,9 @@ class Trainer:
                 st["exp_avg_sq"].copy_(loaded[f"optimizer.{name}.{k}.exp_avg_sq"])
             info = meta["groups"][name]
             set_optimizer_steps(g.optimizer, info["optimizer_steps"])
+            for k, p in g.params.items():
+                if k in info.get("param_steps", {}):
+                    g.optimizer.state[p]["step"].fill_(info["param_steps"][k])
             g.steps = info["steps"]
         self.iteration = meta["iteration"]
         self.consumed_samples = meta["consumed_samples"]
