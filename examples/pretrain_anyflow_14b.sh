@@ -20,6 +20,16 @@
 #
 #   # validate the launch on any machine (no GPU): sizes, parameter counts, per-GPU memory plan
 #   DRY_RUN=1 bash examples/pretrain_anyflow_14b.sh
+#
+# AnyFlow-FAR (the causal, frame-autoregressive model; FAR.md): MODEL=far for stages 1 and 2 (the teacher stays
+# bidirectional; FAR stage 2's real / fake scores are the bidirectional teacher):
+#   MODEL=far STAGE=stage1 TEACHER=ckpt/anyflow14b-teacher DATA_PATH=data/wan14b-synthetic bash examples/pretrain_anyflow_14b.sh
+#   MODEL=far STAGE=stage2 TEACHER=ckpt/anyflow14b-teacher STAGE1_CKPT=ckpt/anyflow14b-far-stage1 \
+#     DATA_PATH=data/wan14b-synthetic bash examples/pretrain_anyflow_14b.sh
+#   MODEL=far STAGE=stage2 DRY_RUN=1 bash examples/pretrain_anyflow_14b.sh   # + FAR tokens and the rollout's KV caches
+# FAR defaults: CHUNKS="1 3 3 3 3 3 3 2" (21 latent frames = 81 video frames), TP=8 CP=1 (Transformer Engine's own CP
+# attention cannot express the FAR mask: with CP > 1 use BACKEND=local, whose Ulysses exchange runs it, and no FP8),
+# stage 1 4000 iterations (long-context probability 0.5, bidirectional branch 0.1), stage 2 1200 iterations.
 #   # throughput / smoke run without a dataset
 #   MOCK_DATA=1 bash examples/pretrain_anyflow_14b.sh
 #
@@ -35,8 +45,17 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 WORLD_SIZE=$((NNODES * GPUS_PER_NODE))
 
 STAGE=${STAGE:-stage1}                 # teacher | stage1 | stage2
-TP=${TP:-4}                            # tensor parallel (with sequence parallel)
-CP=${CP:-2}                            # context parallel (Ulysses over heads / TE CP attention)
+MODEL=${MODEL:-bidirectional}          # bidirectional | far (AnyFlow-FAR, stages 1 and 2)
+CHUNKS=${CHUNKS:-1 3 3 3 3 3 3 2}      # MODEL=far: latent frames per chunk (sum = latent frames of the clip)
+case "$MODEL" in
+  bidirectional) DEFAULT_TP=4; DEFAULT_CP=2 ;;
+  far) DEFAULT_TP=8; DEFAULT_CP=1 ;;     # TE's CP attention has no FAR mask: TP only with the te backend
+  *) echo "MODEL must be bidirectional or far (got $MODEL)" >&2; exit 2 ;;
+esac
+[ "$MODEL" = far ] && [ "$STAGE" = teacher ] && { echo "MODEL=far trains stages 1 and 2; the teacher is bidirectional" >&2; exit 2; }
+TP=${TP:-$DEFAULT_TP}                  # tensor parallel (with sequence parallel)
+CP=${CP:-$DEFAULT_CP}                  # context parallel (Ulysses over heads / TE CP attention)
+BACKEND=${BACKEND:-te}                 # te (FP8, fused attention) | local
 MICRO_BATCH=${MICRO_BATCH:-1}
 GLOBAL_BATCH=${GLOBAL_BATCH:-16}       # AnyFlow 14B: 16
 FP8=${FP8:-hybrid}                     # hybrid | e4m3 | "" (bf16 only)
@@ -47,26 +66,36 @@ PRETRAINED=${PRETRAINED:-ckpt/wan2.1-t2v-14b}
 TEACHER=${TEACHER:-}
 STAGE1_CKPT=${STAGE1_CKPT:-}
 DATA_PATH=${DATA_PATH:-data/wan14b}
-SAVE=${SAVE:-ckpt/anyflow14b-$STAGE}
+SUFFIX=$([ "$MODEL" = far ] && echo "far-$STAGE" || echo "$STAGE")
+SAVE=${SAVE:-ckpt/anyflow14b-$SUFFIX}
 MOCK_DATA=${MOCK_DATA:-0}
 DRY_RUN=${DRY_RUN:-0}
 case "$STAGE" in
   teacher) ITERS=${ITERS:-4000}; LR=${LR:-5e-5} ;;
   stage1)  ITERS=${ITERS:-4000}; LR=${LR:-5e-5} ;;
-  stage2)  ITERS=${ITERS:-800};  LR=${LR:-2e-6} ;;
+  stage2)  ITERS=${ITERS:-$([ "$MODEL" = far ] && echo 1200 || echo 800)};  LR=${LR:-2e-6} ;;
   *) echo "STAGE must be teacher, stage1 or stage2 (got $STAGE)" >&2; exit 2 ;;
 esac
 LAT_F=$(( (FRAMES - 1) / 4 + 1 )); LAT_H=$((HEIGHT / 8)); LAT_W=$((WIDTH / 8))   # Wan VAE: 4x time, 8x space
 
-ARGS=(--stage "$STAGE" --model-preset wan2.1-14b --bf16 --backend te
+ARGS=(--stage "$STAGE" --model-preset wan2.1-14b --bf16 --backend "$BACKEND"
       --tensor-model-parallel-size "$TP" --sequence-parallel --context-parallel-size "$CP"
       --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --train-iters "$ITERS" --lr "$LR"
       --lora-rank 256 --lora-alpha 256 --recompute-granularity "$RECOMPUTE"
       --save "$SAVE" --load "$SAVE" --save-interval 200 --log-interval 1 --tensorboard-dir "$SAVE/tensorboard")
+[ "$BACKEND" = local ] && FP8=""           # FP8 GEMMs come from Transformer Engine
 [ -n "$FP8" ] && ARGS+=(--fp8-format "$FP8" --fp8-recipe "$FP8_RECIPE")
+read -r -a CHUNK_ARR <<< "$CHUNKS"
+FAR_ARGS=(); PLAN_FAR=()
+if [ "$MODEL" = far ]; then
+  FAR_ARGS=(--model far --chunk-partition "${CHUNK_ARR[@]}")
+  PLAN_FAR=(--model far --chunk-partition "${CHUNK_ARR[@]}")   # the plan adds the FAR tokens and KV caches
+  [ "$STAGE" = stage1 ] && FAR_ARGS+=(--long-context-prob 0.5 --far-bidirectional-prob 0.1)
+  ARGS+=("${FAR_ARGS[@]}")
+fi
 # The te backend's fused attention is not an op the save-attention policy can keep: selective = modules here.
 POLICY=()
-[ "$RECOMPUTE" = selective ] && POLICY=(--recompute-policy modules) && ARGS+=("${POLICY[@]}")
+[ "$RECOMPUTE" = selective ] && [ "$BACKEND" = te ] && POLICY=(--recompute-policy modules) && ARGS+=("${POLICY[@]}")
 if [ "$MOCK_DATA" = 1 ] || [ "$DRY_RUN" = 1 ]; then
   ARGS+=(--mock-data --mock-latent-shape "$LAT_F" 16 "$LAT_H" "$LAT_W" --mock-text-len 512)
 else
@@ -82,7 +111,7 @@ if [ "$DRY_RUN" = 1 ]; then
   STAGE_NO=$([ "$STAGE" = stage2 ] && echo 2 || echo 1)
   python tools/memory_plan.py --preset wan2.1-14b --stage "$STAGE_NO" --tp "$TP" --cp "$CP" \
     --dp $((WORLD_SIZE / (TP * CP))) --frames "$FRAMES" --height "$HEIGHT" --width "$WIDTH" \
-    --micro-batch "$MICRO_BATCH" --recompute "$RECOMPUTE" "${POLICY[@]}" ${FP8:+--fp8 "$FP8"}
+    --micro-batch "$MICRO_BATCH" --recompute "$RECOMPUTE" "${POLICY[@]}" ${FP8:+--fp8 "$FP8"} "${PLAN_FAR[@]}"
   exit 0
 fi
 

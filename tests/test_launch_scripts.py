@@ -29,3 +29,35 @@ def test_14b_dry_run_rejects_bad_layout():
     proc = dry_run(STAGE="stage1", TP="3", CP="1")
     assert proc.returncode != 0
     assert "[FAIL] 40 heads divisible by TP x CP = 3" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# AnyFlow-FAR: MODEL=far in the 14B script, and the 1.3B FAR script
+# ------------------------------------------------------------------------------------------------
+def test_14b_far_dry_run_plans_the_kv_caches():
+    """MODEL=far: TP 8 x CP 1 by default (TE's own CP attention has no FAR mask), the FAR arguments reach the
+    trainer's dry run (chunk partition == the 21 latent frames, padding to CP x SP = 8 printed, not failed)
+    and the memory plan, which adds the rollout's KV caches and still fits 8 x 80 GB."""
+    proc = dry_run(STAGE="stage2", MODEL="far")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "[FAIL]" not in out and "TP 8 x CP 1" in out
+    assert "[ok] chunk partition [1, 3, 3, 3, 3, 3, 3, 2] sums to 21 latent frames == the clip's 21" in out
+    assert "teacher forcing n=7: 31980 + 4" in out  # padded to CP x SP = 8
+    assert "AnyFlow-FAR stage 2" in out and "KV caches alive during the rollout: 68250 tokens" in out
+    assert "-> fits in 79.6 GiB" in out
+
+
+def test_far_1_3b_script_dry_run():
+    """examples/pretrain_anyflow_far_1.3b.sh DRY_RUN=1: FAR stage 1 and stage 2 validate (no teacher, data or
+    GPU needed) and both plans fit 8 x 80 GB."""
+    full = dict(os.environ, DRY_RUN="1", PYTHONWARNINGS="ignore", TEACHER="/nonexistent")
+    proc = subprocess.run(["bash", "examples/pretrain_anyflow_far_1.3b.sh"], cwd=REPO, env=full, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "[FAIL]" not in out and out.count("[ok]") >= 18
+    assert "global batch 32 = micro 1 x DP 8 x accumulation 4" in out
+    assert "AnyFlow-FAR stage 1" in out and "n=7: 31980" in out and "bidirectional branch (32760 tokens)" in out
+    assert "AnyFlow-FAR stage 2" in out and "KV caches alive during the rollout: 68250 tokens" in out
+    assert out.count("-> fits in 79.6 GiB") == 2
