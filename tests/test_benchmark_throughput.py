@@ -209,3 +209,63 @@ def test_real_data_loader_rows(tmp_path):
 ])
 def test_kernel_categories(name, category):
     assert B.kernel_category(name) == category
+
+
+# ------------------------------------------------------------------------------------------------
+# AnyFlow-FAR rows (--model far)
+# ------------------------------------------------------------------------------------------------
+FAR_ARGS = ["--model", "far", "--preset", "tiny", "--latent-shape", "5", "8", "8", "--chunk-partition", "1", "1", "1",
+            "1", "1", "--text-len", str(TEXT), "--micro-batch-size", "1", "--simulation-steps", *map(str, SIM),
+            "--seed", str(SEED)]
+
+
+def test_far_cpu_rows(tmp_path):
+    """The FAR stage-1 and stage-2 rows run on CPU (tiny preset, 5 one-frame chunks: teacher forcing with
+    compressed context, rollouts through the KV cache), no teacher and no reference row, each timed
+    iteration credited with the FAR FLOPs of its own draws."""
+    jpath, mpath = tmp_path / "far.json", tmp_path / "far.md"
+    run_cmd([sys.executable, TOOL, *FAR_ARGS, "--iters", "2", "--warmup", "0", "--schedules", "sequential",
+             "--matmul-size", "128", "--json", str(jpath), "--markdown", str(mpath)], timeout=300)
+    report = json.loads(jpath.read_text())
+    meta, rows = report["meta"], report["rows"]
+    assert meta["model"] == "far" and meta["chunk_partition"] == [1, 1, 1, 1, 1]
+    assert {(r["step"], r["schedule"], r["implementation"]) for r in rows} == {
+        ("stage1", None, "megatron_anyflow"), ("stage2", "sequential", "megatron_anyflow")}
+    tool = _load_tool()
+    a = tool.parse_args([*FAR_ARGS, "--iters", "2", "--warmup", "0"])
+    for r in rows:
+        assert "error" not in r, r
+        assert r["model"] == "far" and r["s_per_iter_statistic"] == "mean" and len(r["far_plans"]) == 2
+        f = B.iteration_flops(a, None, r["step"], r["schedule"], True, iterations=range(2))
+        assert math.isclose(r["model_flops_per_iteration"], f["flops_per_sample"], rel_tol=1e-12)
+        assert math.isclose(r["hardware_flops_per_iteration"], f["hardware_flops_per_sample"], rel_tol=1e-12)
+        assert math.isclose(sum(r["model_flops_per_iteration_each"]) / sum(r["iteration_times_s"]) / 1e12,
+                            r["model_tflops_per_s_per_gpu"], rel_tol=1e-9)
+    md = mpath.read_text()
+    assert "AnyFlow-FAR training throughput" in md and "| FAR stage2 | sequential | megatron_anyflow |" in md
+
+
+@pytest.mark.parametrize("step, schedule", [("stage1", None), ("stage2", "sequential")])
+def test_far_hardware_flops_are_what_the_trainer_runs(step, schedule):
+    """The FLOPs credited to each FAR iteration (its own n, bidirectional coin, (N, k)) == PyTorch's FLOP
+    count of the trainer's iteration itself (explicit-matmul attention, unmerged LoRA): the per-iteration
+    plans and the call structure (teacher forcing + null / plus / minus, the bidirectional branch, the
+    rollout's steps and prefills, scores, co-training, critic) are the trainer's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tool = _load_tool()
+    a = tool.parse_args([*FAR_ARGS, "--iters", "2", "--warmup", "0", "--attention-impl", "math",
+                         "--lora-nograd-merge", "off", "--threads", "1",
+                         "--extra-trainer-args", "--long-context-prob 1.0 --far-bidirectional-prob 0.5"])
+    runner = B.OursRunner(a, step, schedule, 16)
+    try:
+        credited = B.iteration_flops(a, None, step, schedule, True, iterations=range(2))
+        draws = credited["far_plans"]
+        assert {p["bidirectional"] for p in draws} == {True, False} or len({p["n"] for p in draws}) > 1
+        for it in range(2):
+            with FlopCounterMode(display=False) as counter:
+                runner.step(it)
+            assert counter.get_total_flops() == pytest.approx(
+                credited["per_iteration"][it]["hardware_flops_per_sample"], rel=1e-12), draws[it]
+    finally:
+        runner.close()

@@ -95,6 +95,14 @@ Trainer options: the ones below are passed on; any option this tool does not kno
 ``pretrain_anyflow.py`` unchanged (e.g. ``--recompute-policy save-attention``, ``--lora-nograd-merge
 cache``, ``--grad-through no_grad_prefix``); ``--extra-trainer-args '...'`` does the same in one string.
 
+``--model far``: the AnyFlow-FAR rows instead (the causal model, FAR.md): FAR stage 1 (teacher forcing +
+the bidirectional branch) and FAR stage 2 (causal rollouts through the KV cache, bidirectional scores),
+``--chunk-partition`` (default the recipe's (1, 3, 3, 3, 3, 3, 3, 2) cut to the latent frames), credited
+with FAR model / hardware FLOPs (`flops.far_step_flops`: block-sparse attention pairs from `FarLayout`,
+each timed iteration with its own draws of n, the bidirectional coin and (N, k); s/iter the mean). No
+teacher row (the teacher is bidirectional) and no reference (there is no diffusers + PEFT FAR trainer
+to compare with).
+
 ``--profile``: after timing, one more iteration of each megatron_anyflow row runs under
 ``torch.profiler``; the report adds its time per kernel category (attention, GEMM, elementwise,
 communication: `benchmark.KERNEL_CATEGORIES`) and the top kernels.
@@ -110,6 +118,7 @@ Usage::
         --tensor-model-parallel-size 2 --sequence-parallel --context-parallel-size 4 --backend te
     python tools/benchmark_throughput.py --steps stage2 --schedules pipelined --no-reference
     python tools/benchmark_throughput.py --steps stage1 --data-path data/wan --num-workers 4 --compile
+    python tools/benchmark_throughput.py --model far --steps stage1 stage2 --schedules sequential  # AnyFlow-FAR
 
 The measurement itself lives in :mod:`megatron_anyflow.training.benchmark`.
 """
@@ -126,9 +135,9 @@ from typing import Dict
 import torch
 
 from megatron_anyflow.training.benchmark import (DEFAULT_SCHEDULES, IMPLS, SCHEDULES, STEPS, _count_params, _rank, _tokens, _world,
-                                                 arch_config, device_name, device_slug, iteration_flops, markdown,
-                                                 measure, measure_matmul_tflops, preset_with_layers, say,
-                                                 stage2_plans)
+                                                 arch_config, device_name, device_slug, far_chunk_partition,
+                                                 iteration_flops, markdown, measure, measure_matmul_tflops,
+                                                 preset_with_layers, say, stage2_plans)
 
 __all__ = ["build_parser", "parse_args", "main", "arch_config", "preset_with_layers"]
 
@@ -168,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--iters", type=int, default=None, help="timed iterations (default 10 CUDA, 3 CPU)")
     g.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default 3 CUDA, 1 CPU)")
     g.add_argument("--no-reference", action="store_true", help="skip the diffusers + PEFT reference")
+    g.add_argument("--model", choices=["bidirectional", "far"], default="bidirectional",
+                   help="far: the AnyFlow-FAR rows (causal model; stages 1 and 2, no reference)")
+    g.add_argument("--chunk-partition", type=int, nargs="+", default=None,
+                   help="--model far: latent frames per chunk (default (1, 3, 3, 3, 3, 3, 3, 2) cut to the latent frames)")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--threads", type=int, default=None,
                    help="CPU only: torch intra-op threads (default 1: the tiny CPU run's small ops gain nothing "
@@ -265,6 +278,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     F, H, W = a.latent
     if F % pt or H % ph or W % pw or min(a.latent) < 1:
         p.error(f"latent size {a.latent} does not divide into patches {pre.patch_size}")
+    if a.chunk_partition and a.model != "far":
+        p.error("--chunk-partition needs --model far")
+    if a.model == "far":
+        if "teacher" in a.steps:  # the teacher is bidirectional: FAR rows are stages 1 and 2
+            a.steps = [s for s in a.steps if s != "teacher"]
+            if not a.steps:
+                p.error("--model far measures stage1 / stage2 (the teacher is bidirectional)")
+        a.no_reference = True  # no diffusers + PEFT FAR trainer to compare with
+        cp = far_chunk_partition(a)
+        if any(c < 1 for c in cp) or sum(cp) > F or ("stage2" in a.steps and sum(cp) != F):
+            p.error(f"--chunk-partition {list(cp)} (sum {sum(cp)}) must cover the {F} latent frames (stage 2: exactly)")
+        if H % 4 or W % 4:
+            p.error(f"--model far: latent {H} x {W} must divide by the compressed patch (4 x 4)")
     return a
 
 
@@ -284,7 +310,8 @@ def main(argv=None) -> Dict:
         say("*** NO CUDA: measuring on the CPU (fp32, tiny size): a smoke run, not a GPU result ***")
     S = _tokens(a)
     say(f"preset {a.preset} ({cfg.num_layers} layers), latents {a.latent} -> {S} tokens/sample, text {a.text_len}, "
-        f"micro-batch {a.micro_batch_size}, {'bf16' if a.bf16 else 'fp32'}, LoRA rank {a.lora_rank}")
+        f"micro-batch {a.micro_batch_size}, {'bf16' if a.bf16 else 'fp32'}, LoRA rank {a.lora_rank}"
+        + (f"; AnyFlow-FAR, chunks {far_chunk_partition(a)} (no reference rows)" if a.model == "far" else ""))
     say(f"measuring the {'bf16' if a.device_kind == 'cuda' else 'fp32'} matmul rate (n = {a.matmul_size}) ...")
     matmul = measure_matmul_tflops(a.matmul_size)
     say(f"  {matmul['tflops']:.4g} TFLOP/s")
@@ -299,8 +326,9 @@ def main(argv=None) -> Dict:
     rows = []
     for step, sch in plan:
         f = flops[f"{step}{'/' + sch if sch else ''}"]
-        say(f"{step}{' (' + sch + ')' if sch else ''}: {f['forward_equivalents']:.4g} forward-equivalents, "
-            f"{f['flops_per_sample'] / 1e9:.4g} model GFLOP per sample and iteration")
+        say(f"{'FAR ' if a.model == 'far' else ''}{step}{' (' + sch + ')' if sch else ''}: "
+            f"{f['forward_equivalents']:.4g} forward-equivalents, {f['flops_per_sample'] / 1e9:.4g} model GFLOP per "
+            f"sample and iteration" + (" (the timed iterations' own draws)" if a.model == "far" else ""))
         rows.append(measure(a, "megatron_anyflow", step, sch, matmul, cotrain))
     if not a.no_reference:
         import torch.distributed as dist
@@ -333,7 +361,7 @@ def main(argv=None) -> Dict:
     timed = range(a.warmup, a.warmup + a.iters)
     for step, sch in plan:  # the FLOPs the rows were credited with: stage 2 from the timed iterations' draws
         if step == "stage2":
-            flops[f"stage2/{sch}"] = iteration_flops(a, cfg, step, sch, cotrain, stage2_plans(a, timed))
+            flops[f"stage2/{sch}"] = iteration_flops(a, cfg, step, sch, cotrain, stage2_plans(a, timed), iterations=timed)
 
     import diffusers
     import megatron.core
@@ -360,6 +388,7 @@ def main(argv=None) -> Dict:
         "expected_segments": next((f["expected_segments"] for f in flops.values() if "expected_segments" in f), None),
         "reference_notes": "diffusers AnyFlowTransformer3DModel + PEFT LoRA, eager, SDPA; ONE model with adapters "
                            "switched per call for stage 2 (the public reference keeps three full models)",
+        "model": a.model, "chunk_partition": list(far_chunk_partition(a)) if a.model == "far" else None,
         "command": " ".join([os.path.basename(sys.argv[0])] + list(argv if argv is not None else sys.argv[1:])),
     }
     report = {"meta": meta, "rows": rows}

@@ -11,6 +11,12 @@ The tool's module docstring defines every reported figure; this module holds the
   loader with workers) and `ReferenceRunner` (diffusers ``AnyFlowTransformer3DModel`` + PEFT LoRA, eager,
   gradient checkpointing whenever this project's row recomputes);
 * `measure` (one row) and `markdown` (the report).
+
+AnyFlow-FAR rows (``--model far``: the causal model's stage 1 and stage 2, FAR.md): the trainer's own FAR
+iteration (`OursRunner` with ``--model far --chunk-partition``); every timed iteration is credited with its
+own draws -- the teacher-forcing chunk count n and the bidirectional-branch coin of `FarStage1.iteration_plan`
+(stage 2's co-training too), and stage 2's rollout plan (N, k) -- through `training.flops.far_step_flops` /
+`far_step_hardware_flops` (block-sparse attention pairs from `FarLayout`); no reference implementation.
 """
 from __future__ import annotations
 
@@ -226,8 +232,101 @@ def arch_config(preset: str, num_layers: Optional[int]):
     return wan_config(preset, **({"num_layers": num_layers} if num_layers else {}))
 
 
+def is_far(a) -> bool:
+    return getattr(a, "model", "bidirectional") == "far"
+
+
+def far_chunk_partition(a) -> Tuple[int, ...]:
+    """The FAR rows' chunk partition: ``--chunk-partition``, or the recipe's (1, 3, 3, 3, 3, 3, 3, 2) cut to the
+    latent frames (whole chunks while they fit, the last one shortened)."""
+    if getattr(a, "chunk_partition", None):
+        return tuple(int(c) for c in a.chunk_partition)
+    from megatron_anyflow.models.wan.config import WanConfig
+
+    out, left = [], a.latent[0]
+    for c in WanConfig.__dataclass_fields__["chunk_partition"].default:
+        if left <= 0:
+            break
+        out.append(min(c, left))
+        left -= out[-1]
+    return tuple(out)
+
+
+def far_config(a):
+    """The FAR model config of the rows (the preset with ``far`` on and the rows' chunk partition)."""
+    from megatron_anyflow.models.wan.config import wan_config
+
+    return wan_config(a.preset, far=True, chunk_partition=far_chunk_partition(a),
+                      **({"num_layers": a.num_layers} if a.num_layers else {}))
+
+
+def far_plans(a, step: str, iterations) -> List[Dict[str, object]]:
+    """What each FAR iteration draws, from the trainer's seeds: ``n`` and ``bidirectional`` (the stage-1
+    loss's teacher-forcing chunk count and bidirectional-branch coin: `stages.FarStage1.iteration_plan`
+    itself, with the trainer's arguments for this row) and, in stage 2, the rollout plan ``N``, ``k``."""
+    from types import SimpleNamespace
+
+    from megatron_anyflow.training.arguments import parse_args as trainer_parse_args
+    from megatron_anyflow.training.stages import FarStage1
+    from megatron_anyflow.training.trainer import derive_seed
+
+    targs = trainer_parse_args(trainer_argv(a, step, "sequential" if step == "stage2" else None, 64))
+
+    def generator(*parts):
+        return torch.Generator().manual_seed(derive_seed(a.seed, *parts))
+
+    stage = SimpleNamespace(t=SimpleNamespace(generator=generator), args=targs, chunk_partition=far_chunk_partition(a))
+    iterations = list(iterations)
+    rollout = stage2_plans(a, iterations) if step == "stage2" else [(None, None)] * len(iterations)
+    out = []
+    for it, (N, k) in zip(iterations, rollout):
+        n, bi = FarStage1.iteration_plan(stage, it)
+        out.append({"n": n, "bidirectional": bi, "N": N, "k": k, "guidance": targs.guidance})
+    return out
+
+
+def far_iteration_flops(a, step: str, schedule: Optional[str], cotrain: bool, iterations) -> Dict[str, object]:
+    """Model and hardware FLOPs per sample of the FAR rows' ``iterations`` (each its own draws, `far_plans`):
+    ``flops_per_sample`` is the mean over them, ``per_iteration`` lists them; forward-equivalents are in
+    bidirectional forwards of the whole clip."""
+    from megatron_anyflow.training.flops import far_step_flops, far_step_hardware_flops, rollout_segments
+
+    cfg = far_config(a)
+    F, H, W = a.latent
+    plans = far_plans(a, step, iterations)
+    hw_kw = dict(lora_rank=a.lora_rank, lora_targets=lora_targets(step), merged_nograd=merged_nograd(a, step),
+                 attention="math" if a.attention_impl == "math" else "flash",
+                 pad_to=a.context_parallel_size * (a.tensor_model_parallel_size if a.sequence_parallel else 1))
+    per, eqs = [], []
+    for p in plans:
+        kw = dict(num_chunks=p["n"], bidirectional=p["bidirectional"], guidance=p["guidance"])
+        if step == "stage1":
+            m = far_step_flops(cfg, "stage1", H, W, a.text_len, **kw)
+            hw = far_step_hardware_flops(cfg, "stage1", H, W, a.text_len, **kw, **hw_kw).total
+            per.append((m.flops_per_sample, hw))
+            eqs.append(m.forward_equivalents)
+            continue
+        seg = rollout_segments(p["N"], p["k"])
+        crit = seg if schedule == "sequential" else 0
+        g = far_step_flops(cfg, "stage2_generator", H, W, a.text_len, rollout_grad_segments=seg, cotrain=cotrain, **kw)
+        c = far_step_flops(cfg, "stage2_critic", H, W, a.text_len, rollout_segments=crit)
+        hw = far_step_hardware_flops(cfg, "stage2", H, W, a.text_len, rollout_grad_segments=seg, rollout_segments=crit,
+                                     cotrain=cotrain, **kw, **hw_kw).total
+        per.append((g.flops_per_sample + c.flops_per_sample, hw))
+        eqs.append(g.forward_equivalents + c.forward_equivalents)
+    out = {"model": "far", "chunk_partition": list(cfg.chunk_partition),
+           "flops_per_sample": statistics.mean(m for m, _ in per),
+           "hardware_flops_per_sample": statistics.mean(h for _, h in per),
+           "forward_equivalents": statistics.mean(eqs), "far_plans": plans,
+           "per_iteration": [{"model_flops_per_sample": m, "hardware_flops_per_sample": h} for m, h in per]}
+    if step == "stage2":
+        out.update(plans=[[p["N"], p["k"]] for p in plans], rollout_segments=[rollout_segments(p["N"], p["k"])
+                                                                             for p in plans])
+    return out
+
+
 def iteration_flops(a, cfg, step: str, schedule: Optional[str], cotrain: bool = True,
-                    plans: Optional[Sequence[Tuple[int, int]]] = None) -> Dict[str, object]:
+                    plans: Optional[Sequence[Tuple[int, int]]] = None, iterations=None) -> Dict[str, object]:
     """Model and hardware FLOPs per sample of the timed iterations of one row.
 
     Teacher / stage 1: the same every iteration (`step_flops`, `step_hardware_flops`). Stage 2: each
@@ -237,7 +336,13 @@ def iteration_flops(a, cfg, step: str, schedule: Optional[str], cotrain: bool = 
     (backward 2.5x forward) unless ``--attention-impl math``, and LoRA GEMMs in the no-grad forwards
     only where the trainer runs them unmerged (`merged_nograd`); the merges themselves (weight-sized
     GEMMs, < 0.3 % of a 1.3B step) are not counted.
+
+    FAR rows (``a.model == "far"``): `far_iteration_flops` of ``iterations`` (default: the first ``a.iters``
+    after the warm-up), every iteration credited with its own draws.
     """
+    if is_far(a):
+        its = iterations if iterations is not None else range(a.warmup, a.warmup + a.iters)
+        return far_iteration_flops(a, step, schedule, cotrain, its)
     from megatron_anyflow.training.flops import (expected_segments, rollout_segments, stage2_iteration_flops,
                                                  step_flops, step_hardware_flops)
 
@@ -324,6 +429,8 @@ def trainer_argv(a, step: str, schedule: Optional[str], num_samples: int) -> Lis
         argv.append("--compile")
     if a.num_workers is not None:
         argv += ["--num-workers", str(a.num_workers)]
+    if is_far(a):
+        argv += ["--model", "far", "--chunk-partition", *map(str, far_chunk_partition(a))]
     argv += list(getattr(a, "trainer_extra", []))  # options this tool does not know: the trainer's
     return argv
 
@@ -651,8 +758,8 @@ def _max_over_ranks(values: List[float]) -> List[float]:
 def measure(a, impl: str, step: str, schedule: Optional[str], matmul: Dict, cotrain: bool = True) -> Dict:
     """Build one implementation, warm up, time ``a.iters`` iterations, and fill one result row (FLOPs of
     the timed iterations: `iteration_flops` with their own stage-2 draws)."""
-    label = f"{step}{'/' + schedule if schedule else ''} [{impl}]"
-    row = {"step": step, "schedule": schedule, "implementation": impl}
+    label = f"{'FAR ' if is_far(a) else ''}{step}{'/' + schedule if schedule else ''} [{impl}]"
+    row = {"step": step, "schedule": schedule, "implementation": impl, "model": getattr(a, "model", "bidirectional")}
     mem = PeakMemory()
     mem.local = impl == "reference"  # rank 0 alone: no collective
     mem.start()
@@ -705,14 +812,16 @@ def measure(a, impl: str, step: str, schedule: Optional[str], matmul: Dict, cotr
 
     cfg = arch_config(a.preset, a.num_layers)
     timed = range(a.warmup, a.warmup + a.iters)
-    flops = iteration_flops(a, cfg, step, schedule, cotrain, stage2_plans(a, timed) if step == "stage2" else None)
-    # stage 2: mean time and the mean of the iterations' own FLOPs (= sum of FLOPs / sum of times)
-    s_iter = statistics.mean(times) if step == "stage2" else statistics.median(times)
+    flops = iteration_flops(a, cfg, step, schedule, cotrain, stage2_plans(a, timed) if step == "stage2" else None,
+                            iterations=timed)
+    # stage 2 and FAR: mean time and the mean of the iterations' own FLOPs (= sum of FLOPs / sum of times)
+    varying = step == "stage2" or is_far(a)
+    s_iter = statistics.mean(times) if varying else statistics.median(times)
     S = _tokens(a)
     tflops = gb * flops["flops_per_sample"] / s_iter / world / 1e12
     hw_tflops = gb * flops["hardware_flops_per_sample"] / s_iter / world / 1e12
     row.update({
-        "s_per_iter": s_iter, "s_per_iter_statistic": "mean" if step == "stage2" else "median",
+        "s_per_iter": s_iter, "s_per_iter_statistic": "mean" if varying else "median",
         "iteration_times_s": times, "world_size": world, "global_batch": gb,
         "tokens_per_s_per_gpu": gb * S / s_iter / world,
         "model_flops_per_iteration": gb * flops["flops_per_sample"],
@@ -724,6 +833,10 @@ def measure(a, impl: str, step: str, schedule: Optional[str], matmul: Dict, cotr
         ("gradient_checkpointing" if a.recompute_granularity != "none" else "none"),
         "lora_targets": list(lora_targets(step)) if impl == "megatron_anyflow" else peft_targets(step),
     })
+    if is_far(a):
+        row["far_plans"] = flops["far_plans"]
+        row["chunk_partition"] = flops["chunk_partition"]
+        row["model_flops_per_iteration_each"] = [gb * f["model_flops_per_sample"] for f in flops["per_iteration"]]
     if step == "stage2":
         row["rollout_plans"] = flops["plans"]
         row["rollout_segments"] = flops["rollout_segments"]
@@ -751,7 +864,8 @@ def _fmt(v, spec):
 def markdown(report: Dict) -> str:
     m, rows = report["meta"], report["rows"]
     cpu = m["device_kind"] == "cpu"
-    out = [f"# AnyFlow training throughput: {m['preset']} on {m['device']}", ""]
+    far = m.get("model") == "far"
+    out = [f"# AnyFlow{'-FAR' if far else ''} training throughput: {m['preset']} on {m['device']}", ""]
     if cpu:
         out += ["**Measured on the CPU (no CUDA device)**: a smoke run of the benchmark at a tiny size. The "
                 "numbers say nothing about GPU training speed; MFU is against an fp32 CPU matmul (one thread "
@@ -768,8 +882,11 @@ def markdown(report: Dict) -> str:
             f"{m['attention_impl']}, recompute {m['recompute_granularity']}, fp8 {m['fp8_format']}",
             f"- measured matmul rate: {m['matmul']['tflops']:.4g} TFLOP/s ({m['matmul']['dtype']} "
             f"{m['matmul']['n']}^3 on {m['matmul']['device']}; the MFU denominator)",
-            f"- {m['iters']} timed iterations after {m['warmup']} warm-up; s/iter is the median (teacher, stage 1) "
-            f"or the mean (stage 2: random rollout lengths, same draws for both implementations)", ""]
+            f"- {m['iters']} timed iterations after {m['warmup']} warm-up; s/iter is "
+            + ("the mean (every FAR iteration draws its chunk count n, the bidirectional coin and, in stage 2, its "
+               "rollout length; each is credited with its own FLOPs)" if far else
+               "the median (teacher, stage 1) or the mean (stage 2: random rollout lengths, same draws for both "
+               "implementations)"), ""]
     mem_label = "peak host RSS increase (GiB)" if cpu else "peak allocated / reserved (GiB)"
     out += [f"| step | schedule | implementation | recompute | s/iter | tokens/s/GPU | model TFLOP/s/GPU | MFU | "
             f"hardware TFLOP/s/GPU | {mem_label} | speed-up vs reference | memory vs reference |",
@@ -782,7 +899,8 @@ def markdown(report: Dict) -> str:
         tf = r["model_tflops_per_s_per_gpu"]
         mem = f"{r['peak_memory_gib']:.3f}" + (f" / {r['peak_reserved_gib']:.3f}" if r.get("peak_reserved_gib")
                                                  is not None else "")
-        out.append(f"| {r['step']} | {r['schedule'] or '-'} | {r['implementation']} | {r.get('recompute', '-')} | "
+        out.append(f"| {('FAR ' if r.get('model') == 'far' else '') + r['step']} | {r['schedule'] or '-'} | "
+                   f"{r['implementation']} | {r.get('recompute', '-')} | "
                    f"{r['s_per_iter']:.4g} | {r['tokens_per_s_per_gpu']:.4g} | {tf:.4g} | {_fmt(100 * r['mfu'], '.2f')}% | "
                    f"{r['hardware_tflops_per_s_per_gpu']:.4g} | {mem} | {_fmt(r.get('speedup_vs_reference'), '.2f')} | "
                    f"{_fmt(r.get('memory_vs_reference'), '.2f')} |")
@@ -801,6 +919,15 @@ def markdown(report: Dict) -> str:
         hw = f.get("hardware_flops_per_sample")
         out.append(f"| {k} | {f['forward_equivalents']:.4g} | {f['flops_per_sample'] / 1e9:.4g} | "
                    f"{_fmt(hw / 1e9 if hw is not None else None, '.4g')} |")
+    if far:
+        out += ["", f"AnyFlow-FAR (the causal model, chunks {tuple(m['chunk_partition'])}): the same per-token formula over "
+                "the FarLayout tokens (compressed context, full chunks, clean copies), self-attention 4 P h with P the "
+                "allowed (query, key) pairs of the grouped attention (block-sparse), cached steps q x (cache + q), "
+                "prefills without head (`flops.far_step_flops`). Stage 1: 6 F_tf(n) (+ 3 F_bi + 1 F_bi with the "
+                "bidirectional branch); stage 2: generator 3 n_seg sum_k F_step(k) + the prefills + real 2 F_bi + "
+                "fake 1 F_bi + co-training 6 F_tf(n), critic n_seg sum_k F_step(k) + the prefills (sequential) + 3 F_bi. "
+                "Each timed iteration is credited with its own draws (n, the bidirectional coin, (N, k)); "
+                "forward-equivalents in bidirectional forwards F_bi. No reference implementation for FAR rows."]
     e = m.get("expected_segments")
     if e is not None:
         out += ["", "Stage 2 = generator step (rollout with grad 3n + real score 2 + fake score 1 + stage-1 "
@@ -813,7 +940,7 @@ def markdown(report: Dict) -> str:
         if seg:
             out.append(f"The timed stage-2 iterations drew {sorted(seg)[0]:.3g} rollout segments on average "
                        f"(expectation {e:.4g}); the table above is per timed iteration.")
-    out += ["", "Reference = diffusers `AnyFlowTransformer3DModel` + PEFT LoRA (same rank, alpha and target linears), "
+    out += [""] if far else ["", "Reference = diffusers `AnyFlowTransformer3DModel` + PEFT LoRA (same rank, alpha and target linears), "
             "eager PyTorch, SDPA attention, diffusers' gradient checkpointing whenever this project's row "
             "recomputes, the same AnyFlow step functions with `kernel_backend=\"torch\"`, "
             "AdamW per adapter, clipping, EMA" + (", bf16 weights (diffusers' fp32 modules kept fp32), fp32 "
@@ -844,7 +971,9 @@ def _count_params(a) -> int:
     from megatron_anyflow.models.wan.config import wan_config
     from megatron_anyflow.models.wan.model import WanModel
 
-    cfg = wan_config(a.preset, perform_initialization=False, **({"num_layers": a.num_layers} if a.num_layers else {}))
+    far = {"far": True, "chunk_partition": far_chunk_partition(a)} if is_far(a) else {}
+    cfg = wan_config(a.preset, perform_initialization=False, **far,
+                     **({"num_layers": a.num_layers} if a.num_layers else {}))
     with torch.device("meta"):
         m = WanModel(cfg)
     return sum(p.numel() for p in m.parameters())
