@@ -20,6 +20,10 @@
 #   07_profile_stage1      06's stage-1 profile: time per kernel category (attention, GEMM,
 #                          elementwise, communication)                                           10
 #   08_kernels             tools/benchmark_kernels.py                                            25
+#   10_throughput_far      tools/benchmark_throughput.py --model far: AnyFlow-FAR stage 1 and stage 2
+#                          (sequential), a 10-layer slice of 1.3B at 81 x 480 x 832, selective recompute,
+#                          FAR FLOPs (block-sparse attention pairs, each iteration its own draws); runs
+#                          before 09 so that the rest of the budget stays 09's                    60
 #   09_throughput_stage2   tools/benchmark_throughput.py stage 2: sequential, pipelined and overlapped
 #                          (pipelined + --overlap-critic: the overlap's time against pipelined), vs reference,
 #                          --recompute-granularity selective (the reference: gradient checkpointing)  the rest
@@ -84,6 +88,10 @@ if [ "$DRY" = 1 ]; then
     ATTN_ARGS=(--tiny --iters 1 --warmup 0)
     KERNEL_ARGS=(--device cpu --iters 2 --warmup 1)
     PYTEST_KERNELS=()  # without CUDA its Triton tests skip; the CPU suite runs the rest
+    # AnyFlow-FAR: 5 one-frame chunks (teacher forcing with compressed context, rollouts through the KV cache)
+    FAR_SIZE=(--preset tiny --latent-shape 5 8 8 --chunk-partition 1 1 1 1 1 --text-len 8 --matmul-size 128
+              --simulation-steps 2 4)
+    FAR_ITERS=(--iters 1 --warmup 0 --recompute-granularity selective)
 else
     THR_SIZE=(--preset wan2.1-1.3b --frames 81 --height 480 --width 832 --text-len 512 --bf16)
     THR_ITERS=(--iters 3 --warmup 1)
@@ -94,6 +102,10 @@ else
     ATTN_ARGS=()
     KERNEL_ARGS=()
     PYTEST_KERNELS=(tests/test_kernels.py)
+    # AnyFlow-FAR rows on a 10-layer slice of 1.3B (per-layer rates as the whole model's; the recipe's chunks
+    # (1, 3, 3, 3, 3, 3, 3, 2)): one warm-up and one timed iteration per row within the part's minute
+    FAR_SIZE=(--preset wan2.1-1.3b --num-layers 10 --frames 81 --height 480 --width 832 --text-len 512 --bf16)
+    FAR_ITERS=(--iters 1 --warmup 1 --recompute-granularity selective)
 fi
 read -r -a THR_EXTRA <<< "${GPU_SUITE_THROUGHPUT_ARGS:-}"
 
@@ -196,6 +208,12 @@ p_throughput_stage2() {
         --json "$OUTDIR/09_throughput_stage2.json" --markdown "$OUTDIR/09_throughput_stage2.md"
 }
 
+p_throughput_far() {
+    "$PY" tools/benchmark_throughput.py --model far "${FAR_SIZE[@]}" "${FAR_ITERS[@]}" --steps stage1 stage2 \
+        --schedules sequential "${THR_EXTRA[@]}" --json "$OUTDIR/10_throughput_far.json" \
+        --markdown "$OUTDIR/10_throughput_far.md"
+}
+
 PARTS=(
     "01_env 20 p_env"
     "02_pytest_gpu 75 p_pytest_gpu"
@@ -205,6 +223,7 @@ PARTS=(
     "06_throughput_t_s1 150 p_throughput_t_s1"
     "07_profile_stage1 10 p_profile_stage1"
     "08_kernels 25 p_kernels"
+    "10_throughput_far 60 p_throughput_far"
     "09_throughput_stage2 100000 p_throughput_stage2"
 )
 
@@ -267,7 +286,8 @@ run_part() {
 }
 
 # arrays do not cross `bash -c`: the parts read them from these declarations
-ARRAYS=$(declare -p THR_SIZE THR_ITERS THR2_ITERS STEP_ARGS ATTN_ARGS KERNEL_ARGS PYTEST_KERNELS THR_EXTRA)
+ARRAYS=$(declare -p THR_SIZE THR_ITERS THR2_ITERS STEP_ARGS ATTN_ARGS KERNEL_ARGS PYTEST_KERNELS THR_EXTRA FAR_SIZE \
+         FAR_ITERS)
 export ARRAYS
 for part in "${PARTS[@]}"; do
     read -r name budget fn <<< "$part"
