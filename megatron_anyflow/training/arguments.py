@@ -242,6 +242,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                      "Transformer Engine)")
     if args.far_bidirectional_prob is None:
         args.far_bidirectional_prob = 0.1 if args.stage == "stage1" else 0.0
+    if args.stage == "stage2" and args.far_bidirectional_prob > 0:
+        parser.error(f"--far-bidirectional-prob {args.far_bidirectional_prob}: stage 2 co-trains FAR stage 1's causal "
+                     "branch only (the reference's bidirectional_modeling_prob = 0)")
     for name in ("long_context_prob", "far_bidirectional_prob"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             parser.error(f"--{name.replace('_', '-')} must lie in [0, 1]; got {getattr(args, name)}")

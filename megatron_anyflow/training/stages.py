@@ -202,8 +202,17 @@ class FarStage1(Stage1):
     forcing, n chunks drawn per iteration identically on every rank), plus with probability
     ``--far-bidirectional-prob`` (one draw per iteration, the same on every rank) the bidirectional branch:
     guidance-fused flow matching of the same model's bidirectional forward on the whole clip, with the
-    prompts after the causal branch's text dropout (the reference drops them once for both branches);
-    its loss is added (the reference runs a second backward into the same optimizer step)."""
+    prompts after the causal branch's text dropout (the reference drops them once for both branches).
+    As in the reference, the two branches have their own backward into one optimizer step: when the
+    bidirectional branch runs, the causal loss is backpropagated here (scaled like `Stage.train_step`'s)
+    before the bidirectional forward, so the two graphs are never alive together; the returned loss is
+    then the causal loss (detached) plus the bidirectional loss (with grad), which `Stage.train_step`
+    backpropagates. Stage 2's co-training runs the causal branch only (the reference's
+    ``bidirectional_modeling_prob = 0``; `training.arguments` refuses another value)."""
+
+    def train_step(self, iteration, micro):
+        self._num_micro = len(micro)  # scales the causal branch's own backward like Stage.train_step's
+        return super().train_step(iteration, micro)
 
     def __init__(self, trainer):
         super().__init__(trainer)
@@ -234,6 +243,9 @@ class FarStage1(Stage1):
             boundary_carry=carry)
         stats["carry"] = (stats["boundary_sum"], stats["boundary_count"])
         if bi:
+            if torch.is_grad_enabled():
+                (loss / getattr(self, "_num_micro", 1)).backward()
+                loss = loss.detach()
             neg = t.negative_text.to(text.dtype).expand(text.shape[0], -1, -1)
             dropped = stats["text_dropped"].to(text.device)[:, None, None]
             text_used = torch.where(dropped, neg, text)
