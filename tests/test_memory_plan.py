@@ -321,17 +321,20 @@ def test_far_kv_cache_bytes():
 
 
 def test_far_stage1_activations():
-    """Stage 1: the longest teacher-forcing graph (n = 7, 31,980 tokens at 480p), plus the bidirectional
-    branch's whole clip (32,760 tokens) alive with it: stages.FarStage1 adds the two losses and runs one
-    backward. Full recompute keeps the block inputs of both."""
+    """Stage 1: the longest teacher-forcing graph (n = 7, 31,980 tokens at 480p) or the bidirectional
+    branch's whole clip (32,760 tokens), whichever is larger: stages.FarStage1 backpropagates the causal
+    branch before the bidirectional forward, so the two graphs never coexist. Full recompute keeps the
+    block inputs."""
     h, L = 1536, 30
     p = _far_plan(stage=1)
     assert p["far"]["longest_n"] == 7 and p["grad_forwards"] == 2
     per = 2 * h  # full recompute: the block input (bf16), TP = 1
-    assert _component(p, "activations: FAR teacher forcing n=7 (31980 tokens)") == pytest.approx(
-        L * 31980 * per + 31980 * 6 * h, rel=1e-12)
-    assert _component(p, "activations: + bidirectional branch (32760 tokens)") == pytest.approx(
+    assert not any(k.startswith("activations: FAR teacher forcing") for k in p["components"])
+    assert _component(p, "activations: bidirectional branch (32760 tokens)") == pytest.approx(
         L * 32760 * per + 32760 * 6 * h, rel=1e-12)
+    causal = _far_plan(stage=1, far_bidirectional_prob=0.0)
+    assert _component(causal, "activations: FAR teacher forcing n=7 (31980 tokens)") == pytest.approx(
+        L * 31980 * per + 31980 * 6 * h, rel=1e-12)
     only = _far_plan(stage=1, far_bidirectional_prob=0.0, long_context_prob=0.0)
     assert only["grad_forwards"] == 1 and only["far"]["longest_n"] == 3
     assert _component(only, "activations: FAR teacher forcing n=3 (21840 tokens)") == pytest.approx(

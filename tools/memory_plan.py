@@ -98,9 +98,9 @@ model pads it, heads divisible by TP x CP (the FAR attention runs after the Ulys
   whose keys are several ranges (``torch.cat`` before the kernel; not with full recompute) and, at
   CP = 1 without full recompute or a core-attention checkpoint, the concatenated attention output (the
   groups' own outputs are saved by the kernel). With ``--far-bidirectional-prob`` > 0 the bidirectional
-  branch (the whole clip, 32,760 tokens) is alive **at the same time**: ``training/stages.py`` adds the
-  two losses and runs one backward (the reference backpropagates them one after the other, where the
-  larger of the two would govern).
+  branch (the whole clip, 32,760 tokens) has its own graph: ``training/stages.py`` backpropagates the
+  causal branch before the bidirectional forward (the reference's two backwards), so the larger of the two
+  governs.
 * Stage 2: the bidirectional plan (the rollout's chunk steps have the clip's 32,760 query tokens per
   segment; fixed per-forward bytes once per step call: chunks x segments) plus **the KV caches alive
   during the rollout**: every graph of a chunk step references the cache it read until the DMD backward,
@@ -726,7 +726,7 @@ def _far_activations(cfg: PlanConfig, counts: ModelCounts, graph, t_out: int):
     pad_note = f", padded {lay_max.length}" if lay_max.pad else ""
     tf_label = f"activations: FAR teacher forcing n={n_max} ({lay_max.valid_length} tokens{pad_note}), with grad"
     bi_bytes = graph(s_bi) if bi_on else 0.0
-    bi_label = f"activations: + bidirectional branch ({bi_tokens} tokens), same backward"
+    bi_label = f"activations: bidirectional branch ({bi_tokens} tokens), its own backward"
     kv_tok = _kv_bytes_per_token(counts, tp, cp)
     prefill_tokens = [lay.valid_length for lay in lays["prefills"]]
     info = {
@@ -743,9 +743,11 @@ def _far_activations(cfg: PlanConfig, counts: ModelCounts, graph, t_out: int):
     }
     comp: Dict[str, float] = {}
     if cfg.stage == 1:
-        comp[tf_label] = tf[n_max] / GIB
-        if bi_on:
+        # the causal graph is freed (backward) before the bidirectional forward: the larger one governs
+        if bi_on and bi_bytes > tf[n_max]:
             comp[bi_label] = bi_bytes / GIB
+        else:
+            comp[tf_label] = tf[n_max] / GIB
         info.update(grad_forwards=1 + int(bi_on),
                     transient_tokens_per_rank=max(lay_max.length // cp, s_bi if bi_on else 0))
         return info, comp
@@ -854,7 +856,7 @@ def format_far(p) -> List[str]:
              + (" (padded: " + ", ".join(f"n={n}: {v}" for n, v in padded.items()) + ")" if padded else "")
              + f"; longest graph n={f['longest_n']}",
              f"    bidirectional branch: {f['bidirectional_tokens']} tokens, probability {f['bidirectional_prob']:g}"
-             + (" (its graph is alive with the causal one: one backward of the summed losses)"
+             + (" (its own backward after the causal one's: the larger graph governs)"
                 if c["stage"] == 1 and f["bidirectional_prob"] > 0 else ""),
              "    KV cache prefills after chunks 0..{}: {} = {} tokens".format(
                  len(f["prefill_tokens"]) - 1, " + ".join(map(str, f["prefill_tokens"])), sum(f["prefill_tokens"]))]
