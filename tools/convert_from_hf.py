@@ -1,15 +1,20 @@
 #!/usr/bin/env python
-"""Convert a diffusers Wan / AnyFlow transformer to a megatron_anyflow distributed checkpoint.
+"""Convert a diffusers Wan / AnyFlow / AnyFlow-FAR transformer to a megatron_anyflow distributed checkpoint.
 
     python tools/convert_from_hf.py --input /path/Wan2.1-T2V-14B-Diffusers/transformer --output ckpt/wan14b
     torchrun --nproc_per_node 2 tools/convert_from_hf.py --input ... --output ... --tensor-model-parallel-size 2
 
 Input: a directory with ``config.json`` and ``diffusion_pytorch_model.safetensors`` (or a sharded
-index), of class ``WanTransformer3DModel`` or ``AnyFlowTransformer3DModel``; a pipeline directory with
-a ``transformer/`` sub-folder also works. Output: a checkpoint root (``release/`` + tracker) in
-megatron-core's torch_dist format. The format is resharding-aware, so the checkpoint loads at any
-tensor-parallel size whatever size it was written with; ``--tensor-model-parallel-size`` only decides
-how the weights are split while writing (each rank holds 1/TP of the model).
+index), of class ``WanTransformer3DModel``, ``AnyFlowTransformer3DModel`` or
+``AnyFlowFARTransformer3DModel`` (the causal AnyFlow-FAR model: ``far_patch_embedding`` and the FAR
+config keys are kept); a pipeline directory with a ``transformer/`` sub-folder also works. A FAR config
+in the reference's layout (no ``chunk_partition`` / ``full_chunk_limit`` / ``compressed_patch_size`` /
+``gate_value``; extra ``qk_norm``, ``added_kv_proj_dim``, ``init_far_model``, ``init_flowmap_model``) is
+read with diffusers' defaults filled in, and the tool prints each key it filled or ignored.
+Output: a checkpoint root (``release/`` + tracker) in megatron-core's torch_dist format. The format is
+resharding-aware, so the checkpoint loads at any tensor-parallel size whatever size it was written
+with; ``--tensor-model-parallel-size`` only decides how the weights are split while writing (each rank
+holds 1/TP of the model).
 Memory: the full diffusers state dict plus the model shard are held in host memory at once.
 
 --output must be new or empty. ``--overwrite`` replaces a checkpoint this tool wrote there before
@@ -69,7 +74,8 @@ def main(argv=None):
     import torch.distributed as dist
 
     from megatron_anyflow.models.wan.config import wan_config
-    from megatron_anyflow.models.wan.convert import ConversionError, arch_from_hf_config, hf_to_megatron, load_full_state_dict
+    from megatron_anyflow.models.wan.convert import (ConversionError, arch_from_hf_config, far_config_defaults_filled,
+                                                     hf_to_megatron, load_full_state_dict)
     from megatron_anyflow.models.wan.hf_io import read_hf_transformer_dir
     from megatron_anyflow.models.wan.model import WanModel
     from megatron_anyflow.parallel.state import initialize_parallel
@@ -96,6 +102,13 @@ def main(argv=None):
         arch = arch_from_hf_config(hf_cfg)
     except (FileNotFoundError, ValueError) as err:  # ConversionError is a ValueError
         return fail(err)
+    if arch.get("far"):
+        assumed = far_config_defaults_filled(hf_cfg)
+        log(f"      AnyFlow-FAR: chunk_partition {arch['chunk_partition']}, full_chunk_limit "
+            f"{arch['full_chunk_limit']}, compressed_patch_size {arch['compressed_patch_size']}")
+        if assumed:
+            log(f"note: {args.input} config.json is not diffusers' complete FAR config: filled with diffusers' "
+                f"defaults / ignored: {', '.join(assumed)}")
     if args.add_delta_embedder and arch["delta_embedder"]:
         trained = sorted(k for k in hf_sd if k.startswith("condition_embedder.delta_embedder."))
         return fail(f"--add-delta-embedder: {args.input} is an {hf_cfg.get('_class_name')} that already has a "
@@ -104,8 +117,11 @@ def main(argv=None):
     if args.add_delta_embedder:
         arch["delta_embedder"] = True
     dtype = torch.bfloat16 if args.params_dtype == "bf16" else torch.float32
-    cfg = wan_config(None, **arch, tensor_model_parallel_size=args.tensor_model_parallel_size,
-                     params_dtype=dtype, perform_initialization=False)
+    try:
+        cfg = wan_config(None, **arch, tensor_model_parallel_size=args.tensor_model_parallel_size,
+                         params_dtype=dtype, perform_initialization=False)
+    except ValueError as err:  # e.g. a FAR chunk_partition / compressed_patch_size the model cannot take
+        return fail(f"{args.input}: config.json: {err}")
     log(f"[2/4] building the model ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
         f"TP={args.tensor_model_parallel_size})")
     model = WanModel(cfg)

@@ -4,8 +4,10 @@
     python tools/convert_to_hf.py --input ckpt/stage2 --output export/anyflow --merge-lora generator
 
 The output loads with ``AnyFlowTransformer3DModel.from_pretrained`` (a model with AnyFlow's delta
-embedder) or ``WanTransformer3DModel.from_pretrained`` (without). Tensor-parallel shards of any TP size
-are merged while loading (the distributed checkpoint reshards to one process). LoRA adapters are
+embedder), ``AnyFlowFARTransformer3DModel.from_pretrained`` (the causal AnyFlow-FAR model, with its
+``far_patch_embedding`` and FAR config: chunk_partition, full_chunk_limit, compressed_patch_size) or
+``WanTransformer3DModel.from_pretrained`` (without a delta embedder). Tensor-parallel shards of any TP
+size are merged while loading (the distributed checkpoint reshards to one process). LoRA adapters are
 merged into the base weights with ``--merge-lora NAME`` (e.g. ``generator`` after stage 1 / 2);
 ``--ema`` exports the EMA copy of the adapters when the checkpoint holds one. Without ``--merge-lora``
 only the base weights are written. The export is written to ``OUTPUT.tmp`` and renamed when complete.
@@ -20,13 +22,16 @@ A complete pipeline that ``AnyFlowPipeline.from_pretrained(OUTPUT)`` loads and r
         --tokenizer Wan2.1-T2V-1.3B-Diffusers/tokenizer
 
 writes ``model_index.json``, ``transformer/``, ``scheduler/`` (shift as above) and copies of the given
-``vae/``, ``text_encoder/`` and ``tokenizer/`` directories.
+``vae/``, ``text_encoder/`` and ``tokenizer/`` directories. A FAR checkpoint gives an ``AnyFlowFARPipeline``
+directory instead (``DiffusionPipeline.from_pretrained`` / ``AnyFlowFARPipeline.from_pretrained``).
 
 Safety: weights with a non-finite value are never exported (the keys are named). ``--verify`` loads the
-export in diffusers and compares one forward with this project's model; it fails (exit 1) on a
-non-finite output or a relative error above ``--verify-tolerance`` (default 1e-4 for fp32 exports: the
-two float32 implementations agree to ~1e-6; 3e-2 for bf16 / 1e-2 for fp16, whose weight rounding alone
-(unit roundoff 2^-9 / 2^-12 per weight) gives relative errors of ~1e-2 / ~1e-3 after a few layers).
+export in diffusers and compares one forward with this project's model (FAR: a teacher-forcing forward
+with a compressed context chunk and clean copies, through ``AnyFlowFARTransformer3DModel``); it fails
+(exit 1) on a non-finite output or a relative error above ``--verify-tolerance`` (default 1e-4 for fp32
+exports: the two float32 implementations agree to ~1e-6; 3e-2 for bf16 / 1e-2 for fp16, whose weight
+rounding alone (unit roundoff 2^-9 / 2^-12 per weight) gives relative errors of ~1e-2 / ~1e-3 after a
+few layers).
 """
 
 import argparse
@@ -51,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--shift", type=float, default=None,
                    help="time shift of the exported scheduler (default: the checkpoint's --time-shift, else 5)")
     p.add_argument("--pipeline", action="store_true",
-                   help="write a complete AnyFlowPipeline directory (needs --vae, --text-encoder, --tokenizer)")
+                   help="write a complete AnyFlowPipeline (FAR: AnyFlowFARPipeline) directory (needs --vae, "
+                        "--text-encoder, --tokenizer)")
     p.add_argument("--vae", default=None, help="--pipeline: diffusers AutoencoderKLWan directory to copy")
     p.add_argument("--text-encoder", default=None, help="--pipeline: transformers text encoder directory to copy")
     p.add_argument("--tokenizer", default=None,
@@ -60,6 +66,8 @@ def parse_args(argv=None):
 
 
 VERIFY_TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
+# diffusers pipeline of each transformer class --pipeline can export (the class must take (t, r)).
+PIPELINE_CLASS = {"AnyFlowTransformer3DModel": "AnyFlowPipeline", "AnyFlowFARTransformer3DModel": "AnyFlowFARPipeline"}
 
 
 def main(argv=None):
@@ -127,7 +135,8 @@ def main(argv=None):
               "(resume from an earlier checkpoint)", file=sys.stderr)
         return 1
     hf_cfg = hf_config_from_arch(arch)
-    if args.pipeline and hf_cfg["_class_name"] != "AnyFlowTransformer3DModel":
+    pipeline_class = PIPELINE_CLASS.get(hf_cfg["_class_name"])
+    if args.pipeline and pipeline_class is None:
         print(f"error: --pipeline writes an AnyFlowPipeline, whose transformer takes (t, r): {ckpt_dir} is a "
               f"{hf_cfg['_class_name']} without AnyFlow's delta embedder (a teacher or converted Wan base); export "
               "a stage-1 / stage-2 checkpoint, or drop --pipeline", file=sys.stderr)
@@ -138,12 +147,12 @@ def main(argv=None):
         if os.path.exists(args.output + ".tmp"):
             shutil.rmtree(args.output + ".tmp")
         os.makedirs(args.output + ".tmp")
-    print(f"[4/4] writing {args.output} as {'AnyFlowPipeline with ' if args.pipeline else ''}"
+    print(f"[4/4] writing {args.output} as {pipeline_class + ' with ' if args.pipeline else ''}"
           f"{hf_cfg['_class_name']} (scheduler shift {shift:g})", flush=True)
     write_hf_transformer_dir(transformer_dir, hf_cfg, hf_sd)
     write_scheduler_config(transformer_dir, shift)  # next to the transformer (also for a transformer-only export)
     if args.pipeline:
-        write_pipeline(args.output + ".tmp", components, shift, hf_cfg["_class_name"])
+        write_pipeline(args.output + ".tmp", components, shift, hf_cfg["_class_name"], pipeline_class)
         os.replace(args.output + ".tmp", args.output)
         print(f"pipeline: {args.output}/model_index.json, transformer/, scheduler/, "
               f"{', '.join(name + '/' for name in components)}", flush=True)
@@ -238,14 +247,14 @@ def pipeline_components(vae, text_encoder, tokenizer):
     return out
 
 
-def write_pipeline(root, components, shift, transformer_class):
-    """``model_index.json``, ``scheduler/`` and copies of the components into ``root``."""
+def write_pipeline(root, components, shift, transformer_class, pipeline_class="AnyFlowPipeline"):
+    """``model_index.json`` (of ``pipeline_class``), ``scheduler/`` and copies of the components into ``root``."""
     import json
 
     import diffusers
 
     write_scheduler_config(os.path.join(root, "scheduler"), shift)
-    index = {"_class_name": "AnyFlowPipeline", "_diffusers_version": diffusers.__version__,
+    index = {"_class_name": pipeline_class, "_diffusers_version": diffusers.__version__,
              "scheduler": ["diffusers", "FlowMapEulerDiscreteScheduler"],
              "transformer": ["diffusers", transformer_class]}
     for name, (src, lib_cls) in components.items():
@@ -257,27 +266,60 @@ def write_pipeline(root, components, shift, transformer_class):
 
 def verify(path, model, cfg, class_name):
     """Relative error ``|ours - ref| / |ref|`` (Frobenius) between the exported diffusers model and ``model``
-    on one random float32 input; ``nan`` when either output holds a non-finite value."""
+    on one random float32 input; ``nan`` when either output holds a non-finite value.
+
+    AnyFlow-FAR (``AnyFlowFARTransformer3DModel``): the teacher-forcing forward of `far_verify_inputs`
+    (``full_chunk_limit + 1`` chunks, so the first is compressed through ``far_patch_embedding``, plus the
+    clean copies), the path of every FAR weight; diffusers' FAR class has no bidirectional forward."""
+    import warnings
+
     import diffusers
     import torch
 
     hf = getattr(diffusers, class_name).from_pretrained(path, torch_dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(0)
-    pt, ph, pw = cfg.patch_size
-    x = torch.randn(1, 2 * pt, cfg.in_channels, 4 * ph, 4 * pw, generator=g)
-    t = torch.full((1, 2 * pt), 700.0)
-    r = torch.full((1, 2 * pt), 300.0)
-    txt = torch.randn(1, 8, cfg.text_dim, generator=g)
     model = model.float().eval()
-    with torch.no_grad():
-        ours = model(x, t, r, txt)
-        if class_name == "AnyFlowTransformer3DModel":
-            ref = hf(x, t, r, txt, return_dict=False)[0]
+    with torch.no_grad(), warnings.catch_warnings():
+        # diffusers' FAR attention is flex_attention, unfused outside torch.compile: fine for one check
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        if class_name == "AnyFlowFARTransformer3DModel":
+            x, t, r, txt, cp, clean, clean_t = far_verify_inputs(cfg, g)
+            ours = model(x, t, r, txt, chunk_partition=cp, clean_latents=clean, clean_t=clean_t)
+            ref = hf(hidden_states=x, timestep=t, r_timestep=r, encoder_hidden_states=txt, chunk_partition=list(cp),
+                     clean_hidden_states=clean, clean_timestep=clean_t, return_dict=False)[0]
         else:
-            ref = hf(x.permute(0, 2, 1, 3, 4), t[:, 0], txt, return_dict=False)[0].permute(0, 2, 1, 3, 4)
+            pt, ph, pw = cfg.patch_size
+            x = torch.randn(1, 2 * pt, cfg.in_channels, 4 * ph, 4 * pw, generator=g)
+            t = torch.full((1, 2 * pt), 700.0)
+            r = torch.full((1, 2 * pt), 300.0)
+            txt = torch.randn(1, 8, cfg.text_dim, generator=g)
+            ours = model(x, t, r, txt)
+            if class_name == "AnyFlowTransformer3DModel":
+                ref = hf(x, t, r, txt, return_dict=False)[0]
+            else:
+                ref = hf(x.permute(0, 2, 1, 3, 4), t[:, 0], txt, return_dict=False)[0].permute(0, 2, 1, 3, 4)
     if not (bool(torch.isfinite(ours).all()) and bool(torch.isfinite(ref).all())):
         return float("nan")
     return ((ours - ref).norm() / ref.norm()).item()
+
+
+def far_verify_inputs(cfg, g):
+    """A small AnyFlow-FAR teacher-forcing input: chunks ``(1, 2, 1, ...)`` (``full_chunk_limit + 1`` of
+    them: chunk 0 is compressed context at t = r = 0), latents of 2 x 3 compressed patches, the noisy
+    full-resolution chunks at (t, r) = (700, 300) and their clean copies at per-frame t in [0, 100)."""
+    import torch
+
+    cp = (1, 2) + (1,) * (cfg.full_chunk_limit - 1)
+    n_ctx = cp[0]
+    f = sum(cp)
+    _, ch, cw = cfg.compressed_patch_size
+    x = torch.randn(1, f, cfg.in_channels, 2 * ch, 3 * cw, generator=g)
+    t = torch.cat([torch.zeros(1, n_ctx), torch.full((1, f - n_ctx), 700.0)], 1)
+    r = torch.cat([torch.zeros(1, n_ctx), torch.full((1, f - n_ctx), 300.0)], 1)
+    clean = torch.randn(1, f - n_ctx, cfg.in_channels, 2 * ch, 3 * cw, generator=g)
+    clean_t = torch.rand(1, f - n_ctx, generator=g) * 100
+    txt = torch.randn(1, 8, cfg.text_dim, generator=g)
+    return x, t, r, txt, cp, clean, clean_t
 
 
 if __name__ == "__main__":

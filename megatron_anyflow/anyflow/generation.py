@@ -171,8 +171,13 @@ def load_model(path: str, adapter: Optional[str] = "auto", ema: bool = False, te
 
 
 def _load_diffusers(path: str, par: dict, device) -> LoadedModel:
+    """A diffusers Wan / AnyFlow / AnyFlow-FAR transformer (or pipeline) directory as a `WanModel`: an
+    ``AnyFlowFARTransformer3DModel`` becomes a FAR model (``config.far``, its chunk partition) sampled chunk
+    by chunk; FAR config keys a reference-layout config omits take diffusers' defaults, listed in
+    ``info["far_config_assumed"]`` (`convert.far_config_defaults_filled`)."""
     from megatron_anyflow.models.wan.config import wan_config
-    from megatron_anyflow.models.wan.convert import arch_from_hf_config, hf_to_megatron, load_full_state_dict
+    from megatron_anyflow.models.wan.convert import (arch_from_hf_config, far_config_defaults_filled, hf_to_megatron,
+                                                     load_full_state_dict)
     from megatron_anyflow.models.wan.hf_io import read_hf_transformer_dir
     from megatron_anyflow.models.wan.model import WanModel
 
@@ -187,9 +192,11 @@ def _load_diffusers(path: str, par: dict, device) -> LoadedModel:
     load_full_state_dict(model, hf_to_megatron(hf_sd, cfg.head_dim), source=tdir)
     dirs = [tdir] + ([os.path.join(pipeline_dir, "scheduler")] if pipeline_dir else [])
     shift = _scheduler_shift(*dirs)
+    info = {"hf_class": hf_cfg.get("_class_name")}
+    if arch.get("far"):
+        info["far_config_assumed"] = far_config_defaults_filled(hf_cfg)
     return LoadedModel(model=model.to(device).eval(), kind="diffusers", path=tdir,
-                       shift=DEFAULT_SHIFT if shift is None else shift, pipeline_dir=pipeline_dir,
-                       info={"hf_class": hf_cfg.get("_class_name")})
+                       shift=DEFAULT_SHIFT if shift is None else shift, pipeline_dir=pipeline_dir, info=info)
 
 
 # ------------------------------------------------------------------------------------------ codec

@@ -1,4 +1,4 @@
-"""State-dict conversion between diffusers' Wan / AnyFlow transformers and `WanModel`.
+"""State-dict conversion between diffusers' Wan / AnyFlow / AnyFlow-FAR transformers and `WanModel`.
 
 "Full" state dicts hold unsharded tensors (TP = 1 layout); `shard_state_dict`
 moves between the full layout and a tensor-parallel rank's shards using the parameters'
@@ -16,8 +16,8 @@ Name mapping (diffusers -> this project), i = block index:
     blocks.i.norm2                    -> blocks.i.cross_attn_norm
     blocks.i.ffn.net.0.proj           -> blocks.i.mlp.linear_fc1
     blocks.i.ffn.net.2                -> blocks.i.mlp.linear_fc2
-    everything else (patch_embedding, condition_embedder.*, scale_shift_table, proj_out,
-    blocks.i.scale_shift_table)       -> same name
+    everything else (patch_embedding, far_patch_embedding (FAR), condition_embedder.*, scale_shift_table,
+    proj_out, blocks.i.scale_shift_table) -> same name
 """
 
 from __future__ import annotations
@@ -266,17 +266,20 @@ def arch_from_hf_config(hf_cfg: dict) -> dict:
 
 
 def far_config_defaults_filled(hf_cfg: dict) -> list:
-    """Names of the FAR config keys a (reference / released) config omits and `arch_from_hf_config` fills
-    with diffusers' defaults, plus the reference-only keys it ignores: for the converter's message."""
-    filled = [k for k in FAR_DEFAULTS if hf_cfg.get(k) is None]
+    """What `arch_from_hf_config` assumes for a FAR config (a reference / released one) beyond what it
+    states, for the converter's message: ``"key=value"`` for each FAR key it omits (filled with
+    diffusers' default), then ``"key (ignored)"`` for each reference-only key it carries. Empty for a
+    complete diffusers config."""
+    filled = [f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in FAR_DEFAULTS.items()
+              if hf_cfg.get(k) is None]
     if "gate_value" not in hf_cfg:
-        filled.append("gate_value")
+        filled.append("gate_value=0.25")
     return filled + [f"{k} (ignored)" for k in FAR_REFERENCE_ONLY if k in hf_cfg]
 
 
 def hf_config_from_arch(arch: dict) -> dict:
-    """diffusers ``config.json`` for `AnyFlowTransformer3DModel` (with a delta embedder) or
-    `WanTransformer3DModel` (without) from `WanConfig.arch_dict()`."""
+    """diffusers ``config.json`` for `AnyFlowFARTransformer3DModel` (``far``), `AnyFlowTransformer3DModel`
+    (with a delta embedder) or `WanTransformer3DModel` (without) from `WanConfig.arch_dict()`."""
     heads = arch["num_attention_heads"]
     common = dict(
         patch_size=list(arch["patch_size"]), num_attention_heads=heads,
