@@ -619,7 +619,15 @@ def test_errors_name_the_value(pair):
         with pytest.raises(ValueError, match="pass chunk_partition"):
             model(x, t, t, txt, clean_latents=x)
         bidirectional = WanModel(wan_config("tiny")).eval()
-        with pytest.raises(ValueError, match=r"chunk_partition given to a bidirectional model \(WanConfig.far=False\)"):
+        with pytest.raises(ValueError, match=r"chunk_partition=\[1, 2, 2, 2, 1\] given to a bidirectional model \(WanConfig.far=False\)"):
             bidirectional(x, t, t, txt, chunk_partition=CP)
     with pytest.raises(ValueError, match="FarModelRunner needs a FAR model"):
         FarModelRunner(bidirectional)
+    # a generation step takes the current chunk only: teacher-forcing inputs are refused, not ignored
+    with torch.no_grad():
+        cache = model.prefill(x[:, :3], txt, CP[:2])
+        with pytest.raises(ValueError, match="clean_latents / clean_t are teacher-forcing inputs"):
+            model(x[:, 3:5], t, t, txt, chunk_partition=CP[:3], kv_cache=cache,
+                  clean_latents=x[:, 3:5])
+    with pytest.raises(ValueError, match="'prefill' layout has no output frames"):
+        FarLayout.prefill(CP[:3], 8, 12).output_range

@@ -199,6 +199,8 @@ class FarLayout:
     def output_range(self) -> Tuple[int, int]:
         """Token range of the output frames (the noisy full-resolution chunks, contiguous)."""
         noisy = self.of_kind(NOISY)
+        if not noisy:
+            raise ValueError(f"a {self.mode!r} layout has no output frames (a prefill only writes the KV cache)")
         return noisy[0].start, noisy[-1].end
 
     @property

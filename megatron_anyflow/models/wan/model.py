@@ -443,7 +443,8 @@ class WanModel(MegatronModule):
 
         cfg = self.config
         if not cfg.far:
-            raise ValueError("chunk_partition given to a bidirectional model (WanConfig.far=False)")
+            raise ValueError(f"chunk_partition={list(chunk_partition)} given to a bidirectional model "
+                             "(WanConfig.far=False): build the model with far=True (--model far)")
         cp = check_chunk_partition(chunk_partition)
         latents, text = reduce_grad_over_context_parallel(latents), reduce_grad_over_context_parallel(text)
         if clean_latents is not None:
@@ -459,6 +460,9 @@ class WanModel(MegatronModule):
         geo = dict(height=H, width=W, patch_size=cfg.patch_size, compressed_patch_size=cfg.compressed_patch_size,
                    full_chunk_limit=cfg.full_chunk_limit, pad_to=cpw * sp_tp)
         if kv_cache is not None:
+            if clean_latents is not None or clean_t is not None:
+                raise ValueError("clean_latents / clean_t are teacher-forcing inputs; a generation step (kv_cache "
+                                 "given) takes the current chunk only")
             if not isinstance(kv_cache, FarKVCache):
                 raise ValueError(f"kv_cache must be a FarKVCache (from WanModel.prefill); got {type(kv_cache).__name__}")
             if tuple(kv_cache.chunk_partition) != cp[:-1]:
