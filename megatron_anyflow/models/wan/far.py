@@ -277,14 +277,12 @@ class FarLayout:
         """bool [L, L] (query, key) allowed pairs from the per-token rule (tests and the masked reference
         path; O(L^2) memory). Padding rows and columns are False."""
         L = self.length
-        kind = [None] * L
         chunk = torch.full((L,), -1, dtype=torch.long)
         codes = {CTX: 0, NOISY: 1, CLEAN: 2, PAD: 3}
         kc = torch.full((L,), 3, dtype=torch.long)
         for s in self.segments:
             kc[s.start:s.end] = codes[s.kind]
             chunk[s.start:s.end] = s.chunk
-        del kind
         qk, kk = kc[:, None], kc[None, :]
         qc, kcn = chunk[:, None], chunk[None, :]
         m = (qk != 3) & (kk != 3) & (kcn <= qc)
