@@ -63,14 +63,7 @@ def main(argv=None):
     teacher = load_for_inference(args.teacher, adapter=args.teacher_adapter).to(device)
     student = load_for_inference(args.student, adapter="generator", ema=args.ema).to(device)
     ds = LatentDataset(args.data_path)
-    n = min(args.num_samples, len(ds))
-    stride = max(1, len(ds) // n)
-    idx = [i * stride for i in range(n)]
-    text = torch.stack([ds[i][1] for i in idx]).to(device)
-    neg = ds.negative_text.to(device)
-    g = torch.Generator().manual_seed(args.seed)
-    noise = torch.randn((n, *ds.latent_shape), generator=g).to(device)
-    decode = _decoder(ds.index.get("codec", {}))
+    idx, text, neg, noise, decode = evaluation_inputs(ds, args.num_samples, args.seed, device)
     result, samples = evaluate_test_time_scaling(
         student, teacher, noise, text, neg, args.steps, args.reference_steps, args.guidance, args.shift,
         decode=decode, keep_samples=args.video_steps, progress=log)
@@ -92,6 +85,21 @@ def main(argv=None):
         json.dump(paths, f, indent=1)
     log(f"wrote {', '.join(str(v) for v in paths.values())}")
     return 0
+
+
+def evaluation_inputs(ds, num_samples: int, seed: int, device):
+    """(dataset indices, prompts [n, L, d], negative [1, L, d], noise [n, f, c, h, w], decode or None) of an
+    evaluation: ``n = min(num_samples, len(ds))`` prompts spread evenly over the dataset, noise from
+    ``seed``; shared by evaluate_anyflow.py and evaluate_far.py so both compare the same samples."""
+    import torch
+
+    n = min(num_samples, len(ds))
+    stride = max(1, len(ds) // n)
+    idx = [i * stride for i in range(n)]
+    text = torch.stack([ds[i][1] for i in idx]).to(device)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n, *ds.latent_shape), generator=g).to(device)
+    return idx, text, ds.negative_text.to(device), noise, _decoder(ds.index.get("codec", {}))
 
 
 def _decoder(codec_cfg):

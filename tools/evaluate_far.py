@@ -66,7 +66,7 @@ def main(argv=None):
     from megatron_anyflow.training.model_io import load_for_inference
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from evaluate_anyflow import _decoder
+    from evaluate_anyflow import evaluation_inputs
 
     enable_megatron_cpu_compat()
     initialize_parallel(1)
@@ -92,14 +92,7 @@ def main(argv=None):
         print(f"error: the students' chunk_partition {list(cp)} covers {sum(cp)} latent frames; {args.data_path} has "
               f"{ds.latent_shape[0]}", file=sys.stderr)
         return 2
-    n = min(args.num_samples, len(ds))
-    stride = max(1, len(ds) // n)
-    idx = [i * stride for i in range(n)]
-    text = torch.stack([ds[i][1] for i in idx]).to(device)
-    neg = ds.negative_text.to(device)
-    g = torch.Generator().manual_seed(args.seed)
-    noise = torch.randn((n, *ds.latent_shape), generator=g).to(device)
-    decode = _decoder(ds.index.get("codec", {}))
+    idx, text, neg, noise, decode = evaluation_inputs(ds, args.num_samples, args.seed, device)
     result, per_chunk, samples = evaluate_causal(
         students, teacher, noise, text, neg, args.steps, cp, args.reference_steps, args.guidance, args.shift,
         decode=decode, keep_samples=args.video_steps, progress=log)

@@ -77,6 +77,22 @@ def _call_far_block(fn, far, x, e, text, rope, segments):
     return fn(x, e, text, rope, segments, far)
 
 
+def _per_frame_times(x, name: str, b: int, f: int, device) -> torch.Tensor:
+    """A time input (number, [b] or [b, f]) as float32 [b, f] on ``device``.
+
+    Raises:
+        ValueError: another shape (named, with the expected ones).
+    """
+    x = torch.as_tensor(x, device=device)
+    if x.dim() == 0:
+        x = x.expand(b)
+    if x.dim() == 1:
+        x = x[:, None].expand(b, f)
+    if tuple(x.shape) != (b, f):
+        raise ValueError(f"{name} must be [b] or [b, f] = [{b}] or [{b}, {f}]; got {tuple(x.shape)}")
+    return x.float()
+
+
 def timestep_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal timestep projection, diffusers `Timesteps(dim, flip_sin_to_cos=True, shift=0)`.
 
@@ -282,20 +298,8 @@ class WanModel(MegatronModule):
             raise ValueError(f"latent shape (f={f}, H={H}, W={W}) is not divisible by patch_size {cfg.patch_size}")
         if text.dim() != 3 or text.shape[0] != b or text.shape[2] != cfg.text_dim:
             raise ValueError(f"text must be [b={b}, L, text_dim={cfg.text_dim}]; got {tuple(text.shape)}")
-        out = []
-        for name, x in (("t", t), ("r", r)):
-            if x is None:
-                out.append(None)
-                continue
-            x = torch.as_tensor(x, device=latents.device)
-            if x.dim() == 0:
-                x = x.expand(b)
-            if x.dim() == 1:
-                x = x[:, None].expand(b, f)
-            if tuple(x.shape) != (b, f):
-                raise ValueError(f"{name} must be [b] or [b, f] = [{b}] or [{b}, {f}]; got {tuple(x.shape)}")
-            out.append(x.float())
-        return out
+        return [None if x is None else _per_frame_times(x, name, b, f, latents.device)
+                for name, x in (("t", t), ("r", r))]
 
     def forward(self, latents: torch.Tensor, t: torch.Tensor, r: Optional[torch.Tensor], text: torch.Tensor,
                 adapter=L._UNSET, *, chunk_partition: Optional[Sequence[int]] = None,
@@ -428,14 +432,7 @@ class WanModel(MegatronModule):
             if default is None:
                 raise ValueError(f"{name} is required")
             x = default
-        x = torch.as_tensor(x, device=self.patch_embedding.weight.device)
-        if x.dim() == 0:
-            x = x.expand(b)
-        if x.dim() == 1:
-            x = x[:, None].expand(b, f)
-        if tuple(x.shape) != (b, f):
-            raise ValueError(f"{name} must be [b] or [b, f] = [{b}] or [{b}, {f}]; got {tuple(x.shape)}")
-        return x.float()
+        return _per_frame_times(x, name, b, f, self.patch_embedding.weight.device)
 
     def _forward_far(self, latents, t, r, text, chunk_partition, clean_latents, clean_t, kv_cache, dense_mask,
                      prefill: bool = False):
