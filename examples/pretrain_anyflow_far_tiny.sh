@@ -17,8 +17,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=outputs/tiny
-STAGE1_ITERS=300
-STAGE2_ITERS=60
+STAGE1_ITERS=400
+STAGE2_ITERS=120
 EVAL_SAMPLES=6
 INSTALL_FLAG=()
 while [ $# -gt 0 ]; do
