@@ -9,7 +9,7 @@
 # The clips have 5 latent frames: chunks (1, 1, 1, 1, 1); a training forward keeps the last 3 chunks at
 # full resolution and compresses older context (n = 4, 5 chunks), as the 81-frame recipe does with 8 chunks.
 #
-#   bash examples/pretrain_anyflow_far_tiny.sh          # ~15 min on 2 CPU cores with the data present
+#   bash examples/pretrain_anyflow_far_tiny.sh          # ~11 min on 2 CPU cores with the data present
 #
 # Options: --out DIR (outputs/tiny: shares the bidirectional demo's data and teacher), --stage1-iters,
 # --stage2-iters, --eval-samples, --skip-install.
