@@ -1,7 +1,9 @@
 """Install megatron_anyflow and its Triton kernels.
 
-The kernels live in the top-level ``kernels/`` folder but are installed under the import name
-``megatron_anyflow_kernels``: the bare name ``kernels`` is taken by another PyPI distribution.
+The Triton kernels live in ``kernels/megatron_anyflow_kernels/`` and are installed under that import name.
+``kernels/`` itself has no ``__init__.py`` on purpose: the bare name ``kernels`` belongs to a PyPI
+distribution (Hugging Face's kernel hub, which transformers imports), and a package of that name at the
+repository root would shadow it for every script run from the root (``python pretrain_anyflow.py``).
 """
 from setuptools import find_packages, setup
 
@@ -11,7 +13,7 @@ setup(
     description="AnyFlow (any-step video diffusion by on-policy flow-map distillation) on megatron-core",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_anyflow", "megatron_anyflow.*"]) + ["megatron_anyflow_kernels"],
-    package_dir={"megatron_anyflow_kernels": "kernels"},
+    package_dir={"megatron_anyflow_kernels": "kernels/megatron_anyflow_kernels"},
     # torch is deliberately not listed: a bare `torch` requirement pulls the CUDA build (several GB).
     # Install the torch build for your machine first (see README).
     install_requires=[

@@ -73,7 +73,7 @@ if [ "$DRY" != 1 ] && compgen -G "$WHEELS/*.whl" > /dev/null; then
 fi
 # The project from this checkout; its Triton kernels under their import name without `pip install`.
 if ! "$PY" -c "import megatron_anyflow_kernels" > /dev/null 2>&1; then
-    mkdir -p "$SITE.src" && ln -sfn "$REPO/kernels" "$SITE.src/megatron_anyflow_kernels"
+    mkdir -p "$SITE.src" && ln -sfn "$REPO/kernels/megatron_anyflow_kernels" "$SITE.src/megatron_anyflow_kernels"
     export PYTHONPATH="$SITE.src${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
