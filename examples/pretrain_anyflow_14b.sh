@@ -21,7 +21,7 @@
 #   # validate the launch on any machine (no GPU): sizes, parameter counts, per-GPU memory plan
 #   DRY_RUN=1 bash examples/pretrain_anyflow_14b.sh
 #
-# AnyFlow-FAR (the causal, frame-autoregressive model; FAR.md): MODEL=far for stages 1 and 2 (the teacher stays
+# AnyFlow-FAR (the causal, frame-autoregressive model; docs/design/far.md): MODEL=far for stages 1 and 2 (the teacher stays
 # bidirectional; FAR stage 2's real / fake scores are the bidirectional teacher):
 #   MODEL=far STAGE=stage1 TEACHER=ckpt/anyflow14b-teacher DATA_PATH=data/wan14b-synthetic bash examples/pretrain_anyflow_14b.sh
 #   MODEL=far STAGE=stage2 TEACHER=ckpt/anyflow14b-teacher STAGE1_CKPT=ckpt/anyflow14b-far-stage1 \

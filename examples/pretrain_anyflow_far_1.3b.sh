@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# AnyFlow-FAR (the causal, frame-autoregressive student; FAR.md) on Wan2.1-T2V-1.3B, one node:
+# AnyFlow-FAR (the causal, frame-autoregressive student; docs/design/far.md) on Wan2.1-T2V-1.3B, one node:
 #   [convert -> prepare data -> teacher -> teacher-synthesised data: reused from the bidirectional run]
 #   -> FAR stage 1 (teacher forcing) -> FAR stage 2 (causal flow-map backward simulation) -> export
 #
@@ -14,7 +14,7 @@
 #          training set (default $BASE_OUT/synthetic). When either is absent the script makes it as
 #          examples/pretrain_anyflow_1.3b.sh does (needs WAN and VIDEOS), in $BASE_OUT.
 # Steps can be skipped with SKIP_STAGE1=1 / SKIP_STAGE2=1 / SKIP_EXPORT=1. Extra arguments go to both training runs.
-# Reference hyper-parameters (FAR.md 2; the reference's train_farwan1b configs): stage 1 6000 iterations, global
+# Reference hyper-parameters (docs/design/far.md 2; the reference's train_farwan1b configs): stage 1 6000 iterations, global
 # batch 32, lr 5e-5, LoRA 256 (+ far_patch_embedding trained fully), chunks (1, 3, 3, 3, 3, 3, 3, 2), long-context
 # probability 0.5, bidirectional branch 0.1; stage 2 1200 iterations, lr 2e-6, N in {2, 4, 8, 16, 50}, the
 # generator from stage 1's EMA, bidirectional real / fake scores. One difference, by design (as in the

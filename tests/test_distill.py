@@ -328,7 +328,7 @@ def test_dmd_loss_value_and_gradient(convention):
 
 
 def test_dmd_guidance_conventions():
-    """'dmd' with g is 'cfg' with g + 1; the brief's cond + 3 (cond - uncond) is dmd g = 3."""
+    """'dmd' with g is 'cfg' with g + 1; the DMD form cond + 3 (cond - uncond) is dmd g = 3."""
     z = torch.randn(2, *SHAPE)
     T = torch.full((2, SHAPE[0]), 400.0)
     text, neg = torch.ones(2, 3, 4), torch.zeros(2, 3, 4)

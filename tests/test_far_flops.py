@@ -1,6 +1,6 @@
 """AnyFlow-FAR FLOP counts (`training.flops`): the block-sparse attention pairs against the layout's dense
 mask, the forward / step / prefill formulas against PyTorch's FLOP counter on the FAR model
-(explicit-matmul attention), and FAR.md section 6's cost ratios at 81 x 480 x 832."""
+(explicit-matmul attention), and docs/design/far.md 6's cost ratios at 81 x 480 x 832."""
 
 import pytest
 import torch
@@ -100,12 +100,12 @@ def test_far_hardware_flops_with_grad_match_the_flop_counter():
     assert n == pytest.approx(expected, rel=1e-12)
 
 
-# n distribution of FAR stage 1 (FAR.md 2.1 / 6): n = 3 with prob 0.5, else n ~ U{3..8}
+# n distribution of FAR stage 1 (docs/design/far.md 2.1 / 6): n = 3 with prob 0.5, else n ~ U{3..8}
 P_N = {3: 0.5 + 0.5 / 6, **{n: 0.5 / 6 for n in range(4, 9)}}
 
 
 def test_far_md_token_and_pair_figures_at_480p():
-    """FAR.md 6: E[L] 25,318 (vs 32,760), E[loss-bearing tokens] 12,090, E[attention pairs] 235M vs 1,073M
+    """docs/design/far.md 6: E[L] 25,318 (vs 32,760), E[loss-bearing tokens] 12,090, E[attention pairs] 235M vs 1,073M
     (0.22x), 0.61x if a dense masked kernel computes all L^2; a rollout step over the 8 chunks 0.41x the
     pairs of a bidirectional step; the 7 prefills 68,250 tokens and 523M pairs."""
     cfg = wan_config("wan2.1-1.3b", far=True, perform_initialization=False)
@@ -131,10 +131,10 @@ def test_far_md_token_and_pair_figures_at_480p():
     ("wan2.1-14b", 0.48, 0.69, 0.55, 0.76, {1: 1.94, 4: 1.00, 8: 0.85}),
 ])
 def test_far_md_flop_ratios_at_480p(preset, fwd, fwd_dense, s1, s1_dense, inference):
-    """FAR.md 6, C = 512: one FAR forward (expected over n) / one bidirectional forward, block-sparse and
+    """docs/design/far.md 6, C = 512: one FAR forward (expected over n) / one bidirectional forward, block-sparse and
     dense-masked; a stage-1 step (4 FAR forwards + 1 backward, plus the bidirectional branch with
     probability 0.1 = 2 forwards + 1 backward) / a bidirectional stage-1 step; inference with N steps per
-    chunk / N bidirectional steps. Tolerance: FAR.md's two digits (+-0.01; inference +-0.02, where our
+    chunk / N bidirectional steps. Tolerance: far.md's two digits (+-0.01; inference +-0.02, where our
     14B figures are 1.95 / 1.01 / 0.86)."""
     cfg = wan_config(preset, far=True, perform_initialization=False)
     bi = forward_flops(cfg, 21, 60, 104)

@@ -1,5 +1,5 @@
 """AnyFlow-FAR (the causal model) against diffusers' `AnyFlowFARTransformer3DModel` / `AnyFlowFARPipeline`
-(float32, CPU): the testable equivalence points E1-E9 of shared/design/FAR.md section 5, padding, gradients
+(float32, CPU): the testable equivalence points E1-E9 of docs/design/far.md 5.1, padding, gradients
 and the argument errors.
 
 Tolerance: relative error (Frobenius) < 1e-5, as tests/test_model_equivalence.py: the two float32
@@ -11,7 +11,7 @@ Shapes: the `tiny` preset (4 heads x 16, 2 layers) with chunk partition ``CP = (
 first 2 chunks compressed in training, up to 2 compressed chunks in the cache). Latents (H, W) = (8, 12)
 (full_tpf 24: diffusers pads the sequence to a multiple of 128 and masks the pads, exercising that path)
 and (16, 32) (full_tpf 128) wherever diffusers' *generation step* is compared: diffusers pads the step's
-q / k / v with zero keys that enter the softmax unless ``cp[k] * full_tpf % 128 == 0`` (FAR.md 7.1), so the
+q / k / v with zero keys that enter the softmax unless ``cp[k] * full_tpf % 128 == 0`` (docs/design/far.md 7.1), so the
 project's exact step is compared with diffusers only there, and with the exact identity (step == training
 forward on the clean prefix) at every shape.
 """
@@ -109,7 +109,7 @@ def test_e1_train_without_clean_copies_matches_diffusers(pair, hw, n):
 
 @pytest.mark.parametrize("n,clean_t", [(3, "zero"), (5, "zero"), (5, "random")])
 def test_e2_teacher_forcing_matches_diffusers(pair, n, clean_t):
-    """E2: teacher forcing (clean copies of the full-resolution chunks appended, the mask of FAR.md 1.5);
+    """E2: teacher forcing (clean copies of the full-resolution chunks appended, the mask of docs/design/far.md 1.5);
     stage-1 layout (context t = r = 0, one (t, r) per sample on the targets); clean copies at t = 0 and at
     random per-frame times (the clean-copy embedder path)."""
     hf, model = pair
@@ -207,7 +207,7 @@ def test_e3_e4_cache_prefill_and_step_match_diffusers(pair):
 
 
 def test_e4_step_equals_train_forward_on_clean_prefix(pair):
-    """The exact identity behind the cache (FAR.md 1.6 a), at every k incl. the padded-size (8, 12):
+    """The exact identity behind the cache (docs/design/far.md 1.6 (a)), at every k incl. the padded-size (8, 12):
     step(chunk k | prefill(cp[:k])) == training forward (no clean copies) on cat(clean history, chunk k)
     with times [0 .. 0, t .. t], its last cp[k] frames. And (1.6 b): the last noisy chunk of a teacher-forcing
     forward == the step of that chunk given the same clean history."""

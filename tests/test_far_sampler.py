@@ -1,6 +1,6 @@
 """AnyFlow-FAR chunked sampler and stage-2 causal rollout (``anyflow/causal.py``), without a network.
 
-Ground truth (FAR.md section 5, "Closed-form toy for the chunked sampler"): a causal Gaussian AR process,
+Ground truth (docs/design/far.md 5.2, closed-form toy for the chunked sampler): a causal Gaussian AR process,
 chunk k given its clean history ~ N(mu_k, s^2 I) with mu_k a deterministic function of the history. The toy
 model's ``step`` returns the exact average velocity of that conditional Gaussian, computed from the **cached**
 history only, so the chunked sampler must return ``x_k = mu_k(x_{<k}) + s eps_k`` for every chunk and every N.

@@ -1,4 +1,4 @@
-"""AnyFlow-FAR training (FAR.md section 2), CPU, float32 unless stated.
+"""AnyFlow-FAR training (docs/design/far.md 2), CPU, float32 unless stated.
 
 1. `far_stage1_loss` with a deterministic toy model of the FAR call signature, against an independent
    float64 evaluation: the context / target split by n, context unchanged at t = r = 0 in all four calls,
@@ -88,7 +88,8 @@ class ToyFar(torch.nn.Module):
 
 def beta_weight64(t):
     """w(t) of the reference (beta08: t (1 - t)^0.5 on the shift-5 grid of 1001 points, summing to 1000),
-    nearest grid point; float64, written from FAR.md / ANYFLOW.md, not from `timesteps.loss_weight`."""
+    nearest grid point; float64, written from docs/design/anyflow.md 1.3 / docs/design/far.md 2.1, not from
+    `timesteps.loss_weight`."""
     x = torch.linspace(0, 1, 1001, dtype=torch.float64)
     grid = 5 * x / (1 + 4 * x)
     y = grid * (1 - grid) ** 0.5
@@ -116,7 +117,7 @@ def test_far_stage1_loss_matches_float64_evaluation(n):
         noise_generator=[torch.Generator().manual_seed(s) for s in seeds], global_batch=b, global_offset=0)
     loss.backward()
 
-    # The split (FAR.md 2.1): n <= 3 -> every chunk is a target; n > 3 -> the first n - 3 chunks are
+    # The split (docs/design/far.md 2.1): n <= 3 -> every chunk is a target; n > 3 -> the first n - 3 chunks are
     # clean context. Written out for CP1, independently of the code's arithmetic.
     frames = sum(CP1[:n])
     fc = {1: 0, 2: 0, 3: 0, 4: 1, 5: 3}[n]

@@ -5,7 +5,7 @@ For such data the probability-flow ODE and its flow map are known in closed form
 (:class:`~megatron_anyflow.anyflow.gaussian.GaussianData`), and the data distribution *is* the teacher's
 distribution, so stage 1 can train on data samples directly (in AnyFlow stage 1 trains on teacher samples).
 
-Pipeline, as in AnyFlow (ANYFLOW.md section 1): the tiny :class:`~megatron_anyflow.testing.toy.ToyFlowMapNet`
+Pipeline, as in AnyFlow (docs/design/anyflow.md 1.3-1.4): the tiny :class:`~megatron_anyflow.testing.toy.ToyFlowMapNet`
 (affine family ``a(t, r) z + c(t, r) . B``, which contains the exact Gaussian average velocity) is first
 fine-tuned as a teacher with :func:`flow_matching_loss` (500 Adam steps, only ``r = t``), then trained with
 :func:`stage1_loss` (1500 Adam steps, cosine lr, batch 128, default time sampler, beta loss weight and

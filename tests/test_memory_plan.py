@@ -261,7 +261,7 @@ RECIPE = (1, 3, 3, 3, 3, 3, 3, 2)
 
 
 def test_far_token_counts_are_far_md_1_2():
-    """Token counts come from FarLayout: FAR.md 1.2 at 480 x 832 (latents 60 x 104)."""
+    """Token counts come from FarLayout: docs/design/far.md 1.2 at 480 x 832 (latents 60 x 104)."""
     assert mp.default_chunk_partition() == RECIPE
     lays = mp.far_layouts(RECIPE, 60, 104)
     tf = {n: lay.valid_length for n, lay in lays["teacher_forcing"].items()}
@@ -269,7 +269,7 @@ def test_far_token_counts_are_far_md_1_2():
     assert [lay.valid_length for lay in lays["prefills"]] == [1560, 6240, 9750, 10920, 12090, 13260, 14430]
     assert [lay.valid_length for lay in lays["steps"]] == [1560] + [4680] * 6 + [3120]
     assert list(mp.far_layouts(RECIPE, 60, 104, long_context_prob=0.0)["teacher_forcing"]) == [3]
-    # CP x SP = 4: the odd-Fc lengths (n = 4, 6, 8) are padded, never rejected (FAR.md 4.3)
+    # CP x SP = 4: the odd-Fc lengths (n = 4, 6, 8) are padded, never rejected (docs/design/far.md 4.3)
     padded = mp.far_layouts(RECIPE, 60, 104, pad_to=4)["teacher_forcing"]
     assert {n: lay.length for n, lay in padded.items() if lay.pad} == {4: 28472, 6: 30812, 8: 30032}
     # shorter clips: the recipe cut to the clip (61 frames = 16 latents)
@@ -291,7 +291,7 @@ def _component(p, prefix):
 
 def test_far_kv_cache_bytes():
     """KV caches: tokens x layers x 2 (K, V) x hidden / (TP x CP) x 2 bytes (bf16). Inference: the largest
-    cache, 14,430 tokens: 2.48 GiB per sample for 1.3B, 11.0 GiB for 14B (FAR.md 1.6). Stage 2 with full
+    cache, 14,430 tokens: 2.48 GiB per sample for 1.3B, 11.0 GiB for 14B (docs/design/far.md 1.6). Stage 2 with full
     recompute: every prefix cache of the rollout once (68,250 tokens); without it each of the 3 step calls
     with grad per chunk keeps its own cat(cache, k / v) copy."""
     def kv(tokens, layers, hidden, tp=1, cp=1):

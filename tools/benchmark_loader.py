@@ -13,7 +13,7 @@ to drop them first (``posix_fadvise(DONTNEED)`` per shard before each run): that
 case on a local disk. Network file systems are not measured.
 
 Consumption is an assumption, not a measurement: ``--step-seconds-per-sample`` (default 3.0: 1.3B
-stage 1 on one H200 after the issue-10 fixes, ../shared/design/PERFORMANCE.md; ~5.8 before them) gives
+stage 1 on one H200 after the issue-10 fixes, docs/design/performance.md 2; ~5.8 before them) gives
 1 / 3.0 = 0.33 samples/s per GPU, i.e. ``--gpus-per-node`` (8) x that per node. Each data-parallel rank
 runs its own loader, so the loader's samples/s compares with the per-GPU figure.
 
@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="runs per loader; the table shows medians")
     p.add_argument("--drop-cache", action="store_true", help="posix_fadvise(DONTNEED) the shards before each run")
     p.add_argument("--step-seconds-per-sample", type=float, default=3.0,
-                   help="assumed GPU time per sample (1.3B stage 1 on one H200, PERFORMANCE.md)")
+                   help="assumed GPU time per sample (1.3B stage 1 on one H200, docs/design/performance.md 2)")
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--data-dir", default=None, help="write the dataset here (kept) instead of a temporary dir")
     p.add_argument("--output-dir", default=None, help="write NAME.json and NAME.md here")
@@ -235,7 +235,7 @@ def main(argv=None) -> int:
         "global_batch_size": args.global_batch_size, "drop_cache": args.drop_cache, "rows": rows,
         "consumer_ms_per_sample": args.consumer_ms_per_sample, "repeats": args.repeats, "safetensors": _safetensors_version(),
         "assumption": {"seconds_per_sample": args.step_seconds_per_sample,
-                       "source": "1.3B stage 1 on one H200 after the issue-10 fixes, PERFORMANCE.md estimate",
+                       "source": "1.3B stage 1 on one H200 after the issue-10 fixes, docs/design/performance.md 2 estimate",
                        "per_gpu_samples_per_s": per_gpu, "gpus_per_node": args.gpus_per_node,
                        "per_node_samples_per_s": per_gpu * args.gpus_per_node},
     }

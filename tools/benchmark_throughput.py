@@ -17,7 +17,7 @@ at one preset and size, this times whole training iterations and reports, per ro
   ``S = F' x H' x W'`` tokens per sample (latents after the (1, 2, 2) patch). The global batch is
   ``--micro-batch-size`` x the data-parallel size (one micro-batch per iteration).
 * **model TFLOP/s/GPU** -- ``global_batch x model FLOPs per sample and iteration / (s/iter) / world_size``,
-  the model FLOPs from :mod:`megatron_anyflow.training.flops` (ANYFLOW.md section 7; the forward formula
+  the model FLOPs from :mod:`megatron_anyflow.training.flops` (docs/design/anyflow.md 7; the forward formula
   is printed in the markdown):
 
   - teacher: ``step_flops(cfg, "teacher")`` = 3 forwards (one forward with grad = 3 forward-equivalents);
@@ -95,7 +95,7 @@ Trainer options: the ones below are passed on; any option this tool does not kno
 ``pretrain_anyflow.py`` unchanged (e.g. ``--recompute-policy save-attention``, ``--lora-nograd-merge
 cache``, ``--grad-through no_grad_prefix``); ``--extra-trainer-args '...'`` does the same in one string.
 
-``--model far``: the AnyFlow-FAR rows instead (the causal model, FAR.md): FAR stage 1 (teacher forcing +
+``--model far``: the AnyFlow-FAR rows instead (the causal model, docs/design/far.md): FAR stage 1 (teacher forcing +
 the bidirectional branch) and FAR stage 2 (causal rollouts through the KV cache, bidirectional scores),
 ``--chunk-partition`` (default the recipe's (1, 3, 3, 3, 3, 3, 3, 2) cut to the latent frames), credited
 with FAR model / hardware FLOPs (`flops.far_step_flops`: block-sparse attention pairs from `FarLayout`,

@@ -10,7 +10,7 @@ KV cache (T2V, N flow-map steps per chunk), the teacher samples the whole video 
 are compared with the teacher's ``--reference-steps``-step ODE samples. Writes ``scaling.json`` /
 ``scaling.md`` / ``scaling.png`` (quality vs N), ``per_chunk.json`` / ``per_chunk.md`` / ``per_chunk.png``
 (error of each chunk's frames at ``--chunk-steps`` N: a teacher-forced student drifts as its own history
-accumulates, FAR.md 2.3) and, with the pixel codec, ``samples.mp4`` / ``samples.png`` (labelled rows).
+accumulates, docs/design/far.md 2.3) and, with the pixel codec, ``samples.mp4`` / ``samples.png`` (labelled rows).
 """
 
 import argparse

@@ -87,7 +87,7 @@ chain``, the reference) or 2 (``no_grad_prefix``); the DMD score calls run witho
 keeps one fake-score forward, alive together with the next rollout only with ``--overlap-critic``
 (side stream: 3 + 1). The peak is the largest of these.
 
-**AnyFlow-FAR** (``--model far``, the causal model; FAR.md 1.2, 1.6, 2, 4.3): token counts come from
+**AnyFlow-FAR** (``--model far``, the causal model; docs/design/far.md 1.2, 1.6, 2, 4.3): token counts come from
 `models.wan.far.FarLayout` at the clip's latent size and chunk partition (default the recipe's
 (1, 3, 3, 3, 3, 3, 3, 2), cut to shorter clips), each FAR sequence padded to a multiple of CP x SP as the
 model pads it, heads divisible by TP x CP (the FAR attention runs after the Ulysses exchange).

@@ -1,6 +1,6 @@
 """AnyFlow-FAR: chunked (frame-autoregressive) any-step generation and the stage-2 causal rollout.
 
-The causal student generates a video chunk by chunk (``shared/design/FAR.md`` sections 1.7, 2.2, 3).
+The causal student generates a video chunk by chunk (``docs/design/far.md`` sections 1.7, 2.2, 3).
 A chunk partition ``cp`` splits the ``F`` latent frames into chunks; chunk ``k`` covers frames
 ``[s_k, e_k)`` with ``s_k = sum(cp[:k])``, ``e_k = sum(cp[:k + 1])``. For every chunk:
 
@@ -12,7 +12,7 @@ A chunk partition ``cp`` splits the ``F`` latent frames into chunks; chunk ``k``
    ``t = r = 0`` for the next chunk (not after the last chunk).
 
 Image / video conditioning (I2V, V2V) is a chunk-aligned clean prefix: its chunks are copied, never
-denoised, and only prefilled (FAR.md section 3).
+denoised, and only prefilled (docs/design/far.md 3).
 
 Latents are ``[b, f, c, h, w]`` (frame-major, the project and diffusers FAR layout). Times handed to the
 model are float32 on the **0..1000** scale (:func:`~megatron_anyflow.anyflow.timesteps.to_model_scale`);
@@ -80,7 +80,8 @@ class CausalFlowMapModel(Protocol):
 
         Returns:
             ``u`` ``[b, cp[k], c, h, w]``: the average velocity on ``[r, t]`` per unit of t in [0, 1], so that
-            the flow map is ``f(z, t, r) = z - (t - r) / 1000 * u`` (FAR.md 1.7, diffusers ``_forward_inference``).
+            the flow map is ``f(z, t, r) = z - (t - r) / 1000 * u`` (docs/design/far.md 1.7, diffusers
+            ``_forward_inference``).
         """
         ...
 
@@ -132,7 +133,7 @@ def condition_chunks(chunk_partition: Sequence[int], num_condition_frames: int) 
     ``T`` must be chunk-aligned: ``T == sum(cp[:i])`` for some ``i >= 1`` (then ``i`` is returned), or 0
     (text-to-video, returns 0). diffusers / the reference take ``n_ctx = min{i : sum(cp[:i]) >= T}`` and
     silently leave the rest of the last context chunk at zeros (cached and output as zeros); we reject
-    such prefixes instead (FAR.md section 3 and 7.7).
+    such prefixes instead (docs/design/far.md 3 and 7.7).
 
     Args:
         chunk_partition: the (validated) chunk partition.
@@ -227,7 +228,8 @@ def sample_chunked(
     progress: bool = False,
     callback: Optional[StepCallback] = None,
 ) -> torch.Tensor:
-    """Chunked any-step generation: the ``AnyFlowFARPipeline`` loop with ``use_kv_cache=True`` (FAR.md 1.7, 3).
+    """Chunked any-step generation: the ``AnyFlowFARPipeline`` loop with ``use_kv_cache=True``
+    (docs/design/far.md 1.7, 3).
 
     With ``n = len(cp)`` chunks, ``n_ctx = condition_chunks(cp, T)`` context chunks and
     ``steps = chunk_schedule(flow_map_time_grid(N, shift))``, for ``k = 0..n-1``:
@@ -302,7 +304,8 @@ def causal_flow_map_backward_simulation(
     grad_through: str = "chain",
     condition: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Dict[str, object]]:
-    """Stage-2 causal backward simulation (FAR.md 2.2; reference ``FAR_Wan_AnyFlow_OnPolicy_Trainer.training_rollout``).
+    """Stage-2 causal backward simulation (docs/design/far.md 2.2; reference
+    ``FAR_Wan_AnyFlow_OnPolicy_Trainer.training_rollout``).
 
     For every chunk ``k`` (in order), on the chunk's noise slice ``noise[:, s_k:e_k]``: AnyFlow's three-segment
     rollout ``1 -> t_k -> t_{k+1} -> 0`` of
@@ -314,7 +317,7 @@ def causal_flow_map_backward_simulation(
     (``grad_through`` as in the bidirectional rollout, within the chunk).
 
     An exact causal flow map gives, by the composition property, the same sample for every ``(N, k)``, equal to
-    :func:`sample_chunked`'s (FAR.md section 5). With ``N == 1`` the single step ``1 -> 0`` is bitwise
+    :func:`sample_chunked`'s (docs/design/far.md 5.2). With ``N == 1`` the single step ``1 -> 0`` is bitwise
     :func:`sample_chunked` with ``num_steps = 1``.
 
     The reference rollout is text-to-video only; ``condition`` (chunk-aligned, as in :func:`sample_chunked`) is

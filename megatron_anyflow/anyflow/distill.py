@@ -4,7 +4,7 @@ Everything here works on *model callables* ``model(z, T, R, text) -> out`` (the 
 LoRA adapter of the shared base each callable runs, e.g. ``lambda *a: run_with(use_adapter(m, "gen"))``):
 
 * ``z`` latents ``[b, f, c, h, w]``; ``T``, ``R`` **float32** ``[b, f]`` on the 0..1000 scale (one time per
-  sample and latent frame, never bf16: ``shared/design/ANYFLOW.md`` section 6); ``text`` ``[b, L, d]``;
+  sample and latent frame, never bf16: ``docs/design/anyflow.md`` 6); ``text`` ``[b, L, d]``;
 * the **generator** (student flow map) returns the average velocity ``u`` on ``[r, t]`` per unit of t in
   ``[0, 1]``: ``f(z_t, t, r) = z_t - (t - r) u(z_t, t, r)``;
 * the **real score** (frozen teacher) and the **fake score** (critic) are single-time networks, called
@@ -14,7 +14,7 @@ Times ``t`` in ``[0, 1]`` (``t = 1`` noise, ``t = 0`` data), ``z_t = (1 - t) x +
 All frames of a sample share one time here (text-to-video); image-to-video condition frames (held clean
 with ``t = r = 0``, as :class:`~megatron_anyflow.anyflow.sampler.FlowMapEulerSampler` does) are not handled.
 
-Pieces (paper Alg. 2, Sec. 4.2.2, eq. 5; ANYFLOW.md section 1 "Stage 2"):
+Pieces (paper Alg. 2, Sec. 4.2.2, eq. 5; docs/design/anyflow.md 1.4):
 
 * :func:`sample_simulation_plan`: the inference budget ``N`` and gradient step ``k`` (same on all ranks);
 * :func:`flow_map_backward_simulation`: AnyFlow's three-segment rollout ``1 -> t_k -> t_{k+1} -> 0``;
@@ -65,8 +65,8 @@ SIMULATIONS = ("flow_map", "consistency")
 #: ``"no_grad_prefix"``: the first segment ``1 -> t_k`` runs under ``no_grad`` (see
 #: :func:`flow_map_backward_simulation`).
 GRAD_THROUGH = ("chain", "no_grad_prefix")
-#: ``"dmd"``: ``v = v_c + g (v_c - v_u)`` (DMD / CausVid / Self-Forcing ``real_guidance_scale``, and the
-#: design brief's ``cond + 3 (cond - uncond)``); ``"cfg"``: ``v = v_u + g (v_c - v_u)`` (classifier-free
+#: ``"dmd"``: ``v = v_c + g (v_c - v_u)`` (DMD / CausVid / Self-Forcing ``real_guidance_scale``;
+#: ``docs/design/anyflow.md`` 1.4); ``"cfg"``: ``v = v_u + g (v_c - v_u)`` (classifier-free
 #: guidance as in the Wan sampler). ``g_dmd = g_cfg - 1``.
 GUIDANCE_CONVENTIONS = ("dmd", "cfg")
 
@@ -84,13 +84,13 @@ def _check_positive(name: str, value, allow_zero: bool = False) -> float:
 
 @dataclass
 class DistillConfig:
-    """Stage-2 hyper-parameters (reference defaults; ANYFLOW.md section 1, paper Alg. 2).
+    """Stage-2 hyper-parameters (reference defaults; docs/design/anyflow.md 1.4, paper Alg. 2).
 
     Attributes:
         num_steps_choices: inference budgets ``N`` the rollout simulates, drawn uniformly ((2, 4, 8, 16, 50)).
         shift: time shift of the rollout grid ``shift(linspace(1, 0, N + 1))`` (5.0).
         real_guidance: CFG scale of the real score, in the convention ``real_guidance_convention``
-            (3.0 with ``"dmd"``: ``v = v_c + 3 (v_c - v_u)``, the brief's ``cond + 3 (cond - uncond)``;
+            (3.0 with ``"dmd"``: ``v = v_c + 3 (v_c - v_u)``, ``docs/design/anyflow.md`` 1.4;
             this is ``4`` in the usual ``v_u + g (v_c - v_u)`` convention).
         real_guidance_convention: ``"dmd"`` (default) or ``"cfg"``, see :func:`real_score_velocity`.
             No guidance is ``real_guidance = 0`` with ``"dmd"`` and ``1`` with ``"cfg"``; then the
@@ -410,7 +410,7 @@ def backward_simulation(
     cfg = cfg if cfg is not None else DistillConfig()
     causal = getattr(generator_model, "causal_rollout", None)
     if causal is not None:
-        # AnyFlow-FAR: chunk-by-chunk rollout through the KV cache (anyflow.causal, FAR.md 2.2).
+        # AnyFlow-FAR: chunk-by-chunk rollout through the KV cache (anyflow.causal, docs/design/far.md 2.2).
         if cfg.simulation != "flow_map":
             raise ValueError(f"simulation={cfg.simulation!r}: the causal (FAR) generator supports the flow-map "
                              "backward simulation only (the reference's FAR stage 2)")
@@ -434,7 +434,7 @@ def real_score_velocity(
     """Guided velocity of the real score (float64), ``g = cfg.real_guidance``:
 
     * ``"dmd"`` convention: ``v = v_c + g (v_c - v_u)`` (DMD2 / CausVid / Self-Forcing ``real_guidance_scale``;
-      ANYFLOW.md "cond + 3 (cond - uncond)");
+      docs/design/anyflow.md 1.4);
     * ``"cfg"`` convention: ``v = v_u + g (v_c - v_u)``;
 
     with ``v_c = real(z, T, T, text)``, ``v_u = real(z, T, T, negative_text)``. Combining velocities equals
@@ -545,7 +545,7 @@ def critic_loss(
     generator: Optional[torch.Generator],
     cfg: Optional[DistillConfig] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Flow-matching loss of the fake score on generated samples (the critic step; ANYFLOW.md stage 2).
+    """Flow-matching loss of the fake score on generated samples (the critic step; docs/design/anyflow.md 1.4).
 
     From ``generator``, in this order: ``t = logit_normal_t(b, generator, shift=cfg.critic_time_shift)``
     (float32 ``[b]``, one time per sample), ``eps = randn(x0.shape)`` (float32). Then

@@ -154,7 +154,7 @@ def evaluate_causal(students: Dict[str, object], teacher, noise: torch.Tensor, t
     whole video with its Euler ODE at N and at ``reference_steps`` (the reference). Errors are against the
     reference from the same noise and prompts.
 
-    Per-chunk error (exposure bias, FAR.md 2.3): for every student and N, the error restricted to the
+    Per-chunk error (exposure bias, docs/design/far.md 2.3): for every student and N, the error restricted to the
     frames of each chunk of ``chunk_partition``: latent MSE, and pixel MSE / PSNR when ``decode`` keeps one
     decoded frame per latent frame (the pixel codec). A student trained only with teacher forcing
     (stage 1) sees its own, imperfect history at test time; its error grows with the chunk index.

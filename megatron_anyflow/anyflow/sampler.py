@@ -55,7 +55,7 @@ def _check_steps_shift(num_steps: int, shift: float) -> None:
 
 
 class FlowMapEulerSampler:
-    """Any-step flow-map Euler sampler: ``z_r = z_t - (t - r) u(z_t, t, r)`` (ANYFLOW.md section 1).
+    """Any-step flow-map Euler sampler: ``z_r = z_t - (t - r) u(z_t, t, r)`` (docs/design/anyflow.md 1.5).
 
     For ``i = 0..N-1`` with ``(t, r) = (grid[i], grid[i+1])``, ``grid = flow_map_time_grid(N, shift)``:
     ``z <- z - (t - r) * model(z, T, R, text)`` where ``T = to_model_scale(t)``, ``R = to_model_scale(r)``

@@ -11,7 +11,7 @@ Conventions used throughout ``megatron_anyflow.anyflow``:
 
 Sources: the paper (AnyFlow, Alg. 1 and Sec. 4.2.1 "Time Sampler", Fig. 10) and the public reference
 implementation (NVlabs/AnyFlow: ``FlowMapDiscreteScheduler`` with ``weight_type='beta08'`` and the
-stage-1 trainer's time sampler); see ``shared/design/ANYFLOW.md`` section 1.
+stage-1 trainer's time sampler); see ``docs/design/anyflow.md`` 1.3.
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def shift_time(x: TensorOrFloat, shift: float = 5.0) -> TensorOrFloat:
         ValueError: ``shift`` is not a positive finite number.
 
     Source: reference ``FlowMapDiscreteScheduler.apply_shift`` / diffusers
-    ``FlowMapEulerDiscreteScheduler.apply_shift``; ANYFLOW.md section 1.
+    ``FlowMapEulerDiscreteScheduler.apply_shift``; docs/design/anyflow.md 1.3.
     """
     s = _check_shift(shift)
     if s == 1.0:
@@ -176,7 +176,7 @@ def sample_t_r(
     the data-parallel group), not the per-rank batch: every rank calls this with the same generator state
     and takes its own rows, e.g. ``t[dp_rank * b_local:(dp_rank + 1) * b_local]``. With one sample per GPU
     and DP = 8 this puts boundary samples on ranks 0-3, r = 0 samples on ranks 4-5 and free samples on
-    ranks 6-7; a per-rank split would give no boundary sample at all (ANYFLOW.md section 6). TP / CP peers
+    ranks 6-7; a per-rank split would give no boundary sample at all (docs/design/anyflow.md 6). TP / CP peers
     of one sample must take the same row.
 
     Args:
@@ -301,8 +301,8 @@ def logit_normal_t(
 ) -> torch.Tensor:
     """Flow-matching (teacher / critic) times: ``shift_time(sigmoid(mean + std * N(0, 1)), shift)``.
 
-    Used by the stage-2 critic's plain flow-matching loss (ANYFLOW.md section 1, "logit-normal t,
-    shift 5"; SD3 / Wan pretraining time density).
+    Used by the stage-2 critic's plain flow-matching loss (docs/design/anyflow.md 1.4: logit-normal t,
+    shift 5; SD3 / Wan pretraining time density).
 
     Args:
         n: number of samples >= 1.
@@ -344,7 +344,7 @@ def flow_map_time_grid(num_steps: int, shift: float = 5.0) -> torch.Tensor:
     Raises:
         ValueError: ``num_steps`` is not an integer >= 1, or ``shift <= 0``.
 
-    Source: ANYFLOW.md section 1 ("Inference"); equals diffusers ``FlowMapEulerDiscreteScheduler(shift=s)
+    Source: docs/design/anyflow.md 1.5 (inference); equals diffusers ``FlowMapEulerDiscreteScheduler(shift=s)
     .set_timesteps(N).sigmas`` (checked in tests/test_sampler.py).
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
@@ -360,7 +360,7 @@ def to_model_scale(t: TensorOrFloat) -> torch.Tensor:
     """Convert times in ``[0, 1]`` to the network's ``0..1000`` scale, as **float32**.
 
     The product is formed in float64 and rounded once to float32 (for float32 input this equals the
-    float32 product). Never cast the result to bf16 (ANYFLOW.md section 6).
+    float32 product). Never cast the result to bf16 (docs/design/anyflow.md 6).
 
     Args:
         t: tensor (any shape, floating or integer dtype) or Python number, times in [0, 1].

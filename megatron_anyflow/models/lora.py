@@ -67,7 +67,7 @@ from megatron_anyflow.parallel.tensor_parallel import (
     tp_world_size,
 )
 
-# AnyFlow's targets (ANYFLOW.md section 1): self-attention q/k/v/o, FFN, time and delta embedders.
+# AnyFlow's targets (docs/design/anyflow.md 1.3): self-attention q/k/v/o, FFN, time and delta embedders.
 DEFAULT_TARGETS = (
     "blocks.*.self_attention.linear_qkv",
     "blocks.*.self_attention.linear_proj",

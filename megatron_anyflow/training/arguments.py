@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stage 2: start the generator from stage 1's live adapter weights instead of its EMA")
     g.add_argument("--model", choices=["bidirectional", "far"], default="bidirectional",
                    help="bidirectional: the AnyFlow DiT; far: AnyFlow-FAR, the causal (frame-autoregressive) model "
-                        "on the same weights plus far_patch_embedding (FAR.md)")
+                        "on the same weights plus far_patch_embedding (docs/design/far.md)")
     g.add_argument("--chunk-partition", type=int, nargs="+", default=None,
                    help="--model far: latent frames per chunk of a training clip (default (1, 3, 3, 3, 3, 3, 3, 2) for "
                         "21 latent frames; must sum to the dataset's latent frames)")
@@ -198,7 +198,7 @@ def default_lora_rank(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Parse and validate; stage-dependent defaults (ANYFLOW.md section 1) fill unset values.
+    """Parse and validate; stage-dependent defaults (docs/design/anyflow.md 1.3, 1.4) fill unset values.
 
     Raises:
         SystemExit (argparse error) naming the bad value: no data source, bad sizes or fractions.

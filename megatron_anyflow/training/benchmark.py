@@ -12,7 +12,7 @@ The tool's module docstring defines every reported figure; this module holds the
   gradient checkpointing whenever this project's row recomputes);
 * `measure` (one row) and `markdown` (the report).
 
-AnyFlow-FAR rows (``--model far``: the causal model's stage 1 and stage 2, FAR.md): the trainer's own FAR
+AnyFlow-FAR rows (``--model far``: the causal model's stage 1 and stage 2, docs/design/far.md): the trainer's own FAR
 iteration (`OursRunner` with ``--model far --chunk-partition``); every timed iteration is credited with its
 own draws -- the teacher-forcing chunk count n and the bidirectional-branch coin of `FarStage1.iteration_plan`
 (stage 2's co-training too), and stage 2's rollout plan (N, k) -- through `training.flops.far_step_flops` /
@@ -906,7 +906,7 @@ def markdown(report: Dict) -> str:
                    f"{_fmt(r.get('memory_vs_reference'), '.2f')} |")
     out += ["", "Speed-up = tokens/s/GPU of megatron_anyflow / of the reference (same step and schedule); memory "
             "ratio likewise. tokens/s/GPU counts each sample's video tokens once per iteration.", "",
-            "Model FLOPs (training/flops.py; ANYFLOW.md section 7), one forward of one sample, S video tokens, C text "
+            "Model FLOPs (training/flops.py; docs/design/anyflow.md 7), one forward of one sample, S video tokens, C text "
             "tokens, hidden h, FFN F, L layers: `L [2Sh(3h) + 4S^2h + 2Shh  +  2Shh + 4Chh + 4SCh + 2Shh  +  4ShF]` "
             "+ patch embedding, text embedding, head, time embedders. Per iteration, in forward-equivalents "
             "(a forward with grad = 3, a no-grad forward = 1). Hardware FLOPs (`flops.pass_hardware_flops`): "

@@ -126,7 +126,7 @@ def dry_run(args, log=print) -> int:
 
 
 def _log_far_sequences(cfg, chunks, height: int, width: int, pad_to: int, log) -> None:
-    """The FAR sequences of a launch (FAR.md 1.2) and the padding the model adds to each to divide by
+    """The FAR sequences of a launch (docs/design/far.md 1.2) and the padding the model adds to each to divide by
     CP x SP = ``pad_to`` (padding is not an error: pad tokens are no keys and their outputs are zero)."""
     from megatron_anyflow.models.wan.far import FarLayout
 

@@ -1,4 +1,4 @@
-"""Model FLOPs of the Wan DiT and of each AnyFlow training step (ANYFLOW.md section 7).
+"""Model FLOPs of the Wan DiT and of each AnyFlow training step (docs/design/anyflow.md 7).
 
 One forward of one sample, S video tokens, C text tokens, hidden h, FFN width F, L layers
 (a multiply-add counts 2 FLOPs):
@@ -25,7 +25,7 @@ attention backward is 2.5x its forward (flash / cuDNN / FA3 kernels recompute th
 ``sdpa_backward_flop_count``). Stage 2 is credited with each iteration's own rollout draw
 (`rollout_segments`, `stage2_iteration_flops`), not the expectation.
 
-AnyFlow-FAR (the causal model, FAR.md; `models.wan.far.FarLayout`): the same per-token formula over the
+AnyFlow-FAR (the causal model, docs/design/far.md; `models.wan.far.FarLayout`): the same per-token formula over the
 layout's tokens (compressed context, full-resolution chunks, clean copies; padding counted by the hardware
 figures only), with self-attention ``4 P h`` where P = the allowed (query, key) pairs summed over
 `FarLayout.attention_groups` (block-sparse: what the grouped attention runs; a cached generation step
@@ -484,7 +484,7 @@ def far_step_hardware_flops(cfg: WanConfig, step: str, height: int, width: int, 
 def far_inference_flops(cfg: WanConfig, height: int, width: int, num_steps: int, text_len: int = 512,
                         chunk_partition: Optional[Sequence[int]] = None) -> float:
     """Model FLOPs of one FAR text-to-video sample with ``num_steps`` steps per chunk: every chunk's steps
-    plus the prefills between chunks (FAR.md 3)."""
+    plus the prefills between chunks (docs/design/far.md 3)."""
     sh = far_shapes(cfg, height, width, chunk_partition)
     return float(num_steps * sum(shape_forward_flops(cfg, s, text_len) for s in sh.steps)
                  + sum(shape_forward_flops(cfg, s, text_len) for s in sh.prefills))

@@ -27,7 +27,7 @@ from megatron_anyflow.training import checkpointing as ckpt
 
 DELTA = "condition_embedder.delta_embedder."
 # AnyFlow-FAR's compressed-context embedding: absent from a Wan / bidirectional base (initialised from
-# patch_embedding, FAR.md 1.1) and trained fully (not LoRA) with the generator adapter, whose checkpoint
+# patch_embedding, docs/design/far.md 1.1) and trained fully (not LoRA) with the generator adapter, whose checkpoint
 # holds it live and under ``ema.generator.``.
 FAR = "far_patch_embedding."
 
@@ -83,7 +83,7 @@ def load_base(model: WanModel, path: str, merge_adapter: Optional[str] = None, m
         if model.condition_embedder.delta_embedder is not None and not _delta_in(d):
             model.condition_embedder.reset_delta_embedder()
         if getattr(model.config, "far", False) and not any(k.startswith(FAR) for k in ckpt.tensor_keys(d)):
-            model.reset_far_patch_embedding()  # a Wan / bidirectional base: trilinear init (FAR.md 1.1)
+            model.reset_far_patch_embedding()  # a Wan / bidirectional base: trilinear init (docs/design/far.md 1.1)
     elif meta.get("pretrained"):
         if not os.path.isdir(meta["pretrained"]):
             raise FileNotFoundError(f"{d} holds adapters only; its recorded base {meta['pretrained']!r} (anyflow_meta.json "

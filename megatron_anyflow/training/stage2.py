@@ -228,7 +228,7 @@ class FarGenerator:
     """The AnyFlow-FAR generator role: called like the model (the co-trained FAR stage-1 loss passes the
     teacher-forcing arguments) and rolled out chunk by chunk through the KV cache by
     `distill.backward_simulation` (``causal_rollout``: `anyflow.causal.causal_flow_map_backward_simulation`,
-    FAR.md 2.2: the same plan (N, k) for every chunk, history re-encoded under no_grad)."""
+    docs/design/far.md 2.2: the same plan (N, k) for every chunk, history re-encoded under no_grad)."""
 
     def __init__(self, model, adapter, chunk_partition):
         from megatron_anyflow.models.wan.far import FarModelRunner
@@ -250,7 +250,7 @@ class FarGenerator:
 
 
 class FarStage2(Stage2, FarStage1):
-    """AnyFlow-FAR stage 2 (FAR.md 2.2): the causal generator (`FarGenerator`) rolled out on the whole
+    """AnyFlow-FAR stage 2 (docs/design/far.md 2.2): the causal generator (`FarGenerator`) rolled out on the whole
     clip; real score (frozen base) and fake score (``fake_score`` adapter) are the **bidirectional**
     forwards of the same weights on the whole video (DMD and critic unchanged); the co-trained stage-1
     loss is FAR stage 1's causal branch (``--far-bidirectional-prob`` 0 by default in stage 2)."""

@@ -2,7 +2,7 @@
 
 `WanConfig` extends megatron-core's `TransformerConfig` (so TP / SP / CP sizes, dtypes, FP8 and
 recomputation settings live where a Megatron user expects them) with the Wan-specific fields.
-Presets follow diffusers' `WanTransformer3DModel` configs (ANYFLOW.md section 2).
+Presets follow diffusers' `WanTransformer3DModel` configs (docs/design/anyflow.md 2).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class WanConfig(TransformerConfig):
         lora_merged_nograd: how LoRA runs under ``torch.no_grad()`` (`models.lora`): ``"per-call"``,
             ``"cache"`` or ``"off"`` (default: numerics bit-identical to the grad-enabled path).
         lora_rank / lora_alpha: LoRA adapter size (AnyFlow: 256 / 256).
-        far: build the causal AnyFlow-FAR model (FAR.md section 1): adds ``far_patch_embedding`` (a
+        far: build the causal AnyFlow-FAR model (docs/design/far.md 1): adds ``far_patch_embedding`` (a
             Conv3d with kernel = stride = ``compressed_patch_size``) and enables the chunked forwards
             (teacher forcing, KV-cache prefill, cached generation step; `models.wan.far`). The
             bidirectional forward of the same weights stays available.

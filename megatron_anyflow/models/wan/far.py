@@ -1,6 +1,6 @@
 """AnyFlow-FAR (causal, frame-autoregressive) token layout, attention pattern and KV cache.
 
-One object, `FarLayout`, describes the token sequence of a FAR forward (FAR.md sections 1.2-1.6):
+One object, `FarLayout`, describes the token sequence of a FAR forward (docs/design/far.md 1.2-1.6):
 
     [compressed context chunks | full-resolution chunks | clean copies of the full chunks | padding]
 
@@ -10,7 +10,7 @@ Every consumer is derived from it, so the pieces cannot disagree:
   otherwise) and the output slice (the noisy full-resolution frames);
 - the modulation rows (one (t, r) row per latent frame; clean copies have their own rows);
 - the RoPE angles at absolute frame positions, compressed tokens at fractional (row, col) positions
-  ``2j + 0.5`` (`rope.rope_angles_at`, FAR.md 1.4);
+  ``2j + 0.5`` (`rope.rope_angles_at`, docs/design/far.md 1.4);
 - the attention pattern, as exact *grouped* dense attention (`FarAttention`): each query group (a chunk of
   one kind) attends to at most three contiguous key ranges, so any dense kernel (SDPA / flash / TE) runs
   exactly the allowed pairs and no ``L x L`` mask exists; `FarLayout.dense_mask` is the reference for tests.
@@ -18,7 +18,7 @@ Every consumer is derived from it, so the pieces cannot disagree:
 Three modes (diffusers `AnyFlowFARTransformer3DModel.forward`):
 
 - ``"train"``: chunks ``cp`` (n = len(cp)); the last ``min(n, full_chunk_limit)`` chunks are full resolution
-  (noisy), older ones compressed context; with clean copies the teacher-forcing mask of FAR.md 1.5,
+  (noisy), older ones compressed context; with clean copies the teacher-forcing mask of docs/design/far.md 1.5,
   without them plain block-causal attention over chunk ids.
 - ``"prefill"``: the clean prefix ``cp[:j+1]`` at t = r = 0, the last ``full_chunk_limit - 1`` chunks full,
   block-causal; every layer writes its post-RoPE K and V (valid tokens) into a new `FarKVCache`.
@@ -26,7 +26,7 @@ Three modes (diffusers `AnyFlowFARTransformer3DModel.forward`):
   whole cache and itself (no mask).
 
 Padding: a sequence that does not divide by CP x SP is padded with PAD tokens at the end; they are never
-keys and their outputs are zero (FAR.md 4.3).
+keys and their outputs are zero (docs/design/far.md 4.3).
 
 Times are on the 0..1000 scale throughout.
 """
@@ -220,7 +220,7 @@ class FarLayout:
     def rope_positions(self) -> torch.Tensor:
         """float64 [L, 3] (frame, row, col) positions of every token; compressed tokens at the centre of
         the full-resolution patches they cover (``s j + (s - 1) / 2`` per axis, s the stride ratio:
-        exactly the average-pooled, renormalised complex RoPE of diffusers / the reference, FAR.md 1.4);
+        exactly the average-pooled, renormalised complex RoPE of diffusers / the reference, docs/design/far.md 1.4);
         padding at 0."""
         out = []
         fh, fw = self.full_grid
@@ -240,7 +240,7 @@ class FarLayout:
 
     # -------------------------------------------------------------------------------------------
     def _allowed(self, q: Segment, k: Segment) -> bool:
-        """The block rule of FAR.md 1.5 (diffusers' ``mask_mod``) for a query and a key segment."""
+        """The block rule of docs/design/far.md 1.5 (diffusers' ``mask_mod``) for a query and a key segment."""
         if q.kind == PAD or k.kind == PAD or k.chunk > q.chunk:
             return False
         if self.clean:
@@ -295,7 +295,7 @@ class FarLayout:
 
 @dataclass(frozen=True)
 class FarKVCache:
-    """KV cache of a FAR generation (FAR.md 1.6): for every layer the post-RoPE K and the V of the clean
+    """KV cache of a FAR generation (docs/design/far.md 1.6): for every layer the post-RoPE K and the V of the clean
     prefix ``chunk_partition`` (= cp[:j+1]), encoded at t = r = 0 with the last ``full_chunk_limit - 1``
     chunks at full resolution and older ones compressed.
 
@@ -448,7 +448,7 @@ def _flex_attention(device):
 
 def trilinear_far_patch_init(patch_weight: torch.Tensor, compressed_patch_size=(1, 4, 4)) -> torch.Tensor:
     """``far_patch_embedding`` weight from ``patch_embedding``'s (diffusers / reference ``setup_far_model``,
-    FAR.md 1.1): each ``[1, ph, pw]`` kernel trilinearly interpolated to ``compressed_patch_size``
+    docs/design/far.md 1.1): each ``[1, ph, pw]`` kernel trilinearly interpolated to ``compressed_patch_size``
     (``align_corners=False``).
 
     Args:

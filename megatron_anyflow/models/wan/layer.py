@@ -339,7 +339,7 @@ class TECoreAttention(nn.Module):
     """Core attention of the ``te`` backend: Transformer Engine's fused `DotProductAttention`.
 
     Same interface as `TorchCoreAttention`. Attention stays in bf16 under FP8 (FP8 attention gave
-    visible artifacts in a Wan port, ANYFLOW.md section 6).
+    visible artifacts in a Wan port, docs/design/anyflow.md 6).
 
     Context parallelism (``config.context_parallel_size > 1``): self-attention uses TE's own CP
     attention (``cp_comm_type`` from the config: ``p2p`` ring by default, ``a2a``, ``a2a+p2p``) on the

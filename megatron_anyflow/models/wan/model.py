@@ -220,7 +220,7 @@ class WanModel(MegatronModule):
         self.patch_embedding = nn.Conv3d(config.in_channels, h, kernel_size=p, stride=p)
         if config.far:
             # AnyFlow-FAR's compressed-context embedding, initialised by trilinear interpolation of the
-            # patch embedding (FAR.md 1.1; trained fully, not with LoRA). Replicated over TP and applied
+            # patch embedding (docs/design/far.md 1.1; trained fully, not with LoRA). Replicated over TP and applied
             # before the CP / SP split, like patch_embedding.
             cps = config.compressed_patch_size
             self.far_patch_embedding = nn.Conv3d(config.in_channels, h, kernel_size=cps, stride=cps)
@@ -309,7 +309,7 @@ class WanModel(MegatronModule):
         frozen base alone); omitted, the one `lora.set_active_adapter` selected. Recomputed blocks replay
         with the same adapter, whatever is selected when backward runs.
 
-        AnyFlow-FAR (``config.far``; FAR.md 1; `models.wan.far`), selected by ``chunk_partition``:
+        AnyFlow-FAR (``config.far``; docs/design/far.md 1; `models.wan.far`), selected by ``chunk_partition``:
 
         - training / teacher forcing (``kv_cache`` None): ``latents`` [b, F, c, H, W] are the chunks
           ``chunk_partition`` (sum = F); t, r [b] or [b, F] per frame (context frames t = r = 0).
@@ -339,7 +339,7 @@ class WanModel(MegatronModule):
     @torch.no_grad()
     def prefill(self, latents: torch.Tensor, text: torch.Tensor, chunk_partition: Sequence[int],
                 adapter=L._UNSET, dense_mask: bool = False):
-        """Encode the clean prefix into a new KV cache (AnyFlow-FAR, FAR.md 1.6), without gradient.
+        """Encode the clean prefix into a new KV cache (AnyFlow-FAR, docs/design/far.md 1.6), without gradient.
 
         Args:
             latents: [b, sum(chunk_partition), c, H, W] clean latents of chunks 0..j (generated or given).

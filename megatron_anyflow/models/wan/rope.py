@@ -51,7 +51,7 @@ def rope_angles_at(positions: torch.Tensor, split: Tuple[int, int, int], theta: 
     ``rope_angles(grid)`` is this at the integer grid. AnyFlow-FAR's compressed tokens sit at the centres
     of the full-resolution patches they pool (``2j + 0.5``): diffusers / the reference average-pool the
     complex exponentials and renormalise, which is exactly the rotation at the mean position because
-    the pooled factor ``cos(theta / 2)`` is positive (FAR.md 1.4).
+    the pooled factor ``cos(theta / 2)`` is positive (docs/design/far.md 1.4).
 
     Args:
         positions: [L, 3] positions (any float dtype; used in float64).
