@@ -7,7 +7,6 @@
 ``python pretrain_anyflow.py --help`` lists every argument.
 """
 
-import sys
 import warnings
 
 
@@ -20,20 +19,17 @@ def main(argv=None):
         from megatron_anyflow.training.dry_run import dry_run
 
         return dry_run(args)
-    from megatron_anyflow.training.checkpointing import CheckpointError
-    from megatron_anyflow.training.nan_guard import NonFiniteTrainingError
     from megatron_anyflow.training.trainer import Trainer
 
-    try:
-        trainer = Trainer(args)
-        trainer.train()
-    except (CheckpointError, NonFiniteTrainingError) as err:
-        # A known failure that says what to do: one clear line and exit 2, not a traceback. The message
-        # is printed on every rank (each rank stops on it; rank 0's log is not the only one read).
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+    trainer = Trainer(args)
+    trainer.train()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_anyflow.cli import main_guard
+
+    # A known failure that says what to do (a damaged checkpoint, a mismatched resume, a NaN run, a bad
+    # shape, a full disk): one line and exit 2, not a traceback (megatron_anyflow/cli.py). The line is
+    # printed on every rank: each rank stops on it, and rank 0's log is not the only one read.
+    main_guard(main, prog="pretrain_anyflow.py")

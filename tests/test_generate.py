@@ -1,7 +1,9 @@
 """tools/generate.py on the tiny preset: T2V (MiniLM prompts), I2V (--image), V2V (--video) at several N from a
 training checkpoint, decoded through a tiny random Wan VAE; exact reproduction from --noise / --prompt-embeds;
-TP = 2 under torchrun equals TP = 1; bad inputs give errors naming the value. (Diffusers-export inputs and
-the equality with diffusers' AnyFlowPipeline: tests/test_pipeline_export.py.)
+TP = 2 under torchrun equals TP = 1; bad inputs give errors naming the value; --image-latents equals --video
+with the same latents; flags that do not apply are refused or recorded as not applied. (Diffusers-export
+inputs and the equality with diffusers' AnyFlowPipeline: tests/test_pipeline_export.py; FAR checkpoints:
+tests/test_generate_far_cli.py.)
 
 The reference rollout here is written out by hand from the paper's update ``z_r = z_t - (t - r) u(z_t, t, r)``
 on the grid ``shift(linspace(1, 0, N + 1))`` (s = 5), in float32 arithmetic; the tool forms the update in
@@ -224,3 +226,65 @@ def test_diffusers_export_rejects_adapter_options(tiny, tmp_path, capsys):
         if src == tiny["ckpt"]:
             first = z
     assert rel(z, first) < 1e-6  # the export's scheduler_config.json gives shift 5, the merged weights the same model
+
+
+def test_image_latents_equal_video_latents(tiny, tmp_path, capsys):
+    """--image-latents (first latent frame(s) given directly, no codec) = --video with the same latents = the
+    hand rollout with that condition; generation.json records the condition's r as applied."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, (1,))))
+    first = torch.randn(LATENT[1:], generator=g)
+    save_file({"noise": torch.randn(2, *LATENT, generator=g), "prompt_embeds": torch.randn(2, 5, 384, generator=g)},
+              str(tmp_path / "in.safetensors"))
+    save_file({"latents": first}, str(tmp_path / "img.safetensors"))  # [C, H, W]
+    save_file({"latents": first[None]}, str(tmp_path / "vid.safetensors"))  # [1, C, H, W]
+    common = ["--checkpoint", tiny["ckpt"], "--noise", tmp_path / "in.safetensors", "--prompt-embeds",
+              tmp_path / "in.safetensors", "--codec", "none", "--steps", 2]
+    for flag, f in (("--image-latents", "img"), ("--video", "vid")):
+        assert generate(*common, flag, tmp_path / f"{f}.safetensors", "--output", tmp_path / f,
+                        "--save-latents", tmp_path / f / "lat.safetensors") == 0
+    a, b = (load_file(str(tmp_path / f / "lat.safetensors")) for f in ("img", "vid"))
+    assert torch.equal(a["steps_2"], b["steps_2"]) and torch.equal(a["condition_frames"], first[None, None])
+    ref = hand_rollout(tiny["model"], a["noise"], a["prompt_embeds"], 2, first[None, None])
+    assert rel(a["steps_2"], ref) < TOL
+    record = json.load(open(tmp_path / "img" / "generation.json"))
+    assert record["mode"] == "image-to-video" and record["condition_r"] == "step" and record["condition_frames"] == 1
+    assert record["chunk_partition"] is None and not record["far"] and record["not_applied"] == {}
+    # the latent size is checked against the run's: the file, the key, the shape found and the one expected
+    save_file({"latents": torch.zeros(2, 16, 4, 5)}, str(tmp_path / "bad.safetensors"))
+    assert generate(*common, "--image-latents", tmp_path / "bad.safetensors", "--output", tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert (f"--image-latents {tmp_path / 'bad.safetensors'}: 'latents' has shape [2, 16, 4, 5] (torch.float32); "
+            f"expected [16, 4, 6] or [F0, 16, 4, 6] with 1 <= F0 < 3") in err, err
+
+
+def test_flags_that_do_not_apply_are_refused_or_recorded(tiny, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    save_file({"noise": torch.randn(1, *LATENT), "prompt_embeds": torch.randn(1, 4, 384)},
+              str(tmp_path / "in.safetensors"))
+    base = ["--checkpoint", tiny["ckpt"], "--noise", tmp_path / "in.safetensors", "--prompt-embeds",
+            tmp_path / "in.safetensors", "--steps", 1, "--output", tmp_path / "o"]
+
+    def fails(*argv):
+        assert generate(*base, *argv) == 2
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    err = fails("--codec", "none", "--chunk-partition", 1, 2)
+    assert "--chunk-partition 1 2 applies to AnyFlow-FAR (causal) checkpoints only" in err, err
+    err = fails("--codec", "none", "--frames", 9, "--height", 32, "--width", 48)
+    assert "--frames 9 --height 32 --width 48: video sizes do not apply with --codec none" in err, err
+    err = fails("--codec", "none", "--fps", 8)
+    assert "--fps 8: video sizes do not apply with --codec none" in err, err
+    err = fails("--vae", tiny["vae"], *VIDEO, "--latent-shape", 5, 16, 4, 6)
+    assert "--latent-shape 5 16 4 6 does not apply with the wan-vae codec" in err and "[3, 16, 4, 6]" in err, err
+    err = fails("--codec", "none", "--condition-frames", 1)
+    assert "--condition-frames 1 applies to --video only" in err, err
+    # text-to-video: --condition-r has nothing to act on; recorded as not applied
+    assert generate(*base, "--codec", "none", "--condition-r", "zero") == 0
+    record = json.load(open(tmp_path / "o" / "generation.json"))
+    assert record["condition_r"] is None and "--condition-r" in record["not_applied"], record
+    assert record["frames"] is None and record["fps"] is None

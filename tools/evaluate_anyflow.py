@@ -135,4 +135,6 @@ def check_diffusers_one_step(path, student, noise, text, shift):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_anyflow.cli import main_guard
+
+    main_guard(main)  # a user error: one line, exit 2 (megatron_anyflow/cli.py)

@@ -9,16 +9,31 @@
 Source: a training checkpoint of any stage (the ``generator`` adapter is merged when present; ``--adapter``,
 ``--ema``) or a diffusers export (``tools/convert_to_hf.py``; a transformer or a full pipeline directory).
 Text: ``--prompt`` (encoded with the run's text encoder: umT5 for Wan, MiniLM for the tiny presets) or
-``--prompt-embeds FILE``. Image-to-video: ``--image`` (the first latent frame held clean);
-video-to-video: ``--video`` (a clean prefix of latent frames, from a video file or a safetensors of
-latents); condition frames follow diffusers' ``AnyFlowPipeline`` (t = 0, r = the step's r).
+``--prompt-embeds FILE``. Image-to-video: ``--image`` (the first latent frame held clean) or
+``--image-latents FILE`` (the first latent frame(s) given as latents, no codec needed); video-to-video:
+``--video`` (a clean prefix of latent frames, from a video file or a safetensors of latents); condition
+frames follow diffusers' ``AnyFlowPipeline`` (t = 0, r = the step's r; ``--condition-r``).
 Defaults (codec, text encoder, video size, fps, time shift) come from the dataset and arguments the
-checkpoint recorded, or from the pipeline's components.
+checkpoint recorded, or from the pipeline's components. Sizes: ``--frames/--height/--width`` (video
+pixels, a codec) or, with ``--codec none``, ``--latent-shape F C H W`` (latents); a size flag that does not
+apply is refused, not ignored.
+
+AnyFlow-FAR checkpoints (causal) are sampled chunk by chunk with the KV cache, N steps per chunk, with
+``--chunk-partition`` (latent frames per chunk, any positive ints summing to the latent frames; default:
+the checkpoint's partition when it fits). Their condition frames are whole chunks (``--image`` needs a
+first chunk of 1 frame; ``--video --condition-frames K`` a K that ends a chunk), copied clean and prefilled
+into the KV cache at t = r = 0, so ``--condition-r`` does not apply to them:
+
+    python tools/generate.py --checkpoint runs/anyflow-far-1.3b/ckpt/stage2 --ema --prompt "..." --codec none \
+        --latent-shape 5 16 60 104 --chunk-partition 1 2 2 --image-latents first_frame.safetensors \
+        --steps 1 4 --output out/ --save-latents out/latents.safetensors
 
 Writes into ``--output``: ``steps_<N>.mp4`` per step count (labelled grid, one column per sample, looped
 to >= 4 s), ``contact_sheet.png`` (rows = step counts, columns = prompts) and ``generation.json`` (the
-settings and paths). ``--save-latents FILE`` writes the final latents per N with the noise and prompt
-embeddings, which ``--noise FILE --prompt-embeds FILE`` read back to reproduce a run exactly.
+settings used, e.g. ``chunk_partition`` for FAR; a setting that had no effect is recorded as null and
+named in ``not_applied``, and the paths). ``--save-latents FILE`` writes the final latents per N with the
+noise and prompt embeddings, which ``--noise FILE --prompt-embeds FILE`` read back to reproduce a run
+exactly.
 """
 
 import argparse
@@ -58,14 +73,26 @@ def parse_args(argv=None):
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--frames", type=int, default=None, help="video frames (Wan VAE: 4k + 1)")
     g.add_argument("--latent-shape", type=int, nargs=4, default=None, metavar=("F", "C", "H", "W"),
-                   help="latent size when there is no codec (--codec none)")
-    g.add_argument("--fps", type=int, default=None)
+                   help="latent size when there is no codec (--codec none; with a codec the size follows "
+                        "--frames/--height/--width)")
+    g.add_argument("--fps", type=int, default=None, help="fps of the written videos (not with --codec none)")
     g.add_argument("--image", default=None, help="image-to-video: the first frame (PNG / JPEG of --width x --height)")
+    g.add_argument("--image-latents", default=None, metavar="FILE",
+                   help="image-to-video from latents: safetensors with 'latents' [C, H, W] or [F0, C, H, W] (the "
+                        "run's latent C, H, W; F0 >= 1 frames, FAR: whole chunks) held clean as the first latent "
+                        "frame(s); no codec needed")
     g.add_argument("--video", default=None, help="video-to-video: a clip (or safetensors 'latents') whose latent "
                                                  "frames are kept as a clean prefix")
-    g.add_argument("--condition-frames", type=int, default=None, help="--video: how many latent frames to keep")
-    g.add_argument("--condition-r", choices=["step", "zero"], default="step",
-                   help="r fed for condition frames: the step's r (diffusers AnyFlowPipeline) or 0")
+    g.add_argument("--condition-frames", type=int, default=None,
+                   help="--video: how many latent frames to keep (FAR: a whole-chunk prefix, e.g. 1 or 3 for "
+                        "--chunk-partition 1 2 2)")
+    g.add_argument("--condition-r", choices=["step", "zero"], default=None,
+                   help="bidirectional models with condition frames: r fed for them, the step's r (default, "
+                        "diffusers AnyFlowPipeline) or 0; refused for FAR checkpoints (condition chunks are "
+                        "prefilled at t = r = 0, never stepped)")
+    g.add_argument("--chunk-partition", type=int, nargs="+", default=None, metavar="K",
+                   help="FAR checkpoints: latent frames per chunk, positive ints summing to the latent frames "
+                        "(e.g. 1 2 2 for 5); default: the checkpoint's partition when it sums to them")
     g = p.add_argument_group("sampling and output")
     g.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="step counts N (one video each)")
     g.add_argument("--seed", type=int, default=0)
@@ -76,7 +103,22 @@ def parse_args(argv=None):
     g.add_argument("--save-latents", default=None, help="safetensors file for the final latents (+ noise, embeds)")
     g.add_argument("--min-seconds", type=float, default=4.0, help="loop short clips to last this long")
     g.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # Sizes and counts are checked before anything loads (a typo costs a second, not a model load).
+    for flag in ("frames", "height", "width", "fps", "num_videos", "batch_size", "condition_frames", "text_max_length"):
+        val = getattr(args, flag)
+        if val is not None and val < 1:
+            p.error(f"--{flag.replace('_', '-')} {val}: must be >= 1")
+    if args.latent_shape is not None and min(args.latent_shape) < 1:
+        p.error(f"--latent-shape {' '.join(map(str, args.latent_shape))}: F, C, H and W must all be >= 1")
+    if any(n < 1 for n in args.steps):
+        p.error(f"--steps {' '.join(map(str, args.steps))}: every step count N must be >= 1")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        p.error(f"--output {args.output}: is a file; give a directory (created if missing) for the videos, the "
+                "contact sheet and generation.json")
+    if args.min_seconds < 0 or args.min_seconds != args.min_seconds:
+        p.error(f"--min-seconds {args.min_seconds}: must be >= 0")
+    return args
 
 
 def main(argv=None):
@@ -84,7 +126,7 @@ def main(argv=None):
     import warnings
 
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    from megatron_anyflow.anyflow.generation import GenerationError
+    from megatron_anyflow.anyflow.generation import GenerationError, NonFiniteSampleError
 
     try:
         return run(args)
@@ -92,6 +134,21 @@ def main(argv=None):
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except NonFiniteSampleError as err:
+        # The run was valid but its result is not: exit 1, and nothing that looks like a finished output.
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def _refuse_video_sizes(args, why):
+    """--frames/--height/--width/--fps size or play a decoded video: refused where there is none."""
+    given = [f"--{n} {v}" for n, v in (("frames", args.frames), ("height", args.height), ("width", args.width),
+                                        ("fps", args.fps)) if v is not None]
+    if given:
+        from megatron_anyflow.anyflow.generation import GenerationError
+
+        raise GenerationError(f"{' '.join(given)}: video sizes do not apply {why}; give the latent size with "
+                              "--latent-shape F C H W (or a --noise FILE), or pass --codec / --vae to make videos")
 
 
 def run(args):
@@ -102,9 +159,18 @@ def run(args):
     from megatron_anyflow.parallel.state import initialize_parallel
     from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
 
+    # 0. flags that cannot apply, refused before anything is loaded
     steps = G.check_steps(args.steps)
-    if args.image and args.video:
-        raise G.GenerationError("give --image (image-to-video) or --video (video-to-video), not both")
+    given = [f for f, v in (("--image", args.image), ("--image-latents", args.image_latents), ("--video", args.video))
+             if v]
+    if len(given) > 1:
+        raise G.GenerationError(f"give one condition, --image or --image-latents (image-to-video) or --video "
+                                f"(video-to-video), not {' and '.join(given)}")
+    if args.condition_frames is not None and not args.video:
+        raise G.GenerationError(f"--condition-frames {args.condition_frames} applies to --video only (how many of "
+                                "its latent frames to keep)")
+    if args.codec == "none":
+        _refuse_video_sizes(args, "with --codec none (latents only: nothing is encoded or decoded)")
     if not torch.cuda.is_available():
         enable_megatron_cpu_compat()
     initialize_parallel(args.tensor_model_parallel_size, args.context_parallel_size)
@@ -118,17 +184,52 @@ def run(args):
                       tensor_model_parallel_size=args.tensor_model_parallel_size,
                       context_parallel_size=args.context_parallel_size, sequence_parallel=args.sequence_parallel,
                       bf16=args.bf16, device=device)
+    far = G.is_far(lm.model)
+    if far and args.condition_r is not None:
+        raise G.GenerationError(f"--condition-r {args.condition_r} does not apply to a FAR checkpoint: its condition "
+                                "frames are whole chunks, copied clean and prefilled into the KV cache at t = r = 0, "
+                                "never stepped (anyflow.causal.sample_chunked); drop --condition-r")
+    if not far and args.chunk_partition is not None:
+        raise G.GenerationError(f"--chunk-partition {' '.join(map(str, args.chunk_partition))} applies to "
+                                f"AnyFlow-FAR (causal) checkpoints only; {lm.path} is bidirectional (it samples all "
+                                "latent frames at once): drop --chunk-partition")
     shift = args.shift if args.shift is not None else lm.shift
     log(f"model: {lm.kind} {lm.path}" + (f", adapter {lm.adapter!r}" if lm.adapter else "") + (" (EMA)" if lm.ema else "")
-        + f", shift {shift:g}, TP {args.tensor_model_parallel_size}, CP {args.context_parallel_size}")
+        + f", shift {shift:g}, TP {args.tensor_model_parallel_size}, CP {args.context_parallel_size}"
+        + (", AnyFlow-FAR (chunk by chunk)" if far else ""))
     index = G.dataset_index(args.data_path or lm.data_path)
 
-    # 2. codec and sizes
+    # 2. codec and sizes; the FAR chunk partition (checked before the text encoder loads)
     codec = G.resolve_codec(args.codec, args.vae, index, lm.pipeline_dir, lm.in_channels)
+    if codec is None and args.codec != "none":
+        _refuse_video_sizes(args, "without a codec (none given, and the checkpoint records no dataset codec or VAE)")
     height, width, frames, latent_shape = G.video_size(codec, index, args.height, args.width, args.frames,
                                                        args.latent_shape)
+    if codec is not None and args.latent_shape is not None and tuple(args.latent_shape) != tuple(latent_shape):
+        raise G.GenerationError(f"--latent-shape {' '.join(map(str, args.latent_shape))} does not apply with the "
+                                f"{codec.name} codec: the latent size follows --frames/--height/--width ({frames} x "
+                                f"{height} x {width} -> latents {list(latent_shape)}); drop it, or pass --codec none")
+    if latent_shape is not None:
+        pt, ph, pw = lm.model.config.patch_size  # a WanModel for training checkpoints and diffusers exports
+        f_, _, h_, w_ = latent_shape
+        if f_ % pt or h_ % ph or w_ % pw:
+            flag = (f"--latent-shape {' '.join(map(str, latent_shape))}" if codec is None else
+                    f"--frames/--height/--width {frames} {height} {width} (latents {list(latent_shape)})")
+            raise G.GenerationError(f"{flag}: the latent F x H x W must be divisible by the model's patch size "
+                                    f"{tuple(lm.model.config.patch_size)}")
     wan = codec is not None and codec.name == "wan-vae"
-    fps = args.fps or int(round((index.get("video") or {}).get("fps", 16 if wan else 8)))
+    fps = None if codec is None else args.fps or int(round((index.get("video") or {}).get("fps", 16 if wan else 8)))
+    num_latent_frames = (latent_shape[0] if latent_shape is not None else
+                         G.load_noise(args.noise).shape[1] if args.noise else None)
+    cp = None
+    if far and num_latent_frames is not None:  # (no size at all: initial_noise names what to pass)
+        source = (f" ({frames} video frames, {codec.name} codec)" if codec is not None else
+                  f" (--latent-shape {' '.join(map(str, latent_shape))})" if latent_shape is not None else
+                  f" (--noise {args.noise})")
+        cp = G.resolve_chunk_partition(
+            lm.model, num_latent_frames, args.chunk_partition, flag="--chunk-partition", source=source,
+            frames_hint=lambda S: G.latent_frames_hint(codec, S, latent_shape, None if latent_shape else args.noise))
+        log(f"FAR chunk partition {list(cp)}" + (" (the checkpoint's)" if args.chunk_partition is None else ""))
 
     # 3. text, 4. noise (prompt-major: prompt 0 video 0, prompt 0 video 1, ...)
     prompts = list(args.prompt or [])
@@ -141,21 +242,32 @@ def run(args):
                                                args.text_max_length, index, lm.pipeline_dir, lm.text_dim, device))
     noise = G.initial_noise(text.shape[0], latent_shape, args.seed, args.noise, lm.in_channels)
 
-    # 5. condition frames (I2V / V2V)
+    # 5. condition frames (I2V / V2V; FAR: whole chunks)
     cond = None
     if args.image:
+        if cp is not None:
+            G.check_condition_frames(1, noise.shape[1], cp, what=f"--image {args.image} gives 1 latent frame",
+                                     flag="--image-latents")
         cond = G.image_condition(args.image, codec, height, width)
         log(f"image-to-video: {args.image} -> 1 clean latent frame")
+    elif args.image_latents:
+        cond = G.image_latents_condition(args.image_latents, noise.shape[1:], cp)
+        log(f"image-to-video: {args.image_latents} -> {cond.shape[1]} clean latent frame(s)")
     elif args.video:
-        cond = G.video_condition(args.video, codec, height, width, noise.shape[1], args.condition_frames)
+        cond = G.video_condition(args.video, codec, height, width, noise.shape[1], args.condition_frames, cp)
         log(f"video-to-video: {args.video} -> {cond.shape[1]} clean latent frame(s)")
+    # the condition frames' r: bidirectional models with condition frames only (FAR refused it above)
+    condition_r = (args.condition_r or "step") if cond is not None and not far else None
+    not_applied = {}
+    if args.condition_r is not None and condition_r is None:
+        not_applied["--condition-r"] = "no condition frames (text-to-video)"
 
     # 6. sample
     log(f"sampling {noise.shape[0]} video(s) of latents {tuple(noise.shape[1:])} at N = {steps}")
     samples = G.sample_any_step(lm.model, noise.to(device), text.to(device, lm.model.dtype), steps, shift=shift,
                                 condition_frames=None if cond is None else cond.to(device),
-                                condition_r=args.condition_r, batch_size=args.batch_size,
-                                progress=rank == 0 and not args.no_progress)
+                                condition_r=condition_r or "step", batch_size=args.batch_size,
+                                progress=rank == 0 and not args.no_progress, chunk_partition=cp)
     if rank != 0:
         return 0
 
@@ -164,21 +276,27 @@ def run(args):
     paths = {}
     if args.save_latents:
         paths["latents"] = G.save_run_tensors(args.save_latents, samples, noise, text, cond)
-    mode = "image-to-video" if args.image else "video-to-video" if args.video else "text-to-video"
+    mode = ("image-to-video" if args.image or args.image_latents else "video-to-video" if args.video
+            else "text-to-video")
     if codec is not None:
         src = os.path.basename(os.path.normpath(args.checkpoint))
         paths.update(G.write_videos(samples, codec, args.output, captions, fps=fps, min_seconds=args.min_seconds,
-                                    title=f"AnyFlow {src} ({mode}, shift {shift:g}, seed {args.seed})"))
+                                    title=f"AnyFlow{'-FAR' if far else ''} {src} ({mode}, shift {shift:g}, "
+                                          f"seed {args.seed})"))
     else:
         log("no codec: latents only (--save-latents FILE keeps them)")
     paths["record"] = os.path.join(args.output, "generation.json")
     record = {"checkpoint": os.path.abspath(args.checkpoint), "kind": lm.kind, "adapter": lm.adapter, "ema": lm.ema,
-              "mode": mode, "steps": steps, "shift": shift, "seed": None if args.noise else args.seed,
+              "far": far, "mode": mode, "steps": steps, "shift": shift, "seed": None if args.noise else args.seed,
               "noise": args.noise, "prompt_embeds": args.prompt_embeds, "prompts": captions,
               "latent_shape": list(noise.shape[1:]), "height": height, "width": width, "frames": frames, "fps": fps,
-              "codec": codec.name if codec is not None else None, "image": args.image, "video": args.video,
-              "condition_r": args.condition_r, "condition_frames": None if cond is None else int(cond.shape[1]),
-              "tensor_model_parallel_size": args.tensor_model_parallel_size,
+              "codec": codec.name if codec is not None else None, "image": args.image,
+              "image_latents": args.image_latents, "video": args.video,
+              "chunk_partition": None if cp is None else list(cp),
+              "chunk_partition_from": (None if cp is None else "checkpoint" if args.chunk_partition is None
+                                       else "argument"),
+              "condition_r": condition_r, "condition_frames": None if cond is None else int(cond.shape[1]),
+              "not_applied": not_applied, "tensor_model_parallel_size": args.tensor_model_parallel_size,
               "context_parallel_size": args.context_parallel_size, "outputs": paths, "command": " ".join(sys.argv)}
     with open(paths["record"], "w") as f:
         json.dump(record, f, indent=1)
@@ -187,4 +305,6 @@ def run(args):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_anyflow.cli import main_guard
+
+    main_guard(main)  # any other user error (a damaged checkpoint, a full disk): one line, exit 2

@@ -1024,4 +1024,6 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    sys.exit(main())
+    from megatron_anyflow.cli import main_guard
+
+    main_guard(main)  # a user error: one line, exit 2 (megatron_anyflow/cli.py)

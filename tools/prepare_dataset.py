@@ -85,6 +85,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.samples_per_shard < 1 or args.batch_size < 1 or args.clips_per_video < 1:
         ap.error("--samples-per-shard, --batch-size and --clips-per-video must be >= 1")
+    # Checked here, before any model is loaded, so a typo costs a second, not an encoder load.
+    for path in args.input:
+        if not os.path.exists(path):
+            ap.error(f"--input {path}: no such file or folder")
+    if args.num_frames < 1 or args.num_frames % 4 != 1:
+        ap.error(f"--num-frames {args.num_frames}: must be 4k+1 (1, 5, 9, ..., 81), so the Wan VAE's 4x temporal "
+                 "compression gives whole latent frames")
+    if not (args.fps > 0 and args.fps < float("inf")):
+        ap.error(f"--fps {args.fps}: must be a positive number")
+    factor = args.space_to_depth if args.codec == "pixel" else 8  # the Wan2.1 VAE compresses space 8x
+    if args.space_to_depth < 1:
+        ap.error(f"--space-to-depth {args.space_to_depth}: must be >= 1")
+    for name in ("height", "width"):
+        val = getattr(args, name)
+        if val < factor or val % factor:
+            ap.error(f"--{name} {val}: must be a positive multiple of {factor} (the {args.codec} codec's spatial "
+                     f"compression), e.g. {max(factor, val // factor * factor)} or {(val // factor + 1) * factor}")
     return args
 
 
@@ -302,4 +319,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_anyflow.cli import main_guard
+
+    main_guard(main)  # a user error: one line, exit 2 (megatron_anyflow/cli.py)

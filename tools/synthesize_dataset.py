@@ -77,4 +77,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_anyflow.cli import main_guard
+
+    main_guard(main)  # a user error: one line, exit 2 (megatron_anyflow/cli.py)

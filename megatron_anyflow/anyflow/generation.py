@@ -19,7 +19,14 @@ Image- / video-to-video (condition frames): the first ``fc`` latent frames are h
 condition latents, as the reference and diffusers' ``AnyFlowPipeline`` (``video_latents``) do: replaced
 in the model's input at every step and in the final latents, fed with ``timestep = 0`` and with
 ``r_timestep`` = the step's r (``condition_r="step"``, the default); ``condition_r="zero"`` feeds
-``r = 0`` instead (the sampler's own default).
+``r = 0`` instead (the sampler's own default). The condition is an image (:func:`image_condition`), a
+video or its latents (:func:`video_condition`) or image latents (:func:`image_latents_condition`).
+
+AnyFlow-FAR models (``model.config.far``) sample chunk by chunk with the KV cache
+(:func:`~megatron_anyflow.anyflow.causal.sample_chunked`), with any chunk partition whose positive entries
+sum to the latent frames (default: the one the checkpoint recorded; :func:`resolve_chunk_partition`). Their
+condition frames must be whole chunks (:func:`condition_lengths`); they are copied clean and prefilled into
+the KV cache at t = r = 0, never stepped, so ``condition_r`` has no effect on them.
 
 Reproducing a run: :func:`save_run_tensors` writes ``noise``, ``prompt_embeds``, ``condition_frames`` (if
 any) and ``steps_<N>`` (the final latents per N) to one safetensors file; ``tools/generate.py --noise FILE
@@ -38,9 +45,11 @@ import torch
 from megatron_anyflow.anyflow.sampler import FlowMapEulerSampler
 
 __all__ = [
-    "GenerationError", "LoadedModel", "load_model", "is_diffusers_dir", "resolve_codec", "resolve_text_encoder",
+    "GenerationError", "NonFiniteSampleError", "LoadedModel", "load_model", "is_diffusers_dir", "resolve_codec", "resolve_text_encoder",
     "load_prompt_embeds", "load_noise", "make_noise", "image_condition", "video_condition", "sample_any_step",
     "save_run_tensors", "check_steps", "video_size", "prompt_embeddings", "initial_noise", "write_videos",
+    "is_far", "resolve_chunk_partition", "suggest_chunk_partition", "latent_frames_hint", "condition_lengths",
+    "check_condition_frames", "image_latents_condition",
 ]
 
 DEFAULT_SHIFT = 5.0
@@ -48,6 +57,22 @@ DEFAULT_SHIFT = 5.0
 
 class GenerationError(ValueError):
     """Bad user input for generation (a missing adapter, a wrong image size, ``--steps 0``, ...)."""
+
+
+class NonFiniteSampleError(RuntimeError):
+    """The model produced NaN / inf while sampling (the message names N, the step and the chunk): the
+    weights are unusable (e.g. a diverged run). ``tools/generate.py`` exits 1 and writes no video."""
+
+
+def _check_finite(name: str, x: Optional[torch.Tensor]) -> None:
+    """GenerationError if ``x`` holds NaN / inf (an input that would only produce a NaN video)."""
+    if x is None or not x.is_floating_point():
+        return
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        nan = int(torch.isnan(x).sum())
+        raise GenerationError(f"{name} {tuple(x.shape)} holds non-finite values ({nan} NaN, {int(bad.sum()) - nan} "
+                              "inf): refusing to sample from it")
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -375,23 +400,41 @@ def image_condition(path: str, codec, height: int, width: int) -> torch.Tensor:
 
 
 def video_condition(path: str, codec, height: int, width: int, num_latent_frames: int,
-                    condition_frames: Optional[int] = None) -> torch.Tensor:
+                    condition_frames: Optional[int] = None,
+                    chunk_partition: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Video-to-video: a clean prefix of latent frames ``[1 or n, fc, c, h, w]`` (float32).
 
     ``path`` is either a safetensors file with ``latents`` ``[fc, c, h, w]`` / ``[n, fc, c, h, w]``
     (used as is: the diffusers pipeline's ``video_latents``) or a video file read with PyAV, whose first
-    ``(fc - 1) * temporal_factor + 1`` frames (``width x height``) are encoded. ``fc`` is
-    ``condition_frames``, or as many latent frames as the clip covers, at most ``num_latent_frames - 1``.
+    ``(fc - 1) * temporal_factor + 1`` frames (``width x height``) are encoded. ``fc`` (latent frames) is
+    ``condition_frames``; else all of the file's latents; else, for a video file, as many latent frames as
+    the clip covers, at most ``num_latent_frames - 1`` and, for a FAR model (``chunk_partition`` given),
+    the longest whole-chunk prefix among those.
+
+    Args:
+        chunk_partition: the FAR partition the video is sampled with (None: a bidirectional model); then
+            ``fc`` must be one of :func:`condition_lengths` (``sum(cp[:i])``, ``1 <= i < len(cp)``).
 
     Raises:
-        GenerationError: wrong frame size; a clip too short for ``condition_frames``; ``fc`` not in
-            ``[1, num_latent_frames - 1]``; no codec for a video file.
+        GenerationError: wrong frame size; a clip or file too short for ``condition_frames``; ``fc`` not
+            accepted (bidirectional: not in ``[1, num_latent_frames - 1]``; FAR: not a whole-chunk prefix,
+            the message lists the accepted ``--condition-frames`` values); no codec for a video file.
     """
+    F = int(num_latent_frames)
+    if condition_frames is not None and condition_frames < 1:
+        raise GenerationError(f"--condition-frames {condition_frames}: expected a number of latent frames >= 1")
     if path.endswith(".safetensors"):
         lat = _load_tensor(path, "latents", lambda x: x.dim() == 5, "[n, fc, c, h, w]", unsqueeze_rank=4)
+        available = lat.shape[1]
         if condition_frames is not None:
+            if condition_frames > available:
+                raise GenerationError(f"--video {path} holds {available} latent frame(s); --condition-frames "
+                                      f"{condition_frames} needs {condition_frames}")
             lat = lat[:, :condition_frames]
         fc = lat.shape[1]
+        what = (f"--condition-frames {fc}" if condition_frames is not None
+                else f"--video {path} holds {fc} latent frame(s)")
+        check_condition_frames(fc, F, chunk_partition, what=what, available=available)
     else:
         import av
         import numpy as np
@@ -408,17 +451,230 @@ def video_condition(path: str, codec, height: int, width: int, num_latent_frames
         _check_size("--video", path, frames[0].shape[1], frames[0].shape[0], width, height)
         tf = codec.temporal_factor
         available = (len(frames) - 1) // tf + 1
-        fc = condition_frames or min(available, num_latent_frames - 1)
+        if condition_frames is not None:
+            fc, what = condition_frames, f"--condition-frames {condition_frames}"
+        else:  # the longest prefix the clip covers (FAR: of whole chunks)
+            fc = max(condition_lengths(F, chunk_partition, available), default=min(available, F - 1))
+            what = f"--video {path} ({len(frames)} frames = {available} latent frame(s))"
+        check_condition_frames(fc, F, chunk_partition, what=what, available=available)
         need = (fc - 1) * tf + 1
         if need > len(frames):
             raise GenerationError(f"--video {path} has {len(frames)} frames; {fc} condition latent frame(s) need "
                                   f"{need} (temporal factor {tf})")
         x = torch.from_numpy(np.stack(frames[:need])).float().div(127.5).sub(1.0)  # F, H, W, 3
         lat = codec.encode(x.permute(3, 0, 1, 2)[None]).float()
-    if not 1 <= fc <= num_latent_frames - 1:
-        raise GenerationError(f"--video gives {fc} condition latent frame(s); expected 1 .. {num_latent_frames - 1} "
-                              f"(the output has {num_latent_frames} latent frames)")
     return lat
+
+
+def image_latents_condition(path: str, latent_shape: Sequence[int],
+                            chunk_partition: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Image-to-video from latents (``--image-latents``): the clean first latent frame(s) ``[1, F0, c, h, w]``
+    (float32), without decoding an image.
+
+    ``path`` is a safetensors file with key ``latents`` (or a single tensor of any name) of shape
+    ``[c, h, w]`` (one frame, F0 = 1), ``[1, c, h, w]`` or ``[F0, c, h, w]`` (F0 frames), in the model's
+    latent space (a codec's normalised latents, e.g. ``WanVAECodec.encode(image)[0]``). They become the
+    first F0 latent frames of every sample, held clean as ``--image`` / ``--video`` hold theirs.
+
+    Args:
+        latent_shape: ``(F, c, h, w)`` of one sample of this run.
+        chunk_partition: the FAR partition (None: bidirectional); F0 must then be a whole-chunk prefix.
+
+    Raises:
+        GenerationError: an unreadable file or no such tensor; a shape other than ``[c, h, w]`` /
+            ``[F0, c, h, w]`` with this run's ``c, h, w`` (names the file, the key, the shape found and the
+            shape expected); F0 not accepted (bidirectional: not in ``1 .. F - 1``; FAR: not whole chunks).
+    """
+    from safetensors.torch import load_file
+
+    F, c, h, w = (int(v) for v in latent_shape)
+    expected = (f"[{c}, {h}, {w}] or [F0, {c}, {h}, {w}] with 1 <= F0 < {F} (the latents of this run are "
+                f"[{F}, {c}, {h}, {w}])")
+    if not os.path.isfile(path):
+        raise GenerationError(f"--image-latents {path}: no such file (expected a safetensors file with 'latents' "
+                              f"{expected})")
+    try:
+        tensors = load_file(path)
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types for garbage files
+        raise GenerationError(f"--image-latents {path}: not a readable safetensors file ({err})") from err
+    key = "latents" if "latents" in tensors or len(tensors) != 1 else next(iter(tensors))
+    if key not in tensors:
+        raise GenerationError(f"--image-latents {path}: no tensor 'latents' (has {sorted(tensors)}); expected "
+                              f"'latents' {expected}")
+    x = tensors[key]
+    got = list(x.shape)
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4 or tuple(x.shape[1:]) != (c, h, w) or not x.is_floating_point():
+        raise GenerationError(f"--image-latents {path}: {key!r} has shape {got} ({x.dtype}); expected {expected}, "
+                              "floating point")
+    check_condition_frames(x.shape[0], F, chunk_partition, what=f"--image-latents {path}: {key!r} {got} holds "
+                           f"{x.shape[0]} latent frame(s)", flag="--image-latents")
+    return x.float().unsqueeze(0)
+
+
+# ------------------------------------------------------------------------------------------ FAR chunks
+def is_far(model) -> bool:
+    """True for an AnyFlow-FAR (causal, chunk-by-chunk) model: ``model.config.far``."""
+    return bool(getattr(getattr(model, "config", None), "far", False))
+
+
+def suggest_chunk_partition(chunk_partition: Sequence[int], num_latent_frames: int) -> List[int]:
+    """A partition of ``num_latent_frames`` close to ``chunk_partition``, for error messages: its leading
+    chunks while they fit, then chunks of its largest size after the first, the last one shortened.
+    E.g. ``(1, 3, 3, 3, 3, 3, 3, 2)`` -> ``[1, 3, 1]`` for 5 frames; ``(1, 2, 1)`` -> ``[1, 2, 1, 2, 1]`` for 7."""
+    cp = [int(c) for c in chunk_partition] or [1]
+    out: List[int] = []
+    for c in cp:
+        if sum(out) + c > num_latent_frames:
+            break
+        out.append(c)
+    size = max(cp[1:] or cp)
+    while sum(out) < num_latent_frames:
+        out.append(min(size, num_latent_frames - sum(out)))
+    return out
+
+
+def resolve_chunk_partition(model, num_latent_frames: int, chunk_partition: Optional[Sequence[int]] = None,
+                            flag: str = "chunk_partition", source: str = "",
+                            frames_hint: Optional[Callable[[int], str]] = None) -> Optional[Tuple[int, ...]]:
+    """The chunk partition a FAR model samples ``num_latent_frames`` latent frames with; None for a
+    bidirectional model (which takes no partition).
+
+    Any partition whose entries are positive ints summing to F works with any FAR checkpoint (diffusers'
+    ``AnyFlowFARPipeline(chunk_partition=...)`` and :func:`~megatron_anyflow.anyflow.causal.sample_chunked`
+    take it per call); the one the checkpoint recorded (``model.config.chunk_partition``, the training
+    partition) is only the default.
+
+    Args:
+        model: the model to sample (FAR when ``model.config.far``).
+        num_latent_frames: F, latent frames of the video to sample.
+        chunk_partition: latent frames per chunk (``--chunk-partition``), or None for the recorded one.
+        flag: how the caller names ``chunk_partition`` in messages (``"--chunk-partition"`` in the CLI).
+        source: where F came from, appended to the frame count in messages (e.g. ``" (--frames 17)"``).
+        frames_hint: ``frames_hint(S)`` -> how to ask for S latent frames instead (e.g. ``"--frames 21"``,
+            :func:`latent_frames_hint`), offered when the recorded partition (sum S) does not fit.
+
+    Returns:
+        The partition as a tuple of ints (FAR), or None (bidirectional, ``chunk_partition`` None).
+
+    Raises:
+        GenerationError: ``chunk_partition`` for a bidirectional model; an entry that is not a positive int;
+            a given partition whose sum is not F (names ``flag``, the partition, its sum and F, and a partition
+            that fits); no partition given and the recorded one does not sum to F (names both, and the two ways
+            out: ``flag`` summing to F, or ``frames_hint(S)``).
+    """
+    F = int(num_latent_frames)
+    if not is_far(model):
+        if chunk_partition is not None:
+            raise GenerationError(f"{flag} {list(chunk_partition)} applies to AnyFlow-FAR (causal) checkpoints only; "
+                                  f"this model is bidirectional and samples all {F} latent frames at once: drop {flag}")
+        return None
+    recorded = tuple(int(c) for c in model.config.chunk_partition)
+    if chunk_partition is not None:
+        cp = tuple(chunk_partition)
+        if not cp or any(isinstance(c, bool) or int(c) != c or c < 1 for c in cp):
+            raise GenerationError(f"{flag} {list(cp)}: expected one or more positive numbers of latent frames "
+                                  f"per chunk, summing to the video's {F} latent frames")
+        cp = tuple(int(c) for c in cp)
+        if sum(cp) != F:
+            raise GenerationError(f"{flag} {list(cp)} sums to {sum(cp)} latent frames but the video has {F} latent "
+                                  f"frames{source}: pass chunks summing to {F}, e.g. {flag} "
+                                  f"{' '.join(map(str, suggest_chunk_partition(cp, F)))}")
+        return cp
+    if sum(recorded) != F:
+        S = sum(recorded)
+        other = frames_hint(S) if frames_hint is not None else f"sample {S} latent frames"
+        raise GenerationError(f"the FAR model's chunk_partition {list(recorded)} covers {S} latent frames; the video "
+                              f"has {F}{source}: pass {flag} with chunks summing to {F} (e.g. {flag} "
+                              f"{' '.join(map(str, suggest_chunk_partition(recorded, F)))}), or {other} for the "
+                              "recorded partition")
+    return recorded
+
+
+def latent_frames_hint(codec, num_latent_frames: int, latent_shape: Optional[Sequence[int]] = None,
+                       noise_file: Optional[str] = None) -> str:
+    """How a ``tools/generate.py`` user asks for ``S = num_latent_frames`` latent frames: with a video codec
+    ``--frames (S - 1) * temporal_factor + 1`` (Wan VAE: video frames are 4k + 1); without one (``--codec
+    none``) ``--latent-shape S C H W`` (``latent_shape``: the run's ``(F, C, H, W)``), or a noise file with S
+    latent frames when the latents came from ``--noise FILE``."""
+    S = int(num_latent_frames)
+    if codec is None:
+        if noise_file:
+            return f"a --noise file with {S} latent frames ([n, {S}, c, h, w])"
+        chw = " ".join(map(str, latent_shape[1:])) if latent_shape is not None else "C H W"
+        return f"--latent-shape {S} {chw}"
+    tf = int(codec.temporal_factor)
+    frames = (S - 1) * tf + 1
+    if tf == 1:
+        return f"--frames {S}"
+    name = "Wan-VAE" if codec.name == "wan-vae" else f"{codec.name} codec"
+    return f"--frames {frames} ({name} video frames must be {tf}k+1; {frames} frames give {S} latent frames)"
+
+
+def condition_lengths(num_latent_frames: int, chunk_partition: Optional[Sequence[int]] = None,
+                      available: Optional[int] = None) -> List[int]:
+    """The condition-prefix lengths (latent frames) generation accepts for a video of F latent frames.
+
+    Bidirectional (``chunk_partition`` None): ``1 .. F - 1``. FAR: the chunk ends before the last chunk,
+    ``sum(cp[:i])`` for ``i = 1 .. len(cp) - 1`` (condition frames are whole chunks, copied clean and only
+    prefilled into the KV cache; at least one chunk is generated). ``available``: at most this many (the
+    frames a clip or file holds)."""
+    F = int(num_latent_frames)
+    if chunk_partition is None:
+        out = list(range(1, F))
+    else:
+        cp = [int(c) for c in chunk_partition]
+        out = [sum(cp[:i]) for i in range(1, len(cp))]
+    return [k for k in out if available is None or k <= available]
+
+
+def check_condition_frames(num_condition_frames: int, num_latent_frames: int,
+                           chunk_partition: Optional[Sequence[int]] = None, what: Optional[str] = None,
+                           flag: str = "--condition-frames", available: Optional[int] = None,
+                           partition_flag: str = "--chunk-partition") -> int:
+    """Check a condition prefix of ``fc = num_condition_frames`` latent frames (I2V / V2V); returns ``fc``.
+
+    Args:
+        num_condition_frames: fc, latent frames held clean.
+        num_latent_frames: F, latent frames of the video.
+        chunk_partition: the FAR partition used (None: bidirectional model).
+        what: the message's subject (e.g. ``"--image-latents x.safetensors holds 2 latent frames"``);
+            default ``f"{flag} {fc}"``.
+        flag: what the user changes to fix it; the accepted values are listed in its unit, latent frames.
+        available: the most latent frames the source holds (a clip's length), or None.
+        partition_flag: how the partition is named when suggesting one with a chunk boundary at fc.
+
+    Raises:
+        GenerationError: fc not in :func:`condition_lengths` (the message lists exactly those values, in
+            latent frames, and for FAR a partition with a chunk boundary at fc).
+    """
+    fc, F = int(num_condition_frames), int(num_latent_frames)
+    accepted = condition_lengths(F, chunk_partition, available)
+    if fc in accepted:
+        return fc
+    what = what or f"{flag} {fc}"
+    if chunk_partition is None:
+        have = "" if available is None else f", the source holds {available}"
+        raise GenerationError(f"{what}: {fc} condition latent frame(s); expected 1 .. {max(accepted, default=0)} "
+                              f"(the output has {F} latent frames{have})")
+    cp = [int(c) for c in chunk_partition]
+    if accepted:
+        fits = f"{flag} accepts {accepted} latent frames" + ("" if available is None else
+                                                             f" (the source holds {available})")
+    elif len(cp) == 1:
+        fits = "a partition of one chunk leaves no prefix to hold clean"
+    else:
+        fits = (f"no whole-chunk prefix {condition_lengths(F, cp)} fits in the {available} latent frame(s) the "
+                "source holds")
+    alt = ""
+    if 1 <= fc < F and (available is None or fc <= available):  # split the chunk that holds frame fc there
+        ends = sorted({sum(cp[:i + 1]) for i in range(len(cp))} | {fc})
+        alt = (f"; or pass {partition_flag} with a chunk ending at frame {fc}, e.g. "
+               f"{' '.join(str(b - a) for a, b in zip([0] + ends, ends))}")
+    raise GenerationError(f"{what}: {fc} condition latent frame(s) are not whole chunks of the FAR chunk partition "
+                          f"{cp} (condition frames are copied clean chunk by chunk, and the last chunk is generated); "
+                          f"{fits}{alt}")
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -443,7 +699,8 @@ def check_steps(steps: Sequence[int]) -> List[int]:
 def sample_any_step(model: Callable, noise: torch.Tensor, text: torch.Tensor, steps: Sequence[int],
                     shift: float = DEFAULT_SHIFT, condition_frames: Optional[torch.Tensor] = None,
                     condition_r: str = "step", batch_size: Optional[int] = None,
-                    progress: bool = True) -> Dict[int, torch.Tensor]:
+                    progress: bool = True, chunk_partition: Optional[Sequence[int]] = None
+                    ) -> Dict[int, torch.Tensor]:
     """Flow-map Euler samples of the same noise and text at every N in ``steps``.
 
     Args:
@@ -453,18 +710,31 @@ def sample_any_step(model: Callable, noise: torch.Tensor, text: torch.Tensor, st
         steps: step counts N (validated by :func:`check_steps`).
         shift: the grid's time shift (5.0 for Wan2.1 / AnyFlow).
         condition_frames: clean latents ``[1 or n, fc, c, h, w]`` of the first ``fc`` frames (I2V / V2V).
+            A FAR model needs ``fc`` chunk-aligned (``fc = sum(cp[:i])``, ``i >= 1``; see
+            :func:`condition_lengths`).
         condition_r: ``"step"`` (reference / diffusers ``AnyFlowPipeline``: condition frames get the step's
-            r) or ``"zero"`` (r = 0).
+            r) or ``"zero"`` (r = 0). Bidirectional models only: a FAR model never runs a step on its
+            condition chunks (they are copied clean and prefilled into the KV cache at t = r = 0,
+            ``anyflow.causal.sample_chunked``), so the value has no effect there.
         batch_size: samples per model call (default: all n).
         progress: one tqdm bar over all model calls (NFE).
+        chunk_partition: FAR models only: latent frames per chunk, positive ints summing to ``f`` (any
+            partition, as diffusers' ``AnyFlowFARPipeline``); None: the model's ``config.chunk_partition``.
 
     Returns:
         ``{N: x0}`` with ``x0`` ``[n, f, c, h, w]`` in ``noise``'s dtype, on ``noise``'s device.
 
     Raises:
-        GenerationError: bad steps, ``condition_r``, or text / condition batch sizes that do not match.
+        NonFiniteSampleError: a model output (bidirectional) or a chunk's state (FAR) is NaN / inf; the
+            message names N, the step, the chunk and the samples.
+        GenerationError: non-finite noise, prompt embeddings or condition frames; bad steps,
+            ``condition_r``, or text / condition batch sizes that do not match;
+            ``chunk_partition`` for a bidirectional model; a FAR partition that does not sum to ``f`` or a
+            condition that is not chunk-aligned (the messages name the partition and the frame counts).
     """
     steps = check_steps(steps)
+    for name, x in (("noise", noise), ("prompt embeddings", text), ("condition frames", condition_frames)):
+        _check_finite(name, x)
     if condition_r not in ("step", "zero"):
         raise GenerationError(f"condition_r={condition_r!r}; expected 'step' (diffusers) or 'zero'")
     n = noise.shape[0]
@@ -475,6 +745,10 @@ def sample_any_step(model: Callable, noise: torch.Tensor, text: torch.Tensor, st
             condition_frames = condition_frames.expand(n, *condition_frames.shape[1:])
         if condition_frames.shape[0] != n:
             raise GenerationError(f"{condition_frames.shape[0]} condition sample(s) for {n} noise sample(s)")
+    cp = resolve_chunk_partition(model, noise.shape[1], chunk_partition)  # None: bidirectional
+    if cp is not None and condition_frames is not None:
+        check_condition_frames(condition_frames.shape[1], noise.shape[1], cp, flag="condition_frames",
+                               partition_flag="chunk_partition")
     bs = batch_size or n
     chunks = [(i, min(i + bs, n)) for i in range(0, n, bs)]
     bar = None
@@ -483,30 +757,43 @@ def sample_any_step(model: Callable, noise: torch.Tensor, text: torch.Tensor, st
 
         bar = tqdm(total=sum(steps) * len(chunks), desc="sampling", unit="NFE")
 
+    where = {"N": 0, "step": 0, "samples": (0, 0)}  # what the next model call computes, for error messages
+
     def counted(z, t, r, txt):
         out = model(z, t, r, txt)
+        where["step"] += 1
+        if not bool(torch.isfinite(out).all()):  # one host sync per step: negligible next to a forward
+            a, b = where["samples"]
+            raise NonFiniteSampleError(f"the model's output is not finite at N = {where['N']}, step "
+                                       f"{where['step']} of {where['N']} (samples {a}..{b - 1}): the weights or "
+                                       "the inputs are unusable; no video was written")
         if bar is not None:
             bar.update(1)
         return out
 
+    def chunk_step_finite(chunk, step, t, r, z):
+        if not bool(torch.isfinite(z).all()):
+            a, b = where["samples"]
+            raise NonFiniteSampleError(f"the state is not finite at N = {where['N']}, step {step + 1} of "
+                                       f"{where['N']}, chunk {chunk} (samples {a}..{b - 1}): the weights or the "
+                                       "inputs are unusable; no video was written")
+
     out: Dict[int, torch.Tensor] = {}
-    if getattr(getattr(model, "config", None), "far", False):
-        # AnyFlow-FAR: chunk by chunk with the KV cache (anyflow.causal.sample_chunked, FAR.md 3); the
+    if cp is not None:
+        # AnyFlow-FAR: chunk by chunk with the KV cache (anyflow.causal.sample_chunked, docs/design/far.md 3); the
         # condition is the first whole chunks (I2V: chunk 0 = the image latent).
         from megatron_anyflow.anyflow.causal import sample_chunked
         from megatron_anyflow.models.wan.far import FarModelRunner
 
-        cp = tuple(model.config.chunk_partition)
-        if sum(cp) != noise.shape[1]:
-            raise GenerationError(f"the FAR model's chunk_partition {list(cp)} covers {sum(cp)} latent frames; the "
-                                  f"video has {noise.shape[1]} (pass --frames for {sum(cp)} latent frames)")
         runner = FarModelRunner(model)
         for N in steps:
             parts = []
             for a, b in chunks:
                 cond = condition_frames[a:b] if condition_frames is not None else None
+                where.update(N=N, samples=(a, b))
                 try:
-                    parts.append(sample_chunked(runner, noise[a:b], text[a:b], cp, N, shift=shift, condition=cond))
+                    parts.append(sample_chunked(runner, noise[a:b], text[a:b], cp, N, shift=shift, condition=cond,
+                                                callback=chunk_step_finite))
                 except ValueError as err:
                     raise GenerationError(str(err)) from None
                 if bar is not None:
@@ -522,9 +809,13 @@ def sample_any_step(model: Callable, noise: torch.Tensor, text: torch.Tensor, st
         parts = []
         for a, b in chunks:
             cond = condition_frames[a:b] if condition_frames is not None else None
+            where.update(N=N, step=0, samples=(a, b))
             parts.append(sampler(counted, noise[a:b], text[a:b], condition_frames=cond,
                                  reference_condition_r=condition_r == "step"))
         out[N] = torch.cat(parts)
+        if not bool(torch.isfinite(out[N]).all()):  # finite outputs, but the update overflowed
+            raise NonFiniteSampleError(f"the samples at N = {N} are not finite (the Euler update overflowed): "
+                                       "no video was written")
     if bar is not None:
         bar.close()
     return out
@@ -549,12 +840,20 @@ def latent_shape_for(codec, frames: int, height: int, width: int) -> Tuple[int, 
     """``(f, c, h, w)`` of one sample's latents for a ``frames x height x width`` video.
 
     Raises:
-        GenerationError: sizes the codec cannot produce (e.g. Wan VAE frames not 4k + 1), named.
+        GenerationError: sizes the codec cannot produce (e.g. Wan VAE frames not 4k + 1: the message names
+            the nearest frame counts that work), named.
     """
     try:
         return tuple(codec.latent_shape(frames, height, width))
     except ValueError as err:
-        raise GenerationError(f"--frames {frames} --height {height} --width {width}: {err}") from err
+        tf = int(getattr(codec, "temporal_factor", 1))
+        hint = ""
+        if tf > 1 and (frames - 1) % tf:
+            lo = (frames - 1) // tf * tf + 1
+            near = [f for f in (lo, lo + tf) if f >= 1]
+            hint = (f" (video frames must be {tf}k+1 for this codec: e.g. "
+                    + " or ".join(f"--frames {f} ({(f - 1) // tf + 1} latent frames)" for f in near) + ")")
+        raise GenerationError(f"--frames {frames} --height {height} --width {width}: {err}{hint}") from err
 
 
 def video_size(codec, index: dict, height: Optional[int], width: Optional[int], frames: Optional[int],

@@ -8,6 +8,7 @@ Names follow Megatron-LM where a concept exists there (``--tensor-model-parallel
 from __future__ import annotations
 
 import argparse
+import math
 from typing import List, Optional
 
 
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "in the reference, 8 / 32 for tiny / tiny-video; with --pretrained, the rank of the preset "
                         "with the checkpoint's architecture, else 256)")
     g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scaling 1)")
+    g.add_argument("--lora-exclude", nargs="+", default=None, metavar="PATTERN",
+                   help="drop the LoRA targets matching these fnmatch patterns (e.g. 'condition_embedder.*': no LoRA "
+                        "on the time / delta embedders, which the reference's stage-1 config adapts; issue #17)")
     g.add_argument("--recompute-granularity", choices=["none", "full", "selective"], default="none",
                    help="activation recomputation: full blocks, or selected modules of each block")
     g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform",
@@ -129,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--r-zero-fraction", type=float, default=0.25)
     g.add_argument("--loss-weight", choices=["beta", "uniform"], default="beta")
     g.add_argument("--no-adaptive-reweight", action="store_true")
+    g.add_argument("--reweight-eps", type=float, default=1e-5, help="the constant c of the adaptive reweighting (eq. 7)")
     g.add_argument("--i2v-prob", type=float, default=0.0, help="probability of a clean first frame (image-to-video)")
     g.add_argument("--kernel-backend", choices=["auto", "torch", "triton"], default="auto",
                    help="fused loss kernels: auto = Triton on CUDA, PyTorch reference elsewhere")
@@ -197,6 +202,9 @@ def default_lora_rank(args: argparse.Namespace) -> int:
     return default
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse and validate; stage-dependent defaults (docs/design/anyflow.md 1.3, 1.4) fill unset values.
 
@@ -210,6 +218,27 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             setattr(args, k, v)
     if args.critic_lr is None:
         args.critic_lr = args.lr
+    # Every float argument is a finite number; learning rates are positive and representable in float32
+    # (AdamW keeps its state in float32: --lr 1e39 overflowed inside the optimiser step).
+    for action in parser._actions:
+        val = getattr(args, action.dest, None)
+        if action.type is float and isinstance(val, float) and not math.isfinite(val):
+            parser.error(f"{action.option_strings[0]} {val}: must be a finite number")
+        if action.type is float and isinstance(val, list) and not all(math.isfinite(v) for v in val):
+            parser.error(f"{action.option_strings[0]} {val}: every value must be a finite number")
+    for name in ("lr", "critic_lr"):
+        val = getattr(args, name)
+        if not 0.0 < val <= _FLOAT32_MAX:
+            parser.error(f"--{name.replace('_', '-')} {val}: must lie in (0, {_FLOAT32_MAX:.3g}] (positive, finite in "
+                         "float32)")
+    if not 0.0 <= args.min_lr <= args.lr:
+        parser.error(f"--min-lr {args.min_lr}: must lie in [0, --lr {args.lr}]")
+    if not 0.0 <= args.weight_decay <= _FLOAT32_MAX or args.adam_eps <= 0.0 or args.clip_grad < 0.0:
+        parser.error(f"--weight-decay {args.weight_decay} must be >= 0, --adam-eps {args.adam_eps} > 0 and "
+                     f"--clip-grad {args.clip_grad} >= 0 (0 = no clipping)")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must lie in [0, 1)")
     if (args.data_path is None) == (not args.mock_data):
         parser.error("give exactly one of --data-path and --mock-data")
     if args.num_workers < 0:

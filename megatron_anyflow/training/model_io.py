@@ -123,19 +123,40 @@ def _delta_in(ckpt_dir: str) -> bool:
 
 def _load_adapter_tensors(model: torch.nn.Module, ckpt_dir: str, ema: Optional[str] = None,
                           adapters: Optional[List[str]] = None) -> None:
-    """Load adapter tensors (or their EMA copies under ``ema.<group>.``) that the checkpoint has."""
+    """Load the adapter tensors (or their EMA copies under ``ema.<group>.``) of ``adapters`` (None: all of
+    the model's) from the checkpoint; every one of them must be there.
+
+    A missing tensor is an error, never a silent fresh initialisation: a LoRA ``B`` left at zero (or an
+    ``A`` at its random init) gives a model that runs and is wrong (an export differed by 4.4e-3 with
+    exit 0 before this check). AnyFlow-FAR's ``far_patch_embedding`` travels with the ``generator``
+    adapter (live, or its EMA) and is required with it when the checkpoint is a FAR one; a bidirectional
+    base checkpoint has none (the caller initialises it, docs/design/far.md 1.1).
+
+    Raises:
+        CheckpointError: tensors of the requested adapters are missing from the checkpoint (the first few
+            named, with the directory and how many in all).
+    """
     prefix = f"ema.{ema}." if ema else ""
     avail = ckpt.tensor_keys(ckpt_dir)
-    request = {k: v for k, v in module_sharded_state_dict(model, prefix).items()
-               if ".adapters." in k and k in avail
-               and (adapters is None or any(f".adapters.{a}." in k for a in adapters))}
+    want = {k: v for k, v in module_sharded_state_dict(model, prefix).items()
+            if ".adapters." in k and (adapters is None or any(f".adapters.{a}." in k for a in adapters))}
     # FAR: the fully trained far_patch_embedding travels with the generator adapter (live, or its EMA).
-    far_prefix = f"ema.{ema}." if ema else ""
     if getattr(getattr(model, "config", None), "far", False):
-        request.update({k: v for k, v in module_sharded_state_dict(model, far_prefix).items()
-                        if k[len(far_prefix):].startswith(FAR) and k in avail})
-    if request:
-        load_module_state(model, ckpt.load_checkpoint(ckpt_dir, request, strict=True), prefix)
+        far = {k: v for k, v in module_sharded_state_dict(model, prefix).items() if k[len(prefix):].startswith(FAR)}
+        meta_far = bool((ckpt.read_meta(ckpt_dir).get("wan_config") or {}).get("far"))
+        if meta_far and (adapters is None or "generator" in adapters):
+            want.update(far)
+        else:
+            want.update({k: v for k, v in far.items() if k in avail})
+    missing = sorted(k for k in want if k not in avail)
+    if missing:
+        what = f"EMA ({prefix[:-1]}) " if ema else ""
+        raise ckpt.CheckpointError(
+            f"{ckpt_dir} lacks {len(missing)} {what}tensor(s) of adapter(s) {adapters or 'all'}, e.g. "
+            f"{', '.join(missing[:3])}: the checkpoint is incomplete or from another configuration (LoRA "
+            "targets / rank); a missing adapter tensor is never replaced by a fresh initialisation")
+    if want:
+        load_module_state(model, ckpt.load_checkpoint(ckpt_dir, want, strict=True), prefix)
 
 
 def load_adapters(model: torch.nn.Module, path: str, adapters: List[str], ema: bool = False) -> str:
