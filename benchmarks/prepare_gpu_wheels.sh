@@ -6,9 +6,13 @@
 # this here, where pip works; the folder (default .whl/ in the repo root, git-ignored through
 # .git/info/exclude) then travels with the device tool's `carry`:
 #
-#   bash benchmarks/prepare_gpu_wheels.sh            # -> .whl/ (about 9 MB)
-#   run(command="bash benchmarks/gpu_suite.sh; cp -r benchmarks/results/*_h200 $OUT/ 2>/dev/null; ...",
-#       carry=[".whl"], timeout_s=600)                 # see README.md, section Benchmarks
+#   bash benchmarks/prepare_gpu_wheels.sh            # -> .whl/ (about 9 MB) and .whl/COMMIT
+#   run(command="bash benchmarks/gpu_suite.sh", carry=[".whl"], timeout_s=600, kind="nvidia-h200")
+#                                                     # results under $OUT; README.md, section Benchmarks
+#
+# Run it right before each GPU call: the wheels already there are kept (nothing is downloaded again), and
+# .whl/COMMIT is rewritten with the commit and the number of uncommitted files of this checkout (no .git
+# travels to the GPU machine; the suite prints this line as the commit it measured).
 #
 # Versions: the ones installed here (so both machines run the same code), else the pins below;
 # override with MCORE_VERSION / DIFFUSERS_VERSION. No dependencies are fetched (--no-deps): the ones the
@@ -28,11 +32,29 @@ IMD=$(installed importlib-metadata 10.2.0)
 LAZY=$(installed lazy-importer 0.1.0)
 
 mkdir -p "$DEST"
-rm -f "$DEST"/megatron_core-*.whl "$DEST"/diffusers-*.whl "$DEST"/importlib_metadata-*.whl "$DEST"/lazy_importer-*.whl
-"$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
-    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
-    -d "$DEST" "megatron-core==$MCORE" "diffusers==$DIFFUSERS" "importlib-metadata==$IMD" "lazy-importer==$LAZY"
+have() {  # $1: the wheel's file-name prefix, $2: the version
+    compgen -G "$DEST/$1-$2-*.whl" > /dev/null
+}
+if have megatron_core "$MCORE" && have diffusers "$DIFFUSERS" && have importlib_metadata "$IMD" \
+        && have lazy_importer "$LAZY"; then
+    echo "wheels already in $DEST: megatron-core $MCORE, diffusers $DIFFUSERS, importlib-metadata $IMD, lazy-importer $LAZY"
+else
+    rm -f "$DEST"/megatron_core-*.whl "$DEST"/diffusers-*.whl "$DEST"/importlib_metadata-*.whl "$DEST"/lazy_importer-*.whl
+    "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+        -d "$DEST" "megatron-core==$MCORE" "diffusers==$DIFFUSERS" "importlib-metadata==$IMD" "lazy-importer==$LAZY"
+fi
+
+# the commit measured: the suite reads the first line (GPU_SUITE_COMMIT overrides it there)
+if COMMIT=$(git -C "$REPO" rev-parse HEAD 2> /dev/null); then
+    DIRTY=$(git -C "$REPO" status --porcelain --untracked-files=no 2> /dev/null | wc -l | tr -d ' ')
+    [ "$DIRTY" = 0 ] || COMMIT="$COMMIT (+$DIRTY uncommitted files)"
+else
+    COMMIT="? (no git)"
+fi
+printf '%s\nwritten %s by benchmarks/prepare_gpu_wheels.sh\n' "$COMMIT" "$(date -u +%Y-%m-%dT%H:%MZ)" > "$DEST/COMMIT"
+echo "commit: $COMMIT"
 
 # keep the folder out of git (the device tool sends untracked files that git does not ignore)
 if [ "$DEST" = "$REPO/.whl" ]; then

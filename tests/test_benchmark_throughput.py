@@ -79,6 +79,11 @@ def test_cpu_run_rows_and_flops(tmp_path):
                                               ("stage2", "pipelined")]
                 for impl in ("megatron_anyflow", "reference")}
     assert {(r["step"], r["schedule"], r["implementation"]) for r in rows} == expected
+    # interleaved: each of our rows followed by the reference row of the same step and schedule
+    assert [(r["step"], r["schedule"]) for r in rows[::2]] == [(r["step"], r["schedule"]) for r in rows[1::2]]
+    assert [r["implementation"] for r in rows] == ["megatron_anyflow", "reference"] * 4
+    assert meta["complete"] is True and meta["rows_planned"] == 8
+    assert meta["datasheet"]["tflops"] is None and all(r["mfu_datasheet"] is None for r in rows)  # CPU
     S = meta["tokens_per_sample"]
     for r in rows:
         assert "error" not in r, r
@@ -271,3 +276,48 @@ def test_far_hardware_flops_are_what_the_trainer_runs(step, schedule):
                 credited["per_iteration"][it]["hardware_flops_per_sample"], rel=1e-12), draws[it]
     finally:
         runner.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# what a run cut short keeps; MFU against the data sheet
+# ------------------------------------------------------------------------------------------------
+def test_the_report_is_rewritten_after_every_row(tmp_path, monkeypatch):
+    """JSON and markdown on disk after each row (complete: false until the end), ours and the reference of
+    each step alternating: a run killed after k rows leaves those k rows."""
+    tool = _load_tool()
+    jpath, mpath = tmp_path / "r.json", tmp_path / "r.md"
+    seen = []
+
+    def fake_measure(a, impl, step, schedule, matmul, cotrain=True):
+        on_disk = json.loads(jpath.read_text())
+        seen.append((len(on_disk["rows"]), on_disk["meta"]["complete"], (step, schedule, impl)))
+        assert "Partial:" in mpath.read_text()
+        return {"step": step, "schedule": schedule, "implementation": impl, "model": "bidirectional",
+                "error": "not measured (test)"}
+
+    monkeypatch.setattr(tool, "measure", fake_measure)
+    report = tool.main(["--preset", "tiny", "--latent-shape", *map(str, LATENT), "--text-len", str(TEXT),
+                        "--steps", "stage1", "stage2", "--schedules", "sequential", "overlapped",
+                        "--matmul-size", "64", "--simulation-steps", *map(str, SIM), "--json", str(jpath),
+                        "--markdown", str(mpath)])
+    assert [n for n, _, _ in seen] == [0, 1, 2, 3, 4] and not any(c for _, c, _ in seen)
+    assert [w for _, _, w in seen] == [("stage1", None, "megatron_anyflow"), ("stage1", None, "reference"),
+                                       ("stage2", "sequential", "megatron_anyflow"),
+                                       ("stage2", "sequential", "reference"),
+                                       ("stage2", "overlapped", "megatron_anyflow")]  # no reference overlap
+    final = json.loads(jpath.read_text())
+    assert final["meta"]["complete"] is True and len(final["rows"]) == 5 == final["meta"]["rows_planned"]
+    assert report["rows"] == final["rows"] and "Partial:" not in mpath.read_text()
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # no temporary file left behind
+
+
+def test_datasheet_peaks_and_atomic_writes(tmp_path):
+    assert B.datasheet_peak_tflops("NVIDIA H100 80GB HBM3")["tflops"] == 989.0  # SXM
+    assert B.datasheet_peak_tflops("NVIDIA H200")["tflops"] == 989.0
+    assert B.datasheet_peak_tflops("NVIDIA H100 PCIe")["tflops"] == 756.0
+    assert B.datasheet_peak_tflops("cpu")["tflops"] is None
+    assert B.datasheet_peak_tflops("NVIDIA H200", override=900.0) == {"tflops": 900.0, "source": "--peak-tflops"}
+    path = tmp_path / "a" / "r.json"
+    B.write_atomic(str(path), "one")
+    B.write_atomic(str(path), "two")
+    assert path.read_text() == "two" and os.listdir(path.parent) == ["r.json"]

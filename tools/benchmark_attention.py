@@ -13,6 +13,7 @@ The ceilings first: the bf16 dense matmul rate (``--matmul-size``, the MFU denom
 `tools/benchmark_throughput.py`) and the device copy bandwidth.
 
 Without CUDA (``--tiny``, the default there): fp32 on CPU at 256 tokens, a smoke run that says so.
+``--json`` / ``--markdown`` are rewritten after every row (atomically), so a run cut short keeps its rows.
 
     python tools/benchmark_attention.py --json out.json --markdown out.md
     python tools/benchmark_attention.py --tiny
@@ -27,7 +28,8 @@ import time
 
 import torch
 
-from megatron_anyflow.training.benchmark import device_name, measure_copy_bandwidth, measure_matmul_tflops
+from megatron_anyflow.training.benchmark import (device_name, measure_copy_bandwidth, measure_matmul_tflops,
+                                                 write_atomic)
 
 IMPLS = ("auto", "cudnn", "flash", "fa3", "sdpa", "math")
 # name: (s_q, s_k, heads, head_dim)
@@ -124,6 +126,8 @@ def bench(shape_name, shape, impl, a, device, dtype) -> dict:
 def markdown(report) -> str:
     m = report["meta"]
     out = [f"# Attention kernels and ceilings on {m['device']}", ""]
+    if m.get("complete") is False:
+        out += [f"**Partial: {len(report['rows'])} of {m.get('rows_planned', '?')} rows** (written after each row).", ""]
     if m["device_kind"] == "cpu":
         out += ["**Measured on the CPU at tiny sizes**: a smoke run; says nothing about GPU speed.", ""]
     mm, cp = m["matmul"], m["copy"]
@@ -153,6 +157,19 @@ def main(argv=None):
     copy = measure_copy_bandwidth(1 << 28 if cuda else 1 << 20)
     print(f"matmul {matmul['tflops']:.4g} TFLOP/s, copy {copy['gb_per_s']:.4g} GB/s", flush=True)
     rows = []
+    meta = {"device": device_name(), "device_kind": device.type, "dtype": str(dtype).replace("torch.", ""),
+            "torch": torch.__version__, "iters": a.iters, "warmup": a.warmup, "matmul": matmul, "copy": copy,
+            "rows_planned": len(a.shapes) * len(a.impls)}
+
+    def write(complete):  # after every row, atomically: a run cut short keeps its rows
+        report = {"meta": dict(meta, complete=complete), "rows": rows}
+        md = markdown(report)
+        for path, text in ((a.json, json.dumps(report, indent=1) + "\n"), (a.markdown, md)):
+            if path:
+                write_atomic(path, text)
+        return report, md
+
+    write(False)
     for name in a.shapes:
         for impl in a.impls:
             rows.append(bench(name, a.table[name], impl, a, device, dtype))
@@ -160,16 +177,9 @@ def main(argv=None):
             print(f"{name} {impl}: " + (r["error"] if "error" in r else
                                         f"fwd {r['fwd_ms']:.3f} ms {r['fwd_tflops']:.4g} TFLOP/s, fwd+bwd "
                                         f"{r['fwd_bwd_ms']:.3f} ms {r['fwd_bwd_tflops']:.4g} TFLOP/s"), flush=True)
-    report = {"meta": {"device": device_name(), "device_kind": device.type, "dtype": str(dtype).replace("torch.", ""),
-                       "torch": torch.__version__, "iters": a.iters, "warmup": a.warmup, "matmul": matmul,
-                       "copy": copy}, "rows": rows}
-    md = markdown(report)
+            write(False)
+    report, md = write(True)
     print(md, flush=True)
-    for path, text in ((a.json, json.dumps(report, indent=1) + "\n"), (a.markdown, md)):
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "w") as f:
-                f.write(text)
     return report
 
 

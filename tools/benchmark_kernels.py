@@ -14,7 +14,8 @@ CUDA events). Without CUDA it runs on CPU at a small size (F=3, H=W=16), times w
 set (skipped otherwise) and skips ``torch.compile`` unless ``--compile`` is given (CPU compilation takes
 longer than the whole run should).
 
-Output: a markdown table on stdout; ``--json PATH`` also writes the rows as JSON.
+Output: a markdown table on stdout; ``--json PATH`` / ``--markdown PATH`` also write the rows, rewritten
+after every row (temporary file + ``os.replace``), so a run cut short keeps what it measured.
 """
 from __future__ import annotations
 
@@ -28,6 +29,17 @@ import time
 import torch
 
 import megatron_anyflow_kernels as K  # installed with `pip install -e .` (the kernels/ folder)
+
+try:
+    from megatron_anyflow.training.benchmark import write_atomic
+except ImportError:  # the kernels alone, without the project on the path
+    def write_atomic(path, text):
+        path = os.path.abspath(path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -50,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--kernels", default="flow_map_loss,adaptive_reweight",
                    help="comma-separated subset of flow_map_loss,adaptive_reweight")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON (after every row)")
+    p.add_argument("--markdown", default=None, metavar="PATH", help="also write the notes and table (after every row)")
     return p.parse_args(argv)
 
 
@@ -92,7 +105,7 @@ def copy_bandwidth_gbs(device, timer, iters, warmup):
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def bench_flow_map_loss(args, device, dtype, timer, impls):
+def bench_flow_map_loss(args, device, dtype, timer, impls, emit=lambda row: None):
     B, F, C, H, W = args.batch, args.frames, args.channels, args.height, args.width
     gen = torch.Generator(device="cpu").manual_seed(0)
     lat = [torch.randn(B, F, C, H, W, generator=gen).to(device=device, dtype=dtype) for _ in range(5)]
@@ -120,10 +133,11 @@ def bench_flow_map_loss(args, device, dtype, timer, impls):
                     return torch.autograd.grad(loss.sum(), uc_grad)
             rows.append(dict(kernel="flow_map_loss", pass_=pas, impl=name, bytes=nbytes,
                              ms=timer.median_ms(step, args.iters, args.warmup)))
+            emit(rows[-1])
     return rows
 
 
-def bench_adaptive_reweight(args, device, timer, impls):
+def bench_adaptive_reweight(args, device, timer, impls, emit=lambda row: None):
     B = args.reweight_batch
     gen = torch.Generator(device="cpu").manual_seed(1)
     loss = (torch.rand(B, generator=gen) + 0.01).to(device).requires_grad_(True)
@@ -145,6 +159,7 @@ def bench_adaptive_reweight(args, device, timer, impls):
                     return torch.autograd.grad(out, loss)
             rows.append(dict(kernel="adaptive_reweight", pass_=pas, impl=name, bytes=nbytes,
                              ms=timer.median_ms(step, args.iters, args.warmup)))
+            emit(rows[-1])
     return rows
 
 
@@ -218,25 +233,40 @@ def main(argv=None):
     def triton_fn(fn):
         return (lambda *a: fn(*a, backend="triton")) if run_triton else None
 
+    meta = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if on_cuda else "cpu",
+                shape=list(shape), dtype=args.dtype, reweight_batch=args.reweight_batch,
+                copy_bandwidth_gbs=copy_gbs, iters=args.iters, notes=notes, compile=bool(args.compile))
     rows = []
+
+    def write(complete):  # after every row, atomically: a run cut short keeps its rows
+        done = finish_rows([dict(r) for r in rows], copy_gbs)
+        if args.json:
+            write_atomic(args.json, json.dumps(dict(meta=dict(meta, complete=complete), rows=[
+                {("pass" if k == "pass_" else k): v for k, v in r.items()} for r in done]), indent=2) + "\n")
+        if args.markdown:
+            head = "\n".join(f"**{n}**" if i == 0 else f"- {n}" for i, n in enumerate(notes))
+            part = "" if complete else f"\n\n**Partial: {len(rows)} rows so far** (written after each row)."
+            write_atomic(args.markdown, f"# Stage-1 loss kernels\n\n{head}{part}\n\n{markdown(done)}\n")
+        return done
+
+    def emit(row):
+        rows.append(row)
+        write(False)
+
+    write(False)
     if "flow_map_loss" in kernels:
         impls = {"triton": triton_fn(K.flow_map_loss), "torch eager": K.flow_map_loss_reference,
                  "torch.compile": torch.compile(K.flow_map_loss_reference) if args.compile else None}
-        rows += bench_flow_map_loss(args, device, dtype, timer, impls)
+        bench_flow_map_loss(args, device, dtype, timer, impls, emit)
     if "adaptive_reweight" in kernels:
         impls = {"triton": triton_fn(K.adaptive_reweight), "torch eager": K.adaptive_reweight_reference,
                  "torch.compile": torch.compile(K.adaptive_reweight_reference) if args.compile else None}
-        rows += bench_adaptive_reweight(args, device, timer, impls)
-    rows = finish_rows(rows, copy_gbs)
-    print(markdown(rows))
-    if args.json:
-        meta = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if on_cuda else "cpu",
-                    shape=list(shape), dtype=args.dtype, reweight_batch=args.reweight_batch,
-                    copy_bandwidth_gbs=copy_gbs, iters=args.iters, notes=notes)
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=[{("pass" if k == "pass_" else k): v for k, v in r.items()}
-                                            for r in rows]), f, indent=2)
-        print(f"\nwrote {args.json}")
+        bench_adaptive_reweight(args, device, timer, impls, emit)
+    done = write(True)
+    print(markdown(done))
+    for path in (args.json, args.markdown):
+        if path:
+            print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -39,9 +39,12 @@ at one preset and size, this times whole training iterations and reports, per ro
   adapter; forward in the no-grad calls unless ``--lora-nograd-merge``), attention backward 2.5x its
   forward (fused kernels recompute the scores; ``--attention-impl math``: the explicit-matmul count).
   At 32k tokens attention dominates and hardware FLOPs exceed model FLOPs by ~9 % (1.3B).
-* **MFU** -- model TFLOP/s/GPU over the measured dense matmul rate of this device: on CUDA the median of
-  bf16 ``8192 x 8192 x 8192`` matmuls (``--matmul-size``), not the data-sheet peak; on CPU an fp32 matmul
-  of ``--matmul-size`` (default 2048), labelled as such.
+* **MFU**, twice -- model TFLOP/s/GPU over (a) the measured dense matmul rate of this device ("MFU
+  (matmul)": on CUDA the median of bf16 ``8192 x 8192 x 8192`` matmuls, ``--matmul-size``; on CPU an fp32
+  matmul of ``--matmul-size`` (default 2048), labelled as such) and (b) the data-sheet dense bf16 peak ("MFU
+  (data sheet)", the field's convention: H100 SXM 989, H200 989 TFLOP/s, `benchmark.DATASHEET_BF16_TFLOPS`,
+  ``--peak-tflops`` to override; not reported on CPU). A measured matmul reaches ~80 % of the data sheet on
+  an H200, so (a) reads ~25 % above (b).
 * **peak memory** -- CUDA: ``torch.cuda.max_memory_allocated`` and ``max_memory_reserved`` (what the
   caching allocator held: fragmentation included; both reset before building each model, so they
   include that implementation's weights, adapters, optimiser states and the steps' activations; max
@@ -107,8 +110,12 @@ to compare with).
 ``torch.profiler``; the report adds its time per kernel category (attention, GEMM, elementwise,
 communication: `benchmark.KERNEL_CATEGORIES`) and the top kernels.
 
+Rows run in plan order, each megatron_anyflow row followed at once by the reference row of the same step
+and schedule, so a run cut short keeps whole comparisons.
+
 Output: progress on stdout, then the markdown table; ``--json`` / ``--markdown`` paths (default
-``--output-dir benchmarks/results/`` with ``throughput_<date>_<device>.json/.md``).
+``--output-dir benchmarks/results/`` with ``throughput_<date>_<device>.json/.md``), both rewritten after
+every row (temporary file + ``os.replace``: never half-written; ``meta.complete`` is false until the end).
 
 Usage::
 
@@ -134,10 +141,11 @@ from typing import Dict
 
 import torch
 
-from megatron_anyflow.training.benchmark import (DEFAULT_SCHEDULES, IMPLS, SCHEDULES, STEPS, _count_params, _rank, _tokens, _world,
-                                                 arch_config, device_name, device_slug, far_chunk_partition,
-                                                 iteration_flops, markdown, measure, measure_matmul_tflops,
-                                                 preset_with_layers, say, stage2_plans)
+from megatron_anyflow.training.benchmark import (DEFAULT_SCHEDULES, SCHEDULES, STEPS, _count_params, _rank, _tokens,
+                                                 _world, arch_config, datasheet_peak_tflops, device_name, device_slug,
+                                                 far_chunk_partition, iteration_flops, markdown, measure,
+                                                 measure_matmul_tflops, preset_with_layers, say, stage2_plans,
+                                                 write_atomic)
 
 __all__ = ["build_parser", "parse_args", "main", "arch_config", "preset_with_layers"]
 
@@ -215,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("output")
     g.add_argument("--matmul-size", type=int, default=None, help="matmul n for the rate (default 8192 CUDA, 2048 CPU)")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="data-sheet dense bf16 peak for MFU (data sheet) (default: from the device name, "
+                        "benchmark.DATASHEET_BF16_TFLOPS: H100 SXM 989, H200 989; none on CPU)")
     g.add_argument("--profile", action="store_true",
                    help="after timing, profile one more iteration of each megatron_anyflow row: time per kernel "
                         "category (attention, GEMM, elementwise, communication; torch.profiler) in the report")
@@ -295,6 +306,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 
+def _link(rows, device_kind: str) -> None:
+    """Speed-up and memory ratio of each of our rows against the reference row of the same step and schedule
+    (when both are there), and the overlapped row against our pipelined row."""
+    ours = {(r["step"], r["schedule"]): r for r in rows if r["implementation"] == "megatron_anyflow"}
+    for r in rows:
+        o = ours.get((r["step"], r["schedule"]))
+        if r["implementation"] == "reference" and o and "error" not in o and "error" not in r:
+            o["speedup_vs_reference"] = o["tokens_per_s_per_gpu"] / r["tokens_per_s_per_gpu"]
+            # host RSS peaks depend on what earlier rows left in the process: no ratio on CPU
+            o["memory_vs_reference"] = (o["peak_memory_gib"] / r["peak_memory_gib"]
+                                        if device_kind == "cuda" and r["peak_memory_gib"] > 0 else None)
+    piped = ours.get(("stage2", "pipelined"))
+    over = ours.get(("stage2", "overlapped"))
+    if piped and over and "error" not in piped and "error" not in over:
+        over["speedup_vs_pipelined"] = over["tokens_per_s_per_gpu"] / piped["tokens_per_s_per_gpu"]
+
+
 def main(argv=None) -> Dict:
     a = parse_args(argv)
     if torch.cuda.is_available():
@@ -314,54 +342,23 @@ def main(argv=None) -> Dict:
         + (f"; AnyFlow-FAR, chunks {far_chunk_partition(a)} (no reference rows)" if a.model == "far" else ""))
     say(f"measuring the {'bf16' if a.device_kind == 'cuda' else 'fp32'} matmul rate (n = {a.matmul_size}) ...")
     matmul = measure_matmul_tflops(a.matmul_size)
-    say(f"  {matmul['tflops']:.4g} TFLOP/s")
+    a.datasheet = (datasheet_peak_tflops(device_name(), a.peak_tflops) if a.device_kind == "cuda" or a.peak_tflops
+                   else {"tflops": None, "source": "CPU: no data-sheet peak"})
+    say(f"  {matmul['tflops']:.4g} TFLOP/s measured; data-sheet peak: "
+        + (f"{a.datasheet['tflops']:.4g} TFLOP/s ({a.datasheet['source']})" if a.datasheet["tflops"] else
+           a.datasheet["source"]))
 
     plan = [(s, None) for s in a.steps if s != "stage2"]
     if "stage2" in a.steps:
         plan += [("stage2", sch) for sch in a.schedules]
-    flops = {}
     cotrain = "--no-cotrain-stage1" not in a.trainer_extra
-    for step, sch in plan:  # stage 2: the expectation here; the rows credit the timed iterations' own draws
-        flops[f"{step}{'/' + sch if sch else ''}"] = iteration_flops(a, cfg, step, sch, cotrain)
-    rows = []
-    for step, sch in plan:
-        f = flops[f"{step}{'/' + sch if sch else ''}"]
-        say(f"{'FAR ' if a.model == 'far' else ''}{step}{' (' + sch + ')' if sch else ''}: "
-            f"{f['forward_equivalents']:.4g} forward-equivalents, {f['flops_per_sample'] / 1e9:.4g} model GFLOP per "
-            f"sample and iteration" + (" (the timed iterations' own draws)" if a.model == "far" else ""))
-        rows.append(measure(a, "megatron_anyflow", step, sch, matmul, cotrain))
-    if not a.no_reference:
-        import torch.distributed as dist
-
-        multi = dist.is_initialized() and dist.get_world_size() > 1
-        grp = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=6)) if multi else None
-        if _rank() == 0:
-            if multi:
-                say(f"reference: rank 0 only, on one device (the other {dist.get_world_size() - 1} ranks wait)")
-            for step, sch in plan:
-                if sch != "overlapped":  # the reference has no overlap: its pipelined row is the comparison
-                    rows.append(measure(a, "reference", step, sch, matmul, cotrain))
-        if multi:
-            dist.barrier(group=grp)
-        ours = {(r["step"], r["schedule"]): r for r in rows if r["implementation"] == "megatron_anyflow"}
-        for r in rows:
-            o = ours.get((r["step"], r["schedule"]))
-            if r["implementation"] == "reference" and o and "error" not in o and "error" not in r:
-                o["speedup_vs_reference"] = o["tokens_per_s_per_gpu"] / r["tokens_per_s_per_gpu"]
-                # host RSS peaks depend on what earlier rows left in the process: no ratio on CPU
-                o["memory_vs_reference"] = (o["peak_memory_gib"] / r["peak_memory_gib"]
-                                            if a.device_kind == "cuda" and r["peak_memory_gib"] > 0 else None)
-        piped = ours.get(("stage2", "pipelined"))
-        over = ours.get(("stage2", "overlapped"))
-        if piped and over and "error" not in piped and "error" not in over:
-            over["speedup_vs_pipelined"] = over["tokens_per_s_per_gpu"] / piped["tokens_per_s_per_gpu"]
-        order = {k: i for i, k in enumerate(plan)}
-        rows.sort(key=lambda r: (order[(r["step"], r["schedule"])], IMPLS.index(r["implementation"])))
-
     timed = range(a.warmup, a.warmup + a.iters)
-    for step, sch in plan:  # the FLOPs the rows were credited with: stage 2 from the timed iterations' draws
-        if step == "stage2":
-            flops[f"stage2/{sch}"] = iteration_flops(a, cfg, step, sch, cotrain, stage2_plans(a, timed), iterations=timed)
+    expected, flops = {}, {}
+    for step, sch in plan:  # stage 2: the expectation (printed); the rows credit the timed iterations' own draws
+        key = f"{step}{'/' + sch if sch else ''}"
+        expected[key] = iteration_flops(a, cfg, step, sch, cotrain)
+        flops[key] = (iteration_flops(a, cfg, step, sch, cotrain, stage2_plans(a, timed), iterations=timed)
+                      if step == "stage2" else expected[key])
 
     import diffusers
     import megatron.core
@@ -371,37 +368,68 @@ def main(argv=None) -> Dict:
         peft_version = peft.__version__
     except ImportError:
         peft_version = None
-    base_params = _count_params(a)
+    with_reference = [(s, sch) for s, sch in plan if not a.no_reference and sch != "overlapped"]
     meta = {
         "date": date, "device": device_name(), "device_kind": a.device_kind, "world_size": _world(),
         "torch": torch.__version__, "megatron_core": getattr(megatron.core, "__version__", "?"),
         "diffusers": diffusers.__version__, "peft": peft_version, "preset": a.preset, "num_layers": cfg.num_layers,
-        "hidden_size": cfg.hidden_size, "ffn_hidden_size": cfg.ffn_hidden_size, "parameters_base": base_params,
+        "hidden_size": cfg.hidden_size, "ffn_hidden_size": cfg.ffn_hidden_size, "parameters_base": _count_params(a),
         "latent_shape": list(a.latent), "channels": cfg.in_channels, "tokens_per_sample": S, "text_len": a.text_len,
         "micro_batch_size": a.micro_batch_size, "bf16": a.bf16, "lora_rank": a.lora_rank, "lora_alpha": a.lora_alpha,
         "tp": a.tensor_model_parallel_size, "cp": a.context_parallel_size, "sequence_parallel": a.sequence_parallel,
         "backend": a.backend, "attention_impl": a.attention_impl, "recompute_granularity": a.recompute_granularity,
         "fp8_format": a.fp8_format, "kernel_backend": a.kernel_backend, "simulation_steps": list(a.simulation_steps),
-        "iters": a.iters, "warmup": a.warmup, "matmul": matmul, "flops": flops, "compile": a.compile,
-        "data": a.data_path or "mock", "num_workers": a.num_workers, "trainer_extra": list(a.trainer_extra),
+        "iters": a.iters, "warmup": a.warmup, "matmul": matmul, "datasheet": a.datasheet, "flops": flops,
+        "compile": a.compile, "data": a.data_path or "mock", "num_workers": a.num_workers,
+        "trainer_extra": list(a.trainer_extra),
         "reference_recompute": "gradient_checkpointing" if a.recompute_granularity != "none" else "none",
-        "expected_segments": next((f["expected_segments"] for f in flops.values() if "expected_segments" in f), None),
+        "expected_segments": next((f["expected_segments"] for f in expected.values() if "expected_segments" in f), None),
         "reference_notes": "diffusers AnyFlowTransformer3DModel + PEFT LoRA, eager, SDPA; ONE model with adapters "
                            "switched per call for stage 2 (the public reference keeps three full models)",
         "model": a.model, "chunk_partition": list(far_chunk_partition(a)) if a.model == "far" else None,
+        "row_order": "interleaved: each megatron_anyflow row, then the reference row of the same step and schedule",
+        "rows_planned": len(plan) + len(with_reference),
         "command": " ".join([os.path.basename(sys.argv[0])] + list(argv if argv is not None else sys.argv[1:])),
     }
-    report = {"meta": meta, "rows": rows}
+    stem = os.path.join(a.output_dir, f"throughput_{date}_{device_slug()}")
+    jpath, mpath = a.json or stem + ".json", a.markdown or stem + ".md"
+    rows = []
+
+    def write(complete: bool) -> Dict:
+        """The report so far, rewritten after every row (atomically): a run cut short keeps its rows."""
+        _link(rows, a.device_kind)
+        report = {"meta": dict(meta, complete=complete), "rows": rows}
+        if _rank() == 0:
+            write_atomic(jpath, json.dumps(report, indent=1, default=float) + "\n")
+            write_atomic(mpath, markdown(report))
+        return report
+
+    multi = grp = None
+    if with_reference:
+        import torch.distributed as dist
+
+        multi = dist.is_initialized() and dist.get_world_size() > 1
+        grp = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=6)) if multi else None
+        if multi:
+            say(f"reference: rank 0 only, on one device (the other {dist.get_world_size() - 1} ranks wait)")
+    write(False)
+    for step, sch in plan:  # ours, then the reference of the same row: a run cut short keeps whole comparisons
+        f = expected[f"{step}{'/' + sch if sch else ''}"]
+        say(f"{'FAR ' if a.model == 'far' else ''}{step}{' (' + sch + ')' if sch else ''}: "
+            f"{f['forward_equivalents']:.4g} forward-equivalents, {f['flops_per_sample'] / 1e9:.4g} model GFLOP per "
+            f"sample and iteration" + (" (the timed iterations' own draws)" if a.model == "far" else ""))
+        rows.append(measure(a, "megatron_anyflow", step, sch, matmul, cotrain))
+        write(False)
+        if (step, sch) in with_reference:
+            if _rank() == 0:
+                rows.append(measure(a, "reference", step, sch, matmul, cotrain))
+            if multi:
+                torch.distributed.barrier(group=grp)
+            write(False)
+    report = write(True)
     if _rank() == 0:
-        md = markdown(report)
         print()
-        print(md, flush=True)
-        stem = os.path.join(a.output_dir, f"throughput_{date}_{device_slug()}")
-        jpath, mpath = a.json or stem + ".json", a.markdown or stem + ".md"
-        for path, text in ((jpath, json.dumps(report, indent=1, default=float) + "\n"), (mpath, md)):
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "w") as f:
-                f.write(text)
+        print(markdown(report), flush=True)
         print(f"wrote {jpath} and {mpath}", flush=True)
     return report
 

@@ -117,6 +117,40 @@ def device_slug() -> str:
     return "cpu"
 
 
+# Data-sheet dense bf16 tensor-core peaks (TFLOP/s, without sparsity), the denominator of the field's MFU:
+# name pattern -> peak. The first match wins (PCIe / NVL before the SXM default of the same chip).
+DATASHEET_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),  # H100 SXM
+    ("H200", 989.0), ("GH200", 989.0), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0),
+)
+
+
+def datasheet_peak_tflops(name: Optional[str] = None, override: Optional[float] = None) -> Dict[str, object]:
+    """The data-sheet dense bf16 peak of a device (`DATASHEET_BF16_TFLOPS`), or ``override`` when given.
+
+    Returns ``{"tflops": float or None, "source": str}``; None for a CPU or an unknown device (MFU against
+    the data sheet is then not reported)."""
+    if override is not None:
+        return {"tflops": float(override), "source": "--peak-tflops"}
+    if name is None:
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    for pattern, peak in DATASHEET_BF16_TFLOPS:
+        if pattern.lower() in name.lower():
+            return {"tflops": peak, "source": f"data sheet, {pattern} bf16 dense"}
+    return {"tflops": None, "source": f"no data-sheet peak known for {name!r}"}
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and `os.replace`: a reader
+    (or an archive taken while a benchmark runs, or a kill) sees the old file or the new one, never half."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def measure_matmul_tflops(n: int, reps: int = 10) -> Dict[str, object]:
     """Dense matmul rate: bf16 on CUDA, fp32 on CPU (median of ``reps`` timed products)."""
     cuda = torch.cuda.is_available()
@@ -810,6 +844,7 @@ def measure(a, impl: str, step: str, schedule: Optional[str], matmul: Dict, cotr
             torch.cuda.empty_cache()
     from megatron_anyflow.training.flops import mfu
 
+    peak = (getattr(a, "datasheet", None) or {}).get("tflops")
     cfg = arch_config(a.preset, a.num_layers)
     timed = range(a.warmup, a.warmup + a.iters)
     flops = iteration_flops(a, cfg, step, schedule, cotrain, stage2_plans(a, timed) if step == "stage2" else None,
@@ -828,6 +863,9 @@ def measure(a, impl: str, step: str, schedule: Optional[str], matmul: Dict, cotr
         "hardware_flops_per_iteration": gb * flops["hardware_flops_per_sample"],
         "model_tflops_per_s_per_gpu": tflops, "hardware_tflops_per_s_per_gpu": hw_tflops,
         "mfu": mfu(tflops, matmul["tflops"]), "hfu": mfu(hw_tflops, matmul["tflops"]),
+        # the field's MFU: against the data-sheet peak (None on a CPU / an unknown device)
+        "mfu_datasheet": mfu(tflops, peak) if peak else None,
+        "hfu_datasheet": mfu(hw_tflops, peak) if peak else None,
         "peak_memory_gib": peaks["allocated"], "peak_reserved_gib": peaks["reserved"], "peak_memory_kind": mem.kind,
         "recompute": a.recompute_granularity if impl == "megatron_anyflow" else
         ("gradient_checkpointing" if a.recompute_granularity != "none" else "none"),
@@ -861,11 +899,18 @@ def _fmt(v, spec):
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
 
 
+def _pct(v) -> str:
+    return "-" if v is None else _fmt(100 * v, ".2f") + "%"
+
+
 def markdown(report: Dict) -> str:
     m, rows = report["meta"], report["rows"]
     cpu = m["device_kind"] == "cpu"
     far = m.get("model") == "far"
     out = [f"# AnyFlow{'-FAR' if far else ''} training throughput: {m['preset']} on {m['device']}", ""]
+    if m.get("complete") is False:
+        out += [f"**Partial: {len(rows)} of {m.get('rows_planned', '?')} rows** (written after each row; the run "
+                "had not finished when this was written).", ""]
     if cpu:
         out += ["**Measured on the CPU (no CUDA device)**: a smoke run of the benchmark at a tiny size. The "
                 "numbers say nothing about GPU training speed; MFU is against an fp32 CPU matmul (one thread "
@@ -881,20 +926,24 @@ def markdown(report: Dict) -> str:
             f"(TP {m['tp']}, CP {m['cp']}, SP {m['sequence_parallel']}), backend {m['backend']}, attention "
             f"{m['attention_impl']}, recompute {m['recompute_granularity']}, fp8 {m['fp8_format']}",
             f"- measured matmul rate: {m['matmul']['tflops']:.4g} TFLOP/s ({m['matmul']['dtype']} "
-            f"{m['matmul']['n']}^3 on {m['matmul']['device']}; the MFU denominator)",
+            f"{m['matmul']['n']}^3 on {m['matmul']['device']}; the denominator of MFU (matmul)); data-sheet peak: "
+            + (f"{m['datasheet']['tflops']:.4g} TFLOP/s ({m['datasheet']['source']}; the denominator of MFU (data sheet), "
+               "the field's convention)" if (m.get("datasheet") or {}).get("tflops") else "none (MFU (data sheet) not "
+               "reported)"),
             f"- {m['iters']} timed iterations after {m['warmup']} warm-up; s/iter is "
             + ("the mean (every FAR iteration draws its chunk count n, the bidirectional coin and, in stage 2, its "
                "rollout length; each is credited with its own FLOPs)" if far else
                "the median (teacher, stage 1) or the mean (stage 2: random rollout lengths, same draws for both "
                "implementations)"), ""]
     mem_label = "peak host RSS increase (GiB)" if cpu else "peak allocated / reserved (GiB)"
-    out += [f"| step | schedule | implementation | recompute | s/iter | tokens/s/GPU | model TFLOP/s/GPU | MFU | "
-            f"hardware TFLOP/s/GPU | {mem_label} | speed-up vs reference | memory vs reference |",
-            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out += [f"| step | schedule | implementation | recompute | s/iter | tokens/s/GPU | model TFLOP/s/GPU | "
+            f"MFU (matmul) | MFU (data sheet) | hardware TFLOP/s/GPU | {mem_label} | speed-up vs reference | "
+            "memory vs reference |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
             out.append(f"| {r['step']} | {r['schedule'] or '-'} | {r['implementation']} | | failed: {r['error']} "
-                       "| | | | | | | |")
+                       "| | | | | | | | |")
             continue
         tf = r["model_tflops_per_s_per_gpu"]
         mem = f"{r['peak_memory_gib']:.3f}" + (f" / {r['peak_reserved_gib']:.3f}" if r.get("peak_reserved_gib")
@@ -902,6 +951,7 @@ def markdown(report: Dict) -> str:
         out.append(f"| {('FAR ' if r.get('model') == 'far' else '') + r['step']} | {r['schedule'] or '-'} | "
                    f"{r['implementation']} | {r.get('recompute', '-')} | "
                    f"{r['s_per_iter']:.4g} | {r['tokens_per_s_per_gpu']:.4g} | {tf:.4g} | {_fmt(100 * r['mfu'], '.2f')}% | "
+                   f"{_pct(r.get('mfu_datasheet'))} | "
                    f"{r['hardware_tflops_per_s_per_gpu']:.4g} | {mem} | {_fmt(r.get('speedup_vs_reference'), '.2f')} | "
                    f"{_fmt(r.get('memory_vs_reference'), '.2f')} |")
     out += ["", "Speed-up = tokens/s/GPU of megatron_anyflow / of the reference (same step and schedule); memory "
