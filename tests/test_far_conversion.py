@@ -1,4 +1,4 @@
-"""AnyFlow-FAR checkpoints through the converters (FAR.md E10): diffusers `AnyFlowFARTransformer3DModel`
+"""AnyFlow-FAR checkpoints through the converters (docs/design/far.md 5.1, E10): diffusers `AnyFlowFARTransformer3DModel`
 -> megatron_anyflow -> diffusers bit-exactly (incl. far_patch_embedding and the FAR config), at TP = 1 and
 through TP = 2; ``--verify`` runs a FAR forward through diffusers' FAR class; a config in the reference's
 layout imports with diffusers' defaults and the converter says which keys it filled / ignored; ``--pipeline``
@@ -97,6 +97,18 @@ def test_far_round_trip_through_tp2_bit_exact(far_dirs, tmp_path):
               "--tensor-model-parallel-size", "2"])
     run_cmd([PY, "tools/convert_to_hf.py", "--input", str(tmp_path / "ckpt"), "--output", str(tmp_path / "out")])
     same_weights(far_dirs / "far", tmp_path / "out")
+
+
+def test_tp2_conversion_with_a_late_rank(far_dirs, tmp_path):
+    """Regression (the test above crashed once in a full-suite run): every rank used to check --output itself;
+    rank 1, descheduled for a few tens of ms on a loaded machine (measured margin: 20-90 ms), found the
+    release.tmp that rank 0 had just created in save_checkpoint, returned 2 without a word, and rank 0 failed
+    in the barrier with "Connection closed by peer". Rank 0 now decides and broadcasts. Here rank 1 arrives
+    2 s late (tests/distributed/late_rank.py), which failed every time before the fix."""
+    torchrun(["tests/distributed/late_rank.py", "1", "2", "tools/convert_from_hf.py", "--input", str(far_dirs / "far"),
+              "--output", str(tmp_path / "ckpt"), "--tensor-model-parallel-size", "2"])
+    meta = json.loads((tmp_path / "ckpt" / "release" / "anyflow_meta.json").read_text())
+    assert meta["saved_ranks"] == 2 and meta["wan_config"]["far"]
 
 
 def test_reference_layout_config_imports_with_defaults_and_says_so(far_dirs, tmp_path):

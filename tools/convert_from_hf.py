@@ -92,7 +92,15 @@ def main(argv=None):
             print(f"error: {msg}", file=sys.stderr)
         return 2
 
-    problem = output_problem(args.output, args.overwrite, foreign_entries)
+    # Rank 0 checks --output and tells the others, before any rank writes there. Checked on every rank, a
+    # rank that got there late (tens of ms on a loaded machine) saw the release.tmp rank 0 had just created
+    # in save_checkpoint, quit alone with exit 2, and left rank 0 in save_checkpoint's barrier ("Connection
+    # closed by peer"). The broadcast is also the point every rank passes before anything is written.
+    problem = output_problem(args.output, args.overwrite, foreign_entries) if rank == 0 else None
+    if dist.get_world_size() > 1:
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
     if problem:
         return fail(problem)
     t0 = time.time()
@@ -149,4 +157,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_anyflow.cli import main_guard
+
+    main_guard(main)  # a user error: one line, exit 2 (megatron_anyflow/cli.py)

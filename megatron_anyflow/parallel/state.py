@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+
+
+# Timeout of every collective (barriers included) on the default group and megatron-core's groups. A barrier
+# waits for the slowest rank: a checkpoint save on a slow disk, or a rank starved on a loaded 2-core test
+# machine, must not trip it. gloo's default is also 30 minutes; NCCL's is 10, too short for writing a large
+# checkpoint. ANYFLOW_DIST_TIMEOUT_MINUTES overrides it.
+TIMEOUT_MINUTES = int(os.environ.get("ANYFLOW_DIST_TIMEOUT_MINUTES", 30))
 
 
 def _free_port() -> int:
@@ -32,11 +40,12 @@ def initialize_parallel(tensor_model_parallel_size: int = 1, context_parallel_si
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        timeout = datetime.timedelta(minutes=TIMEOUT_MINUTES)
         if "RANK" in os.environ:
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, timeout=timeout)
         else:  # a plain process: world of one, without touching os.environ (child processes inherit it)
             dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
-                                    rank=0, world_size=1)
+                                    rank=0, world_size=1, timeout=timeout)
     world = dist.get_world_size()
     if world % (tensor_model_parallel_size * context_parallel_size):
         raise ValueError(f"world size {world} does not divide by tensor_model_parallel_size="
@@ -47,7 +56,8 @@ def initialize_parallel(tensor_model_parallel_size: int = 1, context_parallel_si
             return
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tensor_model_parallel_size, context_parallel_size=context_parallel_size)
+        tensor_model_parallel_size=tensor_model_parallel_size, context_parallel_size=context_parallel_size,
+        distributed_timeout_minutes=TIMEOUT_MINUTES)
 
 
 def destroy_parallel() -> None:

@@ -9,7 +9,7 @@
 The reference run builds the tiny FAR model in one process (TP = CP = 1) with fresh random weights
 (``far_patch_embedding`` perturbed off its trilinear initialisation; with LoRA, B random too so every
 adapter weight gets a gradient, and ``far_patch_embedding`` trainable next to the adapters as in FAR
-training, FAR.md 1.1), and saves weights, outputs, parameter and input gradients and the grad norm of:
+training, docs/design/far.md 1.1), and saves weights, outputs, parameter and input gradients and the grad norm of:
 
 - teacher forcing (`TRAIN`): batch 2, n = 5 chunks (two compressed context chunks, three noisy chunks and
   their clean copies), per-frame (t, r) on the noisy frames (context frames t = r = 0), clean copies at
@@ -79,7 +79,7 @@ def build(lora: bool, tp: int, cp: int, sp: bool):
     if lora:
         L.apply_lora(model, ["gen", "fake"], rank=4, alpha=8.0)
         L.set_active_adapter(model, "gen")
-        model.far_patch_embedding.requires_grad_(True)  # trained fully next to the adapters (FAR.md 1.1)
+        model.far_patch_embedding.requires_grad_(True)  # trained fully next to the adapters (docs/design/far.md 1.1)
     return model
 
 

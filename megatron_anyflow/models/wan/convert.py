@@ -55,7 +55,7 @@ HF_WAN = "WanTransformer3DModel"
 HF_ANYFLOW_FAR = "AnyFlowFARTransformer3DModel"
 # Defaults of diffusers' AnyFlowFARTransformer3DModel for the FAR keys a released (reference) config may omit.
 FAR_DEFAULTS = dict(compressed_patch_size=(1, 4, 4), full_chunk_limit=3, chunk_partition=(1, 3, 3, 3, 3, 3, 3, 2))
-# Keys of the reference FAR class that diffusers' FAR class does not take (dropped on import, FAR.md 1.1 / 7).
+# Keys of the reference FAR class that diffusers' FAR class does not take (dropped on import, docs/design/far.md 7.3).
 FAR_REFERENCE_ONLY = ("qk_norm", "added_kv_proj_dim", "init_far_model", "init_flowmap_model")
 
 
@@ -252,7 +252,7 @@ def arch_from_hf_config(hf_cfg: dict) -> dict:
     )
     if cls in (HF_ANYFLOW, HF_ANYFLOW_FAR):
         # The reference FAR class defaults gate_value to 0; released configs that omit it were trained
-        # with diffusers' 0.25 (FAR.md 7.3): fill diffusers' default.
+        # with diffusers' 0.25 (docs/design/far.md 7.3): fill diffusers' default.
         arch.update(delta_gate=hf_cfg.get("gate_value", 0.25), deltatime_type=hf_cfg.get("deltatime_type", "r"))
     if far:
         if hf_cfg.get("qk_norm", "rms_norm_across_heads") not in (None, "rms_norm_across_heads"):
