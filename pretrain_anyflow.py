@@ -7,7 +7,10 @@
 ``python pretrain_anyflow.py --help`` lists every argument.
 """
 
+import sys
 import warnings
+
+MOSTLY_SKIPPED_EXIT = 3  # more than half of the run's optimizer steps were skipped (megatron_anyflow/cli.py)
 
 
 def main(argv=None):
@@ -22,7 +25,15 @@ def main(argv=None):
     from megatron_anyflow.training.trainer import Trainer
 
     trainer = Trainer(args)
+    start = trainer.iteration
     trainer.train()
+    ran = trainer.iteration - start
+    if ran > 0 and 2 * trainer.skipped_iters > ran:
+        # Finite but useless (e.g. --lr 1e30: 5 of 6 steps skipped, weights ~1e30 that give NaN in every
+        # forward): not a success, whatever --max-skipped-iters allowed in a row.
+        print(f"error: {trainer.skipped_iters} of {ran} optimizer steps were skipped (non-finite loss or gradient "
+              f"norm): the run did not train; check --lr and the data (exit 3)", file=sys.stderr, flush=True)
+        return MOSTLY_SKIPPED_EXIT
     return 0
 
 

@@ -44,9 +44,9 @@ PRETRAIN = [PY, "pretrain_anyflow.py", "--stage", "stage1", "--mock-data", "--tr
 PREPARE = [PY, "tools/prepare_dataset.py", "--quiet", "--device", "cpu"]
 
 PRETRAIN_CASES = [
-    (["--lr", "1e39"], "--lr 1e+39: must lie in (0,"),
+    (["--lr", "1e39"], "--lr 1e+39: must lie in [0,"),
     (["--lr", "nan"], "--lr nan: must be a finite number"),
-    (["--lr=-1e-4"], "--lr -0.0001: must lie in (0,"),
+    (["--lr=-1e-4"], "--lr -0.0001: must lie in [0,"),
     (["--critic-lr", "inf"], "--critic-lr inf: must be a finite number"),
     (["--min-lr", "1.0", "--lr", "1e-4"], "--min-lr 1.0: must lie in [0, --lr 0.0001]"),
     (["--adam-beta2", "1.0"], "--adam-beta2 1.0: must lie in [0, 1)"),
@@ -158,3 +158,15 @@ def test_generate_bad_inputs(gen_ckpt):
     for extra, expected in cases:
         _assert_one_line_error(_run(base + extra), expected)
     assert not (root / "out" / "generation.json").exists()
+
+
+def test_mostly_skipped_run_exits_3(tmp_path):
+    """--lr 1e30 is finite, so it passes the argument check; the first step blows the LoRA weights up and
+    every later step is non-finite and skipped (5 of 6), fewer in a row than --max-skipped-iters (10). Such
+    a run used to exit 0; it must not be reported as a success."""
+    proc = _run([PY, "pretrain_anyflow.py", "--stage", "stage1", "--mock-data", "--model-preset", "tiny",
+                 "--mock-num-samples", "8", "--micro-batch-size", "2", "--train-iters", "6", "--lr", "1e30",
+                 "--lr-warmup-iters", "0", "--lora-rank", "4", "--log-interval", "1", "--save", str(tmp_path / "ck")])
+    assert proc.returncode == 3, (proc.returncode, proc.stderr[-2000:])
+    assert "5 of 6 optimizer step(s) skipped" in proc.stdout
+    assert "5 of 6 optimizer steps were skipped" in proc.stderr.strip().splitlines()[-1]

@@ -237,6 +237,10 @@ def test_lora_teacher_recipe_end_to_end(tmp_path):
     spec.loader.exec_module(tool)
     out_dir = str(tmp_path / "export")
     assert tool.main(["--input", s2, "--output", out_dir, "--merge-lora", "generator", "--verify"]) in (0, None)
+    # The export carries checksums.sha256 (sha256sum format) over every file it wrote (issue #18).
+    listed = sorted(ckpt.read_checksums(out_dir) or {})
+    assert listed and listed == sorted(n for n in os.listdir(out_dir) if n != ckpt.CHECKSUMS), listed
+    assert ckpt.verify_checksums(out_dir) == len(listed)
     hf = AnyFlowTransformer3DModel.from_pretrained(out_dir, torch_dtype=torch.float32).eval()
     with torch.no_grad():
         exported = hf(z, T, R, text, return_dict=False)[0].double()
@@ -290,3 +294,71 @@ def test_cli_fails_loudly_with_one_error_line(tmp_path):
                        cwd=repo, env=env, capture_output=True, text=True)
     assert p.returncode == 2 and "consecutive iterations with a non-finite loss" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
+
+
+# -------------------------------------------------------------------------------------------------
+# Resume refuses a checkpoint of another configuration (issue #18, F2): one line, exit 2
+# -------------------------------------------------------------------------------------------------
+FAR = ["--model", "far", "--chunk-partition", "1", "2", "1", "1", "1", "--mock-latent-shape", "6", "16", "4", "8"]
+
+
+def _cli(argv):
+    """``python pretrain_anyflow.py ARGV`` in-process: its exit status (the CLI's error policy applied)."""
+    import importlib.util
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("pretrain_anyflow", os.path.join(repo, "pretrain_anyflow.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    try:
+        from megatron_anyflow.cli import run_main
+    except ImportError:  # before megatron_anyflow/cli.py, main() printed the error line itself
+        return mod.main(argv)
+    return run_main(mod.main, argv, prog="pretrain_anyflow.py")
+
+
+def _refused(stage, *argv):
+    with pytest.raises(ckpt.CheckpointError) as err:
+        make(stage, *argv)
+    return str(err.value)
+
+
+def test_far_checkpoint_is_not_resumed_by_a_bidirectional_run(tmp_path, capsys):
+    far = str(tmp_path / "far")
+    make("stage1", *FAR, "--train-iters", "1", "--save", far).train()
+    meta = os.path.join(far, "iter_0000001", "anyflow_meta.json")
+    # FAR -> bidirectional: once rc 0 (only the stage was compared; far_patch_embedding was ignored).
+    msg = _refused("stage1", "--mock-latent-shape", "6", "16", "4", "8", "--train-iters", "2", "--load", far)
+    assert msg == (f"--load {far}: model differs: checkpoint of model 'far' ({meta}), this run has model "
+                   "'bidirectional'; resume with the checkpoint's settings or --load another root"), msg
+    capsys.readouterr()
+    rc = _cli(["--stage", "stage1", *BASE, "--mock-latent-shape", "6", "16", "4", "8", "--num-workers", "0",
+               "--train-iters", "2", "--load", far])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, (rc, err)
+    assert [l for l in err.splitlines() if l.strip()] == [l for l in err.splitlines() if "error: " + msg in l], err
+    assert err.count("\n") == 1, err
+    # A FAR architecture field (the chunk partition) differs.
+    msg = _refused("stage1", *FAR[:2], "--chunk-partition", "2", "2", "2", *FAR[8:], "--train-iters", "2", "--load", far)
+    assert msg.startswith(f"--load {far}: wan_config.chunk_partition differs: checkpoint of wan_config.chunk_partition "
+                          f"[1, 2, 1, 1, 1] ({meta}), this run has wan_config.chunk_partition [2, 2, 2]"), msg
+    # The same FAR configuration resumes.
+    assert make("stage1", *FAR, "--train-iters", "2", "--load", far).iteration == 1
+
+
+def test_other_mismatches_are_one_line_naming_the_field(tmp_path):
+    bi = str(tmp_path / "bi")
+    make("stage1", "--train-iters", "1", "--save", bi).train()
+    meta = os.path.join(bi, "iter_0000001", "anyflow_meta.json")
+    cases = {  # argv -> (field, checkpoint's value, this run's value)
+        ("stage1", *FAR): ("model", "'bidirectional'", "'far'"),
+        ("stage2", "--simulation-steps", "2"): ("stage", "'stage1'", "'stage2'"),
+        ("stage1", "--lora-rank", "8"): ("lora_rank", "4", "8"),
+        ("stage1", "--lora-alpha", "2"): ("lora_alpha", "4.0", "2.0"),
+    }
+    for (stage, *argv), (field, theirs, mine) in cases.items():
+        msg = _refused(stage, *argv, "--train-iters", "2", "--load", bi)
+        assert msg.startswith(f"--load {bi}: {field} differs: checkpoint of {field} {theirs} ({meta}), this run has "
+                              f"{field} {mine};"), (argv, msg)
+        assert "\n" not in msg
+    assert make("stage1", "--train-iters", "2", "--load", bi).iteration == 1

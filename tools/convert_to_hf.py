@@ -25,7 +25,8 @@ writes ``model_index.json``, ``transformer/``, ``scheduler/`` (shift as above) a
 ``vae/``, ``text_encoder/`` and ``tokenizer/`` directories. A FAR checkpoint gives an ``AnyFlowFARPipeline``
 directory instead (``DiffusionPipeline.from_pretrained`` / ``AnyFlowFARPipeline.from_pretrained``).
 
-Safety: weights with a non-finite value are never exported (the keys are named). ``--verify`` loads the
+Safety: weights with a non-finite value are never exported (the keys are named). ``--verify`` (on by
+default; ``--no-verify`` skips it) loads the
 export in diffusers and compares one forward with this project's model (FAR: a teacher-forcing forward
 with a compressed context chunk and clean copies, through ``AnyFlowFARTransformer3DModel``); it fails
 (exit 1) on a non-finite output or a relative error above ``--verify-tolerance`` (default 1e-4 for fp32
@@ -50,7 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--merge-lora", default=None, metavar="ADAPTER", help="merge this LoRA adapter into the base")
     p.add_argument("--ema", action="store_true", help="merge the EMA weights of the adapter instead of the live ones")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the exported weights")
-    p.add_argument("--verify", action="store_true", help="load the export with diffusers and compare one forward")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="load the export with diffusers and compare one forward (default: on; --no-verify skips it, "
+                        "e.g. when a second copy of a 14B model does not fit in host memory)")
     p.add_argument("--verify-tolerance", type=float, default=None,
                    help="largest relative error --verify accepts (default: 1e-4 fp32, 3e-2 bf16, 1e-2 fp16)")
     p.add_argument("--shift", type=float, default=None,
@@ -151,11 +154,16 @@ def main(argv=None):
           f"{hf_cfg['_class_name']} (scheduler shift {shift:g})", flush=True)
     write_hf_transformer_dir(transformer_dir, hf_cfg, hf_sd)
     write_scheduler_config(transformer_dir, shift)  # next to the transformer (also for a transformer-only export)
+    from megatron_anyflow.training.checkpointing import write_checksums_for_tree
+
     if args.pipeline:
         write_pipeline(args.output + ".tmp", components, shift, hf_cfg["_class_name"], pipeline_class)
+        write_checksums_for_tree(args.output + ".tmp")  # checksums.sha256 (sha256sum -c), before the rename
         os.replace(args.output + ".tmp", args.output)
         print(f"pipeline: {args.output}/model_index.json, transformer/, scheduler/, "
               f"{', '.join(name + '/' for name in components)}", flush=True)
+    else:
+        write_checksums_for_tree(args.output)  # checksums.sha256 of every file (sha256sum -c reads it)
     if args.verify:
         tol = args.verify_tolerance if args.verify_tolerance is not None else VERIFY_TOLERANCE[args.dtype]
         path = os.path.join(args.output, "transformer") if args.pipeline else args.output

@@ -7,7 +7,7 @@ Conventions (shared with :mod:`~megatron_anyflow.anyflow.timesteps` and
   instantaneous velocity target is ``v = eps - x``;
 * the network is called as ``model(z, T, R, text) -> u`` with ``z`` ``[b, f, c, h, w]``, ``T = 1000 t`` and
   ``R = 1000 r`` **float32** ``[b, f]`` (one time per sample and latent frame, never bf16: see
-  ``shared/design/ANYFLOW.md`` section 6), ``text`` ``[b, L, d]``; ``u`` has ``z``'s shape and is the average
+  ``docs/design/anyflow.md`` 6), ``text`` ``[b, L, d]``; ``u`` has ``z``'s shape and is the average
   velocity on ``[r, t]`` per unit of t in ``[0, 1]``, so the flow map is ``f(z_t, t, r) = z_t - (t - r) u``;
 * ``x`` (clean latents) is in the model's dtype. ``z`` and its finite-difference perturbations are formed
   in float32 and rounded once to ``x.dtype``. With bf16 ``x`` the ``+/- v e/1000`` perturbation
@@ -17,7 +17,7 @@ Conventions (shared with :mod:`~megatron_anyflow.anyflow.timesteps` and
 
 Sources: the AnyFlow paper (Alg. 1; eq. 3 MeanFlow objective, eq. 4 central difference, eq. 6
 guidance-fused prediction, eq. 7 adaptive loss reweighting) and the public reference implementation
-(ANYFLOW.md section 1). The fused per-sample loss and the reweighting run in
+(docs/design/anyflow.md 1.3). The fused per-sample loss and the reweighting run in
 :mod:`megatron_anyflow_kernels` (Triton on CUDA, PyTorch reference elsewhere).
 """
 from __future__ import annotations
@@ -286,7 +286,7 @@ def stage1_loss(
 
     1. ``(t, r, kind) = sample_t_r(global_batch, time_generator, cfg.time)`` and this rank takes rows
        ``[global_offset, global_offset + b)``. The boundary (r = t) / r = 0 / free split is by index over
-       the **global** data-parallel micro-batch (ANYFLOW.md section 6): every DP rank passes the same
+       the **global** data-parallel micro-batch (docs/design/anyflow.md 6): every DP rank passes the same
        ``time_generator`` state and its own offset (e.g. ``dp_rank * b``); TP / CP peers of one sample pass
        identical generators (and offsets) so they draw identical times, noise and masks. With gradient
        accumulation ``global_batch`` is the whole iteration's batch (all accumulation steps and DP ranks)
@@ -366,7 +366,10 @@ def stage1_loss(
         ``boundary_count`` (float64, cumulative over the iteration so far: the next call's
         ``boundary_carry``); ``t``, ``r`` [b] (sampled, in
         [0, 1]), ``kind`` [b] (0 boundary, 1 r = 0, 2 free); ``t_mean``, ``r_mean``; ``sample_weight`` [b];
-        ``text_dropped`` [b] bool; ``i2v`` [b] bool; optionally ``u_pred``, ``u_target``.
+        ``text_dropped`` [b] bool; ``i2v`` [b] bool; ``fd_sq``, ``v_sq`` [b] (float32 squared norms over
+        the trained frames of the target's finite-difference term ``(T - R)(u_+ - u_-) / (2 e g)`` and of
+        ``v``: their ratio says how much of the target is the model's own derivative); optionally
+        ``u_pred``, ``u_target``.
 
     Raises:
         ValueError: ``x`` not a 5-D floating tensor; ``text`` not ``[b, L, d]``; ``negative_text`` not
@@ -465,9 +468,19 @@ def stage1_loss(
         n_b_global = n_b_local.to(torch.float64)
         acc = torch.zeros(2, dtype=torch.float64, device=device)
 
+    # Diagnostics (issue #17): per sample, the squared norms of the finite-difference term of the target,
+    # (T - R)(u_+ - u_-) / (2 e g), and of v over the trained frames (detached, no host synchronisation).
+    with torch.no_grad():
+        fw = _bcast(frame_weight)
+        fd = (u_plus.to(torch.float32) - u_minus.to(torch.float32)) * (_bcast(dt) / (2.0 * e * g))
+        fd_sq = (fd * fw).square().reshape(b, -1).sum(dim=1)
+        v_sq = (v32 * fw).square().reshape(b, -1).sum(dim=1)
+        del fd
+
     stats: Dict[str, torch.Tensor] = {
         "loss": loss.detach(),
         "per_sample_loss": per_sample.detach(),
+        "fd_sq": fd_sq, "v_sq": v_sq,
         "scales": scales.detach(),
         "boundary_mean": boundary_mean.detach(),
         "num_boundary": n_b_global.detach(),
@@ -501,7 +514,7 @@ def flow_matching_loss(
     """Plain flow-matching (v-prediction MSE) loss of a single-time model: the teacher objective.
 
     Run this first to fine-tune the teacher on one's own data (and it is the stage-2 critic's loss on
-    generated samples; ANYFLOW.md section 1). From ``noise_generator``, in this order:
+    generated samples; docs/design/anyflow.md 1.6). From ``noise_generator``, in this order:
     ``t = logit_normal_t(b, ..., shift, logit_mean, logit_std)`` (one time per sample, all frames),
     ``eps = randn(x.shape, dtype=x.dtype)`` (skipped when ``noise`` is given), text-dropout uniforms
     ``rand(b)`` (prompt ``i`` replaced by the negative embedding iff ``u_i < cfg.text_dropout``). Then
@@ -550,7 +563,7 @@ def flow_matching_loss(
 
 
 # --------------------------------------------------------------------------------------------------
-# AnyFlow-FAR stage 1: teacher forcing with clean copies (FAR.md section 2.1)
+# AnyFlow-FAR stage 1: teacher forcing with clean copies (docs/design/far.md 2.1)
 # --------------------------------------------------------------------------------------------------
 def sample_far_num_chunks(generator: Optional[torch.Generator], total_chunks: int, long_context_prob: float,
                           min_chunks: int = 3) -> int:
@@ -585,7 +598,7 @@ def far_stage1_loss(
     full_chunk_limit: int = 3,
     **stage1_kwargs,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """AnyFlow-FAR stage-1 loss (FAR.md 2.1, reference ``FAR_Wan_AnyFlow_Pretrain_Trainer.train_causal``):
+    """AnyFlow-FAR stage-1 loss (docs/design/far.md 2.1, reference ``FAR_Wan_AnyFlow_Pretrain_Trainer.train_causal``):
     :func:`stage1_loss` on the target chunks under teacher forcing.
 
     The clip is cut to its first ``n = num_chunks`` chunks of ``chunk_partition``; the last

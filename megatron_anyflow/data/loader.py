@@ -11,12 +11,26 @@ decide *when* a micro-batch is read (ahead of its use), never *which*.
 returns the iteration's micro-batch index lists (what ``Stage.train_step`` takes) and keeps their tensors so
 that ``get(dataset, indices)`` (behind ``Trainer.batch``) returns them without reading again. Its workers start on
 the first call and end with the last planned iteration (or `close`, or garbage collection).
+
+Workers never outlive the trainer: each worker starts with `die_with_parent` (the DataLoader's
+``worker_init_fn``). On Linux it asks the kernel for ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, so a worker is
+killed the moment its parent ends, even by SIGKILL (PyTorch's own check polls every 5 s). The kernel
+sends the signal when the *thread* that started the worker ends, so the workers of a loader created in a
+short-lived thread would die with that thread; the trainer starts them from its training thread. As a
+second line (other systems, or prctl refused) a daemon thread in the worker polls its parent PID every
+0.1 s and kills the worker when it changes.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
+import os
+import signal
+import sys
+import threading
+import time
 import weakref
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -85,11 +99,63 @@ def collate_samples(items: Sequence[Tuple[int, torch.Tensor, torch.Tensor]], dty
     return idx, _stack([a for _, a, _ in items], dtype), _stack([b for _, _, b in items], dtype)
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_PARENT_POLL_S = 0.1
+
+
+def _set_parent_death_signal(sig: int) -> bool:
+    """``prctl(PR_SET_PDEATHSIG, sig)`` through libc (Linux); whether the kernel accepted it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(sig), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                          ctypes.c_ulong(0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: it exists
+        return False
+    return False
+
+
+def _watch_parent(parent: int, creator: Optional[int]) -> None:
+    while True:
+        if os.getppid() != parent or (creator is not None and _gone(creator)):
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(_PARENT_POLL_S)
+
+
+def die_with_parent(worker_id: int = 0, creator: Optional[int] = None) -> None:
+    """Make this (worker) process end as soon as its parent dies, however the parent dies.
+
+    ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` on Linux (the kernel kills the worker with its parent); if the
+    parent already died before that took effect, SIGKILL now; plus a daemon thread that polls every
+    0.1 s (every system) whether the parent PID changed or ``creator`` (the process that built the
+    DataLoader: the parent itself, or the forkserver's client) is gone. Used as the DataLoader's
+    ``worker_init_fn``; ``worker_id`` is ignored.
+    """
+    parent = os.getppid()
+    _set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent or (creator is not None and _gone(creator)):  # died before the signal was armed
+        os.kill(os.getpid(), signal.SIGKILL)
+    if creator == parent:
+        creator = None
+    threading.Thread(target=_watch_parent, args=(parent, creator), name="anyflow-parent-watch", daemon=True).start()
+
+
 def build_data_loader(dataset, batch_sampler: Sampler, num_workers: int, dtype: torch.dtype,
                       pin_memory: Optional[bool] = None, prefetch_factor: int = 2) -> DataLoader:
     """A DataLoader over ``dataset`` (``ds[i] -> (latents, text)``) yielding (indices, latents, text) per
     batch of ``batch_sampler``. ``num_workers = 0`` reads in-process; ``pin_memory`` defaults to whether
-    CUDA is available; ``prefetch_factor`` batches per worker are read ahead.
+    CUDA is available; ``prefetch_factor`` batches per worker are read ahead. Workers end with the
+    process that started them (`die_with_parent`).
 
     Raises:
         ValueError: ``num_workers < 0`` or ``prefetch_factor < 1``.
@@ -101,6 +167,8 @@ def build_data_loader(dataset, batch_sampler: Sampler, num_workers: int, dtype: 
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     kwargs = dict(prefetch_factor=prefetch_factor) if num_workers > 0 else {}
+    if num_workers > 0:
+        kwargs["worker_init_fn"] = functools.partial(die_with_parent, creator=os.getpid())
     return DataLoader(IndexedSamples(dataset), batch_sampler=batch_sampler, num_workers=num_workers,
                       collate_fn=functools.partial(collate_samples, dtype=dtype), pin_memory=pin_memory,
                       persistent_workers=False, **kwargs)

@@ -218,7 +218,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             setattr(args, k, v)
     if args.critic_lr is None:
         args.critic_lr = args.lr
-    # Every float argument is a finite number; learning rates are positive and representable in float32
+    # Every float argument is a finite number; learning rates are >= 0 and representable in float32
     # (AdamW keeps its state in float32: --lr 1e39 overflowed inside the optimiser step).
     for action in parser._actions:
         val = getattr(args, action.dest, None)
@@ -228,9 +228,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             parser.error(f"{action.option_strings[0]} {val}: every value must be a finite number")
     for name in ("lr", "critic_lr"):
         val = getattr(args, name)
-        if not 0.0 < val <= _FLOAT32_MAX:
-            parser.error(f"--{name.replace('_', '-')} {val}: must lie in (0, {_FLOAT32_MAX:.3g}] (positive, finite in "
-                         "float32)")
+        # 0 is allowed: a frozen role (e.g. stage 2 with a fixed generator) is a legitimate run.
+        if not 0.0 <= val <= _FLOAT32_MAX:
+            parser.error(f"--{name.replace('_', '-')} {val}: must lie in [0, {_FLOAT32_MAX:.3g}] (finite in float32)")
     if not 0.0 <= args.min_lr <= args.lr:
         parser.error(f"--min-lr {args.min_lr}: must lie in [0, --lr {args.lr}]")
     if not 0.0 <= args.weight_decay <= _FLOAT32_MAX or args.adam_eps <= 0.0 or args.clip_grad < 0.0:

@@ -27,6 +27,7 @@ Hence every (DP, micro-batch, accumulation) layout gives the loss and gradients 
 from __future__ import annotations
 
 import abc
+import fnmatch
 
 from typing import Dict, List, Optional, Tuple
 
@@ -59,12 +60,15 @@ class Stage(abc.ABC):
 
     def setup_lora(self, adapters: List[str]) -> None:
         model, args = self.t.model, self.args
+        exclude = getattr(args, "lora_exclude", None) or []
+        if exclude:  # --lora-exclude: targets matching a pattern are not adapted (recorded in the checkpoint)
+            self.targets = tuple(t for t in self.targets if not any(fnmatch.fnmatch(t, p) for p in exclude))
         if args.lora_rank > 0:
             L.apply_lora(model, adapters, args.lora_rank, args.lora_alpha, targets=self.targets, seed=args.seed)
             L.set_active_adapter(model, adapters[0])
             self.adapters = list(adapters)
             if getattr(model.config, "far", False) and "generator" in adapters:
-                # AnyFlow-FAR: far_patch_embedding is trained fully with the generator (FAR.md 1.1).
+                # AnyFlow-FAR: far_patch_embedding is trained fully with the generator (docs/design/far.md 1.1).
                 model.far_patch_embedding.requires_grad_(True)
         else:
             for p in model.parameters():
@@ -111,7 +115,8 @@ class Stage(abc.ABC):
                 if key in stats:  # FAR: the iteration's chunk count; the bidirectional branch's loss
                     acc.add_mean(name, stats[key].to(acc.device) / n)
             acc.add_samples(idx, stats)
-        red = t.reduce_metrics(acc)
+            acc.add_stage1_diagnostics(stats)
+        red = stage1_diagnostics(t.reduce_metrics(acc))
         metrics = dict(red)
         metrics.update(t.finalize_and_step(self.group(), iteration, losses={self.group().name: red["loss"]},
                                            per_sample=acc.per_sample))
@@ -127,6 +132,7 @@ class MetricAccumulator:
         self.device = device
         self.means: Dict[str, torch.Tensor] = {}
         self.sums: Dict[str, torch.Tensor] = {}
+        self.maxes: Dict[str, torch.Tensor] = {}  # max over micro-batches (and DP ranks)
         self.per_sample: Dict[int, torch.Tensor] = {}
 
     def add_mean(self, name: str, value: torch.Tensor) -> None:
@@ -137,6 +143,31 @@ class MetricAccumulator:
         v = value.detach().to(device=self.device, dtype=torch.float64)
         self.sums[name] = self.sums[name] + v if name in self.sums else v
 
+    def add_max(self, name: str, value: torch.Tensor) -> None:
+        v = value.detach().to(device=self.device, dtype=torch.float64)
+        self.maxes[name] = torch.maximum(self.maxes[name], v) if name in self.maxes else v
+
+    def add_stage1_diagnostics(self, stats: dict) -> None:
+        """Raw sums of the stage-1 diagnostics (issue #17) of a micro-batch's `stage1_loss` stats (nothing
+        for other stats): per split kind the per-sample loss before reweighting and the squared norms of the
+        target's finite-difference term and of ``v``; over the non-boundary samples the reweighting scales
+        (sum, max). `stage1_diagnostics` turns the DP-reduced sums into the logged metrics."""
+        if not all(k in stats for k in ("kind", "per_sample_loss", "scales", "fd_sq", "v_sq")):
+            return
+        kind = stats["kind"].to(self.device)
+        f64 = lambda k: stats[k].detach().to(device=self.device, dtype=torch.float64)  # noqa: E731
+        loss, fd_sq, v_sq, scales = f64("per_sample_loss"), f64("fd_sq"), f64("v_sq"), f64("scales")
+        for k, name in enumerate(_KINDS):
+            m = kind == k
+            self.add_sum(f"_s1/loss_sum_{name}", (loss * m).sum())
+            self.add_sum(f"_s1/n_{name}", m.sum())
+            if name != "boundary":
+                self.add_sum(f"_s1/fd_sq_{name}", (fd_sq * m).sum())
+                self.add_sum(f"_s1/v_sq_{name}", (v_sq * m).sum())
+        nb = kind != 0
+        self.add_sum("_s1/scale_sum", (scales * nb).sum())
+        self.add_max("_s1/scale_max", torch.where(nb, scales, torch.zeros_like(scales)).max())
+
     def add_samples(self, idx: List[int], stats: dict) -> None:
         """The split counts (``kind``) and per-sample losses of a micro-batch's stats, if it has them."""
         if "kind" in stats:
@@ -145,6 +176,35 @@ class MetricAccumulator:
                 self.add_sum(name, (kind == k).sum())  # not bincount: it syncs with the host on CUDA
         if "per_sample_loss" in stats:
             self.per_sample.update(zip(idx, stats["per_sample_loss"].detach()))
+
+
+_KINDS = ("boundary", "r0", "free")
+
+
+def stage1_diagnostics(red: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The DP-reduced metrics with `MetricAccumulator.add_stage1_diagnostics`' raw sums replaced by
+    (0-d device tensors, no host sync):
+
+    - ``loss_boundary``, ``loss_r0``, ``loss_free``: mean per-sample loss (with w(t), before the adaptive
+      reweighting) of each split kind;
+    - ``rw_mean``, ``rw_max``: mean and max adaptive-reweighting scale ``boundary_mean / (loss_i + c)``
+      (paper eq. 7) over the non-boundary samples (1 with the reweighting off);
+    - ``fd/v_r0``, ``fd/v_free``: ``||(T - R)(u_+ - u_-) / (2 e g)|| / ||v||`` over the r = 0 and the free
+      samples (root of the ratio of the summed squares): the share of the target that is the model's own
+      finite-difference derivative.
+    """
+    if "_s1/scale_sum" not in red:
+        return red
+    out = {k: v for k, v in red.items() if not k.startswith("_s1/")}
+    one = torch.ones((), dtype=torch.float64, device=red["_s1/scale_sum"].device)
+    for name in _KINDS:
+        out[f"loss_{name}"] = red[f"_s1/loss_sum_{name}"] / torch.maximum(red[f"_s1/n_{name}"], one)
+    n_nb = red["_s1/n_r0"] + red["_s1/n_free"]
+    out["rw_mean"] = red["_s1/scale_sum"] / torch.maximum(n_nb, one)
+    out["rw_max"] = red["_s1/scale_max"]
+    for name in ("r0", "free"):
+        out[f"fd/v_{name}"] = (red[f"_s1/fd_sq_{name}"] / red[f"_s1/v_sq_{name}"].clamp_min(1e-30)).sqrt()
+    return out
 
 
 class TeacherStage(Stage):
@@ -166,7 +226,8 @@ def flow_map_objective_config(args) -> FlowMapObjectiveConfig:
     """The stage-1 objective configuration of parsed trainer arguments (also used by the benchmark)."""
     return FlowMapObjectiveConfig(
         guidance=args.guidance, fd_eps=args.fd_eps, text_dropout=args.text_dropout, i2v_prob=args.i2v_prob,
-        adaptive_reweight=not args.no_adaptive_reweight, kernel_backend=args.kernel_backend,
+        adaptive_reweight=not args.no_adaptive_reweight, reweight_eps=getattr(args, "reweight_eps", 1e-5),
+        kernel_backend=args.kernel_backend,
         time=TimeSamplerConfig(shift=args.time_shift, boundary_fraction=args.boundary_fraction,
                                r_zero_fraction=args.r_zero_fraction, loss_weight=args.loss_weight))
 
@@ -198,7 +259,7 @@ class Stage1(Stage):
 
 
 class FarStage1(Stage1):
-    """AnyFlow-FAR stage 1 (FAR.md 2.1): the causal branch every iteration (`far_stage1_loss`: teacher
+    """AnyFlow-FAR stage 1 (docs/design/far.md 2.1): the causal branch every iteration (`far_stage1_loss`: teacher
     forcing, n chunks drawn per iteration identically on every rank), plus with probability
     ``--far-bidirectional-prob`` (one draw per iteration, the same on every rank) the bidirectional branch:
     guidance-fused flow matching of the same model's bidirectional forward on the whole clip, with the

@@ -32,7 +32,7 @@ from megatron_anyflow.models.wan.config import wan_config
 from megatron_anyflow.models.wan.model import WanModel
 from megatron_anyflow.parallel.sharding import canonical_key, load_module_state, module_sharded_state_dict
 from megatron_anyflow.parallel.state import initialize_parallel
-from megatron_anyflow.parallel.tensor_parallel import finalize_model_grads
+from megatron_anyflow.parallel.tensor_parallel import finalize_model_grads, tp_rank, tp_world_size
 from megatron_anyflow.training import checkpointing as ckpt
 from megatron_anyflow.training.nan_guard import NonFiniteGuard, check_finite_state, gather_bad_samples
 from megatron_anyflow.training.optim import (
@@ -56,6 +56,57 @@ def derive_seed(*parts) -> int:
 
 
 _COUNT_METRICS = ("boundary", "r0", "free", "chunks")
+
+# Parameter families of the per-family gradient / LoRA-B norms (issue #17): the time and delta embedders,
+# the other embedders (patch, text, image), attention, FFN, modulation (time_proj, scale-shift tables,
+# norms) and the rest (the output projection).
+PARAM_FAMILIES = ("temb", "emb", "attn", "ffn", "mod", "out")
+
+
+def param_family(name: str) -> str:
+    """The `PARAM_FAMILIES` entry of a parameter's (canonical) name."""
+    if ".time_embedder." in name or ".delta_embedder." in name:
+        return "temb"
+    if "time_proj" in name or "scale_shift_table" in name:
+        return "mod"
+    if "attention" in name:
+        return "attn"
+    if ".mlp." in name:
+        return "ffn"
+    if "embed" in name:
+        return "emb"
+    if "norm" in name:
+        return "mod"
+    return "out"
+
+
+def family_norms(params: Dict[str, torch.nn.Parameter], tag: str) -> Dict[str, torch.Tensor]:
+    """Per `param_family`: the L2 norm of the gradients (``gn_<family>``, before clipping) and, for LoRA
+    adapters, of the ``lora_B`` weights (``B_<family>``), as 0-d float32 device tensors keyed
+    ``<tag>/gn_<family>`` / ``<tag>/B_<family>``. Tensor-parallel aware like `clip_gradients` (shards
+    from every TP rank, replicated tensors from TP rank 0, one all-reduce over TP); no host sync."""
+    fams = {f: i for i, f in enumerate(PARAM_FAMILIES)}
+    nf = len(PARAM_FAMILIES)
+    device = next(iter(params.values())).device
+    sq = torch.zeros(2 * nf, dtype=torch.float32, device=device)
+    seen = torch.zeros(2 * nf, dtype=torch.bool)
+    rank0 = tp_rank() == 0
+    for name, p in params.items():
+        i = fams[param_family(name)]
+        own = getattr(p, "tensor_model_parallel", False) or rank0
+        if p.grad is not None:
+            seen[i] = True
+            if own:
+                sq[i] += p.grad.detach().float().pow(2).sum()
+        if name.endswith("lora_B"):
+            seen[nf + i] = True
+            if own:
+                sq[nf + i] += p.detach().float().pow(2).sum()
+    if tp_world_size() > 1:
+        dist.all_reduce(sq, group=parallel_state.get_tensor_model_parallel_group())
+    norms = sq.sqrt()
+    keys = [f"{tag}/gn_{f}" for f in PARAM_FAMILIES] + [f"{tag}/B_{f}" for f in PARAM_FAMILIES]
+    return {k: norms[i] for i, k in enumerate(keys) if seen[i]}
 
 
 def _fmt_metric(k: str, v: float) -> str:
@@ -132,6 +183,10 @@ class Trainer:
             args.global_batch_size = args.micro_batch_size * self.dp_size
         self._log = log or (print if self.rank == 0 else (lambda *a, **k: None))
         self.guard = NonFiniteGuard(args.max_skipped_iters, log=self._log)
+        self.skipped_iters = 0  # of this process's run, set by train()
+        # --save is claimed before any work (checkpointing.claim_save_root): created if missing, checked
+        # writable, and locked against a second trainer; a refusal stops every rank with one line.
+        self.save_lock = ckpt.claim_save_root(args.save, warn=lambda m: self._log(m, flush=True)) if args.save else None
         self.dtype = torch.bfloat16 if args.bf16 else torch.float32
         self.iteration = 0
         self.consumed_samples = 0
@@ -147,6 +202,8 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(args.tensorboard_dir)
+        if args.save and self.rank == 0:
+            ckpt.check_free_space(args.save, self._checkpoint_bytes(), warn=lambda m: self._log(m, flush=True))
         if args.load:
             self.load(args.load)
 
@@ -164,7 +221,7 @@ class Trainer:
         arch["delta_embedder"] = base_has_delta or need_delta
         if getattr(args, "model", "bidirectional") == "far":
             # The FAR student is built on the bidirectional base (Wan / teacher): same weights plus
-            # far_patch_embedding, initialised from patch_embedding when the base has none (FAR.md 1.1).
+            # far_patch_embedding, initialised from patch_embedding when the base has none (docs/design/far.md 1.1).
             arch["far"] = True
             if args.chunk_partition is not None:
                 arch["chunk_partition"] = list(args.chunk_partition)
@@ -277,6 +334,7 @@ class Trainer:
     def _step_group(self, group: ParamGroup, iteration: int, loss: Optional[torch.Tensor] = None,
                     per_sample: Optional[Dict[int, torch.Tensor]] = None) -> Dict[str, float]:
         params = list(group.params.values())
+        fam = family_norms(group.params, group.name)  # gradients before clipping (diagnostics, issue #17)
         norm = clip_gradients(params, self.args.clip_grad)
         lr = lr_at(iteration, group.lr, self.args.min_lr, self.args.lr_warmup_iters, self.args.train_iters,
                    self.args.lr_decay_style)
@@ -293,23 +351,34 @@ class Trainer:
         group.zero_grad()
         group.steps += 1
         group.ema.update(iteration)
-        return {f"{group.name}/grad_norm": float(norm), f"{group.name}/lr": lr}
+        # LoRA-B norms after the step; one host transfer for all the family norms.
+        fam.update({k: v for k, v in family_norms(group.params, group.name).items() if "/B_" in k})
+        fam_vals = torch.stack(list(fam.values())).tolist() if fam else []
+        return {f"{group.name}/grad_norm": float(norm), f"{group.name}/lr": lr, **dict(zip(fam, fam_vals))}
 
     def reduce_metrics(self, *accs) -> Dict[str, torch.Tensor]:
         """One all-reduce (on the training device) of the accumulators' metrics over the DP group:
-        means are averaged, counts summed. Returns 0-d float64 device tensors (no host sync)."""
+        means are averaged, counts summed; maxima (``acc.maxes``, if any) take a second, MAX all-reduce.
+        Returns 0-d float64 device tensors (no host sync)."""
         entries = [(k, v, True) for acc in accs for k, v in acc.means.items()]
         entries += [(k, v, False) for acc in accs for k, v in acc.sums.items()]
         names = [k for k, _, _ in entries]
         vals = [v for _, v, _ in entries]
         is_mean = [m for _, _, m in entries]
-        if not vals:
-            return {}
-        flat = torch.stack([v.to(device=self.device, dtype=torch.float64) for v in vals])
-        if self.dp_size > 1:
-            dist.all_reduce(flat, group=self.dp_group)
-            flat = torch.where(torch.tensor(is_mean, device=self.device), flat / self.dp_size, flat)
-        return dict(zip(names, flat.unbind()))
+        maxes = [(k, v) for acc in accs for k, v in getattr(acc, "maxes", {}).items()]
+        out = {}
+        if vals:
+            flat = torch.stack([v.to(device=self.device, dtype=torch.float64) for v in vals])
+            if self.dp_size > 1:
+                dist.all_reduce(flat, group=self.dp_group)
+                flat = torch.where(torch.tensor(is_mean, device=self.device), flat / self.dp_size, flat)
+            out.update(zip(names, flat.unbind()))
+        if maxes:
+            flat = torch.stack([v.to(device=self.device, dtype=torch.float64) for _, v in maxes])
+            if self.dp_size > 1:
+                dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.dp_group)
+            out.update(zip([k for k, _ in maxes], flat.unbind()))
+        return out
 
     # ------------------------------------------------------------------------------------------
     def train(self) -> Dict[str, float]:
@@ -376,6 +445,11 @@ class Trainer:
             self.save(args.save)
         if self.writer is not None:
             self.writer.flush()
+        ran = self.iteration - start_iter
+        self.skipped_iters = self.guard.total
+        self._log(f"training {args.stage} finished: iterations {start_iter} -> {self.iteration}, {self.skipped_iters} of "
+                  f"{ran} optimizer step(s) skipped (non-finite loss or gradient norm), {_fmt_time(time.time() - t0)}",
+                  flush=True)
         return last
 
     # ------------------------------------------------------------------------------------------
@@ -432,19 +506,39 @@ class Trainer:
         self._log(f"saved checkpoint {d}", flush=True)
         return d
 
+    def _checkpoint_bytes(self) -> int:
+        """Estimated size of one checkpoint (all ranks): the saved weights (trainable, or all without a
+        --pretrained base), EMA and AdamW moments, times the TP size (this rank holds 1/TP of each)."""
+        n = sum(t.numel() * t.element_size() for _, t in self._trainable_state())
+        if self.pretrained_dir is None:
+            trainable = {id(p) for g in self.groups.values() for p in g.params.values()}
+            n += sum(p.numel() * p.element_size() for p in self.model.parameters() if id(p) not in trainable)
+        return int(n * self.args.tensor_model_parallel_size * 1.02) + (1 << 20)
+
+    def _run_identity(self) -> dict:
+        return ckpt.run_identity(self.args.stage, self.arch, self.args.model_preset, self.args.pretrained,
+                                 self.stage.lora_meta())
+
     def load(self, root: str) -> None:
-        """Resume from the last complete checkpoint under ``root`` (must be the same stage and layout)."""
-        d = ckpt.find_resume_checkpoint(root, warn=lambda msg: self._log(f"warning: {msg}", flush=True))
+        """Resume from the last complete checkpoint under ``root`` (must be the same stage, model kind and
+        architecture, preset and LoRA configuration: `checkpointing.check_resume_compatible`).
+
+        Raises:
+            CheckpointError: nothing complete to resume from (checksums included), or a checkpoint of
+                another configuration (`ResumeMismatchError`, one line naming the field).
+        """
+        # Rank 0 picks (and hashes) the checkpoint; every rank resumes from its choice.
+        d = ckpt.resume_checkpoint_collective(root, warn=lambda msg: self._log(f"warning: {msg}", flush=True))
         if d is None:
             self._log(f"no checkpoint under {root} (first launch): starting from scratch")
             return
+        ckpt.note_unverified(d, log=lambda m: self._log(m, flush=True))
         meta = ckpt.read_meta(d)
-        if meta.get("stage") != self.args.stage:
-            raise ValueError(f"--load {root}: checkpoint of stage {meta.get('stage')!r}, this run is {self.args.stage!r}")
+        ckpt.check_resume_compatible(root, d, meta, self._run_identity())
         if meta.get("layout") != self._layout():
             self._log(f"warning: resuming layout {self._layout()} from {meta.get('layout')}: weights and optimiser "
                       "state are resharded, but the continuation is not bit-exact")
-        loaded = ckpt.load_checkpoint(d, self._sharded_state(), strict=True)
+        loaded = ckpt.load_checkpoint(d, self._sharded_state(), strict=True, verify_data=False)  # verified above
         load_module_state(self.model, loaded)
         for name, g in self.groups.items():
             g.ema.load(loaded, f"ema.{name}")
