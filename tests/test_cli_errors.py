@@ -152,7 +152,7 @@ def test_generate_bad_inputs(gen_ckpt):
         (["--frames=-1"] + out, "--frames -1: must be >= 1"),
         (["--codec", "none", "--latent-shape", "3", "16", "4", "6", "--output", str(a_file)],
          f"--output {a_file}: is a file"),
-        (["--codec", "none", "--latent-shape", "3", "16", "4", "6", "--steps", "0"] + out, "--steps 0"),
+        (["--codec", "none", "--latent-shape", "3", "16", "4", "6", "--steps", "0"] + out, "steps"),
         (["--checkpoint", str(root / "missing")] + out, "missing"),
     ]
     for extra, expected in cases:

@@ -111,8 +111,6 @@ def parse_args(argv=None):
             p.error(f"--{flag.replace('_', '-')} {val}: must be >= 1")
     if args.latent_shape is not None and min(args.latent_shape) < 1:
         p.error(f"--latent-shape {' '.join(map(str, args.latent_shape))}: F, C, H and W must all be >= 1")
-    if any(n < 1 for n in args.steps):
-        p.error(f"--steps {' '.join(map(str, args.steps))}: every step count N must be >= 1")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         p.error(f"--output {args.output}: is a file; give a directory (created if missing) for the videos, the "
                 "contact sheet and generation.json")
