@@ -14,12 +14,13 @@
 #   failed  anything else.
 # Prints one line per run, then the summary line "N passed, M failed, K hung" (and the wall time).
 # Every run's output is kept in STRESS_LOG_DIR (default: a new /tmp/stress-parallel-XXXXXX); the
-# failures' logs are listed. The load processes (and anything left of a killed run) are stopped on exit,
-# Ctrl-C included. Exit status: 0 when every run passed, 1 otherwise, 2 on bad arguments.
+# failures' logs are listed. The load processes (and anything left of a killed run) are stopped on exit;
+# on SIGINT / SIGTERM the summary of the runs finished so far is printed first (exit 130 / 143).
+# Exit status: 0 when every run passed, 1 otherwise, 2 on bad arguments.
 set -u
 
 if [ $# -lt 2 ] || ! [[ $1 =~ ^[0-9]+$ ]]; then
-    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 fi
 reps=$1
@@ -35,6 +36,11 @@ mkdir -p "$log_dir"
 tag="stress_parallel_tests_$$_$RANDOM"
 
 load_pids=()
+passed=0 failed=0 hung=0 rep=0
+declare -A node_pass node_fail node_hang
+failures=()
+t_start=$(date +%s)
+
 tagged_pids() {  # processes started under a run of this script (they inherit STRESS_RUN_TAG)
     grep -ls "STRESS_RUN_TAG=$tag" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3 | grep -vx "$$" || true
 }
@@ -48,25 +54,35 @@ cleanup() {
         kill -9 $left 2>/dev/null
     fi
 }
+summary() {  # $1: why it stopped early (empty when every repetition ran)
+    local wall=$(( $(date +%s) - t_start ))
+    echo "--- per node id ---"
+    for node in "${nodes[@]}"; do
+        echo "$node: ${node_pass[$node]:-0} passed, ${node_fail[$node]:-0} failed, ${node_hang[$node]:-0} hung"
+    done
+    for log in "${failures[@]}"; do echo "not passed: $log"; done
+    echo "$passed passed, $failed failed, $hung hung (wall ${wall}s, $reps repetitions of ${#nodes[@]} node id(s)," \
+         "${#load_pids[@]} load process(es))${1:+; $1}"
+}
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'summary "INTERRUPTED by SIGINT in repetition $rep (the run in progress is not counted)"; exit 130' INT
+trap 'summary "INTERRUPTED by SIGTERM in repetition $rep (the run in progress is not counted)"; exit 143' TERM
 
 for ((i = 0; i < load_procs; i++)); do
     "$python" -c "while True: pass" &
     load_pids+=($!)
 done
 echo "load: ${#load_pids[@]} busy-loop process(es) (pids ${load_pids[*]:-none}); logs in $log_dir"
-
-passed=0 failed=0 hung=0
-declare -A node_pass node_fail node_hang
-failures=()
 t_start=$(date +%s)
+
 for ((rep = 1; rep <= reps; rep++)); do
     for node in "${nodes[@]}"; do
         log="$log_dir/run$(printf %03d "$rep")_$(echo "$node" | tr -c 'A-Za-z0-9_.-' '_' | cut -c1-120).log"
         t0=$(date +%s)
+        # in the background and waited for, so that a SIGINT / SIGTERM of this script is handled at once
         STRESS_RUN_TAG=$tag timeout -k 10 "$run_timeout" "$python" -m pytest -q -x -p no:cacheprovider "$node" \
-            > "$log" 2>&1
+            > "$log" 2>&1 &
+        wait $!
         rc=$?
         dt=$(( $(date +%s) - t0 ))
         left=$(tagged_pids)
@@ -84,13 +100,6 @@ for ((rep = 1; rep <= reps; rep++)); do
         echo "[$rep/$reps] $result (${dt}s, rc $rc) $node"
     done
 done
-wall=$(( $(date +%s) - t_start ))
 
-echo "--- per node id ---"
-for node in "${nodes[@]}"; do
-    echo "$node: ${node_pass[$node]:-0} passed, ${node_fail[$node]:-0} failed, ${node_hang[$node]:-0} hung"
-done
-for log in "${failures[@]}"; do echo "not passed: $log"; done
-echo "$passed passed, $failed failed, $hung hung (wall ${wall}s, $reps repetitions of ${#nodes[@]} node id(s)," \
-     "${#load_pids[@]} load process(es))"
+summary ""
 [ $((failed + hung)) -eq 0 ]
