@@ -7,6 +7,7 @@ killing the launcher's process group alone would orphan them).
 """
 
 import os
+import shutil
 import sys
 import time
 
@@ -32,6 +33,7 @@ def _gone(pid):
 def test_rank_failure_shows_every_ranks_error(tmp_path):
     with pytest.raises(LaunchError) as info:
         torchrun([SCRIPT, "raise", str(tmp_path)], nproc=2, timeout=120)
+    shutil.rmtree(info.value.log_dir)  # kept for a failure; this one was expected (the message has the logs)
     msg = str(info.value)
     assert "RuntimeError: harness_check: planted failure on rank 1" in msg, msg
     rank1 = msg[msg.index("=== rank 1 "):]
@@ -47,6 +49,7 @@ def test_hang_times_out_and_kills_everything(tmp_path):
     with pytest.raises(LaunchError) as info:
         torchrun([SCRIPT, "hang", str(tmp_path)], nproc=2, timeout=timeout)
     elapsed = time.monotonic() - t0
+    shutil.rmtree(info.value.log_dir)
     assert info.value.timed_out and "timed out" in str(info.value)
     assert elapsed < timeout + 20, elapsed  # <= 3 s for the stacks, 5 s for torchrun to stop, then SIGKILL
     pids = _pids(tmp_path)
