@@ -42,6 +42,15 @@ def megatron_cpu():
 # the launch itself being a part of that. Override with ANYFLOW_TEST_LAUNCH_TIMEOUT (seconds).
 LAUNCH_TIMEOUT = float(os.environ.get("ANYFLOW_TEST_LAUNCH_TIMEOUT", 420))
 TAIL = 4000  # characters of each stream shown in a failure
+_LOG_ROOT = None  # where torchrun's per-rank logs go: under pytest's basetemp in a test session, else $TMPDIR
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _launch_log_root(tmp_path_factory):
+    global _LOG_ROOT
+    _LOG_ROOT = str(tmp_path_factory.mktemp("launch-logs"))
+    yield
+    _LOG_ROOT = None
 
 
 def _tail(text, n=TAIL):
@@ -269,7 +278,7 @@ def torchrun(script_args, nproc=2, timeout=LAUNCH_TIMEOUT, env=None):
     import shutil
     import tempfile
 
-    log_dir = tempfile.mkdtemp(prefix="torchrun-")
+    log_dir = tempfile.mkdtemp(prefix="torchrun-", dir=_LOG_ROOT)  # kept on failure (pytest prunes old basetemps)
     out_path, err_path = os.path.join(log_dir, "launcher.stdout"), os.path.join(log_dir, "launcher.stderr")
     for attempt in range(3):  # the free port can be taken by another process before the launcher binds it
         args = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
