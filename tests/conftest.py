@@ -312,3 +312,16 @@ def torchrun(script_args, nproc=2, timeout=LAUNCH_TIMEOUT, env=None):
     if launcher_out.strip():
         parts.append(f"=== launcher stdout ===\n{_tail(launcher_out, 1000)}")
     raise LaunchError("\n".join(parts), pids, timed_out=rc is None, log_dir=log_dir)
+
+
+def pretrain_cli(argv):
+    """``python pretrain_anyflow.py ARGV`` in-process: its exit status, with the CLI's error policy
+    (megatron_anyflow/cli.py) applied as ``main_guard`` applies it."""
+    import importlib.util
+
+    from megatron_anyflow.cli import run_main
+
+    spec = importlib.util.spec_from_file_location("pretrain_anyflow", os.path.join(REPO, "pretrain_anyflow.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return run_main(mod.main, argv, prog="pretrain_anyflow.py")

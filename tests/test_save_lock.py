@@ -5,7 +5,6 @@ a dead trainer is taken over with a warning; an unwritable --save fails at start
 Trainers run in-process where they can (fast), and as subprocesses where two must race.
 """
 
-import importlib.util
 import json
 import os
 import signal
@@ -16,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import LaunchError, torchrun
+from conftest import LaunchError, pretrain_cli, torchrun
 from megatron_anyflow.training import checkpointing as ckpt
 from megatron_anyflow.training.arguments import parse_args
 from megatron_anyflow.training.trainer import Trainer
@@ -75,16 +74,7 @@ sys.exit(rc)
 """
 
 
-def _main(argv):
-    """``python pretrain_anyflow.py ARGV`` in-process: its exit status (the CLI's error policy applied)."""
-    spec = importlib.util.spec_from_file_location("pretrain_anyflow", os.path.join(REPO, "pretrain_anyflow.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    try:
-        from megatron_anyflow.cli import run_main
-    except ImportError:  # before megatron_anyflow/cli.py, main() printed the error line itself
-        return mod.main(argv)
-    return run_main(mod.main, argv, prog="pretrain_anyflow.py")
+_main = pretrain_cli  # in-process pretrain_anyflow.py (tests/conftest.py)
 
 
 def _hold(path):

@@ -5,6 +5,8 @@ import math
 import os
 
 import pytest
+
+from conftest import pretrain_cli
 import torch
 
 from megatron_anyflow.anyflow.timesteps import to_model_scale
@@ -302,19 +304,7 @@ def test_cli_fails_loudly_with_one_error_line(tmp_path):
 FAR = ["--model", "far", "--chunk-partition", "1", "2", "1", "1", "1", "--mock-latent-shape", "6", "16", "4", "8"]
 
 
-def _cli(argv):
-    """``python pretrain_anyflow.py ARGV`` in-process: its exit status (the CLI's error policy applied)."""
-    import importlib.util
-
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("pretrain_anyflow", os.path.join(repo, "pretrain_anyflow.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    try:
-        from megatron_anyflow.cli import run_main
-    except ImportError:  # before megatron_anyflow/cli.py, main() printed the error line itself
-        return mod.main(argv)
-    return run_main(mod.main, argv, prog="pretrain_anyflow.py")
+_cli = pretrain_cli  # in-process pretrain_anyflow.py (tests/conftest.py)
 
 
 def _refused(stage, *argv):
