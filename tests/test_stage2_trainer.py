@@ -203,6 +203,24 @@ def test_stage2_needs_a_stage1_generator(tmp_path):
         stage2(root, "--train-iters", "1")
 
 
+def test_stage2_adapts_what_stage1_adapted(tmp_path):
+    """Stage 2 reads the LoRA targets from the stage-1 checkpoint (a stage 1 with --lora-exclude needs no
+    repeat of it); a --lora-exclude that would drop a module stage 1 adapted is refused by name."""
+    root = str(tmp_path / "s1")
+    Trainer(parse_args(["--stage", "stage1", *COMMON, "--train-iters", "1", "--lora-rank", "4", "--lora-alpha", "4",
+                        "--lr", "1e-3", "--lora-exclude", "condition_embedder.*", "--save", root]),
+            log=lambda *a, **k: None).train()
+    tr = stage2(root, "--train-iters", "1")
+    wrapped = {n.split(".adapters.")[0] for n, _ in tr.model.named_parameters() if ".adapters." in n}
+    assert wrapped and not any(n.startswith("condition_embedder.") for n in wrapped), sorted(wrapped)
+    s1_targets = tr.stage.lora_meta()["targets"]
+    assert s1_targets and not any(t.startswith("condition_embedder") for t in s1_targets), s1_targets
+    # repeating stage 1's exclusion is allowed; a wider one is refused
+    stage2(root, "--train-iters", "1", "--lora-exclude", "condition_embedder.*")
+    with pytest.raises(ValueError, match=r"drops \[.*blocks.*which the stage-1 checkpoint"):
+        stage2(root, "--train-iters", "1", "--lora-exclude", "blocks.*.mlp.*")
+
+
 def _overlap_runs(stage1_ckpt, device_args=()):
     runs = {}
     for overlap in (False, True):

@@ -24,7 +24,7 @@ re-launch skips them, and a seed's training resumes from its newest checkpoint.
 Evaluation: the prompts and noise of ``tools/evaluate_anyflow.py`` (``--num-samples`` prompts spread over
 ``--eval-data-path``, noise from ``--eval-seed``), the teacher's ``--reference-steps``-step Euler ODE samples as
 the reference (computed once, cached in ``OUTPUT/reference.pt``), the student's N-step flow-map Euler samples
-(EMA weights unless ``--no-ema``), PSNR of the decoded videos (pixel codec) or latent MSE otherwise. The
+(EMA weights unless ``--no-ema``), PSNR of the decoded videos (pixel codec), otherwise the latent PSNR (peak-to-peak 2). The
 teacher's own N-step PSNR is recorded once as the yardstick.
 
 Stages: ``stage1`` (default recipe: the tiny script's step 5) and ``stage2`` (step 6; give the stage-1
@@ -226,7 +226,10 @@ class Evaluator:
     def metrics(self, out) -> dict:
         from megatron_anyflow.anyflow.evaluation import psnr
 
-        m = {"latent_mse": float((out.float() - self.ref.float()).pow(2).mean())}
+        mse = float((out.double() - self.ref.double()).pow(2).mean())
+        # latent PSNR with peak-to-peak 2 (latents of unit scale, like videos in [-1, 1]): the metric of data
+        # sets without a pixel decoder, e.g. the mini set-up (megatron_anyflow/testing/quality.py)
+        m = {"latent_mse": mse, "latent_psnr": 10 * math.log10(4.0 / mse)}
         if self.decode is not None:
             mse = float((self.decode(out).float() - self.ref_px).pow(2).mean())
             m.update(pixel_mse=mse, psnr=psnr(mse))
@@ -258,10 +261,16 @@ class Evaluator:
 # summary
 # ----------------------------------------------------------------------------------------------------------
 def _metric_name(res: dict) -> str:
+    """"psnr" (decoded videos) where the data set has a pixel decoder, else "latent_psnr" (peak 2), else
+    "latent_mse" (results written before latent PSNR existed)."""
     for cell in res["cells"].values():
         for m in cell.values():
-            return "psnr" if "psnr" in m else "latent_mse"
+            return next(k for k in ("psnr", "latent_psnr", "latent_mse") if k in m)
     return "psnr"
+
+
+def _is_db(key: str) -> bool:
+    return key.endswith("psnr")
 
 
 def summary_rows(res: dict):
@@ -283,14 +292,14 @@ def _stats(vals):
 
 def write_table(out: str, res: dict) -> str:
     key = _metric_name(res)
-    unit = "PSNR (dB)" if key == "psnr" else "latent MSE"
+    unit = {"psnr": "PSNR (dB)", "latent_psnr": "latent PSNR (dB, peak 2)"}.get(key, "latent MSE")
     cfg = res.get("config", {})
     lines = [f"# Seed sweep: {cfg.get('stage', '?')}, {unit} vs the teacher's {cfg.get('reference_steps', 50)}-step samples", ""]
     if cfg:
         lines += [f"Trainer arguments beyond the recipe ({cfg.get('recipe')}): `{' '.join(cfg.get('extra', [])) or '(none)'}`; "
                   f"train iterations {cfg.get('train_iters')}; {'live' if cfg.get('no_ema') else 'EMA'} weights; "
                   f"{cfg.get('num_samples')} evaluation samples.", ""]
-    fmt = (lambda v: f"{v:.2f}") if key == "psnr" else (lambda v: f"{v:.4g}")  # noqa: E731
+    fmt = (lambda v: f"{v:.2f}") if _is_db(key) else (lambda v: f"{v:.4g}")  # noqa: E731
     lines += ["| iteration | N | seeds | mean | sd | min | max | teacher N-step |", "|---|---|---|---|---|---|---|---|"]
     for it, n, vals in summary_rows(res):
         mean, sd, lo, hi = _stats([v for _, v in vals])
@@ -337,7 +346,8 @@ def write_plot(out: str, res: dict) -> str:
         if t is not None:
             ax.axhline(t, color=color, ls="--", lw=0.8)
     ax.set_xlabel("training iteration")
-    ax.set_ylabel("PSNR vs teacher 50-step (dB)" if key == "psnr" else "latent MSE")
+    ax.set_ylabel({"psnr": "PSNR vs teacher 50-step (dB)", "latent_psnr": "latent PSNR vs teacher 50-step (dB)"}
+                  .get(key, "latent MSE"))
     n_seeds = len({k.split('/')[0] for k in res["cells"]})
     ax.set_title(f"{res.get('config', {}).get('stage', '')} seed sweep ({n_seeds} seeds): "
                  "band = min..max, dark = +-sd; dashed = teacher N-step", fontsize=8)
@@ -355,7 +365,7 @@ def summarize(dirs) -> str:
     for d in dirs:
         res = load_results(d)
         extra = " ".join(res.get("config", {}).get("extra", [])) or "(recipe)"
-        fmt = (lambda v: f"{v:.2f}") if _metric_name(res) == "psnr" else (lambda v: f"{v:.4g}")  # noqa: E731
+        fmt = (lambda v: f"{v:.2f}") if _is_db(_metric_name(res)) else (lambda v: f"{v:.4g}")  # noqa: E731
         for it, n, vals in summary_rows(res):
             mean, sd, lo, hi = _stats([v for _, v in vals])
             per = ", ".join(f"{s}: {fmt(v)}" for s, v in vals)

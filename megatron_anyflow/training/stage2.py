@@ -38,6 +38,7 @@ capture it, so no adapter has to be re-selected before a backward.
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Dict, List
 
 import torch
@@ -78,6 +79,17 @@ class Stage2(Stage1):
                 raise ValueError(f"--init-adapters-from {args.init_adapters_from}: no '{GENERATOR}' adapter in it "
                                  f"(adapters: {lora.get('adapters', [])}); give a stage-1 checkpoint")
             args.lora_rank, args.lora_alpha = lora["rank"], lora["alpha"]  # the adapter's own size
+            if lora.get("targets"):
+                # The generator continues the stage-1 adapter, so it adapts exactly the modules stage 1 did
+                # (e.g. a stage 1 run with --lora-exclude); the fake score mirrors it. A --lora-exclude here
+                # may only repeat that choice: dropping a module stage 1 trained would discard its adapter.
+                self.targets = tuple(lora["targets"])
+                exclude = getattr(args, "lora_exclude", None) or []
+                dropped = [t for t in self.targets if any(fnmatch.fnmatch(t, p) for p in exclude)]
+                if dropped:
+                    raise ValueError(f"--lora-exclude {' '.join(exclude)} drops {dropped}, which the stage-1 "
+                                     f"checkpoint {args.init_adapters_from} adapts; stage 2 adapts what stage 1 "
+                                     "did (its LoRA targets are read from the checkpoint): drop --lora-exclude")
         self.t = trainer
         self.args = args
         self.adapters = []
