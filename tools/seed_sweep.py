@@ -28,9 +28,10 @@ the reference (computed once, cached in ``OUTPUT/reference.pt``), the student's 
 teacher's own N-step PSNR is recorded once as the yardstick.
 
 Stages: ``stage1`` (default recipe: the tiny script's step 5) and ``stage2`` (step 6; give the stage-1
-checkpoint with ``--init-adapters-from``). ``--recipe none`` passes no recipe arguments (give them all after
-``--``), so any model / data scale works. AnyFlow-FAR is not supported (its evaluation is per chunk:
-``tools/evaluate_far.py``).
+checkpoint with ``--init-adapters-from``) and ``far-stage1`` (AnyFlow-FAR stage 1, the FAR demo's step 1;
+give ``--chunk-partition`` after ``--``; its students sample chunk by chunk with the KV cache, N steps per
+chunk, as ``tools/evaluate_far.py`` does). ``--recipe none`` passes no recipe arguments (give them all after
+``--``), so any model / data scale works.
 
 Outputs: ``results.json``, ``table.md`` (summary and per-seed tables), ``psnr_vs_iters.png``.
 """
@@ -54,6 +55,11 @@ RECIPES = {
                "--lora-alpha", "32", "--micro-batch-size", "8", "--lr", "1e-3", "--lr-warmup-iters", "50",
                "--lr-decay-style", "cosine", "--min-lr", "1e-4", "--ema-decay", "0.99", "--ema-start-iter", "0",
                "--lora-exclude", "condition_embedder.*"],
+    # examples/pretrain_anyflow_far_tiny.sh step 1 (give --chunk-partition after "--" to match the data's frames)
+    "far-stage1": ["--model", "far", "--model-preset", "tiny-video", "--log-interval", "25", "--guidance", "1",
+                   "--lora-rank", "32", "--lora-alpha", "32", "--micro-batch-size", "8", "--lr", "1e-3",
+                   "--lr-warmup-iters", "50", "--lr-decay-style", "cosine", "--min-lr", "1e-4", "--ema-decay", "0.99",
+                   "--ema-start-iter", "0"],
     "stage2": ["--model-preset", "tiny-video", "--log-interval", "25", "--guidance", "1", "--micro-batch-size", "4",
                "--lr", "1e-4", "--critic-lr", "1e-4", "--ema-start-iter", "0", "--ema-decay", "0.9",
                "--simulation-steps", "2", "4", "8", "16", "--real-guidance", "0", "--lora-exclude", "condition_embedder.*"],
@@ -70,7 +76,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--summarize", nargs="+", default=None, metavar="SWEEP_DIR",
                    help="only print one summary table over these sweep outputs (arms) and exit")
-    p.add_argument("--stage", choices=["stage1", "stage2"], default="stage1")
+    p.add_argument("--stage", choices=["stage1", "stage2", "far-stage1"], default="stage1",
+                   help="far-stage1: AnyFlow-FAR stage 1 (the FAR demo's step 1), evaluated chunk by chunk with the "
+                        "KV cache (anyflow.causal.sample_chunked, N steps per chunk)")
     p.add_argument("--teacher", help="teacher checkpoint (the --pretrained base and the evaluation reference)")
     p.add_argument("--data-path", help="training data (the teacher-synthesised set)")
     p.add_argument("--eval-data-path", default=None, help="prompts of the evaluation (default: --data-path)")
@@ -133,7 +141,7 @@ def cell_key(seed: int, it: int) -> str:
 # training
 # ----------------------------------------------------------------------------------------------------------
 def trainer_command(args, seed: int, ckpt_dir: str, tb_dir: str, exit_after: int):
-    cmd = [sys.executable, os.path.join(ROOT, "pretrain_anyflow.py"), "--stage", args.stage]
+    cmd = [sys.executable, os.path.join(ROOT, "pretrain_anyflow.py"), "--stage", args.stage.replace("far-", "")]
     cmd += RECIPES[args.stage] if args.recipe == "tiny" else []
     cmd += ["--pretrained", args.teacher, "--data-path", args.data_path]
     if args.init_adapters_from:
@@ -253,7 +261,15 @@ class Evaluator:
         res = {}
         with self.torch.no_grad():
             for n in steps:
-                res[str(n)] = self.metrics(FlowMapEulerSampler(n, shift=self.args.shift)(student, self.noise, self.text))
+                if student.config.far:  # AnyFlow-FAR: chunk by chunk with the KV cache, N steps per chunk
+                    from megatron_anyflow.anyflow.causal import sample_chunked
+                    from megatron_anyflow.models.wan.far import FarModelRunner
+
+                    out = sample_chunked(FarModelRunner(student), self.noise, self.text,
+                                         tuple(student.config.chunk_partition), n, shift=self.args.shift)
+                else:
+                    out = FlowMapEulerSampler(n, shift=self.args.shift)(student, self.noise, self.text)
+                res[str(n)] = self.metrics(out)
         return res
 
 

@@ -46,15 +46,16 @@ def write_video_like_dataset(path: str, seed: int = 0) -> None:
     write_latent_dataset(path, x, prompts[k], torch.zeros(1, 4, 384), {}, dtype=torch.float32)
 
 
-def build_mini_teacher(root: str, *, timeout: float = 600, env: dict | None = None) -> dict:
+def build_mini_teacher(root: str, *, timeout: float | None = None, env: dict | None = None) -> dict:
     """Write the data set, train the teacher (flow matching from scratch, the README job's teacher recipe,
     ``TEACHER_ITERS`` iterations) and synthesise its 50-step ODE samples, all under ``root``.
 
     Returns ``{"data": ..., "teacher": ..., "synthetic": ...}`` (paths). Steps whose output is complete are
     skipped (a data set counts once its ``index.json`` is written, which is last; the teacher once its
     tracker names iteration ``TEACHER_ITERS``) and the teacher resumes from its newest checkpoint, so an
-    interrupted build resumes. Raises ``subprocess.CalledProcessError`` (or
-    ``subprocess.TimeoutExpired``) when a step fails, with its output on stderr.
+    interrupted build resumes. ``timeout``: seconds per step (None: no limit). Raises
+    ``subprocess.CalledProcessError`` (or ``subprocess.TimeoutExpired``) when a step fails, with its output on
+    stderr.
     """
     paths = {k: os.path.join(root, k) for k in ("data", "teacher", "synthetic")}
     os.makedirs(root, exist_ok=True)
