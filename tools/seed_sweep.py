@@ -59,7 +59,7 @@ RECIPES = {
     "far-stage1": ["--model", "far", "--model-preset", "tiny-video", "--log-interval", "25", "--guidance", "1",
                    "--lora-rank", "32", "--lora-alpha", "32", "--micro-batch-size", "8", "--lr", "1e-3",
                    "--lr-warmup-iters", "50", "--lr-decay-style", "cosine", "--min-lr", "1e-4", "--ema-decay", "0.99",
-                   "--ema-start-iter", "0"],
+                   "--ema-start-iter", "0", "--lora-exclude", "condition_embedder.*"],
     "stage2": ["--model-preset", "tiny-video", "--log-interval", "25", "--guidance", "1", "--micro-batch-size", "4",
                "--lr", "1e-4", "--critic-lr", "1e-4", "--ema-start-iter", "0", "--ema-decay", "0.9",
                "--simulation-steps", "2", "4", "8", "16", "--real-guidance", "0", "--lora-exclude", "condition_embedder.*"],

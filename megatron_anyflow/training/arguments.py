@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scaling 1)")
     g.add_argument("--lora-exclude", nargs="+", default=None, metavar="PATTERN",
                    help="drop the LoRA targets matching these fnmatch patterns (e.g. 'condition_embedder.*': no LoRA "
-                        "on the time / delta embedders, which the reference's stage-1 config adapts; issue #17)")
+                        "on the time / delta embedders, which the reference's stage-1 config adapts; issue #17). Stage 2 "
+                        "with --init-adapters-from adapts what the stage-1 checkpoint adapted: it needs no repeat, and "
+                        "an exclusion that drops one of those modules is refused")
     g.add_argument("--recompute-granularity", choices=["none", "full", "selective"], default="none",
                    help="activation recomputation: full blocks, or selected modules of each block")
     g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform",
