@@ -11,6 +11,10 @@ config keys are kept); a pipeline directory with a ``transformer/`` sub-folder a
 in the reference's layout (no ``chunk_partition`` / ``full_chunk_limit`` / ``compressed_patch_size`` /
 ``gate_value``; extra ``qk_norm``, ``added_kv_proj_dim``, ``init_far_model``, ``init_flowmap_model``) is
 read with diffusers' defaults filled in, and the tool prints each key it filled or ignored.
+Wan2.2: TI2V-5B (a ``WanTransformer3DModel`` with 48 latent channels) converts like Wan2.1. A two-expert
+A14B pipeline (``transformer`` + ``transformer_2`` and a ``boundary_ratio`` in ``model_index.json``) is
+refused as a whole (two-expert checkpoints are not supported yet); one expert's sub-folder converts, and
+the checkpoint records the boundary (``wan_config.boundary_ratio``), so the trainer refuses to train it.
 Output: a checkpoint root (``release/`` + tracker) in megatron-core's torch_dist format. The format is
 resharding-aware, so the checkpoint loads at any tensor-parallel size whatever size it was written
 with; ``--tensor-model-parallel-size`` only decides how the weights are split while writing (each rank
@@ -76,7 +80,7 @@ def main(argv=None):
     from megatron_anyflow.models.wan.config import wan_config
     from megatron_anyflow.models.wan.convert import (ConversionError, arch_from_hf_config, far_config_defaults_filled,
                                                      hf_to_megatron, load_full_state_dict)
-    from megatron_anyflow.models.wan.hf_io import read_hf_transformer_dir
+    from megatron_anyflow.models.wan.hf_io import read_hf_transformer_dir, two_expert_boundary
     from megatron_anyflow.models.wan.model import WanModel
     from megatron_anyflow.parallel.state import initialize_parallel
     from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
@@ -106,10 +110,21 @@ def main(argv=None):
     t0 = time.time()
     log(f"[1/4] reading {args.input}")
     try:
+        boundary, role = two_expert_boundary(args.input)
+        if role == "pipeline":
+            return fail(f"{args.input} is a two-expert Wan2.2 pipeline (transformer for timesteps >= "
+                        f"{boundary * 1000:g}, transformer_2 below; boundary_ratio {boundary}): converting both experts "
+                        "into one checkpoint is not supported yet; convert one expert with --input "
+                        f"{os.path.join(args.input, 'transformer')} (or transformer_2)")
         hf_cfg, hf_sd = read_hf_transformer_dir(args.input, progress=rank == 0)
         arch = arch_from_hf_config(hf_cfg)
     except (FileNotFoundError, ValueError) as err:  # ConversionError is a ValueError
         return fail(err)
+    if boundary is not None:
+        arch["boundary_ratio"] = boundary
+        log(f"note: {args.input} is the {'high' if role == 'transformer' else 'low'}-noise expert ({role}) of a "
+            f"two-expert Wan2.2 model (boundary_ratio {boundary}); recorded in the checkpoint. It converts and "
+            "exports, but training a two-expert model is not supported yet")
     if arch.get("far"):
         assumed = far_config_defaults_filled(hf_cfg)
         log(f"      AnyFlow-FAR: chunk_partition {arch['chunk_partition']}, full_chunk_limit "

@@ -274,7 +274,9 @@ def write_pipeline(root, components, shift, transformer_class, pipeline_class="A
 
 def verify(path, model, cfg, class_name):
     """Relative error ``|ours - ref| / |ref|`` (Frobenius) between the exported diffusers model and ``model``
-    on one random float32 input; ``nan`` when either output holds a non-finite value.
+    on one random float32 input; ``nan`` when either output holds a non-finite value. A
+    ``WanTransformer3DModel`` (no delta embedder: a Wan2.1 / Wan2.2 teacher or base) is compared with
+    per-token timesteps [1, S] in Wan2.2 TI2V's layout (first latent frame at 0).
 
     AnyFlow-FAR (``AnyFlowFARTransformer3DModel``): the teacher-forcing forward of `far_verify_inputs`
     (``full_chunk_limit + 1`` chunks, so the first is compressed through ``far_patch_embedding``, plus the
@@ -301,11 +303,16 @@ def verify(path, model, cfg, class_name):
             t = torch.full((1, 2 * pt), 700.0)
             r = torch.full((1, 2 * pt), 300.0)
             txt = torch.randn(1, 8, cfg.text_dim, generator=g)
-            ours = model(x, t, r, txt)
             if class_name == "AnyFlowTransformer3DModel":
+                ours = model(x, t, r, txt)
                 ref = hf(x, t, r, txt, return_dict=False)[0]
             else:
-                ref = hf(x.permute(0, 2, 1, 3, 4), t[:, 0], txt, return_dict=False)[0].permute(0, 2, 1, 3, 4)
+                # Per-token timesteps as diffusers' Wan2.2 pipeline passes them (expand_timesteps: the first
+                # latent frame's tokens at 0, the rest at t); Wan2.1 transformers take them too.
+                t_tok = torch.full((1, 2 * 4 * 4), 700.0)
+                t_tok[:, :16] = 0.0
+                ours = model(x, t_tok, None, txt)
+                ref = hf(x.permute(0, 2, 1, 3, 4), t_tok, txt, return_dict=False)[0].permute(0, 2, 1, 3, 4)
     if not (bool(torch.isfinite(ours).all()) and bool(torch.isfinite(ref).all())):
         return float("nan")
     return ((ours - ref).norm() / ref.norm()).item()

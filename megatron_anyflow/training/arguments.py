@@ -22,8 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("stage and model")
     g.add_argument("--stage", choices=["teacher", "stage1", "stage2"], required=True,
                    help="teacher: flow-matching fine-tune; stage1: forward flow-map training; stage2: distillation")
-    g.add_argument("--model-preset", default="tiny", choices=["tiny", "tiny-video", "wan2.1-1.3b", "wan2.1-14b"],
-                   help="architecture when --pretrained is not given (random init)")
+    g.add_argument("--model-preset", default="tiny",
+                   choices=["tiny", "tiny-video", "wan2.1-1.3b", "wan2.1-14b", "wan2.2-ti2v-5b", "tiny-wan2.2-ti2v",
+                            "wan2.2-t2v-a14b", "wan2.2-i2v-a14b"],
+                   help="architecture when --pretrained is not given (random init); the two-expert Wan2.2 A14B "
+                        "presets are refused with an explanation (two-expert training is not supported yet)")
     g.add_argument("--pretrained", default=None,
                    help="checkpoint (root or directory) holding the frozen base: a converted diffusers model "
                         "(tools/convert_from_hf.py) or a full-model checkpoint of an earlier run")

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from megatron_anyflow.models.wan.config import wan_config
+from megatron_anyflow.models.wan.config import check_single_expert, wan_config
 from megatron_anyflow.models.wan.model import WanModel
 
 
@@ -55,6 +55,11 @@ def dry_run(args, log=print) -> int:
             arch.setdefault(k, v)
     elif arch.get("far"):
         checks.append((False, f"--pretrained {args.pretrained} is an AnyFlow-FAR checkpoint: pass --model far"))
+    try:  # as Trainer._build_model: one expert of a two-expert model (Wan2.2 A14B) is refused
+        check_single_expert(arch, f"--pretrained {args.pretrained}" if args.pretrained
+                            else f"--model-preset {args.model_preset}")
+    except ValueError as err:
+        checks.append((False, str(err)))
     cfg = wan_config(None, **arch, perform_initialization=False)
     world = _world_size(args)
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size

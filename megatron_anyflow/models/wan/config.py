@@ -1,8 +1,10 @@
-"""Model configuration for the Wan2.1 / AnyFlow DiT.
+"""Model configuration for the Wan2.1 / Wan2.2 / AnyFlow DiT.
 
 `WanConfig` extends megatron-core's `TransformerConfig` (so TP / SP / CP sizes, dtypes, FP8 and
 recomputation settings live where a Megatron user expects them) with the Wan-specific fields.
-Presets follow diffusers' `WanTransformer3DModel` configs (docs/design/anyflow.md 2).
+Presets follow diffusers' `WanTransformer3DModel` configs (docs/design/anyflow.md 2). Wan2.2 is the same
+DiT (diffusers runs both with one class): TI2V-5B differs in its sizes, its 48 latent channels and its
+per-token timesteps (`WanModel` takes t, r per token), A14B in being two experts split at a boundary time.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ ATTENTION_IMPLS = ("auto", "cudnn", "fa3", "flash", "sdpa", "math")
 
 @dataclass
 class WanConfig(TransformerConfig):
-    """Configuration of the Wan2.1 DiT with AnyFlow's second time input.
+    """Configuration of the Wan2.1 / Wan2.2 DiT with AnyFlow's second time input.
 
     Fields beyond `TransformerConfig`:
-        in_channels / out_channels: latent channels (16 for the Wan VAE).
+        in_channels / out_channels: latent channels (16 for the Wan2.1 VAE, 48 for the Wan2.2 VAE of
+            TI2V-5B; 36 in / 16 out for Wan2.2 I2V-A14B, whose input is the noisy latent concatenated with
+            the image latent and its 4-channel mask).
         patch_size: (t, h, w) patch of the patch embedding, (1, 2, 2) for Wan2.1.
         text_dim: width of the text-encoder states (4096 for umT5-XXL).
         freq_dim: width of the sinusoidal timestep projection (256).
@@ -60,6 +64,11 @@ class WanConfig(TransformerConfig):
             two before it; older context is compressed).
         chunk_partition: latent frames per chunk of a whole video, (1, 3, 3, 3, 3, 3, 3, 2) for 21 latent
             frames (chunk 0 is the I2V image).
+        boundary_ratio: None for a single model. Set (in (0, 1)) for one expert of Wan2.2's two-expert A14B
+            models: diffusers' ``WanPipeline`` runs ``transformer`` (high noise) at timesteps
+            ``>= boundary_ratio * 1000`` and ``transformer_2`` (low noise) below (0.875 T2V, 0.9 I2V in the
+            released configs). The config describes one expert; training two experts is not supported
+            yet (the trainer refuses it, docs/design/anyflow.md "Wan2.2").
         far_attention: the FAR attention kernel (`models.wan.far.FarAttention`): ``"grouped"`` (exact
             grouped dense attention on the backend's core attention; default), ``"flex"`` (flex attention
             with a block mask, as diffusers / the reference) or ``"dense"`` (masked SDPA, reference path).
@@ -91,6 +100,7 @@ class WanConfig(TransformerConfig):
     full_chunk_limit: int = 3
     chunk_partition: Tuple[int, ...] = (1, 3, 3, 3, 3, 3, 3, 2)
     far_attention: str = "grouped"
+    boundary_ratio: Optional[float] = None
 
     def __post_init__(self):
         if self.kv_channels is None and self.num_attention_heads:
@@ -117,6 +127,9 @@ class WanConfig(TransformerConfig):
         if self.fp8 and self.backend != "te":
             raise ValueError(f"fp8={self.fp8!r} needs backend='te' (Transformer Engine); the local backend has no "
                              "FP8 GEMMs")
+        if self.boundary_ratio is not None and not 0.0 < float(self.boundary_ratio) < 1.0:
+            raise ValueError(f"boundary_ratio={self.boundary_ratio!r}; expected None (one model) or a number in (0, 1) "
+                             "(Wan2.2 A14B: 0.875 T2V, 0.9 I2V)")
         self.patch_size = tuple(int(p) for p in self.patch_size)
         self.compressed_patch_size = tuple(int(p) for p in self.compressed_patch_size)
         self.chunk_partition = tuple(int(c) for c in self.chunk_partition)
@@ -138,17 +151,20 @@ class WanConfig(TransformerConfig):
     ARCH_FIELDS = ("hidden_size", "num_attention_heads", "num_layers", "ffn_hidden_size", "in_channels",
                    "out_channels", "patch_size", "text_dim", "freq_dim", "rope_theta", "rope_max_seq_len",
                    "cross_attn_norm", "delta_embedder", "delta_gate", "deltatime_type", "layernorm_epsilon",
-                   "far", "compressed_patch_size", "full_chunk_limit", "chunk_partition")
+                   "far", "compressed_patch_size", "full_chunk_limit", "chunk_partition", "boundary_ratio")
 
     def arch_dict(self) -> dict:
         """The architecture fields as a JSON-serialisable dict (stored in checkpoints). The FAR fields
-        are written only for FAR models, so bidirectional checkpoints keep their format."""
+        are written only for FAR models and ``boundary_ratio`` only for a two-expert model's expert, so
+        other checkpoints keep their format."""
         d = {k: getattr(self, k) for k in self.ARCH_FIELDS}
         for k in ("patch_size", "compressed_patch_size", "chunk_partition"):
             d[k] = list(d[k])
         if not self.far:
             for k in ("far", "compressed_patch_size", "full_chunk_limit", "chunk_partition"):
                 d.pop(k)
+        if self.boundary_ratio is None:
+            d.pop("boundary_ratio")
         return d
 
     @property
@@ -162,7 +178,8 @@ class WanConfig(TransformerConfig):
         return self.head_dim - 2 * hw, hw, hw
 
 
-# name -> (hidden, heads, layers, ffn, text_dim); the two Wan2.1 sizes follow diffusers' configs.
+# name -> architecture fields; the released sizes follow diffusers' transformer configs
+# (Wan-AI/Wan2.1-T2V-*-Diffusers, Wan-AI/Wan2.2-*-Diffusers; the Wan2.2 boundaries from their model_index.json).
 PRESETS = {
     "tiny": dict(hidden_size=64, num_attention_heads=4, num_layers=2, ffn_hidden_size=160, text_dim=384,
                  freq_dim=32, lora_rank=8, lora_alpha=8.0),
@@ -172,11 +189,44 @@ PRESETS = {
                        in_channels=48, out_channels=48, lora_rank=32, lora_alpha=32.0),
     "wan2.1-1.3b": dict(hidden_size=1536, num_attention_heads=12, num_layers=30, ffn_hidden_size=8960),
     "wan2.1-14b": dict(hidden_size=5120, num_attention_heads=40, num_layers=40, ffn_hidden_size=13824),
+    # Wan2.2 TI2V-5B: 48-channel latents of the Wan2.2 VAE (16x16 spatial, 4x temporal), per-token timesteps.
+    "wan2.2-ti2v-5b": dict(hidden_size=3072, num_attention_heads=24, num_layers=30, ffn_hidden_size=14336,
+                           in_channels=48, out_channels=48),
+    # Wan2.2 A14B: each expert is the Wan2.1-14B DiT; the boundary splits the timesteps between them.
+    "wan2.2-t2v-a14b": dict(hidden_size=5120, num_attention_heads=40, num_layers=40, ffn_hidden_size=13824,
+                            boundary_ratio=0.875),
+    "wan2.2-i2v-a14b": dict(hidden_size=5120, num_attention_heads=40, num_layers=40, ffn_hidden_size=13824,
+                            in_channels=36, out_channels=16, boundary_ratio=0.9),
+    # Tiny members of the Wan2.2 families (tests): TI2V's 48 channels; I2V-A14B's 36 in / 16 out and boundary.
+    "tiny-wan2.2-ti2v": dict(hidden_size=64, num_attention_heads=4, num_layers=2, ffn_hidden_size=160, text_dim=384,
+                             freq_dim=32, in_channels=48, out_channels=48, lora_rank=8, lora_alpha=8.0),
+    "tiny-wan2.2-i2v-a14b": dict(hidden_size=64, num_attention_heads=4, num_layers=2, ffn_hidden_size=160,
+                                 text_dim=384, freq_dim=32, in_channels=36, out_channels=16, boundary_ratio=0.9,
+                                 lora_rank=8, lora_alpha=8.0),
 }
 
 
+def check_single_expert(arch: dict, where: str) -> None:
+    """Refuse to train one expert of a two-expert model (``boundary_ratio`` set: Wan2.2 A14B).
+
+    Args:
+        arch: a `WanConfig.arch_dict` (or a checkpoint's ``wan_config``).
+        where: what the architecture came from, for the message (``--model-preset X``, a path).
+    Raises:
+        ValueError: ``arch["boundary_ratio"]`` is set (a user error: the CLI prints it as one line, exit 2).
+    """
+    ratio = arch.get("boundary_ratio")
+    if ratio is not None:
+        raise ValueError(
+            f"{where} is one expert of a two-expert Wan2.2 A14B model (boundary_ratio={ratio}: the high-noise "
+            f"expert serves t >= {ratio * 1000:g}, the low-noise one below); training the two experts is not "
+            "supported yet (docs/design/anyflow.md, Wan2.2). Single-model presets: wan2.2-ti2v-5b, wan2.1-*")
+
+
 def wan_config(preset: Optional[str] = "tiny", **overrides) -> WanConfig:
-    """Build a `WanConfig` from a preset name (``tiny``, ``tiny-video``, ``wan2.1-1.3b``, ``wan2.1-14b``) or None.
+    """Build a `WanConfig` from a preset name (``tiny``, ``tiny-video``, ``wan2.1-1.3b``, ``wan2.1-14b``,
+    ``wan2.2-ti2v-5b``, ``wan2.2-t2v-a14b``, ``wan2.2-i2v-a14b``, ``tiny-wan2.2-ti2v``, ``tiny-wan2.2-i2v-a14b``)
+    or None.
 
     With ``preset=None`` every architecture field must come from ``overrides`` (e.g. a checkpoint's
     `WanConfig.arch_dict`).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -79,6 +79,36 @@ def read_hf_transformer_dir(path: str, progress: bool = True) -> Tuple[dict, Dic
             raise ValueError(f"{fp}: holds {len(dup)} key(s) already read from another shard: {dup[:5]}")
         sd.update(part)
     return cfg, sd
+
+
+def two_expert_boundary(path: str) -> Tuple[Optional[float], Optional[str]]:
+    """Whether ``path`` is (part of) a two-expert diffusers ``WanPipeline`` (Wan2.2 A14B).
+
+    Reads ``model_index.json`` of ``path`` (a pipeline directory) or of its parent (``path`` being its
+    ``transformer/`` or ``transformer_2/`` sub-folder). A pipeline is two-expert when its index names a
+    ``transformer_2`` and a ``boundary_ratio`` (diffusers ``WanPipeline``: ``transformer`` serves timesteps
+    ``>= boundary_ratio * 1000``, ``transformer_2`` those below).
+
+    Returns:
+        ``(boundary_ratio, role)``: role ``"pipeline"`` for the pipeline directory itself,
+        ``"transformer"`` / ``"transformer_2"`` for an expert's sub-folder; ``(None, None)`` otherwise
+        (a single-model pipeline such as Wan2.2 TI2V-5B, whose ``boundary_ratio`` is null, or no index).
+    Raises:
+        ValueError: ``model_index.json`` is not a JSON object (names the file).
+    """
+    path = os.path.abspath(path.rstrip("/"))
+    for index_dir, role in ((path, "pipeline"), (os.path.dirname(path), os.path.basename(path))):
+        index = os.path.join(index_dir, "model_index.json")
+        if not os.path.isfile(index):
+            continue
+        cfg = _read_json(index, "diffusers pipeline index")
+        second = cfg.get("transformer_2")
+        if cfg.get("boundary_ratio") is None or not second or second[0] is None:
+            return None, None
+        if role not in ("pipeline", "transformer", "transformer_2"):
+            return None, None
+        return float(cfg["boundary_ratio"]), role
+    return None, None
 
 
 def write_hf_transformer_dir(path: str, config: dict, sd: Dict[str, torch.Tensor],

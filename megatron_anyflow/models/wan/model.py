@@ -1,7 +1,8 @@
-"""The Wan2.1 DiT with AnyFlow's two-time conditioning, on megatron-core.
+"""The Wan2.1 / Wan2.2 DiT with AnyFlow's two-time conditioning, on megatron-core.
 
 Equivalent to diffusers' `AnyFlowTransformer3DModel` (with the delta embedder) and
-`WanTransformer3DModel` (without it); tested against both.
+`WanTransformer3DModel` (without it, Wan2.1 and Wan2.2 configs, per-token timesteps included); tested
+against both.
 """
 
 from __future__ import annotations
@@ -93,6 +94,36 @@ def _per_frame_times(x, name: str, b: int, f: int, device) -> torch.Tensor:
     return x.float()
 
 
+def _per_token_times(x, name: str, b: int, seq: int, device) -> torch.Tensor:
+    """A per-token time input [b, seq] as float32 on ``device`` (diffusers Wan2.2's ``timestep`` layout:
+    the patch tokens frame-major, row-major within a frame)."""
+    x = torch.as_tensor(x, device=device)
+    if tuple(x.shape) != (b, seq):
+        raise ValueError(f"{name} must be [b], [b, f] or per token [b, S] = [{b}, {seq}]; got {tuple(x.shape)}")
+    return x.float()
+
+
+def token_time_runs(t: torch.Tensor, r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, list]:
+    """Run-length encoding of per-token times: the modulation rows of a per-token forward.
+
+    Args:
+        t, r: [b, S] float32 times per token (0..1000).
+    Returns:
+        ``(t_rows, r_rows, runs)``: [b, n] times of the n maximal runs of consecutive tokens whose (t, r)
+        agree in every sample, and ``runs`` = [(row, tokens)] covering the S tokens in order (the input of
+        `layer.FrameSegments.from_runs`). Wan2.2 TI2V's per-token timesteps (the image frame at 0, the
+        rest at t) give one run per differing frame; uniform times give one run; arbitrary per-token
+        times give up to S runs (correct, one modulation segment each).
+    """
+    seq = t.shape[1]
+    tr = torch.stack([t, r])  # [2, b, S]
+    change = (tr[:, :, 1:] != tr[:, :, :-1]).flatten(0, 1).any(0)  # [S - 1]
+    starts = [0] + (torch.nonzero(change).flatten() + 1).tolist()
+    ends = starts[1:] + [seq]
+    idx = torch.tensor(starts, device=t.device)
+    return t[:, idx], r[:, idx], [(i, e - s) for i, (s, e) in enumerate(zip(starts, ends))]
+
+
 def timestep_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal timestep projection, diffusers `Timesteps(dim, flip_sin_to_cos=True, shift=0)`.
 
@@ -172,14 +203,17 @@ class ConditionEmbedder(nn.Module):
 
 
 class WanModel(MegatronModule):
-    """Wan2.1 DiT predicting AnyFlow's average velocity ``u(z_t, t, r)``.
+    """Wan2.1 / Wan2.2 DiT predicting AnyFlow's average velocity ``u(z_t, t, r)``.
 
     Inputs:
         latents: [b, f, c, H, W] (frame-major latents, AnyFlow / diffusers layout); H, W divisible by
             the patch size, f by the temporal patch.
-        t: [b] or [b, f] source time on the 0..1000 scale (float32 kept into the sinusoid).
-        r: [b] or [b, f] target time on the 0..1000 scale; ignored (may be None) without the delta
-            embedder; None means r = t.
+        t: [b], [b, f] (per frame) or [b, S] (per token, S = f/pt * H/ph * W/pw patch tokens frame-major,
+            diffusers Wan2.2's ``timestep``) source time on the 0..1000 scale (float32 kept into the
+            sinusoid). A [b, f] input is read per frame whenever f == S is ambiguous (then the two agree
+            unless pt > 1).
+        r: like t (per frame or per token; mixed with t, the per-frame one is expanded to tokens) target
+            time on the 0..1000 scale; ignored (may be None) without the delta embedder; None means r = t.
         text: [b, L, text_dim] text-encoder states.
     Returns:
         u: [b, f, c_out, H, W] in the model dtype; flow map ``f(z_t, t, r) = z_t - (t - r)/1000 * u``.
@@ -192,7 +226,9 @@ class WanModel(MegatronModule):
     output is gathered whole on every rank (backward: split, the loss being replicated), so after
     backward every parameter gradient is a partial sum over CP ranks: call
     `parallel.tensor_parallel.finalize_model_grads` (SP sum over TP, sum over CP, mean over DP).
-    Gradients with respect to the inputs come out whole. Per-frame timesteps give per-frame modulation.
+    Gradients with respect to the inputs come out whole. Per-frame timesteps give per-frame modulation;
+    per-token timesteps give one modulation row per run of equal (t, r) tokens (`token_time_runs`), so
+    Wan2.2 TI2V's image-frame-at-0 layout costs what per-frame times cost.
 
     Raises:
         ValueError: bad input shapes (naming the shape and what was expected); a token count that does
@@ -298,8 +334,29 @@ class WanModel(MegatronModule):
             raise ValueError(f"latent shape (f={f}, H={H}, W={W}) is not divisible by patch_size {cfg.patch_size}")
         if text.dim() != 3 or text.shape[0] != b or text.shape[2] != cfg.text_dim:
             raise ValueError(f"text must be [b={b}, L, text_dim={cfg.text_dim}]; got {tuple(text.shape)}")
-        return [None if x is None else _per_frame_times(x, name, b, f, latents.device)
-                for name, x in (("t", t), ("r", r))]
+        seq = (f // pt) * (H // ph) * (W // pw)
+
+        def times(x, name):
+            if x is None:
+                return None
+            if isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] == seq and x.shape[1] != f:
+                return _per_token_times(x, name, b, seq, latents.device)
+            try:
+                return _per_frame_times(x, name, b, f, latents.device)
+            except ValueError:
+                raise ValueError(f"{name} must be [b], [b, f] or per token [b, S] = [{b}], [{b}, {f}] or "
+                                 f"[{b}, {seq}]; got {tuple(torch.as_tensor(x).shape)}") from None
+
+        return [times(x, name) for name, x in (("t", t), ("r", r))]
+
+    def _per_token_time_rows(self, t, r, f, grid, start, length):
+        """Per-token forward: (t_rows [b, n], r_rows [b, n], `FrameSegments` of the local tokens
+        [start, start + length)) from t, r [b, S] or [b, f] (a per-frame one expanded to its tokens)."""
+        pt = self.config.patch_size[0]
+        hw = grid[1] * grid[2]
+        t, r = (x[:, ::pt].repeat_interleave(hw, dim=1) if x.shape[1] == f else x for x in (t, r))
+        t_rows, r_rows, runs = token_time_runs(t, r)
+        return t_rows, r_rows, FrameSegments.from_runs(runs, start, length)
 
     def forward(self, latents: torch.Tensor, t: torch.Tensor, r: Optional[torch.Tensor], text: torch.Tensor,
                 adapter=L._UNSET, *, chunk_partition: Optional[Sequence[int]] = None,
@@ -378,11 +435,24 @@ class WanModel(MegatronModule):
         x = self.patch_embedding(latents.permute(0, 2, 1, 3, 4).to(self.patch_embedding.weight.dtype))
         x = x.flatten(2).permute(2, 0, 1).contiguous().to(dtype)
 
-        # Per-(patched-)frame times; collapse to one frame when all frames agree (the usual case).
-        t_f, r_f = t[:, ::pt], r[:, ::pt]
-        uniform = bool((t_f == t_f[:, :1]).all() and (r_f == r_f[:, :1]).all())
-        if uniform:
-            t_f, r_f = t_f[:, :1], r_f[:, :1]
+        # Context / sequence parallelism: this rank keeps a contiguous slice of the tokens (its CP chunk,
+        # further split over TP under SP; CP outer, TP inner).
+        tp, cp = tp_world_size(), cp_world_size()
+        sp = cfg.sequence_parallel and tp > 1
+        sp_tp = tp if sp else 1
+        check_sequence_split(seq, grid, cp, sp_tp)
+        start, length = local_token_range(seq, cp, cp_rank(), sp_tp, tp_rank() if sp else 0)
+
+        if t.shape[1] != f or r.shape[1] != f:
+            # Per-token times (diffusers Wan2.2): one modulation row per run of equal (t, r) tokens.
+            t_f, r_f, segments = self._per_token_time_rows(t, r, f, grid, start, length)
+        else:
+            # Per-(patched-)frame times; collapse to one frame when all frames agree (the usual case).
+            t_f, r_f = t[:, ::pt], r[:, ::pt]
+            uniform = bool((t_f == t_f[:, :1]).all() and (r_f == r_f[:, :1]).all())
+            if uniform:
+                t_f, r_f = t_f[:, :1], r_f[:, :1]
+            segments = FrameSegments.build(grid[0], tokens_per_frame, start, length, uniform)
         nf = t_f.shape[1]
         temb = self.condition_embedder.time_embedding(t_f.reshape(-1), r_f.reshape(-1), dtype)  # [b*nf, h]
         e = self.condition_embedder.time_proj(F.silu(temb))  # [b*nf, 6h]
@@ -391,17 +461,9 @@ class WanModel(MegatronModule):
         txt = self.condition_embedder.text_embedder(text.to(self.condition_embedder.text_embedder.linear_1.weight.dtype))
         txt = txt.to(dtype).transpose(0, 1).contiguous()  # [L, b, h]
 
-        # Context / sequence parallelism: this rank keeps a contiguous slice of the tokens (its CP chunk,
-        # further split over TP under SP; CP outer, TP inner).
-        tp, cp = tp_world_size(), cp_world_size()
-        sp = cfg.sequence_parallel and tp > 1
-        sp_tp = tp if sp else 1
-        check_sequence_split(seq, grid, cp, sp_tp)
-        start, length = local_token_range(seq, cp, cp_rank(), sp_tp, tp_rank() if sp else 0)
         x = split_to_context_parallel_region(x, 0)  # [S / cp, b, h]
         if sp:
             x = tensor_parallel.scatter_to_sequence_parallel_region(x)  # [S / (cp tp), b, h]
-        segments = FrameSegments.build(grid[0], tokens_per_frame, start, length, uniform)
         # RoPE for the CP chunk: what self-attention's qkv holds (whole chunk, gathered over TP under SP).
         rope = tuple(split_to_context_parallel_region(c, 0) for c in self.rope.get(grid, x.device))
 
