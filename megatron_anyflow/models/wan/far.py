@@ -382,6 +382,11 @@ class FarAttention:
         if core_ranges is None:
             core_ranges = _default_core_ranges
         nv = lay.valid_length
+        # One contiguous copy of each of q, k, v at most (as the bidirectional layer makes for its kernel;
+        # none when they already are): every key range below is a slice of it along the sequence, i.e. a
+        # contiguous view, so nothing K- or V-sized is copied per group, and the KV cache a prefill writes
+        # holds [L, b, n, d] storages (a view of the fused qkv output would keep all of it alive).
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         if lay.mode == "prefill":
             self.written[layer] = (k[:nv].detach(), v[:nv].detach())
         if lay.mode == "step":
@@ -397,10 +402,6 @@ class FarAttention:
             out = _flex_attention(q.device)(qq, kk, vv, block_mask=self._flex_mask(nv, q.device))
             out = out.permute(2, 0, 1, 3).reshape(nv, b, n * d)
         else:
-            # One contiguous copy of each of q, k, v at most (as the bidirectional layer makes for its
-            # kernel; none when they are already contiguous): every group's ranges are slices of it
-            # along the sequence, i.e. contiguous views, and nothing K- or V-sized is copied per group.
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             outs = []
             for q0, q1, ranges in lay.attention_groups():
                 if len(ranges) == 1:
