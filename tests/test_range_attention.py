@@ -17,7 +17,6 @@ of the softmax normaliser), so there is no approximation error to add, only roun
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron_anyflow.models.wan.config import wan_config
 from megatron_anyflow.models.wan.far import FarAttention, FarKVCache, FarLayout

@@ -59,10 +59,13 @@ def _kernel_backward(do, q, k, v, out, lse):
     if q.device.type == "cuda":
         sq, sk = q.shape[2], k.shape[2]
         if q.dtype in (torch.float16, torch.bfloat16):
-            empty = torch.empty((), dtype=torch.int64, device=q.device)  # philox state: no dropout
+            # the philox RNG state is read only with dropout; dummies of the forward's (rng_state,
+            # unused) shapes and dtypes (torch/_meta_registrations.py); cum_seq None: not varlen
+            seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
+            offset = torch.zeros((), dtype=torch.uint64, device=q.device)
             return aten._scaled_dot_product_flash_attention_backward(
-                do, q, k, v, out, lse, None, None, sq, sk, 0.0, False, empty, empty)
-        pad = (-sq) % 32
+                do, q, k, v, out, lse, None, None, sq, sk, 0.0, False, seed, offset)
+        pad = 0 if torch.version.hip else (-sq) % 32  # the kernel's lse rows (padded except on ROCm)
         lse_p = torch.nn.functional.pad(lse, (0, pad)) if pad else lse
         empty = torch.empty((), dtype=torch.int64, device=q.device)
         dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
