@@ -94,20 +94,21 @@ model pads it, heads divisible by TP x CP (the FAR attention runs after the Ulys
 
 * Stage 1: the teacher-forcing forward over n chunks (compressed context, full-resolution targets and
   their clean copies: 21,840 tokens at n = 3 .. 31,980 at n = 7, 30,030 at n = 8 at 480p) keeps its graph
-  for the longest n; the grouped attention adds, per layer, the key / value copies of the query groups
-  whose keys are several ranges (``torch.cat`` before the kernel; not with full recompute) and, at
-  CP = 1 without full recompute or a core-attention checkpoint, the concatenated attention output (the
-  groups' own outputs are saved by the kernel). With ``--far-bidirectional-prob`` > 0 the bidirectional
-  branch (the whole clip, 32,760 tokens) has its own graph: ``training/stages.py`` backpropagates the
-  causal branch before the bidirectional forward (the reference's two backwards), so the larger of the two
-  governs.
+  for the longest n; the grouped attention attends a query group's several key ranges one by one and
+  merges them by the log-sum-exp (`models.wan.range_attention`), so it saves what the bidirectional
+  layer's kernel saves per token (q, k, v, output, lse) and no key / value copy; it adds only, at CP = 1
+  without full recompute, the save-attention policy or a core-attention checkpoint, the concatenated
+  attention output (the groups' own outputs are saved by the kernel). With ``--far-bidirectional-prob``
+  > 0 the bidirectional branch (the whole clip, 32,760 tokens) has its own graph: ``training/stages.py``
+  backpropagates the causal branch before the bidirectional forward (the reference's two backwards), so
+  the larger of the two governs.
 * Stage 2: the bidirectional plan (the rollout's chunk steps have the clip's 32,760 query tokens per
   segment; fixed per-forward bytes once per step call: chunks x segments) plus **the KV caches alive
   during the rollout**: every graph of a chunk step references the cache it read until the DMD backward,
   so the caches of all prefixes are alive at once (after chunks 0..6: 1,560 + 6,240 + ... + 14,430 =
-  68,250 tokens at 480p) x layers x 2 (K, V) x hidden / (TP x CP) x 2 bytes (bf16). Without full
-  recompute each step call with grad keeps its own ``cat(cache, k)`` / ``cat(cache, v)`` copy instead
-  (segments x 68,250 tokens). Printed for inference: the largest single cache (14,430 tokens).
+  68,250 tokens at 480p) x layers x 2 (K, V) x hidden / (TP x CP) x 2 bytes (bf16), whatever the
+  recompute setting: a step attends to the cache and its chunk as two key ranges merged by the lse, so
+  it keeps no ``cat(cache, k / v)`` copy. Printed for inference: the largest single cache (14,430 tokens).
 
 Not counted: text encoder and VAE (latents and text embeddings are precomputed), data-loader memory,
 CUDA graphs. Tokens: ``frames`` video frames -> ``(frames - 1) / 4 + 1`` latent frames, ``H/8 x W/8``
@@ -483,18 +484,19 @@ def far_attention_extra_bytes(layout, h: int, tp: int, cp: int, recompute: str =
                               policy: str = "save-attention", modules: Sequence[str] = ("core_attn",),
                               dtype: str = "bf16") -> float:
     """Bytes ONE block keeps for backward, on one rank, beyond the per-token terms, for the FAR grouped
-    attention of ``layout`` (`models.wan.far.FarAttention`): a query group whose allowed keys are several
-    ranges gets its keys and values as ``torch.cat`` copies, which the kernel (or the core-attention
-    checkpoint, or the save-attention policy) keeps: keys x 2 x p h / (TP x CP). Without CP the
-    concatenated output is linear_proj's input while every group's output is saved by its kernel: one
-    more p h / TP per token, unless full recompute, the save-attention policy or a core-attention
-    checkpoint. Full recompute keeps none of it (one layer's worth is transient)."""
+    attention of ``layout`` (`models.wan.far.FarAttention`). A query group whose allowed keys are several
+    ranges attends each range with its own kernel call and merges the outputs by the log-sum-exp
+    (`models.wan.range_attention`): the ranges are views of the layer's k / v, so nothing key- or
+    value-sized is added (before that merge, ``torch.cat`` copies of keys x 2 x p h / (TP x CP) were
+    kept). Without CP the concatenated output of the groups is linear_proj's input while every group's
+    output is saved by its kernel: one more p h / TP per token, unless full recompute, the
+    save-attention policy or a core-attention checkpoint. Full recompute keeps none of it (one layer's
+    worth is transient)."""
     gran, policy, mods = _recompute_key(recompute, policy, modules)
     if gran == "full":
         return 0.0
     p = DTYPE_BYTES[dtype]
-    keys = sum(sum(e - a for a, e in ranges) for _, _, ranges in layout.attention_groups() if len(ranges) > 1)
-    extra = keys * 2 * p * h / (tp * cp)
+    extra = 0.0
     if cp == 1 and (gran == "none" or (policy == "modules" and "core_attn" not in mods)):
         extra += layout.length * p * h / tp
     return extra
@@ -760,20 +762,17 @@ def _far_activations(cfg: PlanConfig, counts: ModelCounts, graph, t_out: int):
     if cfg.overlap_critic:
         rollout += graph(s_bi)
     alive = sum(prefill_tokens)
-    if cfg.recompute == "full":
-        kv_label = f"KV caches alive during the rollout: {alive} tokens (K, V; bf16)"
-        kv_tokens = alive
-    else:
-        kv_tokens = gen * alive
-        kv_label = f"KV caches alive during the rollout: {gen} copies x {alive} tokens (K, V)"
+    # the step calls read the caches as key ranges (no cat copy): each cache is alive once, whatever
+    # the recompute setting
+    kv_label = f"KV caches alive during the rollout: {alive} tokens (K, V; bf16)"
+    kv_tokens = alive
     kv = b * kv_tokens * kv_tok
     cotrain = tf[n_max] + bi_bytes
-    # transient: the DMD backward rematerialises one layer of a step call at a time, with its cat(cache, k / v)
-    # copy when the calls recompute (full): the largest cache, one layer
+    # transient: the DMD backward rematerialises one layer of a step call at a time; its attention reads
+    # the cache in place (no cat copy), so nothing cache-sized is added
     info.update(kv_tokens_alive=kv_tokens, kv_gib=kv / GIB, rollout_gib=rollout / GIB, cotrain_gib=cotrain / GIB,
                 grad_forwards=gen + (1 if cfg.overlap_critic else 0), transient_tokens_per_rank=s_bi,
-                transient_far_extra_bytes=(max(prefill_tokens, default=0) * kv_tok / counts.layers
-                                           if cfg.recompute == "full" else 0.0))
+                transient_far_extra_bytes=0.0)
     if cotrain > rollout + kv:  # a short clip / tiny model: the co-training graph is the larger
         comp[tf_label.replace("teacher forcing", "co-training")] = tf[n_max] / GIB
         if bi_on:

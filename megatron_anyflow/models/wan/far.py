@@ -13,7 +13,9 @@ Every consumer is derived from it, so the pieces cannot disagree:
   ``2j + 0.5`` (`rope.rope_angles_at`, docs/design/far.md 1.4);
 - the attention pattern, as exact *grouped* dense attention (`FarAttention`): each query group (a chunk of
   one kind) attends to at most three contiguous key ranges, so any dense kernel (SDPA / flash / TE) runs
-  exactly the allowed pairs and no ``L x L`` mask exists; `FarLayout.dense_mask` is the reference for tests.
+  exactly the allowed pairs and no ``L x L`` mask exists; a group with several ranges attends each range
+  on its own and merges the partial outputs exactly by their log-sum-exp (`range_attention`), so no key
+  or value is copied; `FarLayout.dense_mask` is the reference for tests.
 
 Three modes (diffusers `AnyFlowFARTransformer3DModel.forward`):
 
@@ -337,7 +339,9 @@ class FarAttention:
         cache: the `FarKVCache` read by a ``"step"`` forward.
         dense_mask: shorthand for ``impl="dense"``.
         impl: ``"grouped"`` (default: exact grouped dense attention, the block sparsity exploited by any
-            dense kernel), ``"dense"`` (one masked SDPA over the whole sequence with `FarLayout.dense_mask`:
+            dense kernel; a group with several key ranges runs one flash call per range and merges them
+            by the log-sum-exp, so it saves for backward what one kernel over those keys would, without
+            a K / V copy), ``"dense"`` (one masked SDPA over the whole sequence with `FarLayout.dense_mask`:
             the reference path for tests, O(L^2) memory, every pair computed) or ``"flex"``
             (`torch.nn.attention.flex_attention` with a `BlockMask` of the same rule, as diffusers and the
             reference; compiled on CUDA, eager elsewhere; skips empty 128 x 128 blocks, computes partial
@@ -362,18 +366,32 @@ class FarAttention:
         self.written: dict = {}
         self._block_mask = None
 
-    def attend(self, core, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+    def attend(self, core, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
+               core_ranges=None) -> torch.Tensor:
+        """q, k, v [L, b, n, d] -> [L, b, n * d] (see the class docstring).
+
+        ``core(q, k, v)`` runs the query groups with one key range; ``core_ranges(q, keys, values)``
+        (lists of key / value views) the groups with several ranges and the cached step (cache +
+        current chunk), merging the ranges exactly by their log-sum-exp without concatenating keys
+        or values (`range_attention.multi_range_attention`; default when None: that op directly).
+        """
         lay = self.layout
         L, b, n, d = q.shape
         if L != lay.length:
             raise RuntimeError(f"FAR attention got {L} tokens; the layout has {lay.length}")
+        if core_ranges is None:
+            core_ranges = _default_core_ranges
         nv = lay.valid_length
+        # One contiguous copy of each of q, k, v at most (as the bidirectional layer makes for its kernel;
+        # none when they already are): every key range below is a slice of it along the sequence, i.e. a
+        # contiguous view, so nothing K- or V-sized is copied per group, and the KV cache a prefill writes
+        # holds [L, b, n, d] storages (a view of the fused qkv output would keep all of it alive).
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         if lay.mode == "prefill":
             self.written[layer] = (k[:nv].detach(), v[:nv].detach())
         if lay.mode == "step":
             ck, cv = self.cache.layers[layer]
-            keys, vals = torch.cat([ck.to(k.dtype), k[:nv]]), torch.cat([cv.to(v.dtype), v[:nv]])
-            out = core(q[:nv], keys, vals)
+            out = core_ranges(q[:nv], [ck.to(k.dtype), k[:nv]], [cv.to(v.dtype), v[:nv]])
         elif self.impl == "dense":
             mask = lay.dense_mask().to(q.device)[:nv, :nv]
             qq, kk, vv = (t[:nv].permute(1, 2, 0, 3) for t in (q, k, v))
@@ -387,11 +405,10 @@ class FarAttention:
             outs = []
             for q0, q1, ranges in lay.attention_groups():
                 if len(ranges) == 1:
-                    kk, vv = k[ranges[0][0]:ranges[0][1]], v[ranges[0][0]:ranges[0][1]]
+                    a, e = ranges[0]
+                    outs.append(core(q[q0:q1], k[a:e], v[a:e]))
                 else:
-                    kk = torch.cat([k[a:e] for a, e in ranges])
-                    vv = torch.cat([v[a:e] for a, e in ranges])
-                outs.append(core(q[q0:q1], kk.contiguous(), vv.contiguous()))
+                    outs.append(core_ranges(q[q0:q1], [k[a:e] for a, e in ranges], [v[a:e] for a, e in ranges]))
             out = torch.cat(outs)
         if nv < L:
             out = torch.cat([out, out.new_zeros(L - nv, b, out.shape[-1])])
@@ -430,6 +447,18 @@ class FarAttention:
             raise RuntimeError("only a prefill forward writes a KV cache")
         layers = tuple(self.written[i] for i in sorted(self.written))
         return FarKVCache(self.layout.chunk_partition, layers, height, width)
+
+
+def _default_core_ranges(q: torch.Tensor, keys: List[torch.Tensor], values: List[torch.Tensor]) -> torch.Tensor:
+    """`FarAttention.attend`'s multi-range core when the caller gives none (a core attention without
+    ``forward_ranges``, e.g. Transformer Engine's, or a test's plain function): PyTorch's flash
+    kernels with the log-sum-exp merge. q [sq, b, n, d], keys / values [sk_i, b, n, d] -> [sq, b, n * d]."""
+    from megatron_anyflow.models.wan.range_attention import multi_range_attention
+
+    sq, b = q.shape[:2]
+    out = multi_range_attention(q.permute(1, 2, 0, 3), [t.permute(1, 2, 0, 3) for t in keys],
+                                [t.permute(1, 2, 0, 3) for t in values])[0]
+    return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
 
 _FLEX = {}

@@ -334,6 +334,45 @@ class TorchCoreAttention(nn.Module):
                 out = out.permute(2, 0, 1, 3)  # [s, b, n, d]
         return out.reshape(sq, b, -1)
 
+    def forward_ranges(self, q: torch.Tensor, keys: List[torch.Tensor], values: List[torch.Tensor]) -> torch.Tensor:
+        """Attention of q over the union of several key ranges, without concatenating them (FAR).
+
+        q [sq, b, n, d]; keys / values: lists of [sk_i, b, n, d] (views of the whole sequence's k / v
+        or the KV cache); returns [sq, b, n * d] as `forward` over the concatenated keys would. One
+        range runs `forward` (the configured kernel). Several: `range_attention.multi_range_attention`
+        (each range by PyTorch's flash kernel with its log-sum-exp, merged exactly; on CUDA its
+        FlashAttention-2 / memory-efficient kernels whatever ``attention_impl`` is) or, for
+        ``"math"``, the same merge in fp32 by explicit formulas. Inside the save-attention region,
+        like `forward`: what is saved is q, the ranges (views, no new storage), output and lse.
+        """
+        if len(keys) == 1:
+            return self.forward(q, keys[0], values[0])
+        if self.resolved is None:
+            self.resolved = resolve_attention_impl(self.impl, q.device)[0]
+        sq, b = q.shape[:2]
+        with _attention_region(self.attention_type == "self"):
+            qq = q.permute(1, 2, 0, 3)  # [b, n, s, d]
+            ks = [k.permute(1, 2, 0, 3) for k in keys]
+            vs = [v.permute(1, 2, 0, 3) for v in values]
+            if self.resolved == "math":
+                out = _math_ranges(qq, ks, vs)
+            else:
+                from megatron_anyflow.models.wan.range_attention import multi_range_attention
+
+                out = multi_range_attention(qq, ks, vs)[0]
+            out = out.permute(2, 0, 1, 3)  # [s, b, n, d]
+        return out.reshape(sq, b, -1)
+
+
+def _math_ranges(q, keys, values):
+    """``"math"`` over several key ranges: fp32 scores per range, one softmax normaliser (the merged
+    log-sum-exp), the weighted values summed over ranges. [b, n, s, d] layout."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = [torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale for k in keys]
+    lse = torch.logsumexp(torch.stack([s.logsumexp(-1) for s in scores]), dim=0).unsqueeze(-1)
+    out = sum(torch.matmul(torch.exp(s - lse), v.float()) for s, v in zip(scores, values))
+    return out.to(q.dtype)
+
 
 class TECoreAttention(nn.Module):
     """Core attention of the ``te`` backend: Transformer Engine's fused `DotProductAttention`.
@@ -550,8 +589,11 @@ class WanSelfAttention(MegatronModule):
                                  "attention (it has no block mask); use the local backend with context parallelism")
             if self.ulysses:
                 q, k, v = all_to_all_heads_to_sequence(torch.stack([q, k, v.to(q.dtype)], dim=3)).unbind(3)
+            ranges = getattr(self.core_attention, "forward_ranges", None)
             out = far.attend(functools.partial(recompute_if, self.config, "core_attn", self.core_attention),
-                             q, k, v.to(q.dtype), self.layer_number - 1)
+                             q, k, v.to(q.dtype), self.layer_number - 1,
+                             core_ranges=None if ranges is None else
+                             functools.partial(recompute_if, self.config, "core_attn", ranges))
             if self.ulysses:
                 out = out.view(out.shape[0], b, self.heads_local // cp_world_size(), -1)
                 out = all_to_all_sequence_to_heads(out).reshape(s, b, -1)
