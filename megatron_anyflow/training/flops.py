@@ -68,6 +68,10 @@ class PassShape:
             FAR's compressed frames ``far_patch_embedding``: ``c x 1 x 4 x 4``).
         head_tokens: tokens through the output head (0: a KV-cache prefill stops after the last block).
         time_rows: rows through the time embedders (1 when every frame shares (t, r)).
+        frozen_kv_pairs: the part of ``self_pairs`` whose keys / values need no gradient: a cached
+            generation step's queries against the KV cache (its K / V are detached). The grouped FAR
+            attention attends the cache as its own key range, so explicit-matmul attention
+            (``"math"``) skips their dk / dv; flash kernels compute them anyway.
     """
 
     tokens: int
@@ -75,6 +79,7 @@ class PassShape:
     patch: Tuple[Tuple[str, int, int], ...]
     head_tokens: int
     time_rows: int = 1
+    frozen_kv_pairs: int = 0
 
 
 def bidirectional_shape(cfg: WanConfig, frames: int, height: int, width: int,
@@ -259,7 +264,10 @@ def shape_hardware_flops(cfg: WanConfig, shape: PassShape, text_len: int = 512, 
     for i in range(L):
         b = f"blocks.{i}"
         qkv = P.linear(f"{b}.self_attention.linear_qkv", S, h, 3 * h, x or mod, groups=3)
-        a = P.attention(batch * shape.self_pairs, h, qkv, qkv, attention)
+        fz = batch * shape.frozen_kv_pairs
+        a = P.attention(batch * shape.self_pairs - fz, h, qkv, qkv, attention)
+        if fz:  # queries against the detached KV cache: no dk / dv for "math"
+            a = P.attention(fz, h, qkv, qkv and attention != "math", attention) or a
         x = P.linear(f"{b}.self_attention.linear_proj", S, h, h, a) or x or mod
         q = P.linear(f"{b}.cross_attention.linear_q", S, h, h, x)
         kv = P.linear(f"{b}.cross_attention.linear_kv", C, h, 2 * h, txt, groups=2)
@@ -370,7 +378,8 @@ def far_pass_shape(cfg: WanConfig, layout, cache_tokens: int = 0, dense: bool = 
     L = layout.length
     pairs = L * (L + (cache_tokens if layout.mode == "step" else 0)) if dense else far_attention_pairs(layout,
                                                                                                    cache_tokens)
-    return PassShape(L, pairs, tuple(patch), 0 if layout.mode == "prefill" else L, layout.num_rows)
+    frozen = layout.valid_length * cache_tokens if layout.mode == "step" else 0
+    return PassShape(L, pairs, tuple(patch), 0 if layout.mode == "prefill" else L, layout.num_rows, frozen)
 
 
 @dataclass(frozen=True)
