@@ -24,8 +24,8 @@ re-launch skips them, and a seed's training resumes from its newest checkpoint.
 Evaluation: the prompts and noise of ``tools/evaluate_anyflow.py`` (``--num-samples`` prompts spread over
 ``--eval-data-path``, noise from ``--eval-seed``), the teacher's ``--reference-steps``-step Euler ODE samples as
 the reference (computed once, cached in ``OUTPUT/reference.pt``), the student's N-step flow-map Euler samples
-(EMA weights unless ``--no-ema``), PSNR of the decoded videos (pixel codec), otherwise the latent PSNR (peak-to-peak 2). The
-teacher's own N-step PSNR is recorded once as the yardstick.
+(EMA weights unless ``--no-ema``), PSNR of the decoded videos (pixel codec), otherwise the latent PSNR
+(peak-to-peak 2). The teacher's own N-step PSNR is recorded once as the yardstick.
 
 Stages: ``stage1`` (default recipe: the tiny script's step 5) and ``stage2`` (step 6; give the stage-1
 checkpoint with ``--init-adapters-from``) and ``far-stage1`` (AnyFlow-FAR stage 1, the FAR demo's step 1;
@@ -62,7 +62,7 @@ RECIPES = {
                    "--ema-start-iter", "0", "--lora-exclude", "condition_embedder.*"],
     "stage2": ["--model-preset", "tiny-video", "--log-interval", "25", "--guidance", "1", "--micro-batch-size", "4",
                "--lr", "1e-4", "--critic-lr", "1e-4", "--ema-start-iter", "0", "--ema-decay", "0.9",
-               "--simulation-steps", "2", "4", "8", "16", "--real-guidance", "0", "--lora-exclude", "condition_embedder.*"],
+               "--simulation-steps", "2", "4", "8", "16", "--real-guidance", "0"],  # LoRA targets: the stage-1 checkpoint's
 }
 
 
