@@ -63,15 +63,16 @@ def tiny_vae(path):
                      latents_std=(torch.rand(16, generator=g) + 0.5).tolist()).save_pretrained(path)
 
 
-def tiny_stage1_checkpoint(root, iters=2):
-    """A stage-1 checkpoint of the tiny preset whose 'generator' adapter moved (lr 1e-2, no warm-up)."""
+def tiny_stage1_checkpoint(root, iters=2, extra=()):
+    """A stage-1 checkpoint of the tiny preset whose 'generator' adapter moved (lr 1e-2, no warm-up);
+    ``extra``: more trainer arguments (a repeated flag overrides the one here)."""
     from megatron_anyflow.training.arguments import parse_args
     from megatron_anyflow.training.trainer import Trainer
 
     args = parse_args(["--stage", "stage1", "--mock-data", "--mock-num-samples", "8", "--mock-latent-shape",
                        *map(str, LATENT), "--micro-batch-size", "2", "--global-batch-size", "2", "--lora-rank", "4",
                        "--lora-alpha", "4", "--lr", "1e-2", "--lr-warmup-iters", "0", "--train-iters", str(iters),
-                       "--log-interval", "100", "--save", root])
+                       "--log-interval", "100", "--save", root, *extra])
     Trainer(args, log=lambda *a, **k: None).train()
     return root
 

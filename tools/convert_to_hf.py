@@ -25,6 +25,21 @@ writes ``model_index.json``, ``transformer/``, ``scheduler/`` (shift as above) a
 ``vae/``, ``text_encoder/`` and ``tokenizer/`` directories. A FAR checkpoint gives an ``AnyFlowFARPipeline``
 directory instead (``DiffusionPipeline.from_pretrained`` / ``AnyFlowFARPipeline.from_pretrained``).
 
+The adapter alone, as a diffusers / PEFT LoRA that users load on the base export:
+
+    python tools/convert_to_hf.py --input ckpt/stage2 --output export/base                      # the base
+    python tools/convert_to_hf.py --input ckpt/stage2 --output export/lora --lora-only [--ema]  # the adapter
+
+writes ``export/lora/pytorch_lora_weights.safetensors`` (``--lora-only NAME`` picks an adapter other than
+``generator``), which ``pipe.load_lora_weights("export/lora")`` (``AnyFlowPipeline`` on ``export/base``) or
+``transformer.load_lora_adapter(...)`` applies; the result equals the ``--merge-lora`` export. The base is
+what the run trained on (its teacher, with the delta embedder the run started from), i.e. the export of the
+same checkpoint without ``--merge-lora``. ``alpha / rank`` is folded into ``lora_B`` (the file's PEFT
+config has ``lora_alpha == r``), so every loader convention applies the same scale. AnyFlow-FAR's
+generator is not expressible as a LoRA (its ``far_patch_embedding`` is trained fully, not low-rank): it is
+refused (export it merged). The LoRA file's size and the merged export's are printed. ``--verify`` loads the
+base and the file in diffusers and compares one forward with the merged model.
+
 Safety: weights with a non-finite value are never exported (the keys are named). ``--verify`` (on by
 default; ``--no-verify`` skips it) loads the
 export in diffusers and compares one forward with this project's model (FAR: a teacher-forcing forward
@@ -49,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--input", required=True, help="checkpoint root (with its tracker) or a checkpoint directory")
     p.add_argument("--output", required=True, help="diffusers transformer directory to create")
     p.add_argument("--merge-lora", default=None, metavar="ADAPTER", help="merge this LoRA adapter into the base")
+    p.add_argument("--lora-only", nargs="?", const="generator", default=None, metavar="ADAPTER",
+                   help="write only this adapter (default: generator) as a diffusers / PEFT LoRA file "
+                        "(pytorch_lora_weights.safetensors) for the base export of the same checkpoint")
     p.add_argument("--ema", action="store_true", help="merge the EMA weights of the adapter instead of the live ones")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the exported weights")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
@@ -91,12 +109,20 @@ def main(argv=None):
         print(f"error: {args.output} exists; remove it or choose another --output", file=sys.stderr)
         return 2
     components = None
+    if args.pipeline and args.lora_only is not None:
+        print("error: --lora-only writes a LoRA file, not a pipeline: drop --pipeline (export the base pipeline "
+              "without --lora-only)", file=sys.stderr)
+        return 2
     if args.pipeline:
         try:
             components = pipeline_components(args.vae, args.text_encoder, args.tokenizer)
         except (ValueError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+    elif args.lora_only is not None and args.merge_lora is not None:
+        print("error: --lora-only writes the adapter alone, --merge-lora merges it into the base: pass one of them",
+              file=sys.stderr)
+        return 2
     elif args.vae or args.text_encoder or args.tokenizer:
         print("error: --vae / --text-encoder / --tokenizer are copied into a pipeline: pass --pipeline too",
               file=sys.stderr)
@@ -112,6 +138,8 @@ def main(argv=None):
         return 2
     print(f"[1/4] {ckpt_dir} (stage {meta.get('stage', 'converted')}, iteration {meta.get('iteration')})", flush=True)
     lora = meta.get("lora")
+    if args.lora_only is not None:
+        return export_lora_only(args, ckpt_dir, meta, t0)
     if args.merge_lora is not None and (not lora or args.merge_lora not in lora["adapters"]):
         have = lora["adapters"] if lora else []
         print(f"error: adapter {args.merge_lora!r} is not in the checkpoint (adapters: {have})", file=sys.stderr)
@@ -132,6 +160,7 @@ def main(argv=None):
     full = {k: v for k, v in model.state_dict().items() if v is not None}
     hf_sd = {k: v.to(dtype) for k, v in megatron_to_hf(full, cfg.head_dim).items()}
     bad = non_finite_keys(hf_sd)
+    print(f"transformer: {tensor_bytes(hf_sd) / 2**20:.2f} MiB of {args.dtype} tensors", flush=True)
     if bad:
         print(f"error: {len(bad)} tensor(s) of {ckpt_dir} hold non-finite values (NaN / inf) after conversion to "
               f"{args.dtype}: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; refusing to export them "
@@ -167,7 +196,7 @@ def main(argv=None):
     if args.verify:
         tol = args.verify_tolerance if args.verify_tolerance is not None else VERIFY_TOLERANCE[args.dtype]
         path = os.path.join(args.output, "transformer") if args.pipeline else args.output
-        err = verify(path, model, cfg, hf_cfg["_class_name"])
+        err = verify(load_hf(path, hf_cfg["_class_name"]), model, cfg, hf_cfg["_class_name"])
         print(f"verify: diffusers vs megatron_anyflow relative error {err:.2e} (tolerance {tol:.0e})", flush=True)
         problem = None
         if not math.isfinite(err):
@@ -272,8 +301,101 @@ def write_pipeline(root, components, shift, transformer_class, pipeline_class="A
         json.dump(dict(sorted(index.items())), f, indent=2)
 
 
-def verify(path, model, cfg, class_name):
-    """Relative error ``|ours - ref| / |ref|`` (Frobenius) between the exported diffusers model and ``model``
+def load_hf(path, class_name):
+    """The diffusers transformer ``class_name`` from the directory ``path``, float32, eval mode."""
+    import diffusers
+    import torch
+
+    return getattr(diffusers, class_name).from_pretrained(path, torch_dtype=torch.float32).eval()
+
+
+def tensor_bytes(sd):
+    """Bytes of the tensors of a state dict (a safetensors file is this plus a small JSON header)."""
+    return sum(v.numel() * v.element_size() for v in sd.values())
+
+
+def export_lora_only(args, ckpt_dir, meta, t0):
+    """``--lora-only``: the adapter as ``OUTPUT/pytorch_lora_weights.safetensors`` (module docstring).
+
+    Returns the exit code: 0, 1 (non-finite adapter, --verify failed), 2 (bad request: no such adapter, a
+    FAR generator, whose fully trained ``far_patch_embedding`` a LoRA cannot carry)."""
+    import torch
+    from diffusers.loaders import WanLoraLoaderMixin
+
+    from megatron_anyflow.models import lora as L
+    from megatron_anyflow.models.wan.convert import hf_config_from_arch, lora_to_diffusers, megatron_to_hf
+    from megatron_anyflow.parallel.sharding import canonical_key
+    from megatron_anyflow.training.checkpointing import CheckpointError, write_checksums_for_tree
+    from megatron_anyflow.training.model_io import load_with_adapter
+
+    adapter = args.lora_only
+    lora = meta.get("lora")
+    if not lora or adapter not in lora["adapters"]:
+        print(f"error: --lora-only: adapter {adapter!r} not in {ckpt_dir} (adapters: {lora['adapters'] if lora else []}"
+              "; a converted or fully fine-tuned checkpoint has no adapter to export: export it merged)",
+              file=sys.stderr)
+        return 2
+    arch = meta["wan_config"]
+    if arch.get("far") and adapter == "generator":
+        print(f"error: --lora-only {adapter}: {ckpt_dir} is AnyFlow-FAR, whose generator also trains "
+              "far_patch_embedding fully (not a low-rank update), which a diffusers LoRA cannot carry; export the "
+              "merged model (--merge-lora generator)", file=sys.stderr)
+        return 2
+    print(f"[2/4] loading the base and adapter {adapter!r}{' (EMA)' if args.ema else ''}", flush=True)
+    try:
+        model = load_with_adapter(ckpt_dir, adapter, ema=args.ema)
+    except (KeyError, FileNotFoundError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    cfg = model.config
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    layers, lora_config = lora_to_diffusers(model, adapter, cfg.head_dim)
+    layers = {k: v.to(dtype) for k, v in layers.items()}
+    bad = non_finite_keys(layers)
+    if bad:
+        print(f"error: {len(bad)} LoRA tensor(s) of {ckpt_dir} hold non-finite values in {args.dtype}: "
+              f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; refusing to export them", file=sys.stderr)
+        return 1
+    # The base as the diffusers model sees it (the LoRA linears' wrapped weights under their plain names).
+    base = {canonical_key(k): v for k, v in model.state_dict().items() if v is not None and ".adapters." not in k}
+    base_hf = megatron_to_hf(base, cfg.head_dim)
+    hf_cfg = hf_config_from_arch(arch)
+    tmp = args.output + ".tmp"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    print(f"[3/4] {len(lora_config['target_modules'])} diffusers modules, rank {lora_config['r']} "
+          f"(alpha {lora['alpha']:g} / rank {lora['rank']} folded into lora_B)", flush=True)
+    WanLoraLoaderMixin.save_lora_weights(tmp, transformer_lora_layers=layers,
+                                         transformer_lora_adapter_metadata=lora_config)
+    write_checksums_for_tree(tmp)
+    os.replace(tmp, args.output)
+    path = os.path.join(args.output, "pytorch_lora_weights.safetensors")
+    print(f"[4/4] wrote {path}: LoRA {os.path.getsize(path) / 2**20:.3g} MiB; the merged {hf_cfg['_class_name']} "
+          f"export: {sum(v.numel() for v in base_hf.values()) * dtype.itemsize / 2**20:.3g} MiB of {args.dtype} tensors", flush=True)
+    if args.verify:
+        import diffusers
+
+        tol = args.verify_tolerance if args.verify_tolerance is not None else VERIFY_TOLERANCE[args.dtype]
+        hf = getattr(diffusers, hf_cfg["_class_name"]).from_config(hf_cfg).float().eval()
+        hf.load_state_dict({k: v.float() for k, v in base_hf.items()}, strict=True)
+        hf.load_lora_adapter(args.output, weight_name="pytorch_lora_weights.safetensors", prefix="transformer")
+        del base, base_hf
+        L.merge_adapter(model, adapter)
+        L.remove_lora(model)
+        err = verify(hf, model, cfg, hf_cfg["_class_name"])
+        print(f"verify: diffusers base + LoRA vs megatron_anyflow merged, relative error {err:.2e} "
+              f"(tolerance {tol:.0e})", flush=True)
+        if not math.isfinite(err) or err > tol:
+            shutil.rmtree(args.output)
+            print(f"error: --verify: relative error {err:.2e} (tolerance {tol:.0e}): the LoRA on the base does not "
+                  f"reproduce the merged checkpoint; removed {args.output}", file=sys.stderr)
+            return 1
+    print(f"done in {time.time() - t0:.1f}s", flush=True)
+    return 0
+
+
+def verify(hf, model, cfg, class_name):
+    """Relative error ``|ours - ref| / |ref|`` (Frobenius) between the diffusers model ``hf`` and ``model``
     on one random float32 input; ``nan`` when either output holds a non-finite value. A
     ``WanTransformer3DModel`` (no delta embedder: a Wan2.1 / Wan2.2 teacher or base) is compared with
     per-token timesteps [1, S] in Wan2.2 TI2V's layout (first latent frame at 0).
@@ -283,10 +405,8 @@ def verify(path, model, cfg, class_name):
     clean copies), the path of every FAR weight; diffusers' FAR class has no bidirectional forward."""
     import warnings
 
-    import diffusers
     import torch
 
-    hf = getattr(diffusers, class_name).from_pretrained(path, torch_dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(0)
     model = model.float().eval()
     with torch.no_grad(), warnings.catch_warnings():

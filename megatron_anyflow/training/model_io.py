@@ -175,10 +175,15 @@ def load_adapters(model: torch.nn.Module, path: str, adapters: List[str], ema: b
     return d
 
 
-def load_for_inference(path: str, adapter: Optional[str] = None, ema: bool = False, **config_overrides) -> WanModel:
-    """A `WanModel` from a training / converted checkpoint, with ``adapter`` merged (TP = 1).
+def load_with_adapter(path: str, adapter: Optional[str] = None, ema: bool = False, **config_overrides) -> WanModel:
+    """A `WanModel` (TP = 1, eval mode) from a training / converted checkpoint: the base the run trained on
+    (`load_base`) with ``adapter`` applied as LoRA linears, **not merged**, live or EMA (``ema``) weights;
+    ``adapter`` None: the base alone (with the EMA of every weight under ``ema.model.`` when ``ema``: full
+    fine-tuning). `load_for_inference` merges it; ``convert_to_hf --lora-only`` exports the adapter as is.
 
-    Trained non-adapter tensors of the checkpoint (full fine-tuning) are loaded as well.
+    Raises:
+        KeyError: ``adapter`` is not in the checkpoint (the checkpoint's adapters named).
+        CheckpointError: tensors of the adapter are missing (`_load_adapter_tensors`).
     """
     d = ckpt.resolve_checkpoint_dir(path)
     meta = ckpt.read_meta(d)
@@ -188,9 +193,22 @@ def load_for_inference(path: str, adapter: Optional[str] = None, ema: bool = Fal
         request = {k: v for k, v in module_sharded_state_dict(model, "ema.model.").items()}
         load_module_state(model, ckpt.load_checkpoint(d, request, strict=True), "ema.model.")
     if adapter is not None:
-        lora = meta["lora"]
+        lora = meta.get("lora")
+        if not lora or adapter not in lora["adapters"]:
+            raise KeyError(f"adapter {adapter!r} not in {d} (adapters: {lora['adapters'] if lora else []})")
         L.apply_lora(model, [adapter], lora["rank"], lora["alpha"], targets=lora["targets"])
         load_adapters(model, d, [adapter], ema=ema)
+        L.set_active_adapter(model, adapter)
+    return model.eval()
+
+
+def load_for_inference(path: str, adapter: Optional[str] = None, ema: bool = False, **config_overrides) -> WanModel:
+    """A `WanModel` from a training / converted checkpoint, with ``adapter`` merged (TP = 1).
+
+    Trained non-adapter tensors of the checkpoint (full fine-tuning) are loaded as well.
+    """
+    model = load_with_adapter(path, adapter, ema, **config_overrides)
+    if adapter is not None:
         L.merge_adapter(model, adapter)
         L.remove_lora(model)
-    return model.eval()
+    return model

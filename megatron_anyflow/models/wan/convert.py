@@ -297,3 +297,50 @@ def hf_config_from_arch(arch: dict) -> dict:
                     deltatime_type=arch["deltatime_type"])
     return dict(_class_name=HF_WAN, **common, qk_norm="rms_norm_across_heads", added_kv_proj_dim=None,
                 pos_embed_seq_len=None)
+
+
+def lora_to_diffusers(model: torch.nn.Module, adapter: str, head_dim: int) -> Tuple[StateDict, dict]:
+    """One adapter of a LoRA-wrapped `WanModel` (TP = 1) as a diffusers / PEFT transformer LoRA.
+
+    Keys follow diffusers' ``load_lora_weights`` convention for the transformer:
+    ``transformer.<diffusers module>.lora_A.weight`` [r, in] and ``...lora_B.weight`` [out, r] (float32),
+    module names by the mapping of `megatron_to_hf` (a fused ``linear_qkv`` / ``linear_kv`` gives one pair
+    per part: its adapter already holds one A / B per q / k / v, see `megatron_anyflow.models.lora`).
+
+    The scaling ``alpha / rank`` is folded into ``lora_B`` (``B' = (alpha / rank) B``, the same float32
+    product this project's merge uses), and the returned PEFT config has ``lora_alpha == r``: the file
+    means ``W + B' A`` under PEFT's metadata, under the convention "no alpha = rank" of diffusers / kohya /
+    ComfyUI loaders alike, so no loader can apply the wrong scale.
+
+    Args:
+        model: a `WanModel` whose target linears are `LoRALinear` with ``adapter`` (TP = 1: full weights).
+        adapter: the adapter's name (e.g. ``"generator"``).
+        head_dim: attention head dimension (splits fused outputs).
+    Returns:
+        ``(state_dict, lora_config)``: the tensors without the ``transformer.`` prefix (as
+        ``save_lora_weights(transformer_lora_layers=...)`` takes them) and the PEFT ``LoraConfig`` kwargs
+        (``r``, ``lora_alpha``, ``target_modules``) for ``transformer_lora_adapter_metadata``.
+    Raises:
+        ValueError: no linear of ``model`` holds ``adapter``.
+    """
+    from megatron_anyflow.models import lora as L
+
+    out: StateDict = {}
+    rank = None
+    for m in L.lora_modules(model):
+        if adapter not in m.adapters:
+            continue
+        ad = m.adapters[adapter]
+        rank = ad.rank
+        # The diffusers module(s) of this linear, in group order, from the one name mapping.
+        probe = megatron_to_hf({f"{m.name}.weight": torch.zeros(m.groups * head_dim, 1)}, head_dim)
+        names = [k[: -len(".weight")] for k in probe]
+        b = (ad.lora_B.detach().float() * ad.scaling) if ad.scaling != 1.0 else ad.lora_B.detach().float()
+        a = ad.lora_A.detach().float()
+        for g, name in enumerate(names):
+            out[f"{name}.lora_A.weight"] = a[g * rank:(g + 1) * rank].contiguous()
+            out[f"{name}.lora_B.weight"] = b[g].contiguous()
+    if rank is None:
+        raise ValueError(f"no LoRA linear of the model holds adapter {adapter!r}")
+    targets = sorted({k.rsplit(".lora_", 1)[0] for k in out})
+    return out, {"r": rank, "lora_alpha": rank, "target_modules": targets}
