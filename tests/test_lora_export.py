@@ -45,7 +45,8 @@ def _randomise_adapter(src, dst):
             # Rebind (not in place): the sharded state dict of the previous pass keeps its own tensors.
             p.data = torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 3 else 1.0 / p.shape[1] ** 0.5)
         # Live: the whole model (this random-init run's checkpoint holds its base too); EMA: the adapter.
-        sd.update({k: v for k, v in module_sharded_state_dict(model, prefix).items() if not prefix or ".adapters." in k})
+        sd.update({k: v for k, v in module_sharded_state_dict(model, prefix).items()
+                   if not prefix or ".adapters." in k})
     added = ("saved_ranks", "rank_states", "checksums", "writer")  # save_checkpoint writes these itself
     ckpt.save_checkpoint(dst, meta["iteration"], sd, {k: v for k, v in meta.items() if k not in added})
     return dst

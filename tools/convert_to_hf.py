@@ -370,8 +370,9 @@ def export_lora_only(args, ckpt_dir, meta, t0):
     write_checksums_for_tree(tmp)
     os.replace(tmp, args.output)
     path = os.path.join(args.output, "pytorch_lora_weights.safetensors")
+    merged_mib = sum(v.numel() for v in base_hf.values()) * dtype.itemsize / 2**20  # same shapes as the base
     print(f"[4/4] wrote {path}: LoRA {os.path.getsize(path) / 2**20:.3g} MiB; the merged {hf_cfg['_class_name']} "
-          f"export: {sum(v.numel() for v in base_hf.values()) * dtype.itemsize / 2**20:.3g} MiB of {args.dtype} tensors", flush=True)
+          f"export: {merged_mib:.3g} MiB of {args.dtype} tensors", flush=True)
     if args.verify:
         import diffusers
 
