@@ -63,6 +63,21 @@ def tiny_vae(path):
                      latents_std=(torch.rand(16, generator=g) + 0.5).tolist()).save_pretrained(path)
 
 
+def tiny_wan22_vae(path):
+    """A tiny random Wan2.2 VAE (TI2V-5B's family: z_dim 48, residual blocks, 2x2 patchify, 16x space, 4x
+    time; decoder wider than encoder as in the release), with random latents_mean / latents_std; returns it."""
+    from diffusers import AutoencoderKLWan
+
+    g = torch.Generator().manual_seed(2)
+    vae = AutoencoderKLWan(base_dim=8, decoder_base_dim=12, z_dim=48, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                           attn_scales=[], temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+                           out_channels=12, patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16,
+                           latents_mean=torch.randn(48, generator=g).tolist(),
+                           latents_std=(torch.rand(48, generator=g) + 0.5).tolist())
+    vae.save_pretrained(path)
+    return vae.eval()
+
+
 def tiny_stage1_checkpoint(root, iters=2, extra=()):
     """A stage-1 checkpoint of the tiny preset whose 'generator' adapter moved (lr 1e-2, no warm-up);
     ``extra``: more trainer arguments (a repeated flag overrides the one here)."""

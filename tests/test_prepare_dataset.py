@@ -16,7 +16,9 @@ import torch
 
 from conftest import REPO, run_cmd
 
-from megatron_anyflow.data.codecs import PixelCodec, WanVAECodec
+from test_pipeline_export import tiny_wan22_vae
+
+from megatron_anyflow.data.codecs import PixelCodec, Wan22VAECodec, WanVAECodec, vae_codec_name
 from megatron_anyflow.data.latent_dataset import LatentDataset
 from megatron_anyflow.data.text import (WAN_NEGATIVE_PROMPT_EN, WAN_NEGATIVE_PROMPT_ZH, MiniLMTextEncoder,
                                         UMT5TextEncoder)
@@ -118,6 +120,84 @@ def test_wan_vae_codec_round_trip_and_normalisation(tiny_wan_vae):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)  # decode inverts the normalisation
     with pytest.raises(ValueError):
         codec.encode(torch.zeros(1, 3, 6, 16, 16))
+
+
+@pytest.fixture(scope="module")
+def tiny_wan22_vae_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("wan22_vae")
+    return str(path), tiny_wan22_vae(str(path))
+
+
+def test_wan22_vae_codec_equals_diffusers_encode_and_decode(tiny_wan22_vae_dir):
+    """The codec against diffusers' AutoencoderKLWan with WanPipeline's normalisation written out here:
+    ``(z - mean) * (1 / std)`` to encode, ``z / (1 / std) + mean`` before ``decode``, channel-major.
+
+    Tolerances: both sides run the same float32 VAE on the same input, so the raw latents are identical;
+    the codec divides by std where the pipeline multiplies by its reciprocal: <= 2 roundings, 2.4e-7
+    relative, hence 1e-6. Decode: its input then differs by ~1e-7 relative, which a random tiny decoder
+    (a few conv layers, gain O(1)) carries to a few 1e-6 (measured 1.7e-6): 1e-5."""
+    path, vae = tiny_wan22_vae_dir
+    codec = Wan22VAECodec(path, device="cpu")
+    assert (codec.name, codec.channels, codec.temporal_factor, codec.spatial_factor) == ("wan2.2-vae", 48, 4, 16)
+    assert codec.latent_shape(121, 704, 1280) == (31, 48, 44, 80)  # TI2V-5B's 720p clip
+    with pytest.raises(ValueError, match="not divisible by 16"):
+        codec.latent_shape(5, 40, 80)
+    g = torch.Generator().manual_seed(3)
+    video = torch.rand(2, 3, 5, 48, 80, generator=g) * 2 - 1  # odd latent grid: 3 x 5, 2 latent frames
+    z = codec.encode(video)
+    assert z.shape == (2, 2, 48, 3, 5)  # frame-major [b, f, c, h, w]
+    mean = torch.tensor(vae.config.latents_mean).view(1, 48, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, 48, 1, 1, 1)
+    with torch.no_grad():
+        ref = (vae.encode(video).latent_dist.mode() - mean) * inv_std  # [b, c, f, h, w]
+    torch.testing.assert_close(z, ref.permute(0, 2, 1, 3, 4), rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
+    out = codec.decode(z)
+    with torch.no_grad():
+        ref_video = vae.decode(ref / inv_std + mean).sample.clamp(-1, 1)
+    assert out.shape == video.shape and float((out.abs() < 1).float().mean()) > 0.5  # not clamped flat
+    torch.testing.assert_close(out, ref_video, rtol=1e-5, atol=1e-5)
+
+
+def test_vae_codecs_refuse_the_other_family(tiny_wan22_vae_dir, tiny_wan_vae, capsys):
+    p22, p21 = tiny_wan22_vae_dir[0], tiny_wan_vae[0]
+    assert (vae_codec_name(p22), vae_codec_name(p21)) == ("wan2.2-vae", "wan-vae")
+    with pytest.raises(ValueError, match=r"z_dim 48 and 16x .* expects the Wan2.1 VAE .*use --codec wan2.2-vae"):
+        WanVAECodec(p22, device="cpu")
+    with pytest.raises(ValueError, match=r"z_dim 16 and 8x .* expects the Wan2.2 VAE .*use --codec wan-vae"):
+        Wan22VAECodec(p21, device="cpu")
+    with pytest.raises(SystemExit):
+        prepare_dataset.parse_args(["--input", p22, "--output", "x", "--codec", "wan2.2-vae", "--vae", p22,
+                                    "--num-frames", "5", "--height", "40", "--width", "80"])
+    assert "--height 40: must be a positive multiple of 16" in capsys.readouterr().err
+
+
+def test_prepare_dataset_wan22_vae_encodes_the_dali_frames(real_clips, tiny_wan22_vae_dir, minilm, tmp_path):
+    """End to end through DALI: 48-channel latents of the right shape, equal to the codec applied to the
+    very frames DALI decoded (recovered exactly from a pixel-codec run of the same clips: its decode is
+    an exact inverse). Tolerance: the same float32 VAE on the same input; 1e-6 relative covers any
+    batch-size dependence of the CPU convolutions (the run encodes 2 clips together, the check 1)."""
+    path = tiny_wan22_vae_dir[0]
+    clips = [str(real_clips / "carphone_pristine.webm"), str(real_clips / "bikes.webm")]
+    common = ["--input", *clips, "--captions", CAPTIONS, "--num-frames", "5", "--height", "48", "--width", "80",
+              "--samples-per-shard", "1", "--device", "cpu", "--quiet"]
+    runs = {}
+    for name, codec_args in (("wan22", ["--codec", "wan2.2-vae", "--vae", path]), ("pixel", ["--codec", "pixel"])):
+        args = prepare_dataset.parse_args([*common, "--output", str(tmp_path / name), *codec_args])
+        assert prepare_dataset.prepare(args, text_encoder=minilm)["status"] == "complete"
+        runs[name] = LatentDataset(str(tmp_path / name))
+    ds = runs["wan22"]
+    assert len(ds) == 2 and ds.latent_shape == (2, 48, 3, 5)
+    index = json.load(open(tmp_path / "wan22" / "index.json"))
+    cc = index["codec"]
+    assert (cc["name"], cc["channels"], cc["spatial_factor"], cc["temporal_factor"]) == ("wan2.2-vae", 48, 16, 4)
+    assert len(cc["latents_mean"]) == 48 and len(cc["latents_std"]) == 48
+    codec = Wan22VAECodec(path, device="cpu")
+    for i in range(2):
+        frames = PixelCodec(4).decode(runs["pixel"][i][0][None])  # [1, 3, 5, 48, 80], DALI's frames
+        ref = codec.encode(frames)[0]
+        torch.testing.assert_close(ds[i][0], ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
+    assert not torch.equal(ds[0][0], ds[1][0])
 
 
 def test_minilm_encoder(minilm):

@@ -315,3 +315,38 @@ def test_per_token_segments_of_a_local_token_slice_match_the_per_frame_ones(star
     t_rows, r_rows, segs = model._per_token_time_rows(t.repeat_interleave(15, 1), r, f, grid, start, length)
     assert segs.segments == FrameSegments.build(3, 15, start, length, uniform=False).segments
     assert torch.equal(t_rows, t) and torch.equal(r_rows, r)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generation through the Wan2.2 VAE codec
+# ---------------------------------------------------------------------------------------------------
+def test_generate_decodes_with_the_wan22_vae_codec(wan22_dirs, tmp_path, capsys):
+    """tools/generate.py --codec wan2.2-vae on the tiny TI2V-shaped transformer: 48-channel latents of the
+    codec's size (5 frames of 64 x 96 -> 2 x 4 x 6), decoded to a video at Wan2.2's 24 fps. The codec
+    choice (`resolve_codec`, what generate.py calls): a VAE given alone is recognised as Wan2.2's, a
+    16-channel model or a Wan2.2 VAE named as wan-vae is refused with the reason. (The codec's decode
+    itself equals diffusers': tests/test_prepare_dataset.py.)"""
+    from safetensors.torch import load_file
+
+    from test_pipeline_export import tiny_wan22_vae
+
+    from megatron_anyflow.anyflow import generation as G
+
+    vae = tmp_path / "vae"
+    tiny_wan22_vae(str(vae))
+    out = tmp_path / "out"
+    ok("generate", ["--checkpoint", wan22_dirs / "ti2v", "--codec", "wan2.2-vae", "--vae", vae, "--prompt",
+                    "a red panda", "--frames", "5", "--height", "64", "--width", "96", "--steps", "2", "--no-progress",
+                    "--output", out, "--save-latents", out / "lat.safetensors"], capsys)
+    lat = load_file(str(out / "lat.safetensors"))["steps_2"]
+    assert lat.shape == (1, 2, 48, 4, 6) and bool(torch.isfinite(lat).all())
+    record = json.loads((out / "generation.json").read_text())
+    assert (record["codec"], record["fps"], record["frames"]) == ("wan2.2-vae", 24, 5)
+    assert os.path.getsize(out / "steps_2.mp4") > 0
+    codec = G.resolve_codec(None, str(vae), {}, None, 48, device="cpu")
+    assert codec.name == "wan2.2-vae"
+    assert G.video_size(codec, {}, None, None, None) == (704, 1280, 121, (31, 48, 44, 80))  # TI2V-5B's default
+    with pytest.raises(G.GenerationError, match="'wan2.2-vae' has 48 latent channels .* in_channels=16"):
+        G.resolve_codec("wan2.2-vae", str(vae), {}, None, 16, device="cpu")
+    with pytest.raises(G.GenerationError, match="use --codec wan2.2-vae"):
+        G.resolve_codec("wan-vae", str(vae), {}, None, 48, device="cpu")

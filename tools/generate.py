@@ -67,7 +67,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("video")
     g.add_argument("--data-path", default=None, help="dataset whose codec / text encoder / sizes are the defaults "
                                                      "(default: the one the checkpoint trained on)")
-    g.add_argument("--codec", default=None, help="pixel, wan-vae or none (latents only); default: the dataset's")
+    g.add_argument("--codec", default=None,
+                   help="pixel, wan-vae, wan2.2-vae or none (latents only); default: the dataset's")
     g.add_argument("--vae", default=None, help="Wan VAE directory (diffusers AutoencoderKLWan)")
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)
@@ -215,8 +216,8 @@ def run(args):
                     f"--frames/--height/--width {frames} {height} {width} (latents {list(latent_shape)})")
             raise G.GenerationError(f"{flag}: the latent F x H x W must be divisible by the model's patch size "
                                     f"{tuple(lm.model.config.patch_size)}")
-    wan = codec is not None and codec.name == "wan-vae"
-    fps = None if codec is None else args.fps or int(round((index.get("video") or {}).get("fps", 16 if wan else 8)))
+    fps = None if codec is None else args.fps or int(round((index.get("video") or {}).get(
+        "fps", codec.default_video["fps"])))
     num_latent_frames = (latent_shape[0] if latent_shape is not None else
                          G.load_noise(args.noise).shape[1] if args.noise else None)
     cp = None

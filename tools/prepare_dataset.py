@@ -20,6 +20,10 @@ Examples::
     python tools/prepare_dataset.py --input shards/ --output data/wan --codec wan-vae \\
         --vae Wan2.1-T2V-1.3B-Diffusers/vae --text-encoder umt5 \\
         --text-encoder-path Wan2.1-T2V-1.3B-Diffusers/text_encoder
+    # Wan2.2 TI2V-5B: its VAE (48 channels, 16x space, 4x time) and umT5, at its 24 fps, 704 x 1280
+    python tools/prepare_dataset.py --input shards/ --output data/wan22 --codec wan2.2-vae \
+        --vae Wan2.2-TI2V-5B-Diffusers/vae --text-encoder umt5 \
+        --text-encoder-path Wan2.2-TI2V-5B-Diffusers/text_encoder --num-frames 121 --fps 24 --height 704 --width 1280
 
 Videos are read by the DALI pipeline (``megatron_anyflow.data.video``; H.264 etc. must be transcoded
 for CPU decoding: ``tools/prepare_videos.py``). ``--clips-per-video K`` takes K windows per video
@@ -58,8 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="video files, folders of videos, WebDataset .tar shards or folders of them")
     ap.add_argument("--captions", default=None, help="captions file (JSON or CSV: file -> caption) for plain videos")
     ap.add_argument("--output", required=True, help="dataset folder to write")
-    ap.add_argument("--codec", choices=["pixel", "wan-vae"], default="pixel")
-    ap.add_argument("--vae", default=None, help="diffusers AutoencoderKLWan directory (--codec wan-vae)")
+    ap.add_argument("--codec", choices=["pixel", "wan-vae", "wan2.2-vae"], default="pixel",
+                    help="pixel (space-to-depth), wan-vae (Wan2.1 VAE: 16 channels, 8x space) or wan2.2-vae (Wan2.2 "
+                         "TI2V-5B VAE: 48 channels, 16x space); both VAEs compress time 4x")
+    ap.add_argument("--vae", default=None, help="diffusers AutoencoderKLWan directory (--codec wan-vae / wan2.2-vae)")
     ap.add_argument("--space-to-depth", type=int, default=4, help="pixel codec block size (default 4)")
     ap.add_argument("--text-encoder", choices=["minilm", "umt5"], default="minilm")
     ap.add_argument("--text-encoder-path", default=None, help="umT5 directory (--text-encoder umt5)")
@@ -94,7 +100,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "compression gives whole latent frames")
     if not (args.fps > 0 and args.fps < float("inf")):
         ap.error(f"--fps {args.fps}: must be a positive number")
-    factor = args.space_to_depth if args.codec == "pixel" else 8  # the Wan2.1 VAE compresses space 8x
+    from megatron_anyflow.data.codecs import CODECS
+
+    # The VAEs' spatial compression (Wan2.1 8x, Wan2.2 16x), checked again against the loaded VAE's config.
+    factor = args.space_to_depth if args.codec == "pixel" else CODECS[args.codec].spatial
     if args.space_to_depth < 1:
         ap.error(f"--space-to-depth {args.space_to_depth}: must be >= 1")
     for name in ("height", "width"):

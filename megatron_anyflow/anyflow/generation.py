@@ -240,14 +240,16 @@ def resolve_codec(name: Optional[str], vae: Optional[str], index: dict, pipeline
                   in_channels: int, device=None):
     """The latent codec to size and decode videos with (or ``None``: latents only).
 
-    Order: ``name`` (``pixel``, ``wan-vae``, ``none``); else the dataset's codec (``index["codec"]``, the
-    VAE path overridable with ``vae``); else ``vae``; else the pipeline's ``vae/``; else ``None``.
+    Order: ``name`` (``pixel``, ``wan-vae``, ``wan2.2-vae``, ``none``); else the dataset's codec
+    (``index["codec"]``, the VAE path overridable with ``vae``); else ``vae``; else the pipeline's ``vae/``
+    (a VAE alone gives the codec of its family: ``wan2.2-vae`` for a 48-channel VAE, else ``wan-vae``);
+    else ``None``.
 
     Raises:
         GenerationError: an unknown codec name; a codec whose latent channels differ from the model's
-            ``in_channels``; ``wan-vae`` with no VAE directory.
+            ``in_channels``; a VAE codec with no VAE directory, or with a VAE of the other family.
     """
-    from megatron_anyflow.data.codecs import PixelCodec, WanVAECodec, codec_from_config
+    from megatron_anyflow.data.codecs import CODECS, VAE_CODECS, PixelCodec, codec_from_config, vae_codec_name
 
     pipe_vae = os.path.join(pipeline_dir, "vae") if pipeline_dir and os.path.isdir(os.path.join(pipeline_dir, "vae")) else None
     if name is not None:
@@ -256,18 +258,23 @@ def resolve_codec(name: Optional[str], vae: Optional[str], index: dict, pipeline
         if name == "pixel":
             cc = index.get("codec") or {}
             codec = PixelCodec(cc.get("space_to_depth", 4), cc.get("scale", 2.0)) if cc.get("name") == "pixel" else PixelCodec()
-        elif name in ("wan-vae", "wan"):
+        elif name in VAE_CODECS or name == "wan":
+            name = "wan-vae" if name == "wan" else name
             path = vae or pipe_vae or (index.get("codec") or {}).get("path")
             if not path:
-                raise GenerationError("--codec wan-vae needs a VAE directory: pass --vae DIR (a diffusers "
-                                      "AutoencoderKLWan, e.g. Wan2.1-T2V-1.3B-Diffusers/vae)")
-            codec = WanVAECodec(path, device=device)
+                raise GenerationError(f"--codec {name} needs a VAE directory: pass --vae DIR (a diffusers "
+                                      "AutoencoderKLWan, e.g. Wan2.1-T2V-1.3B-Diffusers/vae or "
+                                      "Wan2.2-TI2V-5B-Diffusers/vae)")
+            try:
+                codec = CODECS[name](path, device=device)
+            except ValueError as err:  # a VAE of the other family
+                raise GenerationError(str(err)) from None
         else:
-            raise GenerationError(f"unknown codec {name!r}: expected 'pixel', 'wan-vae' or 'none'")
+            raise GenerationError(f"unknown codec {name!r}: expected one of {[*CODECS, 'none']}")
     elif index.get("codec"):
         codec = codec_from_config(index["codec"], vae_path=vae, device=device)
     elif vae or pipe_vae:
-        codec = WanVAECodec(vae or pipe_vae, device=device)
+        codec = CODECS[vae_codec_name(vae or pipe_vae)](vae or pipe_vae, device=device)
     else:
         return None
     if codec.channels != in_channels:
@@ -608,7 +615,7 @@ def latent_frames_hint(codec, num_latent_frames: int, latent_shape: Optional[Seq
     frames = (S - 1) * tf + 1
     if tf == 1:
         return f"--frames {S}"
-    name = "Wan-VAE" if codec.name == "wan-vae" else f"{codec.name} codec"
+    name = {"wan-vae": "Wan-VAE", "wan2.2-vae": "Wan2.2-VAE"}.get(codec.name, f"{codec.name} codec")
     return f"--frames {frames} ({name} video frames must be {tf}k+1; {frames} frames give {S} latent frames)"
 
 
@@ -859,7 +866,8 @@ def latent_shape_for(codec, frames: int, height: int, width: int) -> Tuple[int, 
 def video_size(codec, index: dict, height: Optional[int], width: Optional[int], frames: Optional[int],
                latent_shape: Optional[Sequence[int]] = None):
     """``(height, width, frames, latent_shape)`` of the videos: the given sizes, else the dataset's
-    (``index["video"]``), else Wan's 480 x 832 x 81 for the Wan VAE. Without a codec only ``latent_shape``
+    (``index["video"]``), else the codec's ``default_video`` (Wan2.1 VAE: 480 x 832 x 81; Wan2.2 VAE:
+    704 x 1280 x 121; none for the pixel codec). Without a codec only ``latent_shape``
     (``(f, c, h, w)``, possibly None) is known.
 
     Raises:
@@ -868,10 +876,10 @@ def video_size(codec, index: dict, height: Optional[int], width: Optional[int], 
     if codec is None:
         return None, None, None, tuple(latent_shape) if latent_shape else None
     v = index.get("video") or {}
-    wan = codec.name == "wan-vae"
-    height = height or v.get("height") or (480 if wan else None)
-    width = width or v.get("width") or (832 if wan else None)
-    frames = frames or v.get("num_frames") or (81 if wan else None)
+    default = codec.default_video
+    height = height or v.get("height") or default["height"]
+    width = width or v.get("width") or default["width"]
+    frames = frames or v.get("num_frames") or default["num_frames"]
     if not (height and width and frames):
         raise GenerationError("the video size is unknown (the checkpoint records no dataset): pass --height, "
                               "--width and --frames")
