@@ -160,3 +160,22 @@ def test_lora_only_refusals(exports, tmp_path, capsys, monkeypatch):
     rc = convert.main(["--input", exports["ckpt"], "--output", str(tmp_path / "d"), "--lora-only"])
     err = capsys.readouterr().err
     assert rc == 2 and "far_patch_embedding" in err and "--merge-lora generator" in err
+
+
+def test_non_finite_adapter_is_refused_and_named(exports, tmp_path, capsys, monkeypatch):
+    from megatron_anyflow.training import model_io
+
+    real = model_io.load_with_adapter
+
+    def poisoned(*a, **k):
+        model = real(*a, **k)
+        qkv = model.get_submodule("blocks.1.self_attention.linear_qkv")
+        with torch.no_grad():
+            qkv.adapters["generator"].lora_B[2, 0, 0] = float("nan")
+        return model
+
+    monkeypatch.setattr(model_io, "load_with_adapter", poisoned)
+    rc = load_tool("convert_to_hf").main(["--input", exports["ckpt"], "--output", str(tmp_path / "o"), "--lora-only"])
+    err = capsys.readouterr().err
+    # group 2 of the fused q/k/v adapter is diffusers' to_v: the tensor is named by its diffusers module
+    assert rc == 1 and "blocks.1.attn1.to_v.lora_B.weight" in err and not (tmp_path / "o").exists()
