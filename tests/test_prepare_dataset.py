@@ -182,7 +182,9 @@ def test_prepare_dataset_wan22_vae_encodes_the_dali_frames(real_clips, tiny_wan2
     common = ["--input", *clips, "--captions", CAPTIONS, "--num-frames", "5", "--height", "48", "--width", "80",
               "--samples-per-shard", "1", "--device", "cpu", "--quiet"]
     runs = {}
-    for name, codec_args in (("wan22", ["--codec", "wan2.2-vae", "--vae", path]), ("pixel", ["--codec", "pixel"])):
+    # (wan2.2-vae's default --fps is 24, Wan2.2's rate: the pixel run takes the same frames with --fps 24)
+    for name, codec_args in (("wan22", ["--codec", "wan2.2-vae", "--vae", path]),
+                             ("pixel", ["--codec", "pixel", "--fps", "24"])):
         args = prepare_dataset.parse_args([*common, "--output", str(tmp_path / name), *codec_args])
         assert prepare_dataset.prepare(args, text_encoder=minilm)["status"] == "complete"
         runs[name] = LatentDataset(str(tmp_path / name))
@@ -191,7 +193,7 @@ def test_prepare_dataset_wan22_vae_encodes_the_dali_frames(real_clips, tiny_wan2
     index = json.load(open(tmp_path / "wan22" / "index.json"))
     cc = index["codec"]
     assert (cc["name"], cc["channels"], cc["spatial_factor"], cc["temporal_factor"]) == ("wan2.2-vae", 48, 16, 4)
-    assert len(cc["latents_mean"]) == 48 and len(cc["latents_std"]) == 48
+    assert len(cc["latents_mean"]) == 48 and len(cc["latents_std"]) == 48 and index["video"]["fps"] == 24
     codec = Wan22VAECodec(path, device="cpu")
     for i in range(2):
         frames = PixelCodec(4).decode(runs["pixel"][i][0][None])  # [1, 3, 5, 48, 80], DALI's frames

@@ -73,7 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--negative-prompt", default=None,
                     help="default: Wan2.1's negative prompt (Chinese for umt5, English for minilm)")
     ap.add_argument("--num-frames", type=int, default=81, help="frames per clip, 4k+1 (default 81)")
-    ap.add_argument("--fps", type=float, default=16.0, help="clip frame rate (default 16)")
+    ap.add_argument("--fps", type=float, default=None,
+                    help="clip frame rate (default 16; 24 with --codec wan2.2-vae, Wan2.2 TI2V-5B's rate)")
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--width", type=int, default=832)
     ap.add_argument("--clips-per-video", type=int, default=1)
@@ -98,6 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.num_frames < 1 or args.num_frames % 4 != 1:
         ap.error(f"--num-frames {args.num_frames}: must be 4k+1 (1, 5, 9, ..., 81), so the Wan VAE's 4x temporal "
                  "compression gives whole latent frames")
+    if args.fps is None:
+        args.fps = 24.0 if args.codec == "wan2.2-vae" else 16.0
     if not (args.fps > 0 and args.fps < float("inf")):
         ap.error(f"--fps {args.fps}: must be a positive number")
     from megatron_anyflow.data.codecs import CODECS
