@@ -559,7 +559,8 @@ class ReferenceRunner:
         self.dtype = torch.bfloat16 if a.bf16 else torch.float32
         self.world = 1
         self.global_batch = a.micro_batch_size
-        hf = diffusers_transformer(arch_config(a.preset, a.num_layers), self.device, self.dtype, seed=a.seed)
+        cfg = arch_config(a.preset, a.num_layers)
+        hf = diffusers_transformer(cfg, self.device, self.dtype, seed=a.seed)
         hf.requires_grad_(False)
         hf.train()
         # recomputation on both sides or neither: diffusers' per-block checkpointing when this project's
