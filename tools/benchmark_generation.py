@@ -65,6 +65,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from megatron_anyflow.models.wan.config import ATTENTION_IMPLS
 from megatron_anyflow.training.benchmark import (PeakMemory, _fmt, _pct, _sync, datasheet_peak_tflops, device_name,
                                                  device_slug, diffusers_transformer, say, write_atomic)
 
@@ -102,7 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shift", type=float, default=5.0, help="time shift of the grid (both implementations)")
     p.add_argument("--bf16", dest="bf16", action="store_true", default=None, help="bf16 weights (default on CUDA)")
     p.add_argument("--fp32", dest="bf16", action="store_false", help="fp32 (default on CPU)")
-    p.add_argument("--attention-impl", choices=["auto", "cudnn", "fa3", "flash", "sdpa", "math"], default="auto",
+    p.add_argument("--attention-impl", choices=list(ATTENTION_IMPLS), default="auto",
                    help="our attention kernel (diffusers keeps its own)")
     p.add_argument("--compile", action="store_true", help="ours: torch.compile each transformer block")
     p.add_argument("--no-reference", action="store_true", help="skip the diffusers rows")
