@@ -57,7 +57,8 @@ GENERATION_STEPS = (1, 4)  # 04_generation: N per video (the issue's comparison 
 BUILD_S = 8.0  # one 1.3B model (+ adapters, optimiser) built and moved to the GPU, per row
 COMPILE_S = 60.0  # 09_kernels with torch.compile: ~6 graphs (only when this much is left)
 GPU_FIXED_S = {"01_env": 3, "02_model_vs_diffusers": 4, "09_kernels": 6, "10_pytest_gpu": 30, "11_steps": 10}
-SUITE_ITERS = {"stage1": (1, 2), "generation": (1, 2), "profile": (1, 1), "stage2": (1, 1), "far": (1, 1), "teacher": (1, 2)}  # (warm-up, timed)
+SUITE_ITERS = {"stage1": (1, 2), "generation": (1, 2), "profile": (1, 1), "stage2": (1, 1), "far": (1, 1),
+               "teacher": (1, 2)}  # (warm-up, timed)
 
 
 def gpu_budgets(detail: bool = False):

@@ -130,40 +130,30 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "0[3468]_*.json")) + glob
         continue
     rows = rep.get("rows", []) if isinstance(rep, dict) else []
     part = os.path.basename(path)[:-5]
-    if part == "04_generation":  # one line per (model, N): ours against diffusers' pipeline
-        for r in rows:
-            if r.get("implementation") != "megatron_anyflow":
-                continue
-            what = f"{r['model']} N={r['steps']}"
-            if "error" in r:
-                out.append(f"- {part} {what}: ours failed: {r['error'][:120]}")
-                continue
-            ref = next((x for x in rows if x.get("implementation") == "diffusers" and x["model"] == r["model"]
-                        and x["steps"] == r["steps"]), None)
-            line = (f"- {part} {what}: ours {r['s_per_video']:.3g} s/video, {r['model_tflops_per_s']:.4g} model "
-                    f"TFLOP/s, peak {r['peak_memory_gib']:.1f} GiB")
-            if ref is not None and "error" in ref:
-                line += f"; diffusers failed: {ref['error'][:120]}"
-            elif ref is not None:
-                line += (f"; diffusers {ref['s_per_video']:.3g} s/video: ours takes {r['time_vs_diffusers']:.2f}x its "
-                         f"time, latents rel. err {r.get('rel_err_vs_diffusers') or float('nan'):.1e}")
-            out.append(line)
-        continue
+    gen = part == "04_generation"  # generation: one line per (model, N), ours against diffusers' pipeline
+    key = (lambda x: (x.get("model"), x.get("steps"))) if gen else (lambda x: (x.get("step"), x.get("schedule")))
+    ref_impl = "diffusers" if gen else "reference"
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f} %"
     for r in rows:
         if r.get("implementation") != "megatron_anyflow":
             continue
-        what = f"{r['step']}{'/' + r['schedule'] if r.get('schedule') else ''}"
+        what = f"{r['model']} N={r['steps']}" if gen else f"{r['step']}{'/' + r['schedule'] if r.get('schedule') else ''}"
         if "error" in r:
             out.append(f"- {part} {what}: ours failed: {r['error'][:120]}")
             continue
-        ref = next((x for x in rows if x.get("implementation") == "reference" and x["step"] == r["step"]
-                    and x.get("schedule") == r.get("schedule")), None)
-        pct = lambda v: "-" if v is None else f"{100 * v:.1f} %"
-        line = (f"- {part} {what}: ours {r['s_per_iter']:.3g} s/iter, {r['model_tflops_per_s_per_gpu']:.4g} model "
-                f"TFLOP/s, MFU {pct(r.get('mfu'))} of the measured matmul / {pct(r.get('mfu_datasheet'))} of the "
-                f"data sheet, peak {r['peak_memory_gib']:.1f} GiB")
+        ref = next((x for x in rows if x.get("implementation") == ref_impl and key(x) == key(r)), None)
+        if gen:
+            line = (f"- {part} {what}: ours {r['s_per_video']:.3g} s/video, {r['model_tflops_per_s']:.4g} model "
+                    f"TFLOP/s, MFU {pct(r.get('mfu_datasheet'))} of the data sheet, peak {r['peak_memory_gib']:.1f} GiB")
+        else:
+            line = (f"- {part} {what}: ours {r['s_per_iter']:.3g} s/iter, {r['model_tflops_per_s_per_gpu']:.4g} model "
+                    f"TFLOP/s, MFU {pct(r.get('mfu'))} of the measured matmul / {pct(r.get('mfu_datasheet'))} of the "
+                    f"data sheet, peak {r['peak_memory_gib']:.1f} GiB")
         if ref is not None and "error" in ref:
-            line += f"; reference failed: {ref['error'][:120]}"
+            line += f"; {ref_impl} failed: {ref['error'][:120]}"
+        elif ref is not None and gen:
+            line += (f"; diffusers {ref['s_per_video']:.3g} s/video: ours takes {r['time_vs_diffusers']:.2f}x its "
+                     f"time, latents rel. err {r.get('rel_err_vs_diffusers') or float('nan'):.1e}")
         elif ref is not None:
             line += (f"; reference {ref['s_per_iter']:.3g} s/iter, peak {ref['peak_memory_gib']:.1f} GiB: "
                      f"speed-up {r.get('speedup_vs_reference', float('nan')):.2f}x")

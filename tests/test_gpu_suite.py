@@ -28,8 +28,8 @@ from conftest import REPO
 
 SUITE = os.path.join(REPO, "benchmarks", "gpu_suite.sh")
 WHEELS = os.path.join(REPO, "benchmarks", "prepare_gpu_wheels.sh")
-ORDER = ["01_env", "02_model_vs_diffusers", "03_stage1", "04_generation", "05_profile_stage1", "06_stage2", "07_attention", "08_far",
-         "09_kernels", "10_pytest_gpu", "11_steps", "12_teacher"]
+ORDER = ["01_env", "02_model_vs_diffusers", "03_stage1", "04_generation", "05_profile_stage1", "06_stage2",
+         "07_attention", "08_far", "09_kernels", "10_pytest_gpu", "11_steps", "12_teacher"]
 TABLES = [p for p in ORDER if p not in ("01_env", "10_pytest_gpu", "11_steps")]  # parts writing JSON + markdown
 OUT_FILES = {"results.tgz", "summary.md", "suite_stdout.txt"}
 TRANSIENT = {".results.tgz.fg", ".results.tgz.bg", ".summary.md.tmp"}

@@ -67,7 +67,8 @@ import torch
 
 from megatron_anyflow.models.wan.config import ATTENTION_IMPLS
 from megatron_anyflow.training.benchmark import (PeakMemory, _fmt, _pct, _sync, datasheet_peak_tflops, device_name,
-                                                 device_slug, diffusers_transformer, say, write_atomic)
+                                                 device_slug, diffusers_transformer, print_report, say,
+                                                 write_atomic)
 
 __all__ = ["parse_args", "main", "video_flops", "markdown"]
 IMPLS = ("megatron_anyflow", "diffusers")
@@ -401,9 +402,7 @@ def main(argv=None) -> Dict:
                 write(False)
         pair.close()
     report = write(True)
-    print()
-    print(markdown(report), flush=True)
-    print(f"wrote {jpath} and {mpath}", flush=True)
+    print_report(markdown(report), jpath, mpath)
     return report
 
 

@@ -58,12 +58,14 @@ def parse_args(argv=None):
                         "the update float64)")
     g.add_argument("--attention-impl", default="auto", metavar="IMPL",
                    help="attention kernel, training's --attention-impl choices (models.wan.config.ATTENTION_IMPLS; "
-                        "checked before the weights load); auto: cuDNN on Hopper, else FA3, flash-attn, SDPA (CPU: SDPA)")
+                        "checked before the weights load); auto: cuDNN on Hopper, else FA3, flash-attn, SDPA "
+                        "(CPU: SDPA)")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile each transformer block (regional, as training's --compile; the first call traces)")
+                   help="torch.compile each transformer block (regional, as training's --compile; the first call "
+                        "traces)")
     g.add_argument("--cuda-graphs", action="store_true",
-                   help="CUDA only: --compile with mode reduce-overhead (each fixed-shape block call replayed as a CUDA "
-                        "graph)")
+                   help="CUDA only: --compile with mode reduce-overhead (each fixed-shape block call replayed as a "
+                        "CUDA graph)")
     g.add_argument("--shift", type=float, default=None, help="time shift (default: the run's, else 5)")
     g = p.add_argument_group("text")
     g.add_argument("--prompt", nargs="+", default=None, help="one or more prompts (one column each)")

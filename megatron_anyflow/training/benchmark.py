@@ -151,6 +151,14 @@ def write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def print_report(markdown_text: str, *paths: str) -> None:
+    """The end of a benchmark run (rank 0): a blank line, the markdown report, and where it was written."""
+    if _rank() == 0:
+        print()
+        print(markdown_text, flush=True)
+        print(f"wrote {' and '.join(paths)}", flush=True)
+
+
 def measure_matmul_tflops(n: int, reps: int = 10) -> Dict[str, object]:
     """Dense matmul rate: bf16 on CUDA, fp32 on CPU (median of ``reps`` timed products)."""
     cuda = torch.cuda.is_available()
