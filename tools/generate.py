@@ -64,8 +64,8 @@ def parse_args(argv=None):
                    help="torch.compile each transformer block (regional, as training's --compile; the first call "
                         "traces)")
     g.add_argument("--cuda-graphs", action="store_true",
-                   help="CUDA only: --compile with mode reduce-overhead (each fixed-shape block call replayed as a "
-                        "CUDA graph)")
+                   help="CUDA, bidirectional checkpoints: --compile with mode reduce-overhead (each block call "
+                        "replayed as a CUDA graph)")
     g.add_argument("--shift", type=float, default=None, help="time shift (default: the run's, else 5)")
     g = p.add_argument_group("text")
     g.add_argument("--prompt", nargs="+", default=None, help="one or more prompts (one column each)")

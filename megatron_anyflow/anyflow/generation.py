@@ -155,21 +155,27 @@ def load_model(path: str, adapter: Optional[str] = "auto", ema: bool = False, te
             PyTorch SDPA; the CPU: SDPA).
         compile: regional ``torch.compile`` of each transformer block (`WanModel.compile_blocks`, as training's
             ``--compile``); the first call of each shape traces.
-        cuda_graphs: CUDA only: compile the blocks with ``mode="reduce-overhead"`` (CUDA graphs replay each
-            fixed-shape block call: one graph per shape, so per N-independent step shape and FAR chunk).
+        cuda_graphs: CUDA only, bidirectional models only: compile the blocks with ``mode="reduce-overhead"``
+            (CUDA graphs replay each fixed-shape block call; the step shape does not depend on N).
 
     The adapter is merged into the base weights once here (``models.lora.merge_adapter``, then the LoRA
     wrappers are removed): sampling runs plain linears, no LoRA branch. There is no guidance pass: AnyFlow
     students are guidance-distilled, so a step is one forward (NFE = N per video, per chunk for FAR).
 
     Raises:
-        GenerationError: the adapter asked for is not in the checkpoint (names it and the adapters there);
+        GenerationError: an unknown or unusable ``attention_impl``; ``cuda_graphs`` without CUDA or for a FAR
+            model; the adapter asked for is not in the checkpoint (names it and the adapters there);
             ``--ema`` without EMA weights in the checkpoint; ``adapter`` / ``ema`` with a diffusers export
             (its adapters were merged at export).
         FileNotFoundError: nothing loadable at ``path``.
     """
     lm = _load_model(path, adapter, ema, tensor_model_parallel_size, context_parallel_size, sequence_parallel, bf16,
                      device, attention_impl, cuda_graphs)
+    if cuda_graphs and is_far(lm.model):
+        # a FAR prefill returns the KV cache from inside the blocks: CUDA-graph outputs, overwritten by the next
+        # replay while the cache still holds them
+        raise GenerationError(f"--cuda-graphs does not apply to the AnyFlow-FAR checkpoint {lm.path} (its KV cache "
+                              "would hold CUDA-graph outputs that the next replay overwrites); use --compile")
     if compile or cuda_graphs:
         lm.model.compile_blocks(**({"mode": "reduce-overhead"} if cuda_graphs else {}))
     lm.info.update(bf16=bool(bf16), attention_impl=attention_impl, compile=bool(compile or cuda_graphs),
