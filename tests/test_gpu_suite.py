@@ -75,7 +75,9 @@ class Suite:
         while time.monotonic() - self.t0 < until:
             if self.out.is_dir():
                 entries = os.listdir(self.out)
-                assert all((self.out / e).is_file() for e in entries), entries  # no folders in $OUT
+                # no folders in $OUT (is_dir, not "not is_file": a transient pack renamed away between listdir and
+                # the check is neither, and is no folder)
+                assert not any((self.out / e).is_dir() for e in entries), entries
                 self.max_files = max(self.max_files, len(entries))
                 self.names.update(entries)
             if self.proc.poll() is not None:
