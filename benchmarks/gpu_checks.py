@@ -47,16 +47,18 @@ def write_atomic(path: str, text: str) -> None:
 #: tiny sizes; the "cpu s" column of its summary, 2 cores, 2026-12): process start-up, imports, model
 #: building and the host-side work. A GPU run does the same host work on similar cores, so this is the
 #: part's start-up term on the GPU. It is also each part's estimate in the dry mode itself.
-DRY_CPU_S = {"01_env": 14, "02_model_vs_diffusers": 16, "03_stage1": 22, "04_profile_stage1": 18,
-             "05_stage2": 30, "06_attention": 12, "07_far": 26, "08_kernels": 8, "09_pytest_gpu": 40,
-             "10_steps": 30, "11_teacher": 20}
+DRY_CPU_S = {"01_env": 14, "02_model_vs_diffusers": 16, "03_stage1": 22, "04_generation": 14, "05_profile_stage1": 18,
+             "06_stage2": 30, "07_attention": 12, "08_far": 26, "09_kernels": 8, "10_pytest_gpu": 40,
+             "11_steps": 30, "12_teacher": 20}
 GPU_RATE = 790e12  # bf16 dense matmul measured on the H200 this suite is sized for (data sheet: 989)
 MFU_OURS, MFU_REF = 0.35, 0.25  # assumed model-FLOP fractions of GPU_RATE (ours: selective recompute,
 #                                 fused attention; the reference: eager, full gradient checkpointing)
+GENERATION_STEPS = (1, 4)  # 04_generation: N per video (the comparison points)
 BUILD_S = 8.0  # one 1.3B model (+ adapters, optimiser) built and moved to the GPU, per row
-COMPILE_S = 60.0  # 08_kernels with torch.compile: ~6 graphs (only when this much is left)
-GPU_FIXED_S = {"01_env": 3, "02_model_vs_diffusers": 4, "08_kernels": 6, "09_pytest_gpu": 30, "10_steps": 10}
-SUITE_ITERS = {"stage1": (1, 2), "profile": (1, 1), "stage2": (1, 1), "far": (1, 1), "teacher": (1, 2)}  # (warm-up, timed)
+COMPILE_S = 60.0  # 09_kernels with torch.compile: ~6 graphs (only when this much is left)
+GPU_FIXED_S = {"01_env": 3, "02_model_vs_diffusers": 4, "09_kernels": 6, "10_pytest_gpu": 30, "11_steps": 10}
+SUITE_ITERS = {"stage1": (1, 2), "generation": (1, 2), "profile": (1, 1), "stage2": (1, 1), "far": (1, 1),
+               "teacher": (1, 2)}  # (warm-up, timed)
 
 
 def gpu_budgets(detail: bool = False):
@@ -68,7 +70,7 @@ def gpu_budgets(detail: bool = False):
 
     from megatron_anyflow.models.wan.config import wan_config
     from megatron_anyflow.training.benchmark import stage2_plans
-    from megatron_anyflow.training.flops import rollout_segments, step_flops
+    from megatron_anyflow.training.flops import far_inference_flops, forward_flops, rollout_segments, step_flops
 
     cfg = wan_config("wan2.1-1.3b")
     shape = (21, 60, 104, 512)
@@ -84,25 +86,32 @@ def gpu_budgets(detail: bool = False):
 
     w, t = SUITE_ITERS["stage1"]
     compute = {"03_stage1": ((w + t) * fl["stage1"] / ours + (w + t) * fl["stage1"] / ref, 2)}
+    # generation: per N, (1 + 2) videos of each implementation, bidirectional (N forwards) and FAR (N steps per
+    # chunk + the prefills, the recipe's chunks); no backward, so forward MFU is taken as the training one
+    w, t = SUITE_ITERS["generation"]
+    gen = sum(N * forward_flops(cfg, *shape) + far_inference_flops(cfg, shape[1], shape[2], N, shape[3],
+                                                                   (1, 3, 3, 3, 3, 3, 3, 2))
+              for N in GENERATION_STEPS)
+    compute["04_generation"] = ((w + t) * gen * (1 / ours + 1 / ref), 2)  # builds: one pair per model kind
     w, t = SUITE_ITERS["profile"]
-    compute["04_profile_stage1"] = ((w + t + 1.5) * fl["stage1"] / ours, 1)  # + one profiled (x 1.5) iteration
+    compute["05_profile_stage1"] = ((w + t + 1.5) * fl["stage1"] / ours, 1)  # + one profiled (x 1.5) iteration
     w, t = SUITE_ITERS["stage2"]
     its = range(w + t)
-    compute["05_stage2"] = (sum(s2(i, "pipelined") for i in its) * (1 / ours + 1 / ref)
+    compute["06_stage2"] = (sum(s2(i, "pipelined") for i in its) * (1 / ours + 1 / ref)
                             + sum(s2(i, "sequential") for i in its) * (1 / ours + 1 / ref)
                             + sum(s2(i, "pipelined") for i in its) / ours, 5)  # overlapped: ours only
     # attention: 1.3B and 14B self / cross at 32,760 tokens; ~3 kernels run (auto, cudnn, sdpa; math is over
     # its memory cap, flash / fa3 absent); (1 + 5) forward and (1 + 5) forward + backward (3.5x) calls; 60 %
     attn = sum(4 * sq * sk * n * 128 for sq, sk, n in ((32760, 32760, 12), (32760, 512, 12), (32760, 32760, 40),
                                                         (32760, 512, 40)))
-    compute["06_attention"] = (3 * 6 * 4.5 * attn / (0.6 * GPU_RATE), 0)
+    compute["07_attention"] = (3 * 6 * 4.5 * attn / (0.6 * GPU_RATE), 0)
     # AnyFlow-FAR on a 10-layer slice: ~10/30 of the 1.3B stage rows, x 1.3 for the FAR layout's extra tokens
     w, t = SUITE_ITERS["far"]
     far = 10 / 30 * 1.3
-    compute["07_far"] = ((w + t) * far * (fl["stage1"] + sum(s2(i, "sequential") for i in range(w + t)) / (w + t))
+    compute["08_far"] = ((w + t) * far * (fl["stage1"] + sum(s2(i, "sequential") for i in range(w + t)) / (w + t))
                          / ours, 2 * 0.5)
     w, t = SUITE_ITERS["teacher"]
-    compute["11_teacher"] = ((w + t) * fl["teacher"] * (1 / ours + 1 / ref), 2)
+    compute["12_teacher"] = ((w + t) * fl["teacher"] * (1 / ours + 1 / ref), 2)
     out, terms = {}, {}
     for part, cpu in DRY_CPU_S.items():
         flop_s, builds = compute.get(part, (0.0, 0))
@@ -129,13 +138,15 @@ def budgets_markdown() -> str:
 STUB_ROWS = {
     "02_model_vs_diffusers": ["fp32", "bf16"],
     "03_stage1": ["stage1 megatron_anyflow", "stage1 reference"],
-    "04_profile_stage1": ["stage1 megatron_anyflow (profiled)"],
-    "05_stage2": ["sequential megatron_anyflow", "sequential reference", "pipelined megatron_anyflow",
+    "04_generation": [f"{m} N={n} {i}" for m in ("bidirectional", "far") for n in GENERATION_STEPS
+                      for i in ("megatron_anyflow", "diffusers")],
+    "05_profile_stage1": ["stage1 megatron_anyflow (profiled)"],
+    "06_stage2": ["sequential megatron_anyflow", "sequential reference", "pipelined megatron_anyflow",
                   "pipelined reference", "overlapped megatron_anyflow"],
-    "06_attention": ["1.3b-self", "1.3b-cross", "14b-self", "14b-cross"],
-    "07_far": ["FAR stage1", "FAR stage2"],
-    "08_kernels": ["flow_map_loss fwd", "flow_map_loss fwd+bwd", "adaptive_reweight fwd", "adaptive_reweight fwd+bwd"],
-    "11_teacher": ["teacher megatron_anyflow", "teacher reference"],
+    "07_attention": ["1.3b-self", "1.3b-cross", "14b-self", "14b-cross"],
+    "08_far": ["FAR stage1", "FAR stage2"],
+    "09_kernels": ["flow_map_loss fwd", "flow_map_loss fwd+bwd", "adaptive_reweight fwd", "adaptive_reweight fwd+bwd"],
+    "12_teacher": ["teacher megatron_anyflow", "teacher reference"],
 }
 
 

@@ -28,17 +28,19 @@
 #   02_model_vs_diffusers  benchmarks/gpu_checks.py: fp32 and bf16, forward and d latents          20
 #   03_stage1              benchmark_throughput stage 1, ours then the reference (diffusers' gradient
 #                          checkpointing), --recompute-granularity selective, 1 + 2 iterations      82
-#   04_profile_stage1      our stage-1 iteration under torch.profiler: time per kernel category      47
-#   05_stage2              stage 2 sequential (ours, reference), pipelined (ours, reference), overlapped
+#   04_generation          benchmark_generation: model time per video at N = 1 and 4, bidirectional
+#                          and FAR, ours then diffusers' AnyFlowPipeline / AnyFlowFARPipeline, 1 + 2 103
+#   05_profile_stage1      our stage-1 iteration under torch.profiler: time per kernel category      47
+#   06_stage2              stage 2 sequential (ours, reference), pipelined (ours, reference), overlapped
 #                          (ours), selective recompute, 1 + 1 iterations                            294
-#   06_attention           benchmark_attention: matmul / copy ceilings, each kernel at 1.3B / 14B    17
-#   07_far                 benchmark_throughput --model far: FAR stages 1 and 2, 10-layer slice      57
-#   08_kernels             benchmark_kernels (torch.compile rows only if 60 s more are left)         14
-#   09_pytest_gpu          pytest -m gpu, tests/test_kernels.py (Triton compiled for real)           70
-#   10_steps               pretrain_anyflow.py: one stage-1 and one stage-2 iteration (tiny)         40
-#   11_teacher             benchmark_throughput teacher, ours then the reference                     58
-# Throughput rows: wan2.1-1.3b, 81 x 480 x 832 video (21 x 60 x 104 latents), text 512, bf16, batch 1;
-# every tool rewrites its JSON and markdown after each row, and ours and the reference alternate per row.
+#   07_attention           benchmark_attention: matmul / copy ceilings, each kernel at 1.3B / 14B    17
+#   08_far                 benchmark_throughput --model far: FAR stages 1 and 2, 10-layer slice      57
+#   09_kernels             benchmark_kernels (torch.compile rows only if 60 s more are left)         14
+#   10_pytest_gpu          pytest -m gpu, tests/test_kernels.py (Triton compiled for real)           70
+#   11_steps               pretrain_anyflow.py: one stage-1 and one stage-2 iteration (tiny)         40
+#   12_teacher             benchmark_throughput teacher, ours then the reference                     58
+# Throughput and generation rows: wan2.1-1.3b, 81 x 480 x 832 video (21 x 60 x 104 latents), text 512,
+# bf16, batch 1 (generation: one video, text encoding and VAE excluded); every tool rewrites its JSON and markdown after each row, and ours and the reference alternate per row.
 #
 # Time: the budget B (GPU_SUITE_BUDGET_S, default 560: the device's 600 s less the transfers) is a hard
 # stop: the last summary and archive are written by B. Each estimate scales by B / 560 (dry: by B over the
@@ -121,28 +123,37 @@ headline() {  # the comparisons measured so far, one line each (stdlib only)
     "$PY" - "$WORK" <<'EOF' 2> /dev/null
 import glob, json, os, sys
 out = []
-for path in sorted(glob.glob(os.path.join(sys.argv[1], "0[357]_*.json")) + glob.glob(os.path.join(sys.argv[1], "11_*.json"))):
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "0[3468]_*.json")) + glob.glob(os.path.join(sys.argv[1], "12_*.json"))):
     try:
         rep = json.load(open(path))
     except (OSError, ValueError):
         continue
     rows = rep.get("rows", []) if isinstance(rep, dict) else []
     part = os.path.basename(path)[:-5]
+    gen = part == "04_generation"  # generation: one line per (model, N), ours against diffusers' pipeline
+    key = (lambda x: (x.get("model"), x.get("steps"))) if gen else (lambda x: (x.get("step"), x.get("schedule")))
+    ref_impl = "diffusers" if gen else "reference"
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f} %"
     for r in rows:
         if r.get("implementation") != "megatron_anyflow":
             continue
-        what = f"{r['step']}{'/' + r['schedule'] if r.get('schedule') else ''}"
+        what = f"{r['model']} N={r['steps']}" if gen else f"{r['step']}{'/' + r['schedule'] if r.get('schedule') else ''}"
         if "error" in r:
             out.append(f"- {part} {what}: ours failed: {r['error'][:120]}")
             continue
-        ref = next((x for x in rows if x.get("implementation") == "reference" and x["step"] == r["step"]
-                    and x.get("schedule") == r.get("schedule")), None)
-        pct = lambda v: "-" if v is None else f"{100 * v:.1f} %"
-        line = (f"- {part} {what}: ours {r['s_per_iter']:.3g} s/iter, {r['model_tflops_per_s_per_gpu']:.4g} model "
-                f"TFLOP/s, MFU {pct(r.get('mfu'))} of the measured matmul / {pct(r.get('mfu_datasheet'))} of the "
-                f"data sheet, peak {r['peak_memory_gib']:.1f} GiB")
+        ref = next((x for x in rows if x.get("implementation") == ref_impl and key(x) == key(r)), None)
+        if gen:
+            line = (f"- {part} {what}: ours {r['s_per_video']:.3g} s/video, {r['model_tflops_per_s']:.4g} model "
+                    f"TFLOP/s, MFU {pct(r.get('mfu_datasheet'))} of the data sheet, peak {r['peak_memory_gib']:.1f} GiB")
+        else:
+            line = (f"- {part} {what}: ours {r['s_per_iter']:.3g} s/iter, {r['model_tflops_per_s_per_gpu']:.4g} model "
+                    f"TFLOP/s, MFU {pct(r.get('mfu'))} of the measured matmul / {pct(r.get('mfu_datasheet'))} of the "
+                    f"data sheet, peak {r['peak_memory_gib']:.1f} GiB")
         if ref is not None and "error" in ref:
-            line += f"; reference failed: {ref['error'][:120]}"
+            line += f"; {ref_impl} failed: {ref['error'][:120]}"
+        elif ref is not None and gen:
+            line += (f"; diffusers {ref['s_per_video']:.3g} s/video: ours takes {r['time_vs_diffusers']:.2f}x its "
+                     f"time, latents rel. err {r.get('rel_err_vs_diffusers') or float('nan'):.1e}")
         elif ref is not None:
             line += (f"; reference {ref['s_per_iter']:.3g} s/iter, peak {ref['peak_memory_gib']:.1f} GiB: "
                      f"speed-up {r.get('speedup_vs_reference', float('nan')):.2f}x")
@@ -199,6 +210,8 @@ if [ "$DRY" = 0 ]; then
     # AnyFlow-FAR on a 10-layer slice of 1.3B (per-layer rates as the whole model's), the recipe's chunks
     FAR_SIZE=(--preset wan2.1-1.3b --num-layers 10 --frames 81 --height 480 --width 832 --text-len 512 --bf16)
     FAR_ITERS=(--iters 1 --warmup 1)
+    GEN_ARGS=(--preset wan2.1-1.3b --frames 81 --height 480 --width 832 --text-len 512 --bf16 --steps 1 4
+              --warmup 1 --iters 2)
 else
     THR_SIZE=(--preset tiny --latent-shape 2 8 8 --text-len 8 --matmul-size 128 --simulation-steps 2 4)
     S1_ITERS=(--iters 1 --warmup 0)
@@ -212,6 +225,8 @@ else
     FAR_SIZE=(--preset tiny --latent-shape 5 8 8 --chunk-partition 1 1 1 1 1 --text-len 8 --matmul-size 128
               --simulation-steps 2 4)
     FAR_ITERS=(--iters 1 --warmup 0)
+    GEN_ARGS=(--preset tiny --latent-shape 3 16 32 --chunk-partition 1 1 1 --text-len 8 --fp32 --steps 1 4
+              --warmup 1 --iters 1 --matmul-size 128)  # one warm-up: a cold first call is not the comparison
 fi
 read -r -a THR_EXTRA <<< "${GPU_SUITE_THROUGHPUT_ARGS:-}"
 
@@ -284,11 +299,17 @@ p_stage1() {
     throughput 03_stage1 "${THR_SIZE[@]}" "${S1_ITERS[@]}" "${SEL[@]}" --steps stage1
 }
 
+p_generation() {
+    [ "$DRY" = stub ] && { stub_part 04_generation; return; }
+    "$PY" tools/benchmark_generation.py "${GEN_ARGS[@]}" --json "$WORK/04_generation.json" \
+        --markdown "$WORK/04_generation.md"
+}
+
 p_profile_stage1() {
-    [ "$DRY" = stub ] && { stub_part 04_profile_stage1; return; }
-    throughput 04_profile_stage1 "${THR_SIZE[@]}" "${PROF_ITERS[@]}" "${SEL[@]}" --steps stage1 --no-reference --profile \
+    [ "$DRY" = stub ] && { stub_part 05_profile_stage1; return; }
+    throughput 05_profile_stage1 "${THR_SIZE[@]}" "${PROF_ITERS[@]}" "${SEL[@]}" --steps stage1 --no-reference --profile \
         || return
-    "$PY" - "$WORK/04_profile_stage1.json" <<'EOF'
+    "$PY" - "$WORK/05_profile_stage1.json" <<'EOF'
 import json, sys
 row = json.load(open(sys.argv[1]))["rows"][0]
 if "profile" not in row:
@@ -298,19 +319,19 @@ EOF
 }
 
 p_stage2() {
-    [ "$DRY" = stub ] && { stub_part 05_stage2; return; }
-    throughput 05_stage2 "${THR_SIZE[@]}" "${S2_ITERS[@]}" "${SEL[@]}" --steps stage2 \
+    [ "$DRY" = stub ] && { stub_part 06_stage2; return; }
+    throughput 06_stage2 "${THR_SIZE[@]}" "${S2_ITERS[@]}" "${SEL[@]}" --steps stage2 \
         --schedules sequential pipelined overlapped
 }
 
 p_attention() {
-    [ "$DRY" = stub ] && { stub_part 06_attention; return; }
-    "$PY" tools/benchmark_attention.py "${ATTN_ARGS[@]}" --json "$WORK/06_attention.json" --markdown "$WORK/06_attention.md"
+    [ "$DRY" = stub ] && { stub_part 07_attention; return; }
+    "$PY" tools/benchmark_attention.py "${ATTN_ARGS[@]}" --json "$WORK/07_attention.json" --markdown "$WORK/07_attention.md"
 }
 
 p_far() {
-    [ "$DRY" = stub ] && { stub_part 07_far; return; }
-    throughput 07_far --model far "${FAR_SIZE[@]}" "${FAR_ITERS[@]}" "${SEL[@]}" --steps stage1 stage2 --schedules sequential
+    [ "$DRY" = stub ] && { stub_part 08_far; return; }
+    throughput 08_far --model far "${FAR_SIZE[@]}" "${FAR_ITERS[@]}" "${SEL[@]}" --steps stage1 stage2 --schedules sequential
 }
 
 p_kernels() {  # torch.compile rows only when the part's limit leaves COMPILE_S more than its estimate
@@ -320,8 +341,8 @@ p_kernels() {  # torch.compile rows only when the part's limit leaves COMPILE_S 
         note="torch.compile rows: on (limit ${PART_LIMIT} s >= estimate ${PART_EST} s + ${COMPILE_S} s)"
     fi
     echo "$note"
-    [ "$DRY" = stub ] && { stub_part 08_kernels "$note"; return; }
-    "$PY" tools/benchmark_kernels.py "${args[@]}" --json "$WORK/08_kernels.json" --markdown "$WORK/08_kernels.md"
+    [ "$DRY" = stub ] && { stub_part 09_kernels "$note"; return; }
+    "$PY" tools/benchmark_kernels.py "${args[@]}" --json "$WORK/09_kernels.json" --markdown "$WORK/09_kernels.md"
 }
 
 p_pytest_gpu() {
@@ -340,7 +361,7 @@ p_steps() {
     local rc=0 stage pids=()
     for stage in stage1 stage2; do  # side by side: tiny models, the start-up dominates
         "$PY" pretrain_anyflow.py --stage "$stage" --mock-data --mock-num-samples 8 --micro-batch-size 1 \
-            --train-iters 1 --log-interval 1 --simulation-steps 2 4 "${STEP_ARGS[@]}" > "$WORK/10_steps_$stage.txt" 2>&1 &
+            --train-iters 1 --log-interval 1 --simulation-steps 2 4 "${STEP_ARGS[@]}" > "$WORK/11_steps_$stage.txt" 2>&1 &
         pids+=("$!")
     done
     for i in 0 1; do
@@ -348,15 +369,15 @@ p_steps() {
     done
     for stage in stage1 stage2; do
         echo "== one $stage iteration"
-        cat "$WORK/10_steps_$stage.txt"
-        rm -f "$WORK/10_steps_$stage.txt"
+        cat "$WORK/11_steps_$stage.txt"
+        rm -f "$WORK/11_steps_$stage.txt"
     done
     return "$rc"
 }
 
 p_teacher() {
-    [ "$DRY" = stub ] && { stub_part 11_teacher; return; }
-    throughput 11_teacher "${THR_SIZE[@]}" "${T_ITERS[@]}" "${SEL[@]}" --steps teacher
+    [ "$DRY" = stub ] && { stub_part 12_teacher; return; }
+    throughput 12_teacher "${THR_SIZE[@]}" "${T_ITERS[@]}" "${SEL[@]}" --steps teacher
 }
 
 # name, function, estimate on the H200 (s; gpu_checks.py --budgets), estimate in the CPU dry run (s)
@@ -364,14 +385,15 @@ PARTS=(
     "01_env p_env 17 14"
     "02_model_vs_diffusers p_model_vs_diffusers 20 16"
     "03_stage1 p_stage1 82 22"
-    "04_profile_stage1 p_profile_stage1 47 18"
-    "05_stage2 p_stage2 294 30"
-    "06_attention p_attention 17 12"
-    "07_far p_far 57 26"
-    "08_kernels p_kernels 14 8"
-    "09_pytest_gpu p_pytest_gpu 70 40"
-    "10_steps p_steps 40 30"
-    "11_teacher p_teacher 58 20"
+    "04_generation p_generation 103 14"
+    "05_profile_stage1 p_profile_stage1 47 18"
+    "06_stage2 p_stage2 294 30"
+    "07_attention p_attention 17 12"
+    "08_far p_far 57 26"
+    "09_kernels p_kernels 14 8"
+    "10_pytest_gpu p_pytest_gpu 70 40"
+    "11_steps p_steps 40 30"
+    "12_teacher p_teacher 58 20"
 )
 COMPILE_GPU_S=60
 
@@ -503,7 +525,7 @@ run_part() {  # $1: index in ORDER
 
 # arrays do not cross `bash -c`: the parts read them from these declarations
 ARRAYS=$(declare -p THR_SIZE S1_ITERS PROF_ITERS S2_ITERS T_ITERS SEL STEP_ARGS ATTN_ARGS KERNEL_ARGS PYTEST_KERNELS \
-         THR_EXTRA FAR_SIZE FAR_ITERS)
+         THR_EXTRA FAR_SIZE FAR_ITERS GEN_ARGS)
 export ARRAYS WORK PY DRY REPO COMMIT COMPILE_S
 export -f stub_part throughput
 export PYTHONUNBUFFERED=1

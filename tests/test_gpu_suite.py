@@ -28,9 +28,9 @@ from conftest import REPO
 
 SUITE = os.path.join(REPO, "benchmarks", "gpu_suite.sh")
 WHEELS = os.path.join(REPO, "benchmarks", "prepare_gpu_wheels.sh")
-ORDER = ["01_env", "02_model_vs_diffusers", "03_stage1", "04_profile_stage1", "05_stage2", "06_attention", "07_far",
-         "08_kernels", "09_pytest_gpu", "10_steps", "11_teacher"]
-TABLES = [p for p in ORDER if p not in ("01_env", "09_pytest_gpu", "10_steps")]  # parts writing JSON + markdown
+ORDER = ["01_env", "02_model_vs_diffusers", "03_stage1", "04_generation", "05_profile_stage1", "06_stage2",
+         "07_attention", "08_far", "09_kernels", "10_pytest_gpu", "11_steps", "12_teacher"]
+TABLES = [p for p in ORDER if p not in ("01_env", "10_pytest_gpu", "11_steps")]  # parts writing JSON + markdown
 OUT_FILES = {"results.tgz", "summary.md", "suite_stdout.txt"}
 TRANSIENT = {".results.tgz.fg", ".results.tgz.bg", ".summary.md.tmp"}
 _DONE = re.compile(r"^\[gpu_suite\] (\d\d_\w+): (ok|TIMEOUT|FAILED|skipped)", re.M)
@@ -75,7 +75,9 @@ class Suite:
         while time.monotonic() - self.t0 < until:
             if self.out.is_dir():
                 entries = os.listdir(self.out)
-                assert all((self.out / e).is_file() for e in entries), entries  # no folders in $OUT
+                # no folders in $OUT (is_dir, not "not is_file": a transient pack renamed away between listdir and
+                # the check is neither, and is no folder)
+                assert not any((self.out / e).is_dir() for e in entries), entries
                 self.max_files = max(self.max_files, len(entries))
                 self.names.update(entries)
             if self.proc.poll() is not None:
@@ -187,8 +189,8 @@ def test_stub_suite_full_run(tmp_path):
     assert [p for p in ORDER if f"| {p} | " in summary] == [p for p in ORDER if p in done]
     assert (root / "summary.md").is_file() and (root / "suite_stdout.txt").is_file()
     # the stand-ins' rows: stage 2 interleaves ours and the reference per schedule
-    if done.get("05_stage2") == "ok":
-        labels = [r["label"] for r in json.loads((root / "05_stage2.json").read_text())["rows"]]
+    if done.get("06_stage2") == "ok":
+        labels = [r["label"] for r in json.loads((root / "06_stage2.json").read_text())["rows"]]
         assert labels[:4] == ["sequential megatron_anyflow", "sequential reference", "pipelined megatron_anyflow",
                               "pipelined reference"]
 
@@ -211,13 +213,13 @@ def test_stub_suite_killed_at_a_random_time(tmp_path):
 
 def test_a_part_past_its_limit_is_cut_and_keeps_its_rows(tmp_path):
     # the stand-in of stage 2 wants twice its limit: cut, its rows so far in the archive (complete: false)
-    s = Suite(tmp_path, GPU_SUITE_DRY="stub", GPU_SUITE_BUDGET_S=20, GPU_SUITE_PARTS="05_stage2",
+    s = Suite(tmp_path, GPU_SUITE_DRY="stub", GPU_SUITE_BUDGET_S=20, GPU_SUITE_PARTS="06_stage2",
               GPU_SUITE_STUB_FRACTION=2)
     assert s.watch(80)
     assert s.proc.returncode == 1
     root, done = _check_archive(s.out, tmp_path / "x")
-    assert done == {"05_stage2": "TIMEOUT"}
-    rep = json.loads((root / "05_stage2.json").read_text())
+    assert done == {"06_stage2": "TIMEOUT"}
+    rep = json.loads((root / "06_stage2.json").read_text())
     assert rep["meta"]["complete"] is False and 0 < len(rep["rows"]) < 5
     assert "TIMEOUT (partial results kept)" in (s.out / "summary.md").read_text()
 
@@ -255,7 +257,7 @@ def test_a_broken_wheel_exits_3(tmp_path):
         assert any(n.endswith("/00_wheels.log") for n in tar.getnames())
 
 
-DRY_PARTS = [p for p in ORDER if p not in ("09_pytest_gpu", "10_steps")]  # those two: start-up only on a CPU
+DRY_PARTS = [p for p in ORDER if p not in ("10_pytest_gpu", "11_steps")]  # those two: start-up only on a CPU
 
 
 def test_dry_suite_writes_every_part(tmp_path):
@@ -290,14 +292,21 @@ def test_dry_suite_writes_every_part(tmp_path):
     assert [r["recompute"] for r in s1["rows"]] == ["selective", "gradient_checkpointing"]
     assert all(r["mfu"] > 0 and r["mfu_datasheet"] is None for r in s1["rows"])  # no data sheet for a CPU
     assert "speedup_vs_reference" in s1["rows"][0]
-    if "04_profile_stage1" in ok:
-        prof = json.loads((root / "04_profile_stage1.json").read_text())["rows"]
+    if "04_generation" in ok:  # ours then diffusers' pipeline per (model, N); fp32 latents equal
+        gen = json.loads((root / "04_generation.json").read_text())
+        assert gen["meta"]["complete"] and [(r["model"], r["steps"], r["implementation"]) for r in gen["rows"]] == [
+            (m, n, i) for m in ("bidirectional", "far") for n in (1, 4) for i in ("megatron_anyflow", "diffusers")]
+        assert all(r["rel_err_vs_diffusers"] < gen["meta"]["fp32_tolerance"] for r in gen["rows"]
+                   if r["implementation"] == "megatron_anyflow")
+        assert "- 04_generation far N=4: ours" in summary
+    if "05_profile_stage1" in ok:
+        prof = json.loads((root / "05_profile_stage1.json").read_text())["rows"]
         assert [r["implementation"] for r in prof] == ["megatron_anyflow"]
         cats = prof[0]["profile"]["categories"]
         assert set(cats) == {"attention", "gemm", "elementwise", "communication"} and cats["gemm"]["ms"] > 0
-        assert "| attention |" in (root / "04_profile_stage1.md").read_text()
-    if "05_stage2" in ok:
-        s2 = json.loads((root / "05_stage2.json").read_text())
+        assert "| attention |" in (root / "05_profile_stage1.md").read_text()
+    if "06_stage2" in ok:
+        s2 = json.loads((root / "06_stage2.json").read_text())
         # interleaved per schedule; overlapped has our row only (the reference has no overlap)
         assert [(r["schedule"], r["implementation"]) for r in s2["rows"]] == [
             ("sequential", "megatron_anyflow"), ("sequential", "reference"), ("pipelined", "megatron_anyflow"),
@@ -305,16 +314,16 @@ def test_dry_suite_writes_every_part(tmp_path):
         over = s2["rows"][-1]
         assert "error" in over or over["speedup_vs_pipelined"] > 0
         assert all(r["recompute"] != "none" for r in s2["rows"] if "error" not in r)
-    if "06_attention" in ok:
-        attn = json.loads((root / "06_attention.json").read_text())
+    if "07_attention" in ok:
+        attn = json.loads((root / "07_attention.json").read_text())
         assert attn["meta"]["complete"] and {r["impl"] for r in attn["rows"]} >= {"sdpa", "math", "cudnn"}
-    if "07_far" in ok:
-        far = json.loads((root / "07_far.json").read_text())
+    if "08_far" in ok:
+        far = json.loads((root / "08_far.json").read_text())
         assert [r["step"] for r in far["rows"]] == ["stage1", "stage2"] and all("error" not in r for r in far["rows"])
-    if "08_kernels" in ok:
-        kern = json.loads((root / "08_kernels.json").read_text())
+    if "09_kernels" in ok:
+        kern = json.loads((root / "09_kernels.json").read_text())
         assert kern["meta"]["complete"] and kern["rows"] and not kern["meta"]["compile"]
-        assert "| kernel | pass |" in (root / "08_kernels.md").read_text()
-    if "11_teacher" in ok:
-        teacher = json.loads((root / "11_teacher.json").read_text())
+        assert "| kernel | pass |" in (root / "09_kernels.md").read_text()
+    if "12_teacher" in ok:
+        teacher = json.loads((root / "12_teacher.json").read_text())
         assert [r["implementation"] for r in teacher["rows"]] == ["megatron_anyflow", "reference"]

@@ -144,8 +144,8 @@ import torch
 from megatron_anyflow.training.benchmark import (DEFAULT_SCHEDULES, SCHEDULES, STEPS, _count_params, _rank, _tokens,
                                                  _world, arch_config, datasheet_peak_tflops, device_name, device_slug,
                                                  far_chunk_partition, iteration_flops, markdown, measure,
-                                                 measure_matmul_tflops, preset_with_layers, say, stage2_plans,
-                                                 write_atomic)
+                                                 measure_matmul_tflops, preset_with_layers, print_report, say,
+                                                 stage2_plans, write_atomic)
 
 __all__ = ["build_parser", "parse_args", "main", "arch_config", "preset_with_layers"]
 
@@ -427,10 +427,7 @@ def main(argv=None) -> Dict:
                 torch.distributed.barrier(group=grp)
             write(False)
     report = write(True)
-    if _rank() == 0:
-        print()
-        print(markdown(report), flush=True)
-        print(f"wrote {jpath} and {mpath}", flush=True)
+    print_report(markdown(report), jpath, mpath)
     return report
 
 

@@ -53,7 +53,19 @@ def parse_args(argv=None):
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--bf16", action="store_true", help="bf16 weights (times stay float32, the update float64)")
+    g.add_argument("--bf16", action="store_true",
+                   help="bf16 weights, activations and FAR KV cache (diffusers' fp32 modules stay fp32; times float32, "
+                        "the update float64)")
+    g.add_argument("--attention-impl", default="auto", metavar="IMPL",
+                   help="attention kernel, training's --attention-impl choices (models.wan.config.ATTENTION_IMPLS; "
+                        "checked before the weights load); auto: cuDNN on Hopper, else FA3, flash-attn, SDPA "
+                        "(CPU: SDPA)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block (regional, as training's --compile; the first call "
+                        "traces)")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA, bidirectional checkpoints: --compile with mode reduce-overhead (each block call "
+                        "replayed as a CUDA graph)")
     g.add_argument("--shift", type=float, default=None, help="time shift (default: the run's, else 5)")
     g = p.add_argument_group("text")
     g.add_argument("--prompt", nargs="+", default=None, help="one or more prompts (one column each)")
@@ -182,7 +194,8 @@ def run(args):
     lm = G.load_model(args.checkpoint, adapter=args.adapter, ema=args.ema,
                       tensor_model_parallel_size=args.tensor_model_parallel_size,
                       context_parallel_size=args.context_parallel_size, sequence_parallel=args.sequence_parallel,
-                      bf16=args.bf16, device=device)
+                      bf16=args.bf16, device=device, attention_impl=args.attention_impl, compile=args.compile,
+                      cuda_graphs=args.cuda_graphs)
     far = G.is_far(lm.model)
     if far and args.condition_r is not None:
         raise G.GenerationError(f"--condition-r {args.condition_r} does not apply to a FAR checkpoint: its condition "
@@ -196,6 +209,9 @@ def run(args):
     log(f"model: {lm.kind} {lm.path}" + (f", adapter {lm.adapter!r}" if lm.adapter else "") + (" (EMA)" if lm.ema else "")
         + f", shift {shift:g}, TP {args.tensor_model_parallel_size}, CP {args.context_parallel_size}"
         + (", AnyFlow-FAR (chunk by chunk)" if far else ""))
+    log(f"{'bf16' if args.bf16 else 'fp32'}, {lm.model.describe_kernels(device)}"
+        + (", blocks compiled" + (" (CUDA graphs)" if args.cuda_graphs else "") if args.compile or args.cuda_graphs
+           else "") + (f", adapter {lm.adapter!r} merged into the base weights" if lm.adapter else ""))
     index = G.dataset_index(args.data_path or lm.data_path)
 
     # 2. codec and sizes; the FAR chunk partition (checked before the text encoder loads)
@@ -296,7 +312,9 @@ def run(args):
                                        else "argument"),
               "condition_r": condition_r, "condition_frames": None if cond is None else int(cond.shape[1]),
               "not_applied": not_applied, "tensor_model_parallel_size": args.tensor_model_parallel_size,
-              "context_parallel_size": args.context_parallel_size, "outputs": paths, "command": " ".join(sys.argv)}
+              "context_parallel_size": args.context_parallel_size, "bf16": args.bf16,
+              "attention_impl": args.attention_impl, "compile": bool(args.compile or args.cuda_graphs),
+              "cuda_graphs": args.cuda_graphs, "outputs": paths, "command": " ".join(sys.argv)}
     with open(paths["record"], "w") as f:
         json.dump(record, f, indent=1)
     log("wrote " + ", ".join(str(v) for v in paths.values()))

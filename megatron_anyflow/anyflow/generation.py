@@ -132,7 +132,8 @@ def _scheduler_shift(*dirs: str) -> Optional[float]:
 
 def load_model(path: str, adapter: Optional[str] = "auto", ema: bool = False, tensor_model_parallel_size: int = 1,
                context_parallel_size: int = 1, sequence_parallel: bool = False, bf16: bool = False,
-               device: Optional[torch.device] = None) -> LoadedModel:
+               device: Optional[torch.device] = None, attention_impl: str = "auto", compile: bool = False,
+               cuda_graphs: bool = False) -> LoadedModel:
     """Load the model to sample from a training checkpoint or a diffusers export.
 
     Args:
@@ -146,20 +147,62 @@ def load_model(path: str, adapter: Optional[str] = "auto", ema: bool = False, te
         tensor_model_parallel_size / context_parallel_size / sequence_parallel: the model's layout; the
             process groups must be initialised with the same sizes (`parallel.state.initialize_parallel`).
             Checkpoints reshard on load; a diffusers export is split with `convert.shard_state_dict`.
-        bf16: bf16 weights (timesteps and the sampler's update stay float32 / float64).
+        bf16: bf16 weights and compute: every block, the activations and the FAR KV cache in bf16; diffusers'
+            fp32 modules (time embedders, modulation tables) stay fp32, the timesteps float32 and the sampler's
+            update float64 (`FlowMapEulerSampler`).
+        attention_impl: the attention kernel of the blocks, the training stack's choices
+            (`config.ATTENTION_IMPLS`; ``auto``: cuDNN fused attention on Hopper, else FlashAttention-3, flash-attn,
+            PyTorch SDPA; the CPU: SDPA).
+        compile: regional ``torch.compile`` of each transformer block (`WanModel.compile_blocks`, as training's
+            ``--compile``); the first call of each shape traces.
+        cuda_graphs: CUDA only, bidirectional models only: compile the blocks with ``mode="reduce-overhead"``
+            (CUDA graphs replay each fixed-shape block call; the step shape does not depend on N).
+
+    The adapter is merged into the base weights once here (``models.lora.merge_adapter``, then the LoRA
+    wrappers are removed): sampling runs plain linears, no LoRA branch. There is no guidance pass: AnyFlow
+    students are guidance-distilled, so a step is one forward (NFE = N per video, per chunk for FAR).
 
     Raises:
-        GenerationError: the adapter asked for is not in the checkpoint (names it and the adapters there);
+        GenerationError: an unknown or unusable ``attention_impl``; ``cuda_graphs`` without CUDA or for a FAR
+            model; the adapter asked for is not in the checkpoint (names it and the adapters there);
             ``--ema`` without EMA weights in the checkpoint; ``adapter`` / ``ema`` with a diffusers export
             (its adapters were merged at export).
         FileNotFoundError: nothing loadable at ``path``.
     """
+    lm = _load_model(path, adapter, ema, tensor_model_parallel_size, context_parallel_size, sequence_parallel, bf16,
+                     device, attention_impl, cuda_graphs)
+    if cuda_graphs and is_far(lm.model):
+        # a FAR prefill returns the KV cache from inside the blocks: CUDA-graph outputs, overwritten by the next
+        # replay while the cache still holds them
+        raise GenerationError(f"--cuda-graphs does not apply to the AnyFlow-FAR checkpoint {lm.path} (its KV cache "
+                              "would hold CUDA-graph outputs that the next replay overwrites); use --compile")
+    if compile or cuda_graphs:
+        lm.model.compile_blocks(**({"mode": "reduce-overhead"} if cuda_graphs else {}))
+    lm.info.update(bf16=bool(bf16), attention_impl=attention_impl, compile=bool(compile or cuda_graphs),
+                   cuda_graphs=bool(cuda_graphs))
+    return lm
+
+
+def _load_model(path, adapter, ema, tensor_model_parallel_size, context_parallel_size, sequence_parallel, bf16,
+                device, attention_impl, cuda_graphs) -> LoadedModel:
+    from megatron_anyflow.models.wan.config import ATTENTION_IMPLS
     from megatron_anyflow.training import checkpointing as ckpt
     from megatron_anyflow.training.checkpointing import read_meta, resolve_checkpoint_dir
 
     device = device or torch.device("cpu")
+    if attention_impl not in ATTENTION_IMPLS:
+        raise GenerationError(f"--attention-impl {attention_impl}: expected one of {', '.join(ATTENTION_IMPLS)}")
+    if cuda_graphs and torch.device(device).type != "cuda":
+        raise GenerationError(f"--cuda-graphs needs a CUDA device; this run is on {device} (drop --cuda-graphs; "
+                              "--compile works on the CPU too)")
+    from megatron_anyflow.models.wan.layer import resolve_attention_impl
+
+    try:  # an unusable kernel (flash on a CPU, fa3 not installed) is named before the weights load
+        resolve_attention_impl(attention_impl, torch.device(device))
+    except (ValueError, ImportError) as err:
+        raise GenerationError(f"--attention-impl {attention_impl}: {err}") from None
     par = dict(tensor_model_parallel_size=tensor_model_parallel_size, context_parallel_size=context_parallel_size,
-               sequence_parallel=sequence_parallel and tensor_model_parallel_size > 1)
+               sequence_parallel=sequence_parallel and tensor_model_parallel_size > 1, attention_impl=attention_impl)
     if bf16:
         par.update(bf16=True)
     if is_diffusers_dir(path):

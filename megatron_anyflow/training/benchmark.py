@@ -151,6 +151,14 @@ def write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def print_report(markdown_text: str, *paths: str) -> None:
+    """The end of a benchmark run (rank 0): a blank line, the markdown report, and where it was written."""
+    if _rank() == 0:
+        print()
+        print(markdown_text, flush=True)
+        print(f"wrote {' and '.join(paths)}", flush=True)
+
+
 def measure_matmul_tflops(n: int, reps: int = 10) -> Dict[str, object]:
     """Dense matmul rate: bf16 on CUDA, fp32 on CPU (median of ``reps`` timed products)."""
     cuda = torch.cuda.is_available()
@@ -500,6 +508,38 @@ class OursRunner:
         self.trainer = None
 
 
+def diffusers_transformer(cfg, device, dtype: torch.dtype = torch.float32, seed: Optional[int] = None):
+    """diffusers' transformer of ``cfg``'s architecture with random weights: ``AnyFlowFARTransformer3DModel``
+    when ``cfg.far``, else ``AnyFlowTransformer3DModel`` (config from `convert.hf_config_from_arch`).
+
+    Built directly on ``device`` in ``dtype`` (a 14B fp32 copy would not fit next to a bf16 one), from torch's
+    global RNG (``seed``: `torch.manual_seed` first). In bf16, diffusers' ``_keep_in_fp32_modules`` are cast
+    back to fp32, as ``from_pretrained(torch_dtype=torch.bfloat16)`` loads them. Returns it in eval mode.
+    """
+    import diffusers
+
+    from megatron_anyflow.models.wan.convert import hf_config_from_arch
+
+    kw = hf_config_from_arch(dict(cfg.arch_dict(), delta_embedder=True))
+    cls = getattr(diffusers, kw.pop("_class_name"))
+    if seed is not None:
+        torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            hf = cls(**kw)
+    finally:
+        torch.set_default_dtype(old)
+    if dtype != torch.float32:
+        keep = set(getattr(hf, "_keep_in_fp32_modules", None) or [])
+        for n, p in hf.named_parameters():
+            if keep.intersection(n.split(".")):
+                p.data = p.data.float()
+    return hf.eval()
+
+
+
 class ReferenceRunner:
     """The reference way: diffusers AnyFlowTransformer3DModel + PEFT LoRA, eager, SDPA, one GPU.
 
@@ -514,8 +554,6 @@ class ReferenceRunner:
         except ImportError as e:  # not a dependency of megatron_anyflow
             raise ImportError("the reference path needs the `peft` library (pip install peft), or run with "
                               "--no-reference") from e
-        from diffusers import AnyFlowTransformer3DModel
-
         from megatron_anyflow.anyflow.objective import TeacherObjectiveConfig
         from megatron_anyflow.data.latent_dataset import DataParallelSampler, MockLatentDataset
         from megatron_anyflow.training.arguments import parse_args as trainer_parse_args
@@ -530,24 +568,7 @@ class ReferenceRunner:
         self.world = 1
         self.global_batch = a.micro_batch_size
         cfg = arch_config(a.preset, a.num_layers)
-        kw = dict(patch_size=tuple(cfg.patch_size), num_attention_heads=cfg.num_attention_heads,
-                  attention_head_dim=cfg.head_dim, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-                  text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_hidden_size, num_layers=cfg.num_layers,
-                  cross_attn_norm=cfg.cross_attn_norm, eps=cfg.layernorm_epsilon, rope_max_seq_len=cfg.rope_max_seq_len,
-                  gate_value=cfg.delta_gate, deltatime_type=cfg.deltatime_type)
-        torch.manual_seed(a.seed)
-        old = torch.get_default_dtype()
-        try:  # build directly on the device in the target dtype (a 14B fp32 copy would not fit)
-            torch.set_default_dtype(self.dtype)
-            with torch.device(self.device):
-                hf = AnyFlowTransformer3DModel(**kw)
-        finally:
-            torch.set_default_dtype(old)
-        if self.bf16:  # from_pretrained(torch_dtype=bf16) keeps these in fp32
-            keep = set(getattr(hf, "_keep_in_fp32_modules", None) or [])
-            for n, p in hf.named_parameters():
-                if keep.intersection(n.split(".")):
-                    p.data = p.data.float()
+        hf = diffusers_transformer(cfg, self.device, self.dtype, seed=a.seed)
         hf.requires_grad_(False)
         hf.train()
         # recomputation on both sides or neither: diffusers' per-block checkpointing when this project's
