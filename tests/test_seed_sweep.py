@@ -63,3 +63,43 @@ def test_seed_sweep_records_resumes_and_evaluates_far(tmp_path):
     assert set(cells) == {"1/1"} and all(math.isfinite(cells["1/1"][n]["latent_psnr"]) for n in ("1", "2")), cells
     meta = json.load(open(far / "runs" / "seed_1" / "ckpt" / "iter_0000001" / "anyflow_meta.json"))
     assert meta["wan_config"].get("far") is True, meta["wan_config"]
+
+
+def test_a_stopped_sweep_leaves_no_trainer_behind(tmp_path):
+    """SIGTERM to the sweep alone (as `kill` or a scheduler sends it, unlike Ctrl-C, which reaches the whole
+    process group) must stop its trainer too, not leave it training unobserved. The sweep runs in its own
+    session, so its process group holds exactly the sweep, the trainer and the trainer's children."""
+    import signal
+    import subprocess
+    import time
+
+    _teacher(tmp_path)
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, SWEEP, "--recipe", "none", "--teacher", str(tmp_path / "teacher"), "--data-path",
+           str(tmp_path / "data"), "--output", str(out), "--seeds", "1", "--iters", "100000", "--steps", "1",
+           "--num-samples", "2", "--reference-steps", "2", "--no-progress", "--", *TINY]
+    sweep = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = out / "runs" / "seed_1" / "train.log"
+    try:
+        # wait (no time assumption beyond a generous limit) until the trainer logs an iteration: it is running
+        deadline = time.monotonic() + 600
+        while not (log.exists() and " iteration " in log.read_text()):
+            assert sweep.poll() is None, "the sweep ended before its trainer started"
+            assert time.monotonic() < deadline, "the trainer logged no iteration in 600 s"
+            time.sleep(0.5)
+        sweep.send_signal(signal.SIGTERM)
+        sweep.wait(timeout=120)
+        deadline = time.monotonic() + 120
+        while True:  # every process of the group gone (the trainer may take a moment to exit)
+            try:
+                os.killpg(sweep.pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() < deadline, "the trainer outlived the stopped sweep"
+            time.sleep(0.5)
+        assert sweep.returncode == 128 + signal.SIGTERM, sweep.returncode  # stopped like Ctrl-C, by its handler
+    finally:
+        try:
+            os.killpg(sweep.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

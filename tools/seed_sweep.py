@@ -19,7 +19,8 @@ with the stage-1 diagnostics) as one run of ``--train-iters`` iterations (the lr
 them) cut into segments with ``--exit-after-iters``: train to the first evaluation iteration, evaluate its
 checkpoint, resume (bit-exact) to the next, ... Seeds run one after the other (one trainer process at a
 time). The sweep is resumable: ``OUTPUT/results.json`` records every evaluated (seed, iteration) cell and a
-re-launch skips them, and a seed's training resumes from its newest checkpoint.
+re-launch skips them, and a seed's training resumes from its newest checkpoint. Stopping the sweep (Ctrl-C or
+SIGTERM) stops the running trainer too.
 
 Evaluation: the prompts and noise of ``tools/evaluate_anyflow.py`` (``--num-samples`` prompts spread over
 ``--eval-data-path``, noise from ``--eval-seed``), the teacher's ``--reference-steps``-step Euler ODE samples as
@@ -42,6 +43,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -173,7 +175,19 @@ def train_to(args, seed: int, run_dir: str, it: int, log) -> None:
     with open(os.path.join(run_dir, "train.log"), "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        try:
+            rc = proc.wait()
+        finally:
+            # the sweep is being stopped (SIGTERM, Ctrl-C, an error here): the trainer goes with it instead of
+            # training on unobserved (its checkpoints are written atomically, so the seed resumes on a re-launch)
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
     if rc != 0:
         raise RuntimeError(f"seed {seed}: the trainer failed (exit {rc}); see {run_dir}/train.log")
     log(f"seed {seed}: trained {cur} -> {it} in {time.time() - t0:.0f} s")
@@ -393,6 +407,8 @@ def summarize(dirs) -> str:
 # ----------------------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
+    # SIGTERM (kill, a job scheduler) unwinds like Ctrl-C, so train_to's clean-up stops the running trainer
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if args.summarize:
         print(summarize(args.summarize))
         return 0
