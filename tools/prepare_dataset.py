@@ -99,12 +99,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.num_frames < 1 or args.num_frames % 4 != 1:
         ap.error(f"--num-frames {args.num_frames}: must be 4k+1 (1, 5, 9, ..., 81), so the Wan VAE's 4x temporal "
                  "compression gives whole latent frames")
-    if args.fps is None:
-        args.fps = 24.0 if args.codec == "wan2.2-vae" else 16.0
+    from megatron_anyflow.data.codecs import CODECS, VAE_CODECS
+
+    if args.fps is None:  # a VAE's models' own rate (Wan2.1 16, Wan2.2 24); the pixel codec keeps 16
+        args.fps = float(CODECS[args.codec].default_video["fps"]) if args.codec in VAE_CODECS else 16.0
     if not (args.fps > 0 and args.fps < float("inf")):
         ap.error(f"--fps {args.fps}: must be a positive number")
-    from megatron_anyflow.data.codecs import CODECS
-
     # The VAEs' spatial compression (Wan2.1 8x, Wan2.2 16x), checked again against the loaded VAE's config.
     factor = args.space_to_depth if args.codec == "pixel" else CODECS[args.codec].spatial
     if args.space_to_depth < 1:

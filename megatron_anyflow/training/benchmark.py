@@ -539,7 +539,6 @@ def diffusers_transformer(cfg, device, dtype: torch.dtype = torch.float32, seed:
     return hf.eval()
 
 
-
 class ReferenceRunner:
     """The reference way: diffusers AnyFlowTransformer3DModel + PEFT LoRA, eager, SDPA, one GPU.
 

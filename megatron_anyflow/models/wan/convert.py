@@ -335,7 +335,7 @@ def lora_to_diffusers(model: torch.nn.Module, adapter: str, head_dim: int) -> Tu
         # The diffusers module(s) of this linear, in group order, from the one name mapping.
         probe = megatron_to_hf({f"{m.name}.weight": torch.zeros(m.groups * head_dim, 1)}, head_dim)
         names = [k[: -len(".weight")] for k in probe]
-        b = (ad.lora_B.detach().float() * ad.scaling) if ad.scaling != 1.0 else ad.lora_B.detach().float()
+        b = ad.lora_B.detach().float() * ad.scaling  # [groups, out, r]; exact when scaling is 1
         a = ad.lora_A.detach().float()
         for g, name in enumerate(names):
             out[f"{name}.lora_A.weight"] = a[g * rank:(g + 1) * rank].contiguous()
