@@ -27,16 +27,7 @@ def main(argv=None):
     trainer = Trainer(args)
     start = trainer.iteration
     trainer.train()
-    # An orderly teardown of the process groups on success: a gloo group left to interpreter exit can abort
-    # a rank after its work is done ("terminate called without an active exception", SIGABRT), which
-    # torchrun reports as a failed run. (Error paths exit without it: a destroy can block on NCCL peers.)
-    # (Multi-process runs only: an in-process caller, e.g. a test, keeps its single-process groups.)
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        from megatron_anyflow.parallel.state import destroy_parallel
-
-        destroy_parallel()
+    # (the process groups are ended in order by main_guard when this returns: cli.end_process_groups)
     ran = trainer.iteration - start
     if ran > 0 and 2 * trainer.skipped_iters > ran:
         # Finite but useless (e.g. --lr 1e30: 5 of 6 steps skipped, weights ~1e30 that give NaN in every

@@ -103,7 +103,44 @@ def run_main(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Opt
     return int(rc or 0)
 
 
+def end_process_groups() -> None:
+    """Tear down a multi-process run's process groups in order: a barrier, then megatron-core's groups and
+    the default group (`parallel.state.destroy_parallel`).
+
+    Why: a gloo group left to interpreter exit can abort a rank whose work is done ("terminate called
+    without an active exception", SIGABRT), which torchrun then reports as a failed run, e.g. a generation
+    rank that returns while rank 0 is still writing the videos. The barrier lets every rank finish before
+    any connection closes. Called by :func:`main_guard` only when ``main`` returned (an exception leaves the
+    groups alone: a destroy or a barrier can block on peers that are gone); a no-op without
+    ``torch.distributed`` imported, initialised and with more than one rank (an in-process caller, e.g. a
+    test, keeps its single-process groups). A failure here cannot change the run's result (its work is
+    done), so it is reported on stderr and ignored.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+        return
+    try:
+        dist.barrier()
+        from megatron_anyflow.parallel.state import destroy_parallel
+
+        destroy_parallel()
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        print(f"warning: process-group teardown after a finished run failed: {one_line(err)}", file=sys.stderr,
+              flush=True)
+
+
 def main_guard(main: Callable[[Optional[Sequence[str]]], Optional[int]], *, prog: Optional[str] = None,
                outputs: Callable[[], Iterable[str]] = lambda: ()) -> None:
-    """``sys.exit(run_main(main, ...))``: the one line at the bottom of every tool."""
-    sys.exit(run_main(main, prog=prog, outputs=outputs))
+    """``sys.exit(run_main(main, ...))``: the one line at the bottom of every tool; a multi-process run that
+    returned also ends its process groups in order (:func:`end_process_groups`)."""
+    returned = []
+
+    def tracked(argv):
+        rc = main(argv)
+        returned.append(True)
+        return rc
+
+    rc = run_main(tracked, prog=prog, outputs=outputs)
+    if returned:
+        end_process_groups()
+    sys.exit(rc)

@@ -170,3 +170,16 @@ def test_mostly_skipped_run_exits_3(tmp_path):
     assert proc.returncode == 3, (proc.returncode, proc.stderr[-2000:])
     assert "5 of 6 optimizer step(s) skipped" in proc.stdout
     assert "5 of 6 optimizer steps were skipped" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_finished_two_rank_run_ends_its_process_groups():
+    """A multi-process run whose ranks return at different times ends its process groups in order (barrier,
+    then destroy) instead of leaving gloo to interpreter exit, which aborted a generation rank in CI
+    ("terminate called without an active exception", SIGABRT, reported by torchrun as a failed run).
+    Fails without `cli.end_process_groups`: both ranks report their group still initialized at exit."""
+    from conftest import torchrun
+
+    proc = torchrun(["tests/distributed/teardown_check.py"])
+    for rank in (0, 1):
+        out = proc.rank_logs[rank][0]
+        assert f"rank {rank} at exit: process group initialized=False" in out, (rank, out)
