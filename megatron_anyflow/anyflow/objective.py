@@ -251,12 +251,20 @@ def _select_text(text, negative_text, drop):
     return torch.where(drop.view(b, 1, 1), neg, text), neg.contiguous()
 
 
-def _condition_mask(i2v: torch.Tensor, f: int) -> torch.Tensor:
+def condition_mask(i2v: torch.Tensor, f: int) -> torch.Tensor:
     """``[b, f]`` bool: True on latent frame 0 of the samples with ``i2v`` ``[b]`` (the clean condition
     frame of image-to-video), False elsewhere."""
     cond = torch.zeros((i2v.shape[0], f), dtype=torch.bool, device=i2v.device)
     cond[:, 0] = i2v
     return cond
+
+
+def frame_mean(sq: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean ``[b]`` of ``sq`` ``[b, f, ...]`` over the elements of the frames with ``keep``
+    ``[b, f]`` = 1 (the trained frames; condition frames have 0): the mean over each frame's elements,
+    then the ``keep``-weighted mean over frames. Every sample needs a kept frame."""
+    b, f = keep.shape
+    return (sq.reshape(b, f, -1).mean(dim=2) * keep.to(sq.dtype)).sum(dim=1) / keep.to(sq.dtype).sum(dim=1)
 
 
 def _check_i2v_frames(i2v_prob: float, f: int) -> None:
@@ -425,7 +433,7 @@ def stage1_loss(
     r = r_s[:, None].expand(b, f).clone()
     frame_weight = torch.ones((b, f), dtype=torch.float32, device=device)
     if cfg.i2v_prob > 0.0:
-        cond = _condition_mask(i2v, f)
+        cond = condition_mask(i2v, f)
         t = t.masked_fill(cond, 0.0)  # r keeps the sample's value (reference / diffusers convention)
         frame_weight = frame_weight.masked_fill(cond, 0.0)
         perturb = (~cond).to(torch.float32)
@@ -578,7 +586,7 @@ def flow_matching_loss(
     i2v = u[1] < cfg.i2v_prob if conditioned else torch.zeros_like(drop)
     t = t_s[:, None].expand(b, f)
     if conditioned:
-        cond = _condition_mask(i2v, f)
+        cond = condition_mask(i2v, f)
         t = t.masked_fill(cond, 0.0)
     x32, eps32 = x.to(torch.float32), eps.to(torch.float32)
     z = ((1.0 - _bcast(t)) * x32 + _bcast(t) * eps32).to(x.dtype)
@@ -589,8 +597,7 @@ def flow_matching_loss(
     _check_output(pred, z, "velocity")
     sq = (pred.to(torch.float32) - v32).square()
     if conditioned:  # mean over the trained frames only (every sample keeps >= 1 of its f >= 2 frames)
-        keep = (~cond).to(torch.float32)
-        per_sample = (sq.reshape(b, f, -1).mean(dim=2) * keep).sum(dim=1) / keep.sum(dim=1)
+        per_sample = frame_mean(sq, ~cond)
     else:  # i2v_prob = 0: the reduction of the unconditioned objective, bitwise
         per_sample = sq.reshape(b, -1).mean(dim=1)
     loss = per_sample.mean()
