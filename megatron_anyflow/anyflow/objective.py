@@ -267,7 +267,8 @@ def frame_mean(sq: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return (sq.reshape(b, f, -1).mean(dim=2) * keep.to(sq.dtype)).sum(dim=1) / keep.to(sq.dtype).sum(dim=1)
 
 
-def _check_i2v_frames(i2v_prob: float, f: int) -> None:
+def check_i2v_frames(i2v_prob: float, f: int) -> None:
+    """ValueError when image-to-video (``i2v_prob > 0``) meets clips of fewer than 2 latent frames."""
     if i2v_prob > 0.0 and f < 2:
         raise ValueError(f"i2v_prob > 0 needs at least 2 latent frames (frame 0 is the condition), got f={f}")
 
@@ -417,7 +418,7 @@ def stage1_loss(
     if global_offset < 0 or global_offset + b > global_batch:
         raise ValueError(f"need 0 <= global_offset and global_offset + b <= global_batch, got "
                          f"global_offset={global_offset}, b={b}, global_batch={global_batch}")
-    _check_i2v_frames(cfg.i2v_prob, f)
+    check_i2v_frames(cfg.i2v_prob, f)
     device = x.device
     g, e = cfg.guidance, cfg.fd_eps
 
@@ -578,7 +579,7 @@ def flow_matching_loss(
     _check_latent_and_text(x, text, negative_text)
     _check_noise(noise, x)
     b, f = x.shape[:2]
-    _check_i2v_frames(cfg.i2v_prob, f)
+    check_i2v_frames(cfg.i2v_prob, f)
     conditioned = cfg.i2v_prob > 0.0
     t_s, eps, u = _row_draws(x, noise, noise_generator, 2 if conditioned else 1, time_fn=lambda n, g: logit_normal_t(
         n, g, shift=cfg.shift, mean=cfg.logit_mean, std=cfg.logit_std))

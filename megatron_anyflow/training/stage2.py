@@ -52,7 +52,7 @@ import torch
 
 from megatron_anyflow.anyflow.distill import (DistillConfig, FrameCondition, backward_simulation, critic_loss, generator_loss,
                                                sample_simulation_plan)
-from megatron_anyflow.anyflow.objective import condition_mask
+from megatron_anyflow.anyflow.objective import check_i2v_frames, condition_mask
 from megatron_anyflow.models import lora as L
 from megatron_anyflow.training.stages import FarStage1, MetricAccumulator, Stage1, flow_map_objective_config
 
@@ -149,6 +149,7 @@ class Stage2(Stage1):
         p = self.args.i2v_prob
         if p <= 0:
             return None
+        check_i2v_frames(p, x.shape[1])
         gens = self.t.sample_generators("i2v", iteration, j, x.shape[0])
         u = torch.cat([torch.rand((1,), generator=g, device=self.t.device) for g in gens])
         return FrameCondition(x, condition_mask(u < p, x.shape[1]))
