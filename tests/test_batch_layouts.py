@@ -7,8 +7,8 @@ What is checked, per layout:
 - the split: global index i is a boundary sample iff i < floor(0.5 * 8) = 4, r = 0 iff 4 <= i < 6, free
   otherwise (the reference rule, `sample_t_r`), whatever step / rank holds it; the logged counts are
   ``boundary 4 | r0 2 | free 2``;
-- the per-sample draws (t, r, text dropout, image-to-video choice) and per-sample losses are those of the
-  big micro-batch, index by index (one generator per global index);
+- the per-sample draws (t, r, text dropout, image-to-video choice: ``--i2v-prob 0.5`` in both stages) and
+  per-sample losses are those of the big micro-batch, index by index (one generator per global index);
 - the iteration's loss equals a float64 evaluation of paper eq. 7 over all 8 per-sample losses: boundary
   samples weigh 1, the others ``mean(boundary losses) / (loss_i + 1e-5)``, averaged over the 8 samples;
 - the gradients handed to the optimizer equal the big micro-batch's.
@@ -119,9 +119,11 @@ def test_teacher_layout_matches_one_big_micro_batch(runs, dp, micro):
     ranks, big = runs[(dp, micro, "teacher")], runs[(1, 8, "teacher")]
     rows, ref = _by_index(ranks), _by_index(big)
     for i in range(GLOBAL):
-        assert torch.equal(rows[i]["t"], ref[i]["t"]) and torch.equal(rows[i]["text_dropped"], ref[i]["text_dropped"])
+        for n in ("t", "text_dropped", "i2v"):
+            assert torch.equal(rows[i][n], ref[i][n]), (i, n)
         a, b = float(rows[i]["per_sample_loss"]), float(ref[i]["per_sample_loss"])
         assert abs(a - b) <= 1e-5 * abs(b), (i, a, b)
+    assert 0 < sum(bool(rows[i]["i2v"]) for i in range(GLOBAL)) < GLOBAL  # conditioned and plain samples
     expect = sum(float(ref[i]["per_sample_loss"]) for i in range(GLOBAL)) / GLOBAL
     assert abs(ranks[0]["metrics"]["loss"] - expect) <= 1e-6 * expect
     ga, gb = ranks[0]["grads"], big[0]["grads"]

@@ -9,6 +9,7 @@ from torch import nn
 
 from megatron_anyflow.anyflow.distill import (
     DistillConfig,
+    FrameCondition,
     SimulationPlan,
     backward_simulation,
     consistency_backward_simulation,
@@ -422,3 +423,134 @@ def test_generator_loss_combines_and_checks():
     m = Counting(gd.exact_model())
     backward_simulation(m, noise.double(), None, plan, ccfg, generator=torch.Generator().manual_seed(0))
     assert len(m.calls) == plan.k + 1
+
+
+# --------------------------------------------------------------------------------------------------
+# image-to-video condition frames (FrameCondition, Wan2.2 TI2V)
+# --------------------------------------------------------------------------------------------------
+MASK = torch.tensor([[True, False], [False, False], [True, False]])  # frame 0 of samples 0 and 2 held clean
+
+
+def _condition(dtype=torch.float32, seed=5):
+    x = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    return FrameCondition(x, MASK.clone())
+
+
+@pytest.mark.parametrize("simulation", ["flow_map", "consistency"])
+def test_conditioned_rollout_of_the_exact_gaussian_map(simulation):
+    """Gaussian closed form: with the exact flow map (elementwise, so frames are independent) every plan's
+    conditioned rollout returns the condition frames exactly and the other frames at the exact ODE map
+    ``f(noise, 1, 0)``; the generator sees T = 0 on the condition frames and R the segment's r."""
+    gd = _gauss()
+    noise = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expect = gd.flow_map(noise, 1.0, 0.0)
+    cond = _condition(torch.float64)
+    seen = []
+
+    def model(z, T, R, text):
+        seen.append((T.clone(), R.clone(), z[MASK].clone()))
+        return gd.exact_model()(z, T, R, text)
+
+    cfg = DistillConfig(simulation=simulation)
+    for k in range(4):
+        x0, _ = backward_simulation(model, noise, None, SimulationPlan.make(4, k), cfg,
+                                    generator=torch.Generator().manual_seed(2), condition=cond)
+        assert torch.equal(x0[MASK], cond.latents[MASK])
+        if simulation == "flow_map":  # float32 model times are the only error (as the unconditioned test)
+            torch.testing.assert_close(x0[~MASK], expect[~MASK], rtol=0, atol=2e-6)
+    for T, R, z_cond in seen:
+        assert torch.all(T[MASK] == 0) and torch.all(T[~MASK] > 0)
+        assert torch.equal(R[MASK], R[~MASK][:2])  # R: the segment's r on every frame
+        assert torch.equal(z_cond, cond.latents[MASK])  # the input holds the clean latents
+
+
+def test_conditioned_rollout_gradient_skips_the_condition_frames():
+    """The condition frames of x0 are constants (no graph to the generator); the others keep theirs, and
+    without a condition the rollout is bitwise the unconditioned one."""
+    net = TinyFlowMap()
+    noise = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(0))
+    cond = _condition()
+    plan = SimulationPlan.make(4, 1)
+    x0, _ = flow_map_backward_simulation(net, noise, None, plan, condition=cond)
+    held = torch.autograd.grad(x0[MASK].sum(), list(net.parameters()), allow_unused=True, retain_graph=True)
+    assert all(g is None or torch.count_nonzero(g) == 0 for g in held)
+    grads = torch.autograd.grad(x0[~MASK].sum(), list(net.parameters()))
+    assert all(torch.count_nonzero(g) > 0 for g in grads)
+    a, _ = flow_map_backward_simulation(net, noise, None, plan)
+    b, _ = flow_map_backward_simulation(net, noise, None, plan, condition=None)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="condition mask must be bool"):
+        flow_map_backward_simulation(net, noise, None, plan, condition=FrameCondition(cond.latents, MASK[:, :1]))
+    with pytest.raises(ValueError, match="condition latents"):
+        flow_map_backward_simulation(net, noise, None, plan, condition=FrameCondition(cond.latents[:2], MASK))
+
+    class Causal:
+        def causal_rollout(self, *a):
+            raise AssertionError("not reached")
+
+    with pytest.raises(ValueError, match="no frame condition"):
+        backward_simulation(Causal(), noise, None, plan, DistillConfig(), condition=cond)
+
+
+def test_conditioned_dmd_matches_float64_reference():
+    """DMD with condition frames: tau = 0 (z = x0, T = R = 0) there, grad 0 there, the normaliser and the loss
+    per-sample means over the other frames (float64 reference written from those rules)."""
+    cfg = DistillConfig(real_guidance=3.0)
+    cond = _condition()
+    x0 = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(0))
+    x0 = torch.where(MASK[..., None, None, None], cond.latents, x0).requires_grad_(True)  # as the rollout returns
+    text = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(1))
+    neg = torch.randn(1, 4, 5, generator=torch.Generator().manual_seed(2)).expand(3, 4, 5)
+    real, fake = _score(0.9, 0.3, 0.5), _score(0.7, -0.2, 0.1)
+    loss, info = dmd_loss(x0, real, fake, text, neg, torch.Generator().manual_seed(7), cfg, condition=cond)
+
+    g = torch.Generator().manual_seed(7)
+    b, f = 3, SHAPE[0]
+    u = torch.rand((b,), generator=g, dtype=torch.float64)
+    eps = torch.randn(x0.shape, generator=g, dtype=torch.float32)
+    tau = 5 * u / (1 + 4 * u)
+    tau_f = tau[:, None].repeat(1, f)
+    tau_f[MASK] = 0.0
+    t5 = tau_f.to(torch.float32)[..., None, None, None]
+    z = (1 - t5) * x0.detach() + t5 * eps
+    assert torch.equal(z[MASK], cond.latents[MASK])
+    T = (tau_f * 1000).to(torch.float32)
+    vc, vu, vf = (m(z, T, T, c).double() for m, c in ((real, text), (real, neg), (fake, text)))
+    vr = vc + 3.0 * (vc - vu)
+    t6 = tau_f[..., None, None, None]
+    x_real, x_fake = z.double() - t6 * vr, z.double() - t6 * vf
+    keep = (~MASK).double()
+    n_el = math.prod(SHAPE[1:])
+    diff = (x0.detach().double() - x_real).abs().reshape(b, f, -1).sum(2)
+    norm = (diff * keep).sum(1) / (keep.sum(1) * n_el)
+    grad = torch.nan_to_num((x_fake - x_real) / norm[:, None, None, None, None]) * keep[..., None, None, None]
+    per = (grad.square().reshape(b, f, -1).sum(2) * keep).sum(1) / (keep.sum(1) * n_el)
+    torch.testing.assert_close(info["grad"], grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(loss, per.mean(), rtol=1e-12, atol=0)
+    assert torch.count_nonzero(info["grad"][MASK]) == 0 and torch.count_nonzero(info["grad"][~MASK]) > 0
+    (dx,) = torch.autograd.grad(loss, x0)
+    # d/dx0 of mean_i [sum_e(kept) grad^2 / n_i]: 2 grad / (b n_i), n_i the sample's kept elements
+    torch.testing.assert_close(dx.double(), 2 * grad / (b * keep.sum(1) * n_el)[:, None, None, None, None],
+                               rtol=1e-6, atol=1e-12)
+
+
+def test_conditioned_critic_matches_formula():
+    cfg = DistillConfig(critic_time_shift=3.0)
+    cond = _condition()
+    x0 = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(0))
+    fake_net = TinyFlowMap(seed=2)
+    loss, info = critic_loss(fake_net, x0, None, torch.Generator().manual_seed(4), cfg, condition=cond)
+    g = torch.Generator().manual_seed(4)
+    t = logit_normal_t(3, g, shift=3.0)
+    eps = torch.randn(x0.shape, generator=g, dtype=torch.float32)
+    xc = torch.where(MASK[..., None, None, None], cond.latents, x0)  # condition frames: the clean latents
+    tf = t[:, None].repeat(1, SHAPE[0])
+    tf[MASK] = 0.0
+    tt = tf[..., None, None, None]
+    z = (1 - tt) * xc + tt * eps
+    T = (tf.double() * 1000).float()
+    v = fake_net(z, T, T, None).double()
+    keep = (~MASK).double()
+    per = ((v - (eps.double() - xc.double())) ** 2).mean(dim=(2, 3, 4))
+    ref = ((per * keep).sum(1) / keep.sum(1)).mean()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=0)

@@ -255,7 +255,7 @@ def test_time_rows_follow_global_offset():
 # --------------------------------------------------------------------------------------------------
 # gradients vs float64 autograd
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("i2v_prob", [0.0, 0.5])
+@pytest.mark.parametrize("i2v_prob", [0.0, 0.5, 1.0])
 def test_stage1_gradient_matches_float64_autograd(i2v_prob):
     torch.manual_seed(0)
     net = ToyFlowMapNet(SHAPE, hidden=16, n_freq=2, use_text=True)
@@ -333,6 +333,24 @@ def test_i2v_condition_frame():
     _, st2 = _run(Corrupt(), x, text, neg, cfg, global_batch=8, offset=0)
     assert torch.allclose(st2["per_sample_loss"][i2v], st["per_sample_loss"][i2v], rtol=1e-6)
     assert not torch.allclose(st2["per_sample_loss"][~i2v], st["per_sample_loss"][~i2v], rtol=1e-3)
+
+
+def test_stage1_all_conditioned_does_not_depend_on_frame_zero_noise():
+    """i2v_prob = 1: frame 0's noise reaches neither the four forwards nor the loss (bitwise)."""
+    cfg = FlowMapObjectiveConfig(i2v_prob=1.0, text_dropout=0.3)
+    x, text, neg = _inputs(b=8)
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    eps0 = eps.clone()
+    eps0[:, 0] = torch.randn(eps[:, 0].shape, generator=torch.Generator().manual_seed(4)) * 3.0
+    runs = []
+    for noise in (eps, eps0):
+        model = LinearTimeModel()
+        loss, st = _run(model, x, text, neg, cfg, global_batch=8, offset=0, noise=noise)
+        runs.append((loss, st, model.calls))
+    assert bool(runs[0][1]["i2v"].all())
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1]["per_sample_loss"], runs[1][1]["per_sample_loss"])
+    for a, b in zip(runs[0][2], runs[1][2]):
+        assert torch.equal(a["z"], b["z"]) and torch.equal(a["T"], b["T"])
 
 
 def test_i2v_off_does_not_touch_frame_zero():
@@ -515,8 +533,12 @@ def test_stage1_errors():
 # --------------------------------------------------------------------------------------------------
 # teacher flow matching
 # --------------------------------------------------------------------------------------------------
-def test_flow_matching_loss_matches_float64():
-    cfg = TeacherObjectiveConfig(text_dropout=0.5)
+@pytest.mark.parametrize("i2v_prob", [0.0, 0.5, 1.0])
+def test_flow_matching_loss_matches_float64(i2v_prob):
+    """The teacher objective, its per-sample losses and gradients against float64 autograd. With
+    ``i2v_prob > 0`` (TI2V) the reference holds frame 0 of the conditioned samples clean (z = x) at
+    t = r = 0 and averages the squared error over the other frames only."""
+    cfg = TeacherObjectiveConfig(text_dropout=0.5, i2v_prob=i2v_prob)
     x, text, neg = _inputs()
     torch.manual_seed(0)
     net = ToyFlowMapNet(SHAPE, hidden=16, use_text=True)
@@ -534,14 +556,23 @@ def test_flow_matching_loss_matches_float64():
     t = _shift(torch.sigmoid(cfg.logit_mean + cfg.logit_std * n), cfg.shift)
     eps = torch.randn(x.shape, generator=g).double()
     drop = torch.rand(6, generator=g) < cfg.text_dropout
+    # TI2V: drawn after the dropout uniforms, only when i2v_prob > 0 (so 0 keeps the old stream)
+    i2v = torch.rand(6, generator=g) < i2v_prob if i2v_prob > 0 else torch.zeros(6, dtype=torch.bool)
     assert torch.equal(st["text_dropped"], drop) and 0 < int(drop.sum()) < 6
+    assert torch.equal(st["i2v"], i2v)
+    if i2v_prob == 0.5:
+        assert 0 < int(i2v.sum()) < 6
     assert torch.allclose(st["t"].double(), t, rtol=1e-6)
-    tt = t[:, None, None, None, None]
+    tf = t[:, None].repeat(1, SHAPE[0])
+    tf[:, 0] = torch.where(i2v, torch.zeros_like(t), t)  # condition frame: t = 0 (and r = t = 0)
+    keep = torch.ones(6, SHAPE[0], dtype=torch.float64)
+    keep[:, 0] = (~i2v).double()  # condition frame: not in the loss
+    tt = tf[..., None, None, None]
     z = (1 - tt) * x.double() + tt * eps
     c = torch.where(drop[:, None, None], neg.double().expand(6, -1, -1), text.double())
-    T = (1000 * t)[:, None].expand(6, SHAPE[0])
+    T = 1000 * tf
     pred = net64(z, T, T, c)
-    per = ((pred - (eps - x.double())) ** 2).mean(dim=(1, 2, 3, 4))
+    per = (keep * ((pred - (eps - x.double())) ** 2).mean(dim=(2, 3, 4))).sum(1) / keep.sum(1)
     ref = per.mean()
     ref.backward()
     assert _rel(st["per_sample_loss"], per) < 1e-5
@@ -556,3 +587,39 @@ def test_flow_matching_loss_matches_float64():
     assert call["T"].dtype == torch.float32 and torch.equal(call["T"], call["R"])
     with pytest.raises(ValueError, match="5-D"):
         flow_matching_loss(model, x[0], text, neg, cfg, noise_generator=None)
+
+
+def test_flow_matching_condition_frame_is_clean_and_out_of_the_loss():
+    """i2v_prob = 1: every sample's frame 0 is the clean latent at T = R = 0, so the loss and gradients do
+    not depend on frame 0's noise (bitwise); the other frames' noise does change them."""
+    cfg = TeacherObjectiveConfig(text_dropout=0.0, i2v_prob=1.0)
+    x, text, neg = _inputs()
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    eps0 = eps.clone()
+    eps0[:, 0] = torch.randn(eps[:, 0].shape, generator=torch.Generator().manual_seed(4)) * 3.0
+    eps1 = eps.clone()
+    eps1[:, 1] = eps1[:, 1] + 0.5
+    torch.manual_seed(0)
+    net = ToyFlowMapNet(SHAPE, hidden=16, use_text=True)
+    with torch.no_grad():
+        for p in net.corr_net[-1].parameters():
+            p.normal_(0, 0.1)
+    out = []
+    for noise in (eps, eps0, eps1):
+        net.zero_grad()
+        loss, st = flow_matching_loss(net, x, text, neg, cfg, noise_generator=torch.Generator().manual_seed(5),
+                                      noise=noise)
+        loss.backward()
+        out.append((loss.detach(), [p.grad.clone() for p in net.parameters()]))
+    assert bool(st["i2v"].all())
+    assert torch.equal(out[0][0], out[1][0]) and all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1]))
+    assert not torch.equal(out[0][0], out[2][0])
+    model = LinearTimeModel()
+    flow_matching_loss(model, x, text, neg, cfg, noise_generator=torch.Generator().manual_seed(5), noise=eps0)
+    call = model.calls[0]
+    assert torch.equal(call["z"][:, 0], x[:, 0]) and torch.all(call["T"][:, 0] == 0) and torch.all(call["R"][:, 0] == 0)
+    assert torch.all(call["T"][:, 1:] > 0)
+    with pytest.raises(ValueError, match="at least 2 latent frames"):
+        flow_matching_loss(model, x[:, :1], text, neg, cfg, noise_generator=None)
+    with pytest.raises(ValueError, match="i2v_prob"):
+        TeacherObjectiveConfig(i2v_prob=1.5)

@@ -73,14 +73,17 @@ def test_roles_share_one_base_and_equal_separate_models(stage1_ckpt):
         assert ((ours - ref).norm() / ref.norm()).item() < 1e-5, adapter
 
 
-def test_pipelined_equals_sequential_with_frozen_generator(stage1_ckpt):
+@pytest.mark.parametrize("i2v_prob", ["0", "0.5"])
+def test_pipelined_equals_sequential_with_frozen_generator(stage1_ckpt, i2v_prob):
+    """Also with image-to-video conditioning: the sequential critic's own rollout must hold the same
+    condition frames as the generator's rollout the pipelined critic reuses."""
     runs = {}
     for schedule in ("sequential", "pipelined"):
         # --lora-nograd-merge off: the sequential critic's rollout is a no-grad forward, the pipelined one
         # reuses the generator's grad-enabled rollout; merged no-grad weights would differ from the unmerged
         # path by rounding, and this test asserts the schedules are the same computation, bit for bit.
         tr = stage2(stage1_ckpt, "--train-iters", "2", "--schedule", schedule, "--lr", "0", "--critic-lr", "1e-3",
-                    "--lora-nograd-merge", "off")
+                    "--lora-nograd-merge", "off", "--i2v-prob", i2v_prob)
         tr.train()
         runs[schedule] = adapters(tr)
     a, b = runs["sequential"], runs["pipelined"]

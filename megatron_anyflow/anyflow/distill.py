@@ -11,8 +11,11 @@ LoRA adapter of the shared base each callable runs, e.g. ``lambda *a: run_with(u
   with ``R = T``; they return a velocity ``v`` whose x0-prediction is ``x0 = z - t v``.
 
 Times ``t`` in ``[0, 1]`` (``t = 1`` noise, ``t = 0`` data), ``z_t = (1 - t) x + t eps``, ``v = eps - x``.
-All frames of a sample share one time here (text-to-video); image-to-video condition frames (held clean
-with ``t = r = 0``, as :class:`~megatron_anyflow.anyflow.sampler.FlowMapEulerSampler` does) are not handled.
+All frames of a sample share one time (text-to-video), except image-to-video condition frames
+(:class:`FrameCondition`, Wan2.2 TI2V): held at their clean latents with ``t = 0`` in every call (the
+generator's ``r`` stays the step's, as diffusers' ``AnyFlowPipeline`` and ``tools/generate.py`` sample; the
+single-time scores get ``t = r = 0``), and out of the DMD and critic losses (per-sample means over the other
+frames). Without a condition every function is the text-to-video one, bitwise.
 
 Pieces (paper Alg. 2, Sec. 4.2.2, eq. 5; docs/design/anyflow.md 1.4):
 
@@ -39,14 +42,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 
+from .objective import frame_mean
 from .timesteps import flow_map_time_grid, logit_normal_t, shift_time, to_model_scale
 
 __all__ = [
     "DistillConfig",
+    "FrameCondition",
     "SimulationPlan",
     "sample_simulation_plan",
     "flow_map_backward_simulation",
@@ -256,12 +261,48 @@ def _bcast(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.reshape(*t.shape, *([1] * (ndim - t.dim())))
 
 
-def _flow_map_step(model: ModelFn, z: torch.Tensor, t: float, r: float, text) -> torch.Tensor:
-    """``z - (t - r) u(z, T, R, text)``, the update formed in float64 and rounded once to ``z.dtype``."""
+class FrameCondition(NamedTuple):
+    """Clean condition frames of image-to-video in stage 2 (Wan2.2 TI2V: frame 0 of the conditioned samples).
+
+    Attributes:
+        latents: ``[b, f, c, h, w]`` clean latents (only the frames in ``mask`` are read), e.g. the batch.
+        mask: ``[b, f]`` bool, True on the condition frames (held at ``latents`` with ``t = 0``). Every sample
+            needs at least one frame outside it; that is not checked (it would synchronise with the device
+            on every call): a fully held sample makes the DMD / critic loss NaN (a mean over no frame).
+    """
+
+    latents: torch.Tensor
+    mask: torch.Tensor
+
+    def check(self, z: torch.Tensor) -> None:
+        """ValueError unless ``latents`` has ``z``'s shape and ``mask`` is bool ``[b, f]``."""
+        if tuple(self.latents.shape) != tuple(z.shape):
+            raise ValueError(f"condition latents {tuple(self.latents.shape)} must have the samples' shape {tuple(z.shape)}")
+        if self.mask.dtype != torch.bool or tuple(self.mask.shape) != tuple(z.shape[:2]):
+            raise ValueError(f"condition mask must be bool {tuple(z.shape[:2])}, got {self.mask.dtype} "
+                             f"{tuple(self.mask.shape)}")
+
+    def hold(self, z: torch.Tensor) -> torch.Tensor:
+        """``z`` with the condition frames replaced by their clean latents (no graph through them)."""
+        return torch.where(_bcast(self.mask, z.dim()), self.latents.detach().to(z.dtype), z)
+
+    def time(self, T: torch.Tensor) -> torch.Tensor:
+        """``T`` ``[b, f]`` with 0 on the condition frames."""
+        return T.masked_fill(self.mask, 0.0)
+
+
+def _flow_map_step(model: ModelFn, z: torch.Tensor, t: float, r: float, text,
+                   condition: Optional[FrameCondition] = None) -> torch.Tensor:
+    """``z - (t - r) u(z, T, R, text)``, the update formed in float64 and rounded once to ``z.dtype``. With a
+    ``condition`` its frames are held clean before and after the step and get ``T = 0`` (R the step's)."""
     b, f = z.shape[:2]
-    u = model(z, _model_time(t, b, f, z.device), _model_time(r, b, f, z.device), text)
+    T = _model_time(t, b, f, z.device)
+    if condition is not None:
+        z, T = condition.hold(z), condition.time(T)
+    u = model(z, T, _model_time(r, b, f, z.device), text)
     _check_output(u, z, "generator")
-    return (z.to(torch.float64) - (t - r) * u.to(torch.float64)).to(z.dtype)
+    out = (z.to(torch.float64) - (t - r) * u.to(torch.float64)).to(z.dtype)
+    return out if condition is None else condition.hold(out)
 
 
 def _gen_device(generator: Optional[torch.Generator]) -> torch.device:
@@ -277,6 +318,7 @@ def flow_map_backward_simulation(
     text: Optional[torch.Tensor],
     plan: SimulationPlan,
     grad_through: str = "chain",
+    condition: Optional[FrameCondition] = None,
 ) -> Tuple[torch.Tensor, Dict[str, object]]:
     """AnyFlow's flow-map backward simulation (paper Alg. 2, Sec. 4.2.2, Fig. 5b).
 
@@ -308,6 +350,8 @@ def flow_map_backward_simulation(
         text: passed through to the model.
         plan: :class:`SimulationPlan` (``N``, ``k``, ``times``).
         grad_through: ``"chain"`` or ``"no_grad_prefix"``.
+        condition: optional :class:`FrameCondition`: its frames are held clean with ``T = 0`` in every call
+            (``R`` the segment's ``r``) and are clean in ``x0``.
 
     Returns:
         ``(x0, info)``: ``x0`` ``[b, f, c, h, w]`` in ``noise``'s dtype (with graph when grad is enabled);
@@ -315,9 +359,12 @@ def flow_map_backward_simulation(
         ``(t, r, with_grad)``).
 
     Raises:
-        ValueError: bad ``noise``, unknown ``grad_through``, or a model output of the wrong shape.
+        ValueError: bad ``noise``, unknown ``grad_through``, a bad ``condition``, or a model output of the
+            wrong shape.
     """
     _check_latent("noise", noise)
+    if condition is not None:
+        condition.check(noise)
     if grad_through not in GRAD_THROUGH:
         raise ValueError(f"grad_through must be one of {GRAD_THROUGH}, got {grad_through!r}")
     times = plan.times.tolist()
@@ -328,15 +375,15 @@ def flow_map_backward_simulation(
     if k > 0:
         if grad_through == "no_grad_prefix":
             with torch.no_grad():
-                z = _flow_map_step(generator_model, z, 1.0, t_k, text)
+                z = _flow_map_step(generator_model, z, 1.0, t_k, text, condition)
             segments.append((1.0, t_k, False))
         else:
-            z = _flow_map_step(generator_model, z, 1.0, t_k, text)
+            z = _flow_map_step(generator_model, z, 1.0, t_k, text, condition)
             segments.append((1.0, t_k, torch.is_grad_enabled()))
-    z = _flow_map_step(generator_model, z, t_k, t_n, text)
+    z = _flow_map_step(generator_model, z, t_k, t_n, text, condition)
     segments.append((t_k, t_n, torch.is_grad_enabled()))
     if k < N - 1:
-        z = _flow_map_step(generator_model, z, t_n, 0.0, text)
+        z = _flow_map_step(generator_model, z, t_n, 0.0, text, condition)
         segments.append((t_n, 0.0, torch.is_grad_enabled()))
     info = {"N": N, "k": k, "t_k": t_k, "t_next": t_n, "calls": len(segments), "segments": segments}
     return z, info
@@ -348,6 +395,7 @@ def consistency_backward_simulation(
     text: Optional[torch.Tensor],
     plan: SimulationPlan,
     generator: Optional[torch.Generator] = None,
+    condition: Optional[FrameCondition] = None,
 ) -> Tuple[torch.Tensor, Dict[str, object]]:
     """Consistency backward simulation (rCM / Self-Forcing; paper Sec. 4.2.2, Fig. 5a): the baseline.
 
@@ -368,6 +416,8 @@ def consistency_backward_simulation(
         plan: :class:`SimulationPlan`.
         generator: ``torch.Generator`` for the re-noising draws (``None``: global RNG); ``k`` draws of
             ``noise.shape`` in order ``i = 0..k-1``.
+        condition: optional :class:`FrameCondition`, held clean with ``T = 0`` in every call (re-noised
+            condition frames are replaced by the clean ones again before the next call).
 
     Returns:
         ``(x0_hat_k, info)``; ``info``: ``N``, ``k``, ``t_k``, ``calls``.
@@ -376,17 +426,19 @@ def consistency_backward_simulation(
         ValueError: bad ``noise`` or a model output of the wrong shape.
     """
     _check_latent("noise", noise)
+    if condition is not None:
+        condition.check(noise)
     times = plan.times.tolist()
     z = noise
     gdev = _gen_device(generator)
     for i in range(plan.k):
         with torch.no_grad():
-            x0_hat = _flow_map_step(generator_model, z, times[i], 0.0, text)
+            x0_hat = _flow_map_step(generator_model, z, times[i], 0.0, text, condition)
             eps = torch.randn(noise.shape, generator=generator, device=gdev, dtype=torch.float32)
             eps = eps.to(device=noise.device, dtype=torch.float64)
             t_next = times[i + 1]
             z = ((1.0 - t_next) * x0_hat.to(torch.float64) + t_next * eps).to(noise.dtype)
-    x0_hat = _flow_map_step(generator_model, z, times[plan.k], 0.0, text)
+    x0_hat = _flow_map_step(generator_model, z, times[plan.k], 0.0, text, condition)
     info = {"N": plan.N, "k": plan.k, "t_k": times[plan.k], "calls": plan.k + 1}
     return x0_hat, info
 
@@ -398,14 +450,18 @@ def backward_simulation(
     plan: SimulationPlan,
     cfg: Optional[DistillConfig] = None,
     generator: Optional[torch.Generator] = None,
+    condition: Optional[FrameCondition] = None,
 ) -> Tuple[torch.Tensor, Dict[str, object]]:
     """Dispatch on ``cfg.simulation``: :func:`flow_map_backward_simulation` (with ``cfg.grad_through``) or
     :func:`consistency_backward_simulation` (with ``generator`` for the re-noising). A generator with a
     ``causal_rollout(noise, text, plan, grad_through)`` method (the AnyFlow-FAR generator of
     `training.stage2`) is rolled out by it: `anyflow.causal.causal_flow_map_backward_simulation`.
 
+    ``condition`` (:class:`FrameCondition`) is passed on; the causal generator takes none (FAR conditions
+    by whole clean chunks).
+
     Raises:
-        ValueError: a causal generator with ``cfg.simulation != "flow_map"``.
+        ValueError: a causal generator with ``cfg.simulation != "flow_map"`` or with a ``condition``.
     """
     cfg = cfg if cfg is not None else DistillConfig()
     causal = getattr(generator_model, "causal_rollout", None)
@@ -414,10 +470,15 @@ def backward_simulation(
         if cfg.simulation != "flow_map":
             raise ValueError(f"simulation={cfg.simulation!r}: the causal (FAR) generator supports the flow-map "
                              "backward simulation only (the reference's FAR stage 2)")
+        if condition is not None:
+            raise ValueError("the causal (FAR) generator takes no frame condition: it conditions by whole clean "
+                             "chunks")
         return causal(noise, text, plan, cfg.grad_through)
     if cfg.simulation == "flow_map":
-        return flow_map_backward_simulation(generator_model, noise, text, plan, grad_through=cfg.grad_through)
-    return consistency_backward_simulation(generator_model, noise, text, plan, generator=generator)
+        return flow_map_backward_simulation(generator_model, noise, text, plan, grad_through=cfg.grad_through,
+                                            condition=condition)
+    return consistency_backward_simulation(generator_model, noise, text, plan, generator=generator,
+                                           condition=condition)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -469,6 +530,7 @@ def dmd_loss(
     negative_text: Optional[torch.Tensor],
     tau_generator: Optional[torch.Generator],
     cfg: Optional[DistillConfig] = None,
+    condition: Optional[FrameCondition] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Distribution-matching (DMD) loss of a generated sample (paper eq. 5; reference normalisation).
 
@@ -488,6 +550,12 @@ def dmd_loss(
     Hence ``d loss / d x0 = 2 grad / x0.numel()``, propagated into the generator through ``x0``'s graph.
     If ``real_score`` and ``fake_score`` agree the gradient is exactly zero.
 
+    With a ``condition`` (:class:`FrameCondition`; ``x0`` holds the clean latents on its frames, as the
+    conditioned rollout returns them): the condition frames of ``z`` are those clean latents with
+    ``tau = 0`` (``T = R = 0`` for both scores), ``grad`` is 0 on them, and the normaliser and the loss
+    are per-sample means over the other frames (:func:`~megatron_anyflow.anyflow.objective.frame_mean`),
+    averaged over the samples.
+
     Args:
         x0: generated sample ``[b, f, c, h, w]`` (with graph for the generator update).
         real_score: frozen teacher ``model(z, T, T, text) -> v``.
@@ -506,28 +574,41 @@ def dmd_loss(
     """
     cfg = cfg if cfg is not None else DistillConfig()
     _check_latent("x0", x0)
+    if condition is not None:
+        condition.check(x0)
     b, f = x0.shape[:2]
     gdev = _gen_device(tau_generator)
     u = torch.rand((b,), generator=tau_generator, device=gdev, dtype=torch.float64)
     eps = torch.randn(x0.shape, generator=tau_generator, device=gdev, dtype=torch.float32).to(x0.device)
     tau = shift_time(u, cfg.dmd_tau_shift).to(x0.device)
     x0_d = x0.detach()
-    tau32 = _bcast(tau.to(torch.float32), x0.dim())
+    # per frame [b, f]: the sample's tau, 0 on condition frames (so z = x0 there)
+    tau_f = tau[:, None].expand(b, f) if condition is None else condition.time(tau[:, None].expand(b, f))
+    tau32 = _bcast(tau_f.to(torch.float32), x0.dim())
     z = ((1.0 - tau32) * x0_d.to(torch.float32) + tau32 * eps).to(x0.dtype)
     T = _model_time(tau, b, f, x0.device)
+    if condition is not None:
+        T = condition.time(T)
     with torch.no_grad():
         v_real = real_score_velocity(real_score, z, T, text, negative_text, cfg)
         v_fake = fake_score(z, T, T.clone(), text)
         _check_output(v_fake, z, "fake score")
-        tau64 = _bcast(tau, x0.dim())
+        tau64 = _bcast(tau_f.to(torch.float64), x0.dim())
         z64 = z.to(torch.float64)
         x0_real = z64 - tau64 * v_real
         x0_fake = z64 - tau64 * v_fake.to(torch.float64)
         dims = tuple(range(1, x0.dim()))
-        normalizer = (x0_d.to(torch.float64) - x0_real).abs().mean(dim=dims, keepdim=True)
+        diff = (x0_d.to(torch.float64) - x0_real).abs()
+        if condition is None:
+            normalizer = diff.mean(dim=dims, keepdim=True)
+        else:
+            normalizer = _bcast(frame_mean(diff, ~condition.mask), x0.dim())
         grad = torch.nan_to_num((x0_fake - x0_real) / normalizer)
+        if condition is not None:
+            grad = grad.masked_fill(_bcast(condition.mask, x0.dim()), 0.0)
     x64 = x0.to(torch.float64)
-    loss = torch.mean((x64 - (x64 - grad).detach()) ** 2)
+    sq = (x64 - (x64 - grad).detach()) ** 2
+    loss = torch.mean(sq) if condition is None else frame_mean(sq, ~condition.mask).mean()
     info = {
         "tau": tau.detach(),
         "normalizer": normalizer.reshape(b),
@@ -544,6 +625,7 @@ def critic_loss(
     text: Optional[torch.Tensor],
     generator: Optional[torch.Generator],
     cfg: Optional[DistillConfig] = None,
+    condition: Optional[FrameCondition] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Flow-matching loss of the fake score on generated samples (the critic step; docs/design/anyflow.md 1.4).
 
@@ -552,6 +634,10 @@ def critic_loss(
     ``z = (1 - t) x0 + t eps`` (float32, rounded to ``x0.dtype``), ``v = fake(z, T, T, text)`` with
     ``T = 1000 t`` float32 ``[b, f]``, and ``loss = mean((v - (eps - x0))^2)`` over all elements
     (float32 arithmetic). ``x0`` is detached here (the generator gets no gradient from this loss).
+    With a ``condition`` (:class:`FrameCondition`) its frames are the clean latents at ``t = 0``
+    (``T = R = 0``) and the loss is the per-sample mean over the other frames
+    (:func:`~megatron_anyflow.anyflow.objective.frame_mean`), averaged over the samples: the teacher's
+    conditioned objective (``TeacherObjectiveConfig.i2v_prob``) on generated samples.
 
     Args:
         fake_score: ``model(z, T, T, text) -> v`` (with grad).
@@ -568,17 +654,24 @@ def critic_loss(
     """
     cfg = cfg if cfg is not None else DistillConfig()
     _check_latent("x0", x0)
+    if condition is not None:
+        condition.check(x0)
     b, f = x0.shape[:2]
     gdev = _gen_device(generator)
     t = logit_normal_t(b, generator, shift=cfg.critic_time_shift).to(x0.device)
     eps = torch.randn(x0.shape, generator=generator, device=gdev, dtype=torch.float32).to(x0.device)
     x32 = x0.detach().to(torch.float32)
-    tt = _bcast(t, x0.dim())
-    z = ((1.0 - tt) * x32 + tt * eps).to(x0.dtype)
     T = _model_time(t, b, f, x0.device)
+    if condition is None:
+        tt = _bcast(t, x0.dim())
+    else:
+        x32, T = condition.hold(x32), condition.time(T)
+        tt = _bcast(condition.time(t[:, None].expand(b, f)), x0.dim())
+    z = ((1.0 - tt) * x32 + tt * eps).to(x0.dtype)
     v = fake_score(z, T, T.clone(), text)
     _check_output(v, z, "fake score")
-    loss = (v.to(torch.float32) - (eps - x32)).square().mean()
+    sq = (v.to(torch.float32) - (eps - x32)).square()
+    loss = sq.mean() if condition is None else frame_mean(sq, ~condition.mask).mean()
     return loss, {"t": t, "loss": loss.detach()}
 
 
@@ -594,10 +687,12 @@ def generator_loss(
     tau_generator: Optional[torch.Generator] = None,
     rollout_generator: Optional[torch.Generator] = None,
     stage1: Optional[torch.Tensor] = None,
+    condition: Optional[FrameCondition] = None,
 ) -> Tuple[torch.Tensor, Dict[str, object]]:
     """Generator objective of one stage-2 step: rollout (:func:`backward_simulation`) + :func:`dmd_loss`,
     plus ``cfg.stage1_weight * stage1`` when ``cfg.cotrain_stage1`` and the caller passes its stage-1
-    forward flow-map loss ``stage1`` (computed with ``objective.stage1_loss`` on a real batch).
+    forward flow-map loss ``stage1`` (computed with ``objective.stage1_loss`` on a real batch). A
+    ``condition`` (:class:`FrameCondition`) goes to both the rollout and the DMD loss.
 
     Returns:
         ``(loss, info)``: ``loss`` 0-d float64 (with grad); ``info``: ``rollout`` (the simulation info),
@@ -610,8 +705,10 @@ def generator_loss(
     cfg = cfg if cfg is not None else DistillConfig()
     if stage1 is not None and not cfg.cotrain_stage1:
         raise ValueError("a stage-1 loss was passed but cfg.cotrain_stage1 is False")
-    x0, rollout_info = backward_simulation(generator_model, noise, text, plan, cfg, generator=rollout_generator)
-    loss_dmd, dmd_info = dmd_loss(x0, real_score, fake_score, text, negative_text, tau_generator, cfg)
+    x0, rollout_info = backward_simulation(generator_model, noise, text, plan, cfg, generator=rollout_generator,
+                                           condition=condition)
+    loss_dmd, dmd_info = dmd_loss(x0, real_score, fake_score, text, negative_text, tau_generator, cfg,
+                                  condition=condition)
     loss = loss_dmd
     if stage1 is not None:
         loss = loss + cfg.stage1_weight * torch.as_tensor(stage1).to(torch.float64)

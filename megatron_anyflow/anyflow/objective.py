@@ -134,15 +134,21 @@ class TeacherObjectiveConfig:
         shift: time shift ``s`` applied to the logit-normal draw (5.0, Wan2.1).
         logit_mean, logit_std: of the normal before the sigmoid (0.0, 1.0).
         text_dropout: probability that a prompt is replaced by the negative-prompt embedding (0.1).
+        i2v_prob: probability that a sample's latent frame 0 is a clean condition frame (text-image-to-video,
+            Wan2.2 TI2V): its input is the clean latent (``z = x``), its time ``t = r = 0`` (the teacher is
+            single-time; diffusers' ``WanPipeline`` with ``expand_timesteps=True`` feeds the first frame's
+            tokens ``timestep = 0``), and it is excluded from the loss (the per-sample mean runs over the
+            other frames). The same option as :attr:`FlowMapObjectiveConfig.i2v_prob` (0.0).
 
     Raises:
-        ValueError: ``shift <= 0``, ``logit_std <= 0`` or ``text_dropout`` outside ``[0, 1]``.
+        ValueError: ``shift <= 0``, ``logit_std <= 0``, or ``text_dropout`` / ``i2v_prob`` outside ``[0, 1]``.
     """
 
     shift: float = 5.0
     logit_mean: float = 0.0
     logit_std: float = 1.0
     text_dropout: float = 0.1
+    i2v_prob: float = 0.0
 
     def __post_init__(self) -> None:
         self.shift = float(self.shift)
@@ -153,6 +159,7 @@ class TeacherObjectiveConfig:
         if not math.isfinite(self.logit_std) or self.logit_std <= 0.0:
             raise ValueError(f"logit_std must be a positive finite number, got {self.logit_std!r}")
         self.text_dropout = _check_prob("text_dropout", self.text_dropout)
+        self.i2v_prob = _check_prob("i2v_prob", self.i2v_prob)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,6 +249,28 @@ def _select_text(text, negative_text, drop):
     b = text.shape[0]
     neg = negative_text.to(device=text.device, dtype=text.dtype).expand(b, -1, -1)
     return torch.where(drop.view(b, 1, 1), neg, text), neg.contiguous()
+
+
+def condition_mask(i2v: torch.Tensor, f: int) -> torch.Tensor:
+    """``[b, f]`` bool: True on latent frame 0 of the samples with ``i2v`` ``[b]`` (the clean condition
+    frame of image-to-video), False elsewhere."""
+    cond = torch.zeros((i2v.shape[0], f), dtype=torch.bool, device=i2v.device)
+    cond[:, 0] = i2v
+    return cond
+
+
+def frame_mean(sq: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean ``[b]`` of ``sq`` ``[b, f, ...]`` over the elements of the frames with ``keep``
+    ``[b, f]`` = 1 (the trained frames; condition frames have 0): the mean over each frame's elements,
+    then the ``keep``-weighted mean over frames. Every sample needs a kept frame."""
+    b, f = keep.shape
+    return (sq.reshape(b, f, -1).mean(dim=2) * keep.to(sq.dtype)).sum(dim=1) / keep.to(sq.dtype).sum(dim=1)
+
+
+def check_i2v_frames(i2v_prob: float, f: int) -> None:
+    """ValueError when image-to-video (``i2v_prob > 0``) meets clips of fewer than 2 latent frames."""
+    if i2v_prob > 0.0 and f < 2:
+        raise ValueError(f"i2v_prob > 0 needs at least 2 latent frames (frame 0 is the condition), got f={f}")
 
 
 def _bcast(t: torch.Tensor) -> torch.Tensor:
@@ -389,8 +418,7 @@ def stage1_loss(
     if global_offset < 0 or global_offset + b > global_batch:
         raise ValueError(f"need 0 <= global_offset and global_offset + b <= global_batch, got "
                          f"global_offset={global_offset}, b={b}, global_batch={global_batch}")
-    if cfg.i2v_prob > 0.0 and f < 2:
-        raise ValueError(f"i2v_prob > 0 needs at least 2 latent frames (frame 0 is the condition), got f={f}")
+    check_i2v_frames(cfg.i2v_prob, f)
     device = x.device
     g, e = cfg.guidance, cfg.fd_eps
 
@@ -406,8 +434,7 @@ def stage1_loss(
     r = r_s[:, None].expand(b, f).clone()
     frame_weight = torch.ones((b, f), dtype=torch.float32, device=device)
     if cfg.i2v_prob > 0.0:
-        cond = torch.zeros((b, f), dtype=torch.bool, device=device)
-        cond[:, 0] = i2v
+        cond = condition_mask(i2v, f)
         t = t.masked_fill(cond, 0.0)  # r keeps the sample's value (reference / diffusers convention)
         frame_weight = frame_weight.masked_fill(cond, 0.0)
         perturb = (~cond).to(torch.float32)
@@ -517,11 +544,17 @@ def flow_matching_loss(
     generated samples; docs/design/anyflow.md 1.6). From ``noise_generator``, in this order:
     ``t = logit_normal_t(b, ..., shift, logit_mean, logit_std)`` (one time per sample, all frames),
     ``eps = randn(x.shape, dtype=x.dtype)`` (skipped when ``noise`` is given), text-dropout uniforms
-    ``rand(b)`` (prompt ``i`` replaced by the negative embedding iff ``u_i < cfg.text_dropout``). Then
-    ``z = (1 - t) x + t eps`` (float32, rounded to ``x.dtype``), ``v = eps - x``,
-    ``pred = model(z, T, T, text_used)`` with ``T = to_model_scale(t)`` float32 ``[b, f]`` (``r = t``: the
-    single-time / boundary case of the AnyFlow time embedding), and
-    ``loss = mean_i mean_{f,c,h,w} (pred - v)^2`` (float32 arithmetic).
+    ``rand(b)`` (prompt ``i`` replaced by the negative embedding iff ``u_i < cfg.text_dropout``), and only
+    when ``cfg.i2v_prob > 0`` the image-to-video uniforms ``rand(b)`` (frame 0 of sample ``i`` is a clean
+    condition frame iff ``u_i < cfg.i2v_prob``; drawn last, so ``i2v_prob = 0`` keeps every earlier draw
+    and the whole computation bitwise as before the option existed). Then per sample and frame
+    ``t`` ``[b, f]`` (0 on condition frames), ``z = (1 - t) x + t eps`` (float32, rounded to ``x.dtype``;
+    exactly ``x`` on condition frames), ``v = eps - x``, ``pred = model(z, T, T, text_used)`` with
+    ``T = to_model_scale(t)`` float32 ``[b, f]`` (``r = t``: the single-time / boundary case of the AnyFlow
+    time embedding; condition frames get ``t = r = 0``, as diffusers' ``WanPipeline`` with
+    ``expand_timesteps=True`` feeds Wan2.2 TI2V's first frame), and
+    ``loss = mean_i mean_{f,c,h,w} (pred - v)^2`` (float32 arithmetic), the mean over ``f`` running over
+    the frames that are not condition frames.
 
     Args:
         model: ``model(z, T, R, text) -> v`` (called once, with grad).
@@ -533,10 +566,12 @@ def flow_matching_loss(
 
     Returns:
         ``(loss, stats)``: 0-d float32 loss with grad; ``stats``: detached ``loss``, ``per_sample_loss``
-        [b], ``t`` [b] (in [0, 1]), ``t_mean``, ``text_dropped`` [b] bool.
+        [b], ``t`` [b] (in [0, 1]; the sample's time, also where frame 0 is a condition frame), ``t_mean``,
+        ``text_dropped`` [b] bool, ``i2v`` [b] bool (frame 0 held clean).
 
     Raises:
-        ValueError: bad shapes (as :func:`stage1_loss`), or a model output not of ``z``'s shape.
+        ValueError: bad shapes (as :func:`stage1_loss`), ``cfg.i2v_prob > 0`` with a single latent frame,
+            or a model output not of ``z``'s shape.
     """
     cfg = cfg if cfg is not None else TeacherObjectiveConfig()
     if not isinstance(cfg, TeacherObjectiveConfig):
@@ -544,10 +579,16 @@ def flow_matching_loss(
     _check_latent_and_text(x, text, negative_text)
     _check_noise(noise, x)
     b, f = x.shape[:2]
-    t_s, eps, u = _row_draws(x, noise, noise_generator, 1, time_fn=lambda n, g: logit_normal_t(
+    check_i2v_frames(cfg.i2v_prob, f)
+    conditioned = cfg.i2v_prob > 0.0
+    t_s, eps, u = _row_draws(x, noise, noise_generator, 2 if conditioned else 1, time_fn=lambda n, g: logit_normal_t(
         n, g, shift=cfg.shift, mean=cfg.logit_mean, std=cfg.logit_std))
     drop = u[0] < cfg.text_dropout
+    i2v = u[1] < cfg.i2v_prob if conditioned else torch.zeros_like(drop)
     t = t_s[:, None].expand(b, f)
+    if conditioned:
+        cond = condition_mask(i2v, f)
+        t = t.masked_fill(cond, 0.0)
     x32, eps32 = x.to(torch.float32), eps.to(torch.float32)
     z = ((1.0 - _bcast(t)) * x32 + _bcast(t) * eps32).to(x.dtype)
     v32 = eps32 - x32
@@ -555,10 +596,14 @@ def flow_matching_loss(
     text_used, _ = _select_text(text, negative_text, drop)
     pred = model(z, T, T.clone(), text_used)
     _check_output(pred, z, "velocity")
-    per_sample = (pred.to(torch.float32) - v32).square().reshape(b, -1).mean(dim=1)
+    sq = (pred.to(torch.float32) - v32).square()
+    if conditioned:  # mean over the trained frames only (every sample keeps >= 1 of its f >= 2 frames)
+        per_sample = frame_mean(sq, ~cond)
+    else:  # i2v_prob = 0: the reduction of the unconditioned objective, bitwise
+        per_sample = sq.reshape(b, -1).mean(dim=1)
     loss = per_sample.mean()
     stats = {"loss": loss.detach(), "per_sample_loss": per_sample.detach(), "t": t_s, "t_mean": t_s.mean(),
-             "text_dropped": drop}
+             "text_dropped": drop, "i2v": i2v}
     return loss, stats
 
 

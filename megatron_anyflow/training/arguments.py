@@ -139,7 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss-weight", choices=["beta", "uniform"], default="beta")
     g.add_argument("--no-adaptive-reweight", action="store_true")
     g.add_argument("--reweight-eps", type=float, default=1e-5, help="the constant c of the adaptive reweighting (eq. 7)")
-    g.add_argument("--i2v-prob", type=float, default=0.0, help="probability of a clean first frame (image-to-video)")
+    g.add_argument("--i2v-prob", type=float, default=0.0,
+                   help="probability that a sample is conditioned on its clean first latent frame (image-to-video, "
+                        "Wan2.2 TI2V): that frame's input is the clean latent at t = 0 (r = 0 for the single-time "
+                        "teacher and scores, the sample's / step's r for the flow map, as diffusers' pipelines "
+                        "sample), it is excluded from the loss; drawn per sample (0: unconditioned, bitwise)")
     g.add_argument("--kernel-backend", choices=["auto", "torch", "triton"], default="auto",
                    help="fused loss kernels: auto = Triton on CUDA, PyTorch reference elsewhere")
     g.add_argument("--long-context-prob", type=float, default=0.5,
@@ -282,6 +286,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for name in ("long_context_prob", "far_bidirectional_prob"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             parser.error(f"--{name.replace('_', '-')} must lie in [0, 1]; got {getattr(args, name)}")
+    if not 0.0 <= args.i2v_prob <= 1.0:
+        parser.error(f"--i2v-prob must lie in [0, 1]; got {args.i2v_prob}")
     if args.model == "far":
         if args.stage == "teacher":
             parser.error("--model far trains the causal student (stage1 / stage2); the teacher is bidirectional")

@@ -30,7 +30,14 @@ other's compute (14B at TP4 x CP2); at 1.3B on one GPU expect little. Without CU
 stream and the schedule is ``pipelined`` exactly (tested); on a GPU the equality is tested to rounding
 (the caching allocator and kernel selection may differ per stream) and the profiler shows the overlap.
 
-The critic's rollout in ``sequential`` uses the same noise and simulation plan as the generator's, so with
+Image-to-video (``--i2v-prob P``, Wan2.2 TI2V): a fraction P of the samples (one coin per sample from its
+own generator, stream ``"i2v"``, so the choice does not depend on the batch layout) is conditioned on the
+clean first latent frame of its batch clip, in all three roles (`anyflow.distill.FrameCondition`): the
+generator's rollout holds it clean at ``t = 0`` (``r`` the step's, as diffusers samples), the DMD scores and
+the critic see it clean at ``t = r = 0``, and it is out of the DMD and critic losses. The co-trained stage-1
+loss draws its own condition (`Stage1`). ``P = 0`` draws nothing: the text-to-video stage 2, bitwise.
+
+The critic's rollout in ``sequential`` uses the same noise, simulation plan and condition as the generator's, so with
 a frozen generator (lr 0) both schedules see the same rollouts and give identical updates (tested).
 Each role names its adapter in the call (`Stage2.role`: ``model(..., adapter=...)``); recomputed blocks
 capture it, so no adapter has to be re-selected before a backward.
@@ -43,7 +50,9 @@ from typing import Dict, List
 
 import torch
 
-from megatron_anyflow.anyflow.distill import DistillConfig, backward_simulation, critic_loss, generator_loss, sample_simulation_plan
+from megatron_anyflow.anyflow.distill import (DistillConfig, FrameCondition, backward_simulation, critic_loss, generator_loss,
+                                               sample_simulation_plan)
+from megatron_anyflow.anyflow.objective import check_i2v_frames, condition_mask
 from megatron_anyflow.models import lora as L
 from megatron_anyflow.training.stages import FarStage1, MetricAccumulator, Stage1, flow_map_objective_config
 
@@ -132,9 +141,20 @@ class Stage2(Stage1):
         # one generator per sample (global index): the rollout noise does not depend on the batch layout
         gens = t.sample_generators("rollout-noise", iteration, j, x.shape[0])
         noise = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, device=t.device, dtype=x.dtype) for g in gens])
-        return x, text, plan, noise
+        return x, text, plan, noise, self._condition(iteration, j, x)
 
-    def _generator_loss(self, iteration, j, x, text, plan, noise, carry, n=1):
+    def _condition(self, iteration, j, x):
+        """The micro-batch's `FrameCondition` (frame 0 of the samples whose ``"i2v"`` coin is below
+        ``--i2v-prob``), or None with ``--i2v-prob 0`` (no draw at all)."""
+        p = self.args.i2v_prob
+        if p <= 0:
+            return None
+        check_i2v_frames(p, x.shape[1])
+        gens = self.t.sample_generators("i2v", iteration, j, x.shape[0])
+        u = torch.cat([torch.rand((1,), generator=g, device=self.t.device) for g in gens])
+        return FrameCondition(x, condition_mask(u < p, x.shape[1]))
+
+    def _generator_loss(self, iteration, j, x, text, plan, noise, carry, n=1, condition=None):
         """The generator's DMD loss of micro-batch ``j`` (with grad; the caller backpropagates ``loss / n``).
 
         The co-trained stage-1 loss (weight ``stage1_weight``) is backpropagated here, scaled by ``1 / n``,
@@ -153,7 +173,7 @@ class Stage2(Stage1):
         loss, info = generator_loss(
             gen, real, fake, noise, text, neg, plan, self.dcfg,
             tau_generator=t.generator("tau", iteration, j, t.dp_rank, device=t.device),
-            rollout_generator=t.generator("rollout", iteration, j, t.dp_rank, device=t.device))
+            rollout_generator=t.generator("rollout", iteration, j, t.dp_rank, device=t.device), condition=condition)
         info["stage1_loss"] = s1_value
         info["stage1_stats"] = s1_stats
         total = loss.detach()
@@ -162,18 +182,19 @@ class Stage2(Stage1):
         info["total_loss"] = total
         return loss, info
 
-    def _critic_loss(self, iteration, j, x0, text):
+    def _critic_loss(self, iteration, j, x0, text, condition=None):
         t = self.t
         loss, info = critic_loss(self.role(FAKE), x0, text,
-                                 t.generator("critic", iteration, j, t.dp_rank, device=t.device), self.dcfg)
+                                 t.generator("critic", iteration, j, t.dp_rank, device=t.device), self.dcfg,
+                                 condition=condition)
         return loss, info
 
-    def _critic_on_side_stream(self, iteration, j, x0, text, n, critic_acc, side):
+    def _critic_on_side_stream(self, iteration, j, x0, text, n, critic_acc, side, condition=None):
         """The pipelined critic step of micro-batch ``j`` on ``side`` (a CUDA stream), after the main
         stream's work so far (the rollout ``x0`` is ready)."""
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            lc, _ = self._critic_loss(iteration, j, x0, text)
+            lc, _ = self._critic_loss(iteration, j, x0, text, condition)
             (lc / n).backward()
             critic_acc.add_mean("critic_loss", lc.detach() / n)
         x0.record_stream(side)  # x0 was allocated on the main stream: keep it until the side stream is done
@@ -188,8 +209,8 @@ class Stage2(Stage1):
         inputs = []
         carry = None
         for j, idx in enumerate(micro):
-            x, text, plan, noise = self._micro_inputs(iteration, j, idx)
-            loss, info = self._generator_loss(iteration, j, x, text, plan, noise, carry, n)
+            x, text, plan, noise, cond = self._micro_inputs(iteration, j, idx)
+            loss, info = self._generator_loss(iteration, j, x, text, plan, noise, carry, n, cond)
             (loss / n).backward()
             carry = info["stage1_stats"].get("carry")
             gen_acc.add_mean("generator_loss", info["total_loss"] / n)
@@ -198,13 +219,13 @@ class Stage2(Stage1):
                 gen_acc.add_mean("stage1_loss", info["stage1_loss"] / n)
                 gen_acc.add_samples(idx, info["stage1_stats"])
             if self.args.schedule == "pipelined" and side is not None:
-                self._critic_on_side_stream(iteration, j, info["x0"], text, n, critic_acc, side)
+                self._critic_on_side_stream(iteration, j, info["x0"], text, n, critic_acc, side, cond)
             elif self.args.schedule == "pipelined":
-                lc, _ = self._critic_loss(iteration, j, info["x0"], text)
+                lc, _ = self._critic_loss(iteration, j, info["x0"], text, cond)
                 (lc / n).backward()
                 critic_acc.add_mean("critic_loss", lc.detach() / n)
             else:
-                inputs.append((text, plan, noise))
+                inputs.append((text, plan, noise, cond))
         if side is not None:
             torch.cuda.current_stream().wait_stream(side)  # both adapters' gradients complete
         if self.args.schedule == "pipelined":
@@ -219,12 +240,12 @@ class Stage2(Stage1):
             m = self.dcfg.critic_updates_per_generator
             for c in range(m):
                 step_acc = MetricAccumulator(t.device)
-                for j, (text, plan, noise) in enumerate(inputs):
+                for j, (text, plan, noise, cond) in enumerate(inputs):
                     with torch.no_grad():
                         x0, _ = backward_simulation(
                             self.role(GENERATOR), noise, text, plan, self.dcfg,
-                            generator=t.generator("rollout", iteration, j, t.dp_rank, device=t.device))
-                    lc, _ = self._critic_loss(iteration, j if c == 0 else (c, j), x0, text)
+                            generator=t.generator("rollout", iteration, j, t.dp_rank, device=t.device), condition=cond)
+                    lc, _ = self._critic_loss(iteration, j if c == 0 else (c, j), x0, text, cond)
                     (lc / n).backward()
                     step_acc.add_mean("critic_loss", lc.detach() / n)
                 step_red = t.reduce_metrics(step_acc)

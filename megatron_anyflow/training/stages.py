@@ -208,14 +208,17 @@ def stage1_diagnostics(red: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 class TeacherStage(Stage):
-    """Flow-matching fine-tuning of the teacher (single-time: r = t)."""
+    """Flow-matching fine-tuning of the teacher (single-time: r = t). ``--i2v-prob P``: a fraction P of the
+    samples is conditioned on its clean first latent frame (t = r = 0 there, excluded from the loss;
+    `TeacherObjectiveConfig.i2v_prob`), drawn per sample like the noise."""
 
     adapter = "teacher"
     targets = L.TEACHER_TARGETS
 
     def __init__(self, trainer):
         super().__init__(trainer)
-        self.cfg = TeacherObjectiveConfig(shift=self.args.time_shift, text_dropout=self.args.text_dropout)
+        self.cfg = TeacherObjectiveConfig(shift=self.args.time_shift, text_dropout=self.args.text_dropout,
+                                          i2v_prob=self.args.i2v_prob)
 
     def loss(self, iteration, j, x, text, carry):
         ng = self.t.sample_generators("noise", iteration, j, x.shape[0])

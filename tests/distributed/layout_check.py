@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 ARGS = ["--mock-data", "--mock-num-samples", "32", "--mock-latent-shape", "3", "16", "4", "6",
         "--lora-rank", "4", "--lora-alpha", "4", "--train-iters", "1", "--log-interval", "100",
-        "--clip-grad", "0", "--text-dropout", "0.3", "--seed", "7"]
+        "--clip-grad", "0", "--text-dropout", "0.3", "--seed", "7", "--i2v-prob", "0.5"]
 
 
 def run_layout(out_prefix: str, micro: int, global_batch: int, stages) -> None:
@@ -31,9 +31,8 @@ def run_layout(out_prefix: str, micro: int, global_batch: int, stages) -> None:
     from megatron_anyflow.training.trainer import Trainer
 
     for stage in stages:
-        extra = ["--i2v-prob", "0.5"] if stage == "stage1" else []
         args = parse_args(["--stage", stage, *ARGS, "--micro-batch-size", str(micro),
-                           "--global-batch-size", str(global_batch), *extra])
+                           "--global-batch-size", str(global_batch)])
         tr = Trainer(args, log=lambda *a, **k: None)
         g = torch.Generator().manual_seed(99)  # random B: every adapter gets a gradient at iteration 0
         with torch.no_grad():
