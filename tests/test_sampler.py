@@ -128,20 +128,25 @@ def test_flow_map_sampler_condition_frames():
         seen.append((z[:, :1].clone(), t.clone(), r.clone()))
         return data.exact_model()(z, t, r, text)
 
-    x0 = FlowMapEulerSampler(4)(rec, noise, None, condition_frames=cond)
-    assert torch.equal(x0[:, :1], cond)
-    for z0, t, r in seen:
-        assert torch.equal(z0, cond)
-        assert bool((t[:, 0] == 0).all() and (r[:, 0] == 0).all())
-        assert bool((t[:, 1:] > 0).all())
-    # other frames follow the exact flow map (the Gaussian has independent coordinates)
-    torch.testing.assert_close(x0[:, 1:], data.flow_map(noise, 1.0, 0.0)[:, 1:], rtol=0, atol=1e-5)
-    # reference mode: condition frames keep r = step r
-    seen.clear()
-    FlowMapEulerSampler(2)(rec, noise, None, condition_frames=cond, reference_condition_r=True)
-    assert bool((seen[0][1][:, 0] == 0).all()) and bool((seen[0][2][:, 0] > 0).all())
+    grid = flow_map_time_grid(4, 5.0)
+    for mode in ("step", "zero"):  # the condition frames' r: the step's (default: reference, diffusers) or 0
+        seen.clear()
+        x0 = FlowMapEulerSampler(4)(rec, noise, None, condition_frames=cond,
+                                    **({} if mode == "step" else {"condition_r": "zero"}))
+        assert torch.equal(x0[:, :1], cond)
+        assert len(seen) == 4
+        for i, (z0, t, r) in enumerate(seen):
+            assert torch.equal(z0, cond)
+            assert bool((t[:, 0] == 0).all())
+            expected_r = to_model_scale(grid[i + 1]) if mode == "step" else 0.0
+            assert bool((r[:, 0] == expected_r).all()), (mode, i, r[:, 0])
+            assert bool((t[:, 1:] == to_model_scale(grid[i])).all())
+        # other frames follow the exact flow map (the Gaussian has independent coordinates)
+        torch.testing.assert_close(x0[:, 1:], data.flow_map(noise, 1.0, 0.0)[:, 1:], rtol=0, atol=1e-5)
     with pytest.raises(ValueError):
         FlowMapEulerSampler(2)(rec, noise, None, condition_frames=cond[:, :, :1])
+    with pytest.raises(ValueError, match="condition_r"):
+        FlowMapEulerSampler(2)(rec, noise, None, condition_frames=cond, condition_r="reference")
 
 
 def test_sampler_input_errors():

@@ -19,7 +19,7 @@ Image- / video-to-video (condition frames): the first ``fc`` latent frames are h
 condition latents, as the reference and diffusers' ``AnyFlowPipeline`` (``video_latents``) do: replaced
 in the model's input at every step and in the final latents, fed with ``timestep = 0`` and with
 ``r_timestep`` = the step's r (``condition_r="step"``, the default); ``condition_r="zero"`` feeds
-``r = 0`` instead (the sampler's own default). The condition is an image (:func:`image_condition`), a
+``r = 0`` instead. The condition is an image (:func:`image_condition`), a
 video or its latents (:func:`video_condition`) or image latents (:func:`image_latents_condition`).
 
 AnyFlow-FAR models (``model.config.far``) sample chunk by chunk with the KV cache
@@ -860,8 +860,7 @@ def sample_any_step(model: Callable, noise: torch.Tensor, text: torch.Tensor, st
         for a, b in chunks:
             cond = condition_frames[a:b] if condition_frames is not None else None
             where.update(N=N, step=0, samples=(a, b))
-            parts.append(sampler(counted, noise[a:b], text[a:b], condition_frames=cond,
-                                 reference_condition_r=condition_r == "step"))
+            parts.append(sampler(counted, noise[a:b], text[a:b], condition_frames=cond, condition_r=condition_r))
         out[N] = torch.cat(parts)
         if not bool(torch.isfinite(out[N]).all()):  # finite outputs, but the update overflowed
             raise NonFiniteSampleError(f"the samples at N = {N} are not finite (the Euler update overflowed): "

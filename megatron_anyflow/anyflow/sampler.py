@@ -73,10 +73,10 @@ class FlowMapEulerSampler:
         times: float64 ``[N + 1]`` grid in ``[0, 1]``, from 1 to 0.
 
     Image-to-video (``condition_frames``): the first ``fc`` latent frames are held at the given clean
-    latents for the whole rollout and are fed to the model with ``t = r = 0`` (a clean frame, flow-map
-    boundary at data); the model's output for them is discarded. Note: the reference / diffusers AnyFlow
-    pipelines set only ``t = 0`` for context frames and leave their ``r`` at the step's ``r``; pass
-    ``reference_condition_r=True`` to reproduce that.
+    latents for the whole rollout and are fed to the model with ``t = 0``; their ``r`` is the step's ``r``
+    (``condition_r="step"``, the default: the reference / diffusers AnyFlow pipelines, and what stage 1
+    and stage 2 train with ``--i2v-prob``) or 0 (``condition_r="zero"``: a clean frame at the flow-map
+    boundary). The model's output for them is discarded.
     """
 
     def __init__(self, num_steps: int, shift: float = 5.0):
@@ -94,7 +94,7 @@ class FlowMapEulerSampler:
         progress: bool = False,
         trajectory: bool = False,
         condition_frames: Optional[torch.Tensor] = None,
-        reference_condition_r: bool = False,
+        condition_r: str = "step",
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Roll out from ``noise`` (the state at t = 1) to t = 0.
 
@@ -107,18 +107,21 @@ class FlowMapEulerSampler:
             trajectory: also return the list of the ``N + 1`` states ``[z_1, ..., z_0]`` (clones).
             condition_frames: optional clean latents ``[b, fc, c, h, w]`` for the first ``fc`` frames
                 (image-to-video: ``fc = 1``), see the class docstring.
-            reference_condition_r: with ``condition_frames``, give the condition frames ``r`` = the
-                step's r (reference pipeline) instead of 0.
+            condition_r: with ``condition_frames``, the condition frames' ``r``: ``"step"`` (the step's r;
+                reference, diffusers, training) or ``"zero"``.
 
         Returns:
             ``x0`` ``[b, f, c, h, w]`` in ``noise``'s dtype; with ``trajectory=True`` ``(x0, states)``.
 
         Raises:
-            ValueError: bad ``noise`` rank/dtype, or ``condition_frames`` of the wrong shape.
+            ValueError: bad ``noise`` rank/dtype, ``condition_frames`` of the wrong shape, or
+                ``condition_r`` not ``"step"`` / ``"zero"``.
 
         Runs under ``torch.no_grad()``.
         """
         _check_noise(noise)
+        if condition_r not in ("step", "zero"):
+            raise ValueError(f"condition_r={condition_r!r}; expected 'step' (reference / diffusers) or 'zero'")
         b, f = noise.shape[:2]
         fc = 0
         if condition_frames is not None:
@@ -142,7 +145,7 @@ class FlowMapEulerSampler:
             R = to_model_scale(r).to(noise.device).expand(b, f).clone()
             if fc:
                 T[:, :fc] = 0.0
-                if not reference_condition_r:
+                if condition_r == "zero":
                     R[:, :fc] = 0.0
             u = model(z, T, R, text)
             z = _euler_update(z, t - r, u)
