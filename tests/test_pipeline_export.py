@@ -75,6 +75,26 @@ def run_generate(*argv):
     return rc
 
 
+def fresh_inputs(latent, n, tmp_path):
+    """(generator, noise [n, *latent], prompt embeddings [n, 7, 384]) from a fresh random seed, saved as
+    ``tmp_path/inputs.safetensors`` for generate's --noise / --prompt-embeds."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    noise = torch.randn(n, *latent, generator=g)
+    text = torch.randn(n, 7, 384, generator=g)
+    save_file({"noise": noise, "prompt_embeds": text}, str(tmp_path / "inputs.safetensors"))
+    return g, noise, text
+
+
+def generate_both(exported, tmp_path, extra):
+    """tools/generate.py at N = 1, 4 on ``fresh_inputs`` from the checkpoint and from the pipeline export
+    (latents only, ``extra`` arguments); returns their ``--save-latents`` dicts (checkpoint, export)."""
+    for source in ("ckpt", "pipeline"):
+        run_generate("--checkpoint", exported[source], "--prompt-embeds", tmp_path / "inputs.safetensors", "--noise",
+                     tmp_path / "inputs.safetensors", "--steps", 1, 4, "--output", tmp_path / source, "--save-latents",
+                     tmp_path / f"{source}.safetensors", "--codec", "none", *extra)
+    return load_file(str(tmp_path / "ckpt.safetensors")), load_file(str(tmp_path / "pipeline.safetensors"))
+
+
 def test_pipeline_directory_and_scheduler(exported):
     from diffusers import AnyFlowPipeline, FlowMapEulerDiscreteScheduler
 
@@ -95,23 +115,15 @@ def test_pipeline_latents_equal_generate(exported, tmp_path, mode):
     from diffusers import AnyFlowPipeline
 
     pipe = AnyFlowPipeline.from_pretrained(exported["pipeline"], local_files_only=True)
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
     n = 2
-    noise = torch.randn(n, *LATENT, generator=g)
-    text = torch.randn(n, 7, 384, generator=g)
-    save_file({"noise": noise, "prompt_embeds": text}, str(tmp_path / "inputs.safetensors"))
+    g, noise, text = fresh_inputs(LATENT, n, tmp_path)
     extra, kwargs = [], {}
     if mode == "v2v":
         cond = torch.randn(1, 2, *LATENT[1:], generator=g)  # a clean prefix of 2 of the 3 latent frames
         save_file({"latents": cond}, str(tmp_path / "cond.safetensors"))
         extra = ["--video", tmp_path / "cond.safetensors"]
         kwargs = {"video_latents": cond.expand(n, -1, -1, -1, -1)}
-    for source in ("ckpt", "pipeline"):
-        run_generate("--checkpoint", exported[source], "--prompt-embeds", tmp_path / "inputs.safetensors", "--noise",
-                     tmp_path / "inputs.safetensors", "--steps", 1, 4, "--output", tmp_path / source, "--save-latents",
-                     tmp_path / f"{source}.safetensors", "--codec", "none", *extra)
-    ours = load_file(str(tmp_path / "ckpt.safetensors"))
-    from_export = load_file(str(tmp_path / "pipeline.safetensors"))
+    ours, from_export = generate_both(exported, tmp_path, extra)
     for N in (1, 4):
         ref = pipe(prompt_embeds=text, latents=noise.permute(0, 2, 1, 3, 4), num_inference_steps=N, height=32,
                    width=48, num_frames=9, output_type="latent", **kwargs).frames.permute(0, 2, 1, 3, 4)
@@ -229,23 +241,15 @@ def test_wan22_ti2v_pipeline_equals_generate(exported_wan22, tmp_path, mode):
     from megatron_anyflow.data.codecs import Wan22VAECodec
 
     pipe = AnyFlowPipeline.from_pretrained(exported_wan22["pipeline"], local_files_only=True)
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
     n = 2
-    noise = torch.randn(n, *LATENT_22, generator=g)
-    text = torch.randn(n, 7, 384, generator=g)
-    save_file({"noise": noise, "prompt_embeds": text}, str(tmp_path / "inputs.safetensors"))
+    g, noise, text = fresh_inputs(LATENT_22, n, tmp_path)
     extra, kwargs = [], {}
     if mode == "ti2v":
         cond = torch.randn(1, 1, *LATENT_22[1:], generator=g)  # the image's latent frame
         save_file({"latents": cond[0]}, str(tmp_path / "image.safetensors"))
         extra = ["--image-latents", tmp_path / "image.safetensors"]
         kwargs = {"video_latents": cond.expand(n, -1, -1, -1, -1)}
-    for source in ("ckpt", "pipeline"):
-        run_generate("--checkpoint", exported_wan22[source], "--prompt-embeds", tmp_path / "inputs.safetensors",
-                     "--noise", tmp_path / "inputs.safetensors", "--steps", 1, 4, "--output", tmp_path / source,
-                     "--save-latents", tmp_path / f"{source}.safetensors", "--codec", "none", *extra)
-    ours = load_file(str(tmp_path / "ckpt.safetensors"))
-    from_export = load_file(str(tmp_path / "pipeline.safetensors"))
+    ours, from_export = generate_both(exported_wan22, tmp_path, extra)
     size = dict(height=32, width=64, num_frames=9)
     for N in (1, 4):
         ref = pipe(prompt_embeds=text, latents=noise.permute(0, 2, 1, 3, 4), num_inference_steps=N, **size,
