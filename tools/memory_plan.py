@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Per-GPU memory plan (computed, not measured) for AnyFlow stage 1 and stage 2 on Wan2.1 1.3B / 14B.
+"""Per-GPU memory plan (computed, not measured) for AnyFlow stage 1 and stage 2 on Wan2.1 1.3B / 14B and
+Wan2.2 TI2V-5B.
 
 What is counted, per GPU, in GiB (2^30 bytes):
 
