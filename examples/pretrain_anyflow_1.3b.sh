@@ -15,7 +15,8 @@
 # LoRA 256; stage 2 800 iterations, lr 2e-6, the real score and the fake score's start being the teacher's
 # EMA. One difference, by design: the generator's LoRA lives on the teacher-merged base (one frozen base for
 # the three stage-2 roles), where the reference puts it on the raw Wan base. Extra arguments go to every
-# training run.
+# training run. examples/pretrain_anyflow_wan22_5b.sh runs Wan2.2-TI2V-5B through this script (the model
+# comes from the converted checkpoint; CODEC / FPS / RECOMPUTE / PIPELINE=1 set the rest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +32,10 @@ STAGE1_ITERS=${STAGE1_ITERS:-6000}
 SAMPLES_PER_PROMPT=${SAMPLES_PER_PROMPT:-1}
 STAGE2_ITERS=${STAGE2_ITERS:-800}
 FRAMES=${FRAMES:-81}; HEIGHT=${HEIGHT:-480}; WIDTH=${WIDTH:-832}
+CODEC=${CODEC:-wan-vae}                # wan-vae (Wan2.1) | wan2.2-vae (Wan2.2 TI2V-5B)
+FPS=${FPS:-16}
+RECOMPUTE=${RECOMPUTE:-full}           # full | selective | none
+PIPELINE=${PIPELINE:-0}                # 1: export a whole AnyFlowPipeline (VAE, text encoder, tokenizer copied)
 
 step() { echo; echo "=== [$(date +%H:%M:%S)] $*"; }
 mkdir -p "$OUT"
@@ -43,13 +48,13 @@ fi
 if [ "${SKIP_DATA:-0}" != 1 ]; then
   step "prepare data: DALI decode (GPU) -> Wan VAE latents (normalised) + umT5 embeddings (512 tokens)"
   python tools/prepare_dataset.py --input "$VIDEOS" ${CAPTIONS:+--captions "$CAPTIONS"} --output "$OUT/data" \
-    --codec wan-vae --vae "$WAN/vae" --text-encoder umt5 --text-encoder-path "$WAN/text_encoder" \
-    --num-frames "$FRAMES" --height "$HEIGHT" --width "$WIDTH" --fps 16
+    --codec "$CODEC" --vae "$WAN/vae" --text-encoder umt5 --text-encoder-path "$WAN/text_encoder" \
+    --num-frames "$FRAMES" --height "$HEIGHT" --width "$WIDTH" --fps "$FPS"
 fi
 
 COMMON=(--bf16 --lora-rank 256 --lora-alpha 256
         --tensor-model-parallel-size "$TP" --context-parallel-size "$CP" --micro-batch-size 1
-        --global-batch-size "$GLOBAL_BATCH" --recompute-granularity full --log-interval 10)
+        --global-batch-size "$GLOBAL_BATCH" --recompute-granularity "$RECOMPUTE" --log-interval 10)
 [ "$TP" -gt 1 ] && COMMON+=(--sequence-parallel)
 LAUNCH=(torchrun --nproc_per_node "$GPUS")
 TEACHER="$OUT/ckpt/teacher"
@@ -85,5 +90,12 @@ fi
 
 step "export the student (EMA generator merged) for diffusers"
 rm -rf "$OUT/export"
-python tools/convert_to_hf.py --input "$OUT/ckpt/stage2" --output "$OUT/export" --merge-lora generator --ema --dtype bf16
-echo "load with: AnyFlowTransformer3DModel.from_pretrained('$OUT/export'), sample with FlowMapEulerDiscreteScheduler"
+if [ "$PIPELINE" = 1 ]; then
+  python tools/convert_to_hf.py --input "$OUT/ckpt/stage2" --output "$OUT/export" --merge-lora generator --ema \
+    --dtype bf16 --pipeline --vae "$WAN/vae" --text-encoder "$WAN/text_encoder" --tokenizer "$WAN/tokenizer"
+  echo "load with: AnyFlowPipeline.from_pretrained('$OUT/export'); pipe(prompt, height=$HEIGHT, width=$WIDTH," \
+    "num_frames=$FRAMES, num_inference_steps=4) (first frame given: video=[image])"
+else
+  python tools/convert_to_hf.py --input "$OUT/ckpt/stage2" --output "$OUT/export" --merge-lora generator --ema --dtype bf16
+  echo "load with: AnyFlowTransformer3DModel.from_pretrained('$OUT/export'), sample with FlowMapEulerDiscreteScheduler"
+fi

@@ -1,7 +1,9 @@
 """Every (DP, micro-batch, accumulation) layout of one global batch gives the split, the loss and the
 gradients of one big micro-batch (stage 1 and the teacher, the real trainer, CPU float32).
 
-Layouts of a global batch of 8: (DP, micro, accumulation) = (1, 1, 8), (2, 1, 4), (2, 2, 2), (1, 8, 1).
+Layouts of a global batch of 8: (DP, micro, accumulation) = (1, 1, 8), (2, 1, 4), (2, 2, 2), (1, 8, 1), on the
+``tiny`` preset (16 latent channels); for the Wan2.2 TI2V-5B family (``tiny-wan2.2-ti2v``, 48 channels) stage 1
+at (2, 2, 2), the layout that has DP, micro-batching and accumulation at once, against (1, 8, 1).
 What is checked, per layout:
 
 - the split: global index i is a boundary sample iff i < floor(0.5 * 8) = 4, r = 0 iff 4 <= i < 6, free
@@ -38,20 +40,29 @@ LAYOUTS = [(1, 1), (2, 1), (2, 2), (1, 8)]  # (DP, micro); accumulation = 8 / (D
 STAGES = ["stage1", "teacher"]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def _run_layouts(tmp, layouts, stages, preset):
+    """(dp, micro, stage) -> the per-rank records of `layout_check` for each layout (DP > 1 under torchrun)."""
     out = {}
-    tmp = tmp_path_factory.mktemp("layouts")
-    for dp, micro in LAYOUTS:
+    for dp, micro in layouts:
         prefix = str(tmp / f"dp{dp}_m{micro}")
         if dp == 1:
-            run_layout(prefix, micro, GLOBAL, STAGES)
+            run_layout(prefix, micro, GLOBAL, stages, preset=preset)
         else:
             torchrun([os.path.join(REPO, "tests", "distributed", "layout_check.py"), prefix, str(micro), str(GLOBAL),
-                      *STAGES], nproc=dp)
-        for stage in STAGES:
+                      *stages, "--preset", preset], nproc=dp)
+        for stage in stages:
             out[(dp, micro, stage)] = [torch.load(f"{prefix}.{stage}.rank{r}.pt") for r in range(dp)]
     return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return _run_layouts(tmp_path_factory.mktemp("layouts"), LAYOUTS, STAGES, "tiny")
+
+
+@pytest.fixture(scope="module")
+def runs_wan22(tmp_path_factory):
+    return _run_layouts(tmp_path_factory.mktemp("layouts_wan22"), [(2, 2), (1, 8)], ["stage1"], "tiny-wan2.2-ti2v")
 
 
 def _by_index(ranks):
@@ -74,7 +85,17 @@ def _rule_kinds(n, boundary_fraction=0.5, r_zero_fraction=0.25):
 
 @pytest.mark.parametrize("dp,micro", LAYOUTS)
 def test_stage1_layout_matches_one_big_micro_batch(runs, dp, micro):
-    ranks, big = runs[(dp, micro, "stage1")], runs[(1, 8, "stage1")]
+    _check_stage1_layout(runs[(dp, micro, "stage1")], runs[(1, 8, "stage1")], dp, micro)
+
+
+def test_stage1_layout_matches_one_big_micro_batch_wan22_ti2v(runs_wan22):
+    """The same checks on the Wan2.2 TI2V-5B family's tiny member (48-channel latents)."""
+    big = runs_wan22[(1, 8, "stage1")]
+    assert big[0]["model_channels"] == (48, 48)
+    _check_stage1_layout(runs_wan22[(2, 2, "stage1")], big, 2, 2)
+
+
+def _check_stage1_layout(ranks, big, dp, micro):
     rows, ref = _by_index(ranks), _by_index(big)
     assert ranks[0]["layout"] == {"dp": dp, "micro": micro, "acc": GLOBAL // (dp * micro)}
 

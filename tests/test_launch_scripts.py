@@ -1,5 +1,6 @@
 """The 14B launch script validates itself on a CPU machine (DRY_RUN=1): sizes divide, the memory plan
-fits 8 x 80 GB at 81 x 480 x 832 for stage 1 and stage 2; a bad layout fails loudly."""
+fits 8 x 80 GB at 81 x 480 x 832 for stage 1 and stage 2; a bad layout fails loudly. The Wan2.2 TI2V-5B
+script's plan (one H200, 121 x 704 x 1280) likewise."""
 
 import os
 import subprocess
@@ -61,3 +62,20 @@ def test_far_1_3b_script_dry_run():
     assert "AnyFlow-FAR stage 1" in out and "n=7: 31980" in out and "bidirectional branch (32760 tokens)" in out
     assert "AnyFlow-FAR stage 2" in out and "KV caches alive during the rollout: 68250 tokens" in out
     assert out.count("-> fits in 79.6 GiB") == 2
+
+
+def test_wan22_5b_script_dry_run_fits_one_h200():
+    """examples/pretrain_anyflow_wan22_5b.sh DRY_RUN=1: stage 1 and stage 2 of the real 5B (48-channel latents of
+    the Wan2.2 VAE, 31 x 44 x 80 -> 27,280 tokens) validate on one GPU and both plans fit one H200 (139 GiB)."""
+    full = dict(os.environ, DRY_RUN="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(["bash", "examples/pretrain_anyflow_wan22_5b.sh"], cwd=REPO, env=full, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "[FAIL]" not in out and out.count("[ok]") >= 12
+    assert out.count("5.010B base parameters") == 2
+    assert out.count("27280 tokens per sample (latents 31x44x80)") == 2
+    assert out.count("[ok] latent channels 48 == model in_channels 48") == 2
+    for stage in (1, 2):
+        assert f"wan2.2-ti2v-5b stage {stage}: TP=1 CP=1 DP=1 SP=False 121x704x1280 (27280 tokens" in out
+    assert out.count("-> fits in 139.0 GiB") == 2

@@ -20,12 +20,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+# the tiny random components live in the library (the tiny end-to-end scripts build them too); re-exported
+# here for the other test modules
+from megatron_anyflow.testing.tiny_components import CORPUS, tiny_umt5, tiny_vae, tiny_wan22_vae  # noqa: F401
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LATENT = (3, 16, 4, 6)  # f, c, h, w -> video 9 x 32 x 48 through the tiny Wan VAE (x4 time, x8 space)
 VIDEO = ["--frames", "9", "--height", "32", "--width", "48"]
-CORPUS = ["a rabbit eats grass in a sunny garden", "a man talks to the camera in a moving car",
-          "a cyclist rides along a country road", "waves break on a rocky shore at sunset",
-          "a red panda eating bamboo in a forest, cinematic lighting"]
 
 
 def load_tool(name):
@@ -33,49 +34,6 @@ def load_tool(name):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def tiny_umt5(path, d_model=384):
-    """A tiny random UMT5 encoder (width = the tiny preset's text_dim) + a unigram tokenizer, offline."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
-
-    tk = Tokenizer(models.Unigram())
-    tk.normalizer = normalizers.NFKC()
-    tk.pre_tokenizer = pre_tokenizers.Metaspace()
-    tk.decoder = decoders.Metaspace()
-    tk.train_from_iterator(CORPUS * 8, trainers.UnigramTrainer(vocab_size=120, special_tokens=["<pad>", "</s>", "<unk>"],
-                                                               unk_token="<unk>"))
-    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tk.token_to_id("</s>"))])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    tok.save_pretrained(os.path.join(path, "tokenizer"))
-    model = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=d_model, d_kv=16, d_ff=64, num_layers=1,
-                                        num_heads=4, relative_attention_num_buckets=8))
-    model.save_pretrained(os.path.join(path, "text_encoder"))
-
-
-def tiny_vae(path):
-    from diffusers import AutoencoderKLWan
-
-    g = torch.Generator().manual_seed(1)
-    AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
-                     temperal_downsample=[False, True, True], latents_mean=torch.randn(16, generator=g).tolist(),
-                     latents_std=(torch.rand(16, generator=g) + 0.5).tolist()).save_pretrained(path)
-
-
-def tiny_wan22_vae(path):
-    """A tiny random Wan2.2 VAE (TI2V-5B's family: z_dim 48, residual blocks, 2x2 patchify, 16x space, 4x
-    time; decoder wider than encoder as in the release), with random latents_mean / latents_std; returns it."""
-    from diffusers import AutoencoderKLWan
-
-    g = torch.Generator().manual_seed(2)
-    vae = AutoencoderKLWan(base_dim=8, decoder_base_dim=12, z_dim=48, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                           attn_scales=[], temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
-                           out_channels=12, patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16,
-                           latents_mean=torch.randn(48, generator=g).tolist(),
-                           latents_std=(torch.rand(48, generator=g) + 0.5).tolist())
-    vae.save_pretrained(path)
-    return vae.eval()
 
 
 def tiny_stage1_checkpoint(root, iters=2, extra=()):
@@ -117,6 +75,26 @@ def run_generate(*argv):
     return rc
 
 
+def fresh_inputs(latent, n, tmp_path):
+    """(generator, noise [n, *latent], prompt embeddings [n, 7, 384]) from a fresh random seed, saved as
+    ``tmp_path/inputs.safetensors`` for generate's --noise / --prompt-embeds."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    noise = torch.randn(n, *latent, generator=g)
+    text = torch.randn(n, 7, 384, generator=g)
+    save_file({"noise": noise, "prompt_embeds": text}, str(tmp_path / "inputs.safetensors"))
+    return g, noise, text
+
+
+def generate_both(exported, tmp_path, extra):
+    """tools/generate.py at N = 1, 4 on ``fresh_inputs`` from the checkpoint and from the pipeline export
+    (latents only, ``extra`` arguments); returns their ``--save-latents`` dicts (checkpoint, export)."""
+    for source in ("ckpt", "pipeline"):
+        run_generate("--checkpoint", exported[source], "--prompt-embeds", tmp_path / "inputs.safetensors", "--noise",
+                     tmp_path / "inputs.safetensors", "--steps", 1, 4, "--output", tmp_path / source, "--save-latents",
+                     tmp_path / f"{source}.safetensors", "--codec", "none", *extra)
+    return load_file(str(tmp_path / "ckpt.safetensors")), load_file(str(tmp_path / "pipeline.safetensors"))
+
+
 def test_pipeline_directory_and_scheduler(exported):
     from diffusers import AnyFlowPipeline, FlowMapEulerDiscreteScheduler
 
@@ -137,23 +115,15 @@ def test_pipeline_latents_equal_generate(exported, tmp_path, mode):
     from diffusers import AnyFlowPipeline
 
     pipe = AnyFlowPipeline.from_pretrained(exported["pipeline"], local_files_only=True)
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
     n = 2
-    noise = torch.randn(n, *LATENT, generator=g)
-    text = torch.randn(n, 7, 384, generator=g)
-    save_file({"noise": noise, "prompt_embeds": text}, str(tmp_path / "inputs.safetensors"))
+    g, noise, text = fresh_inputs(LATENT, n, tmp_path)
     extra, kwargs = [], {}
     if mode == "v2v":
         cond = torch.randn(1, 2, *LATENT[1:], generator=g)  # a clean prefix of 2 of the 3 latent frames
         save_file({"latents": cond}, str(tmp_path / "cond.safetensors"))
         extra = ["--video", tmp_path / "cond.safetensors"]
         kwargs = {"video_latents": cond.expand(n, -1, -1, -1, -1)}
-    for source in ("ckpt", "pipeline"):
-        run_generate("--checkpoint", exported[source], "--prompt-embeds", tmp_path / "inputs.safetensors", "--noise",
-                     tmp_path / "inputs.safetensors", "--steps", 1, 4, "--output", tmp_path / source, "--save-latents",
-                     tmp_path / f"{source}.safetensors", "--codec", "none", *extra)
-    ours = load_file(str(tmp_path / "ckpt.safetensors"))
-    from_export = load_file(str(tmp_path / "pipeline.safetensors"))
+    ours, from_export = generate_both(exported, tmp_path, extra)
     for N in (1, 4):
         ref = pipe(prompt_embeds=text, latents=noise.permute(0, 2, 1, 3, 4), num_inference_steps=N, height=32,
                    width=48, num_frames=9, output_type="latent", **kwargs).frames.permute(0, 2, 1, 3, 4)
@@ -226,3 +196,110 @@ def test_pipeline_needs_its_components(exported, tmp_path, capsys):
     rc = load_tool("convert_to_hf").main(["--input", exported["ckpt"], "--output", str(tmp_path / "p"),
                                           "--merge-lora", "generator", "--pipeline", "--vae", exported["vae"]])
     assert rc == 2 and "--pipeline needs --text-encoder, --tokenizer" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ Wan2.2 TI2V-5B
+# The 5B family's tiny member (48-channel latents) exported with a tiny random Wan2.2 VAE (z_dim 48, 16x space,
+# 4x time): diffusers' AnyFlowPipeline runs it as is (it sizes latents from the VAE config and the transformer's
+# in_channels, and normalises with the VAE's 48 latents_mean / latents_std). Same tolerances as above.
+LATENT_22 = (3, 48, 2, 4)  # f, c, h, w -> video 9 x 32 x 64 through the tiny Wan2.2 VAE
+
+
+@pytest.fixture(scope="module")
+def exported_wan22(tmp_path_factory):
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("export22")
+    ckpt = tiny_stage1_checkpoint(str(root / "ckpt"), extra=["--model-preset", "tiny-wan2.2-ti2v",
+                                                             "--mock-latent-shape", *map(str, LATENT_22)])
+    tiny_wan22_vae(str(root / "wan" / "vae"))
+    tiny_umt5(str(root / "wan"))
+    out = str(root / "pipeline")
+    rc = load_tool("convert_to_hf").main(["--input", ckpt, "--output", out, "--merge-lora", "generator", "--pipeline",
+                                          "--verify", "--vae", str(root / "wan" / "vae"), "--text-encoder",
+                                          str(root / "wan" / "text_encoder")])
+    assert rc == 0
+    return {"root": root, "ckpt": ckpt, "pipeline": out, "vae": str(root / "wan" / "vae")}
+
+
+def test_wan22_ti2v_pipeline_loads_as_is(exported_wan22, capsys):
+    from diffusers import AnyFlowPipeline
+
+    index = json.load(open(os.path.join(exported_wan22["pipeline"], "model_index.json")))
+    assert index["_class_name"] == "AnyFlowPipeline" and index["vae"] == ["diffusers", "AutoencoderKLWan"]
+    pipe = AnyFlowPipeline.from_pretrained(exported_wan22["pipeline"], local_files_only=True)
+    assert pipe.transformer.config.in_channels == pipe.transformer.config.out_channels == 48
+    assert (pipe.vae.config.z_dim, pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal) == (48, 16, 4)
+
+
+@pytest.mark.parametrize("mode", ["t2v", "ti2v"])
+def test_wan22_ti2v_pipeline_equals_generate(exported_wan22, tmp_path, mode):
+    """Latents: tools/generate.py on the checkpoint and on the export == AnyFlowPipeline (T2V; TI2V with the
+    first latent frame held clean, as --image-latents / video_latents); pixels: the pipeline's decode of its
+    latents == Wan22VAECodec.decode of generate's (the 48-channel de-normalisation and the 16x VAE)."""
+    from diffusers import AnyFlowPipeline
+
+    from megatron_anyflow.data.codecs import Wan22VAECodec
+
+    pipe = AnyFlowPipeline.from_pretrained(exported_wan22["pipeline"], local_files_only=True)
+    n = 2
+    g, noise, text = fresh_inputs(LATENT_22, n, tmp_path)
+    extra, kwargs = [], {}
+    if mode == "ti2v":
+        cond = torch.randn(1, 1, *LATENT_22[1:], generator=g)  # the image's latent frame
+        save_file({"latents": cond[0]}, str(tmp_path / "image.safetensors"))
+        extra = ["--image-latents", tmp_path / "image.safetensors"]
+        kwargs = {"video_latents": cond.expand(n, -1, -1, -1, -1)}
+    ours, from_export = generate_both(exported_wan22, tmp_path, extra)
+    size = dict(height=32, width=64, num_frames=9)
+    for N in (1, 4):
+        ref = pipe(prompt_embeds=text, latents=noise.permute(0, 2, 1, 3, 4), num_inference_steps=N, **size,
+                   output_type="latent", **kwargs).frames.permute(0, 2, 1, 3, 4)
+        assert rel(ours[f"steps_{N}"], ref) < 1e-5, (N, rel(ours[f"steps_{N}"], ref))
+        assert rel(from_export[f"steps_{N}"], ours[f"steps_{N}"]) < 1e-6
+        if mode == "ti2v":
+            assert torch.equal(ours[f"steps_{N}"][:, :1], cond.expand(n, -1, -1, -1, -1))
+    assert rel(ours["steps_1"], ours["steps_4"]) > 1e-3
+    # Pixels: diffusers decodes z * std + mean (its 48-entry latents_mean / latents_std) through the VAE and maps
+    # [-1, 1] to [0, 1]; the codec does the same in [-1, 1]. Same float32 VAE on the same latents (to 1e-5),
+    # the decoder is Lipschitz-bounded, and the clamps agree: 1e-4 of the video's norm.
+    video = pipe(prompt_embeds=text, latents=noise.permute(0, 2, 1, 3, 4), num_inference_steps=4, **size,
+                 output_type="pt", **kwargs).frames  # [n, f, 3, H, W] in [0, 1]
+    codec = Wan22VAECodec(exported_wan22["vae"], device="cpu")
+    mine = (codec.decode(ours["steps_4"]) + 1) / 2  # [n, 3, f, H, W]
+    assert mine.shape == (n, 3, 9, 32, 64)
+    assert rel(mine.permute(0, 2, 1, 3, 4), video) < 1e-4
+
+
+def test_wan22_pipeline_refuses_the_wrong_vae(exported_wan22, tmp_path, capsys):
+    """The 5B student with a Wan2.1 VAE (z_dim 16) is refused before anything is written, by name."""
+    tiny_vae(str(tmp_path / "vae21"))
+    rc = load_tool("convert_to_hf").main(["--input", exported_wan22["ckpt"], "--output", str(tmp_path / "p"),
+                                          "--merge-lora", "generator", "--pipeline", "--vae", str(tmp_path / "vae21"),
+                                          "--text-encoder", str(exported_wan22["root"] / "wan" / "text_encoder")])
+    err = capsys.readouterr().err
+    assert rc == 2 and not (tmp_path / "p").exists() and not (tmp_path / "p.tmp").exists()
+    assert "z_dim 16, but the transformer predicts 48 latent channels" in err
+
+
+def test_pipeline_verify_sizes_latents_with_the_vae(exported_wan22, monkeypatch, tmp_path, capsys):
+    """--verify's pipeline check draws the noise in the pipeline (sized by its VAE's factors): a pipeline
+    whose VAE reported 8x space (Wan2.1's) for the 16x Wan2.2 VAE fails it, and no export is left."""
+    import functools
+
+    from diffusers import AnyFlowPipeline
+
+    real = AnyFlowPipeline.__init__
+
+    @functools.wraps(real)  # from_pretrained reads the components off __init__'s signature
+    def init(self, *a, **k):
+        real(self, *a, **k)
+        self.vae_scale_factor_spatial = 8
+
+    monkeypatch.setattr(AnyFlowPipeline, "__init__", init)
+    rc = load_tool("convert_to_hf").main(["--input", exported_wan22["ckpt"], "--output", str(tmp_path / "p"),
+                                          "--merge-lora", "generator", "--pipeline", "--vae", exported_wan22["vae"],
+                                          "--text-encoder", str(exported_wan22["root"] / "wan" / "text_encoder")])
+    cap = capsys.readouterr()
+    err = cap.err
+    assert rc == 1 and not (tmp_path / "p").exists(), cap.out + err
+    assert "the pipeline's latents have shape (2, 3, 48, 8, 12), the sampler's (2, 3, 48, 4, 6)" in err

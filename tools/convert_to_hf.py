@@ -47,7 +47,14 @@ with a compressed context chunk and clean copies, through ``AnyFlowFARTransforme
 (exit 1) on a non-finite output or a relative error above ``--verify-tolerance`` (default 1e-4 for fp32
 exports: the two float32 implementations agree to ~1e-6; 3e-2 for bf16 / 1e-2 for fp16, whose weight
 rounding alone (unit roundoff 2^-9 / 2^-12 per weight) gives relative errors of ~1e-2 / ~1e-3 after a
-few layers).
+few layers). With ``--pipeline`` (``AnyFlowPipeline``) it then loads the written directory with
+``AnyFlowPipeline.from_pretrained`` and compares its final latents (2 steps, text-to-video and with a clean
+first frame) with this project's sampler on the checkpoint's model, same tolerance; this covers the
+pipeline's VAE factors, channels, scheduler shift and conditioning. The Wan2.2 TI2V-5B family exports the
+same way, with ``--vae Wan2.2-TI2V-5B-Diffusers/vae`` (48 channels, 16x space): ``AnyFlowPipeline`` reads
+the latent size from the VAE config (``scale_factor_spatial`` / ``_temporal``), the channels from the
+transformer's ``in_channels`` and the normalisation from ``latents_mean`` / ``latents_std`` (``z_dim`` of
+them).
 """
 
 import argparse
@@ -137,6 +144,11 @@ def main(argv=None):
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"[1/4] {ckpt_dir} (stage {meta.get('stage', 'converted')}, iteration {meta.get('iteration')})", flush=True)
+    if components is not None:
+        problem = vae_mismatch(components["vae"][0], meta["wan_config"])
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     lora = meta.get("lora")
     if args.lora_only is not None:
         return export_lora_only(args, ckpt_dir, meta, t0)
@@ -196,20 +208,88 @@ def main(argv=None):
     if args.verify:
         tol = args.verify_tolerance if args.verify_tolerance is not None else VERIFY_TOLERANCE[args.dtype]
         path = os.path.join(args.output, "transformer") if args.pipeline else args.output
-        err = verify(load_hf(path, hf_cfg["_class_name"]), model, cfg, hf_cfg["_class_name"])
+        hf = load_hf(path, hf_cfg["_class_name"])
+        err = verify(hf, model, cfg, hf_cfg["_class_name"])
         print(f"verify: diffusers vs megatron_anyflow relative error {err:.2e} (tolerance {tol:.0e})", flush=True)
-        problem = None
-        if not math.isfinite(err):
-            problem = f"the export's output is not finite (relative error {err}); the weights or their dtype overflow"
-        elif err > tol:
-            problem = (f"relative error {err:.2e} exceeds the tolerance {tol:.0e} ({args.dtype} export): the export "
-                       "does not reproduce the checkpoint")
+        problem = verify_problem(err, tol, args.dtype, "output")
+        if problem is None and args.pipeline and pipeline_class == "AnyFlowPipeline":
+            try:
+                errs = verify_pipeline(args.output, hf, model, shift)
+            except ValueError as exc:
+                problem = str(exc)
+            else:
+                print("verify: the loaded AnyFlowPipeline vs this project's sampler, final latents, relative error "
+                      + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()) + f" (tolerance {tol:.0e})", flush=True)
+                problems = [verify_problem(v, tol, args.dtype, f"the pipeline's {k} latents") for k, v in errs.items()]
+                problem = next((p for p in problems if p), None)
         if problem:
             shutil.rmtree(args.output)
             print(f"error: --verify: {problem}; removed {args.output}", file=sys.stderr)
             return 1
     print(f"done in {time.time() - t0:.1f}s", flush=True)
     return 0
+
+
+def verify_problem(err, tol, dtype, what):
+    """None when ``err`` is finite and <= ``tol``, else the reason --verify fails (for the message)."""
+    if not math.isfinite(err):
+        return f"the export's {what} is not finite (relative error {err}); the weights or their dtype overflow"
+    if err > tol:
+        return (f"{what}: relative error {err:.2e} exceeds the tolerance {tol:.0e} ({dtype} export): the export "
+                "does not reproduce the checkpoint")
+    return None
+
+
+def verify_pipeline(path, hf, model, shift, steps=2):
+    """The exported pipeline as a user loads it against this project's sampler.
+
+    ``AnyFlowPipeline.from_pretrained(path)`` (its scheduler and VAE from the export; the text encoder is not
+    loaded: prompt embeddings are given, and umT5-XXL would double the host memory; the transformer is
+    ``hf``, the export's, already loaded by `verify`) samples ``steps`` flow-map steps in float32 from the
+    same noise and random prompt embeddings as `anyflow.generation.sample_any_step` on ``model``, at
+    ``shift``: text-to-video, and image-to-video with the first latent frame held clean (diffusers'
+    ``video_latents``; Wan2.2 TI2V's layout). The latent size is 3 frames of 2 x 3 patches; the pixel size
+    passed to the pipeline is that times the factors of the VAE's family (`data.codecs`: 16x space for the
+    Wan2.2 VAE, 8x for Wan2.1's) and the pipeline draws the noise itself, so a pipeline that sized latents with another VAE factor,
+    another channel count, another time grid or condition convention fails. Returns ``{"t2v": err, "i2v":
+    err}``, relative Frobenius errors of the final latents [n, f, c, h, w] (``nan`` when non-finite).
+
+    Raises:
+        ValueError: the pipeline's latents have another shape than the sampler's (named)."""
+    import torch
+    from diffusers import AnyFlowPipeline
+
+    from megatron_anyflow.anyflow.generation import sample_any_step
+    from megatron_anyflow.data.codecs import CODECS, vae_codec_name
+
+    pipe = AnyFlowPipeline.from_pretrained(path, transformer=hf, text_encoder=None, tokenizer=None,
+                                           torch_dtype=torch.float32, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    cfg = model.config
+    pt, ph, pw = cfg.patch_size
+    f, h, w = 3 * pt, 2 * ph, 3 * pw
+    g = torch.Generator().manual_seed(1)
+    text = torch.randn(2, 8, cfg.text_dim, generator=g)
+    cond = torch.randn(1, 1, cfg.in_channels, h, w, generator=g)
+    # The pixel size from this project's codec of that VAE family (16x space for the Wan2.2 VAE, 8x for
+    # Wan2.1's; 4x time for both), not from the pipeline: the pipeline's own sizing is what is checked.
+    sf, tf = CODECS[vae_codec_name(os.path.join(path, "vae"))].spatial, 4
+    # The pipeline draws its own noise (diffusers' randn_tensor: one CPU generator, [n, C, f, h, w] float32),
+    # so it sizes the latents from the pixel size and its VAE's factors; the sampler gets the same draw.
+    noise = torch.randn(2, cfg.in_channels, f, h, w, generator=torch.Generator().manual_seed(2)).permute(0, 2, 1, 3, 4)
+    out = {}
+    for mode, c in (("t2v", None), ("i2v", cond)):
+        with torch.no_grad():
+            ours = sample_any_step(model, noise, text, [steps], shift=shift, condition_frames=c, progress=False)[steps]
+            ref = pipe(prompt_embeds=text, generator=torch.Generator().manual_seed(2), num_inference_steps=steps,
+                       height=h * sf, width=w * sf, num_frames=(f - 1) * tf + 1, guidance_scale=1.0,
+                       output_type="latent", video_latents=None if c is None else c.expand(2, -1, -1, -1, -1)
+                       ).frames.permute(0, 2, 1, 3, 4)
+        if ref.shape != ours.shape:
+            raise ValueError(f"the pipeline's latents have shape {tuple(ref.shape)}, the sampler's {tuple(ours.shape)}")
+        finite = bool(torch.isfinite(ours).all()) and bool(torch.isfinite(ref).all())
+        out[mode] = ((ours - ref).norm() / ref.norm()).item() if finite else float("nan")
+    return out
 
 
 def non_finite_keys(sd):
@@ -257,6 +337,21 @@ def _class_of(path, kind):
     if not hasattr(transformers, name):
         name = "AutoTokenizer"
     return "transformers", name
+
+
+def vae_mismatch(vae, arch):
+    """Why the VAE directory ``vae`` cannot decode the latents of the transformer ``arch`` (a checkpoint's
+    ``wan_config``), or None: its ``z_dim`` must equal the transformer's ``out_channels`` (16: the Wan2.1 VAE,
+    also Wan2.2 A14B's; 48: the Wan2.2 VAE of TI2V-5B)."""
+    import json
+
+    with open(os.path.join(vae, "config.json")) as f:
+        z_dim = json.load(f).get("z_dim")
+    if z_dim != arch["out_channels"]:
+        return (f"--vae {vae}: a VAE with z_dim {z_dim}, but the transformer predicts {arch['out_channels']} latent "
+                "channels (16: the Wan2.1 VAE, e.g. Wan2.1-T2V-1.3B-Diffusers/vae; 48: the Wan2.2 VAE, "
+                "Wan2.2-TI2V-5B-Diffusers/vae); pass the VAE the model's latents came from")
+    return None
 
 
 def pipeline_components(vae, text_encoder, tokenizer):

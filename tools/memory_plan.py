@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Per-GPU memory plan (computed, not measured) for AnyFlow stage 1 and stage 2 on Wan2.1 1.3B / 14B.
+"""Per-GPU memory plan (computed, not measured) for AnyFlow stage 1 and stage 2 on Wan2.1 1.3B / 14B and
+Wan2.2 TI2V-5B.
 
 What is counted, per GPU, in GiB (2^30 bytes):
 
@@ -112,7 +113,8 @@ model pads it, heads divisible by TP x CP (the FAR attention runs after the Ulys
 
 Not counted: text encoder and VAE (latents and text embeddings are precomputed), data-loader memory,
 CUDA graphs. Tokens: ``frames`` video frames -> ``(frames - 1) / 4 + 1`` latent frames, ``H/8 x W/8``
-latents, patch (1, 2, 2): 81 x 480 x 832 -> 21 x 60 x 104 -> 32,760 tokens.
+latents, patch (1, 2, 2): 81 x 480 x 832 -> 21 x 60 x 104 -> 32,760 tokens (Wan2.2 TI2V-5B: H/16 x W/16
+latents of the Wan2.2 VAE, 121 x 704 x 1280 -> 31 x 44 x 80 -> 27,280 tokens).
 
 Usage::
 
@@ -122,6 +124,8 @@ Usage::
     python tools/memory_plan.py --model far --preset wan2.1-1.3b --stage 2 --tp 1 --cp 1  # AnyFlow-FAR
     python tools/memory_plan.py --preset wan2.1-1.3b --stage 1 --tp 1 --recompute selective \
         --recompute-policy save-attention --gpu-gib 139    # the save-attention policy on one H200
+    python tools/memory_plan.py --preset wan2.2-ti2v-5b --stage 2 --tp 1 --cp 1 --dp 1 --frames 121 \
+        --height 704 --width 1280 --gpu-gib 139            # Wan2.2 TI2V-5B (16x VAE) at 720p on one H200
 """
 from __future__ import annotations
 
@@ -141,7 +145,10 @@ BF16 = 2
 H100_80GB_GIB = 79.6
 H200_141GB_GIB = 139.0
 TEXT_TOKENS = 512
-PRESETS = ("wan2.1-1.3b", "wan2.1-14b")
+PRESETS = ("wan2.1-1.3b", "wan2.1-14b", "wan2.2-ti2v-5b")
+HEADLINE_PRESETS = ("wan2.1-1.3b", "wan2.1-14b")  # the default report
+#: Spatial compression of each preset's VAE (Wan2.1's 8x; the Wan2.2 VAE of TI2V-5B 16x); 4x in time for both.
+VAE_SPATIAL = {"wan2.1-1.3b": 8, "wan2.1-14b": 8, "wan2.2-ti2v-5b": 16}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,17 +281,20 @@ def model_counts(preset: str, lora_rank: int = 256) -> ModelCounts:
 # ------------------------------------------------------------------------------------------------
 # tokens and activations
 # ------------------------------------------------------------------------------------------------
-def latent_tokens(frames: int, height: int, width: int) -> int:
-    """Tokens of one sample: ``((frames - 1)/4 + 1) * (height/16) * (width/16)`` (Wan VAE 4x8x8, patch 1x2x2).
+def latent_tokens(frames: int, height: int, width: int, spatial: int = 8) -> int:
+    """Tokens of one sample: ``((frames - 1)/4 + 1) * (height/(2 s)) * (width/(2 s))`` with the VAE's spatial
+    factor ``s`` (Wan2.1 VAE 4x8x8: s = 8; Wan2.2 VAE of TI2V-5B 4x16x16: s = 16) and patch 1x2x2.
 
     Raises:
-        ValueError: ``frames`` not of the form 4n + 1, or height / width not multiples of 16.
+        ValueError: ``frames`` not of the form 4n + 1, or height / width not multiples of 2 s.
     """
+    m = 2 * spatial
     if frames < 1 or (frames - 1) % 4:
         raise ValueError(f"frames must be 4n + 1 (Wan VAE), got {frames}")
-    if height % 16 or width % 16 or height <= 0 or width <= 0:
-        raise ValueError(f"height and width must be positive multiples of 16, got {height} x {width}")
-    return ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+    if height % m or width % m or height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive multiples of {m} (VAE {spatial}x, patch 2), got "
+                         f"{height} x {width}")
+    return ((frames - 1) // 4 + 1) * (height // m) * (width // m)
 
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -567,7 +577,7 @@ class PlanConfig:
         if self.fp8 and self.recompute == "selective" and self.recompute_policy == "save-attention":
             raise ValueError("recompute policy 'save-attention' needs the local backend without FP8 (as WanModel "
                              "checks); with FP8 use recompute 'full' or --recompute-policy modules")
-        latent_tokens(self.frames, self.height, self.width)  # validates the clip size
+        latent_tokens(self.frames, self.height, self.width, VAE_SPATIAL[self.preset])  # validates the clip size
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.model == "far":
@@ -609,7 +619,7 @@ def plan(cfg: PlanConfig) -> Dict[str, object]:
     cfg.check(counts)
     h, F, L, a = counts.hidden, counts.ffn, counts.layers, counts.heads
     tp, cp, dp, b = cfg.tp, cfg.cp, cfg.dp, cfg.micro_batch
-    tokens = latent_tokens(cfg.frames, cfg.height, cfg.width)
+    tokens = latent_tokens(cfg.frames, cfg.height, cfg.width, VAE_SPATIAL[cfg.preset])
     s = math.ceil(tokens / (tp * cp)) * tp  # tokens on this CP rank (padded so SP divides)
     sp = cfg.sp and tp > 1
     t_out = tp if sp else 1
@@ -715,7 +725,7 @@ def _far_activations(cfg: PlanConfig, counts: ModelCounts, graph, t_out: int):
     sp_tp = tp if (cfg.sp and tp > 1) else 1
     pad_to = cp * sp_tp
     chunks = cfg.far_partition()
-    lat_h, lat_w = cfg.height // 8, cfg.width // 8
+    lat_h, lat_w = cfg.height // VAE_SPATIAL[cfg.preset], cfg.width // VAE_SPATIAL[cfg.preset]
     lays = far_layouts(chunks, lat_h, lat_w, pad_to, cfg.long_context_prob)
     rkw = dict(recompute=cfg.recompute, policy=cfg.recompute_policy, modules=cfg.recompute_modules)
     bi_tokens = sum(chunks) * (lat_h // 2) * (lat_w // 2)  # the bidirectional forward of the (cut) clip
@@ -902,7 +912,7 @@ def headline(kw, frames: int = 81) -> Dict[str, object]:
                 rows[k] = p
         return [_row(p) for p in rows.values()]
 
-    for preset in PRESETS:
+    for preset in HEADLINE_PRESETS:
         for stage in (1, 2):
             lay = search_layouts(preset, stage, 8, H100_80GB_GIB, frames=frames, **kw)
             clip = search_clip(preset, stage, H200_141GB_GIB, **kw)

@@ -2,10 +2,11 @@
 gradients it would step with.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 \\
-        tests/distributed/layout_check.py OUT_PREFIX MICRO GLOBAL STAGE [STAGE ...]      # DP = 2 (gloo)
-    run_layout(OUT_PREFIX, MICRO, GLOBAL, STAGES)                                       # DP = 1 in-process
+        tests/distributed/layout_check.py OUT_PREFIX MICRO GLOBAL STAGE [STAGE ...] [--preset NAME]  # DP = 2 (gloo)
+    run_layout(OUT_PREFIX, MICRO, GLOBAL, STAGES, preset=NAME)                      # DP = 1 in-process
 
-For each stage, the real `Trainer` (tiny preset, mock data, float32, LoRA rank 4 with random B so every
+For each stage, the real `Trainer` (``--preset``, default ``tiny``; mock latents [3, C, 4, 6] with the preset's
+C latent channels, e.g. 48 for ``tiny-wan2.2-ti2v``; mock data, float32, LoRA rank 4 with random B so every
 adapter has a gradient) runs iteration 0 through its own ``stage.train_step``. Two hooks record, without
 changing what runs: the stage-1 / teacher loss calls (global offset, per-sample losses, kinds, scales,
 micro-batch loss) and the gradients handed to the optimizer step (after the DP reduction, before
@@ -18,21 +19,23 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
-ARGS = ["--mock-data", "--mock-num-samples", "32", "--mock-latent-shape", "3", "16", "4", "6",
+ARGS = ["--mock-data", "--mock-num-samples", "32",
         "--lora-rank", "4", "--lora-alpha", "4", "--train-iters", "1", "--log-interval", "100",
         "--clip-grad", "0", "--text-dropout", "0.3", "--seed", "7", "--i2v-prob", "0.5"]
 
 
-def run_layout(out_prefix: str, micro: int, global_batch: int, stages) -> None:
+def run_layout(out_prefix: str, micro: int, global_batch: int, stages, preset: str = "tiny") -> None:
     import torch.distributed as dist
 
     from megatron_anyflow.anyflow import objective
+    from megatron_anyflow.models.wan.config import wan_config
     from megatron_anyflow.training.arguments import parse_args
     from megatron_anyflow.training.trainer import Trainer
 
     for stage in stages:
-        args = parse_args(["--stage", stage, *ARGS, "--micro-batch-size", str(micro),
-                           "--global-batch-size", str(global_batch)])
+        channels = wan_config(preset).in_channels
+        args = parse_args(["--stage", stage, *ARGS, "--model-preset", preset, "--mock-latent-shape", "3", str(channels),
+                           "4", "6", "--micro-batch-size", str(micro), "--global-batch-size", str(global_batch)])
         tr = Trainer(args, log=lambda *a, **k: None)
         g = torch.Generator().manual_seed(99)  # random B: every adapter gets a gradient at iteration 0
         with torch.no_grad():
@@ -68,6 +71,7 @@ def run_layout(out_prefix: str, micro: int, global_batch: int, stages) -> None:
                 c["offset"] = tr.global_offset(j)
         record["metrics"] = {k: float(v) for k, v in metrics.items()}
         record["layout"] = {"dp": tr.dp_size, "micro": micro, "acc": tr.sampler.num_micro}
+        record["model_channels"] = (tr.model.config.in_channels, tr.model.config.out_channels)
         rank = dist.get_rank() if dist.is_initialized() else 0
         torch.save(record, f"{out_prefix}.{stage}.rank{rank}.pt")
 
@@ -76,10 +80,16 @@ def main() -> None:
     from megatron_anyflow.parallel.state import initialize_parallel
     from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
 
-    out_prefix, micro, global_batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    argv = sys.argv[1:]
+    preset = "tiny"
+    if "--preset" in argv:
+        k = argv.index("--preset")
+        preset = argv[k + 1]
+        del argv[k:k + 2]
+    out_prefix, micro, global_batch = argv[0], int(argv[1]), int(argv[2])
     enable_megatron_cpu_compat()
     initialize_parallel(1)
-    run_layout(out_prefix, micro, global_batch, sys.argv[4:])
+    run_layout(out_prefix, micro, global_batch, argv[3:], preset=preset)
 
 
 if __name__ == "__main__":
