@@ -19,7 +19,9 @@
 # 256, lr 5e-5 for the teacher and stage 1, 2e-6 for stage 2, global batch 32); nobody has published AnyFlow
 # settings for Wan2.2. Memory: stage 1 and stage 2 fit one H200 (141 GB) with selective recomputation
 # (save-attention); DRY_RUN=1 prints the plan (RECOMPUTE=full for an 80 GB card). Text-to-video and TI2V (the
-# first latent frame held clean) share the weights: generate with --image for TI2V (tools/generate.py).
+# first latent frame held clean) share the weights: generate with --image for TI2V (tools/generate.py). To train
+# the TI2V task as well, pass --i2v-prob 0.5 (extra arguments go to every training run: each stage then holds
+# frame 0 of half its samples clean, as the pipeline samples TI2V).
 #
 # --tiny (CPU, about 10 minutes on 2 cores): synthetic video-like 48-channel latents (megatron_anyflow/testing/
 # quality.py), the tiny-wan2.2-ti2v preset trained from scratch as the teacher, its 50-step samples, stage 1,
