@@ -16,7 +16,8 @@ built on it do. Routings of a jump t -> r:
 - ``split``: a jump that crosses b is split at b, H to b then L from b, N + 1 evaluations when one
   step crosses (the FastGen-style "each expert distilled on its own range" gives the same maps);
 - ``snap``: the N-step grid point nearest b is moved to b (any-step flow maps take any grid), so no
-  step crosses: N evaluations for N >= 2 (N = 1 must split). The step that starts at b goes to L: it
+  step crosses: N evaluations for N >= 2 (N = 1 must split). The library's choice:
+  `timesteps.two_expert_time_grid` and `sampler.route_experts` (``FlowMapEulerSampler(..., boundary=b)``). The step that starts at b goes to L: it
   lies below b, although diffusers' per-timestep rule (t >= b -> H) would pick H for its start time.
 
 Two students per expert: the ideal one (the expert's exact flow map: what a perfectly distilled
@@ -36,7 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_anyflow.anyflow.gaussian import GaussianData  # noqa: E402
-from megatron_anyflow.anyflow.timesteps import flow_map_time_grid  # noqa: E402
+from megatron_anyflow.anyflow.timesteps import flow_map_time_grid, two_expert_time_grid  # noqa: E402
 
 DIM, SAMPLES = 64, 4096
 STEPS = (1, 2, 4, 8)
@@ -75,10 +76,9 @@ def _exact(hi, lo, z, t: float, r: float, b: float):
 
 def run(hi, lo, grid, b: float, routing: str, student: str, z):
     """Sample along ``grid`` with a routing; returns (x, NFE)."""
+    if routing == "snap":  # the library's grid: what FlowMapEulerSampler(..., boundary=b) samples on
+        grid = two_expert_time_grid(len(grid) - 1, 5.0, b)
     grid = [float(v) for v in grid]
-    if routing == "snap" and len(grid) > 2:
-        i = min(range(1, len(grid) - 1), key=lambda j: abs(grid[j] - b))
-        grid[i] = b
     nfe = 0
     for t, r in zip(grid[:-1], grid[1:]):
         crosses = t > b > r

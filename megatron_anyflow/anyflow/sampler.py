@@ -15,9 +15,9 @@ from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
-from .timesteps import flow_map_time_grid, to_model_scale
+from .timesteps import flow_map_time_grid, to_model_scale, two_expert_time_grid
 
-__all__ = ["FlowMapEulerSampler", "TeacherEulerSampler"]
+__all__ = ["FlowMapEulerSampler", "TeacherEulerSampler", "route_experts"]
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
@@ -65,12 +65,16 @@ class FlowMapEulerSampler:
     Args:
         num_steps: number of steps ``N >= 1`` (NFE).
         shift: time shift ``s > 0`` (5.0 for Wan2.1 / AnyFlow).
+        boundary: for a two-expert model (Wan2.2 A14B; the model a :func:`route_experts` pair), the expert
+            boundary ``b`` in ``(0, 1)``: the grid is :func:`~megatron_anyflow.anyflow.timesteps.two_expert_time_grid`
+            (its point nearest ``b`` moved onto ``b``, so no step crosses it; ``N = 1`` splits at ``b`` and
+            costs two evaluations). None (default): the plain grid.
 
     Raises:
-        ValueError: ``num_steps`` < 1 or not an integer; ``shift <= 0``.
+        ValueError: ``num_steps`` < 1 or not an integer; ``shift <= 0``; ``boundary`` not in (0, 1).
 
     Attributes:
-        times: float64 ``[N + 1]`` grid in ``[0, 1]``, from 1 to 0.
+        times: float64 ``[N + 1]`` grid in ``[0, 1]``, from 1 to 0 (``[3]`` for ``N = 1`` with a boundary).
 
     Image-to-video (``condition_frames``): the first ``fc`` latent frames are held at the given clean
     latents for the whole rollout and are fed to the model with ``t = 0``; their ``r`` is the step's ``r``
@@ -79,11 +83,13 @@ class FlowMapEulerSampler:
     boundary). The model's output for them is discarded.
     """
 
-    def __init__(self, num_steps: int, shift: float = 5.0):
+    def __init__(self, num_steps: int, shift: float = 5.0, boundary: Optional[float] = None):
         _check_steps_shift(num_steps, shift)
-        self.num_steps = int(num_steps)
         self.shift = float(shift)
-        self.times = flow_map_time_grid(self.num_steps, self.shift)
+        self.times = (flow_map_time_grid(int(num_steps), self.shift) if boundary is None
+                      else two_expert_time_grid(int(num_steps), self.shift, boundary))  # validates boundary
+        self.boundary = None if boundary is None else float(boundary)
+        self.num_steps = len(self.times) - 1  # model calls: N, or 2 for N = 1 split at a boundary
 
     @torch.no_grad()
     def __call__(
@@ -156,6 +162,48 @@ class FlowMapEulerSampler:
         if trajectory:
             return z, states
         return z
+
+
+def route_experts(high: ModelFn, low: ModelFn, boundary: float) -> ModelFn:
+    """A two-expert model (Wan2.2 A14B) as one flow-map callable: each jump goes to the expert whose time
+    range holds it.
+
+    diffusers' ``WanPipeline`` runs ``transformer`` (``high``, high noise) for timesteps ``>= boundary_ratio
+    * 1000`` and ``transformer_2`` (``low``) below. A flow-map jump t -> r uses ``high`` when it lies in
+    ``[b, 1]`` (``r >= b``) and ``low`` when it lies in ``[0, b]`` (``t <= b``): a jump that starts exactly at
+    ``b`` belongs to ``low`` (the per-timestep rule would give its start time to ``high``). A jump that
+    crosses ``b`` has no expert (each knows only its own range) and is refused: sample on
+    :func:`~megatron_anyflow.anyflow.timesteps.two_expert_time_grid` (``FlowMapEulerSampler(..., boundary=b)``),
+    whose steps never cross. The choice and its Gaussian evidence: docs/design/anyflow.md 2.1.
+
+    Args:
+        high, low: ``model(z, T, R, text) -> u`` callables (T, R float32 ``[b, f]`` on 0..1000).
+        boundary: ``b`` in ``(0, 1)`` on the [0, 1] time scale; compared on the model scale as
+            ``to_model_scale(b)`` (float32), so a grid point snapped onto ``b`` routes exactly.
+
+    Returns:
+        ``model(z, T, R, text) -> u``: one call of one expert with the same arguments. Every (sample, frame)
+        time pair of a call must lie in one expert's range (frames held clean, ``T = 0``, follow ``R``).
+
+    Raises:
+        ValueError: ``boundary`` not in (0, 1) (at construction); at a call, a jump that crosses ``b``, or
+            time pairs of one call in both ranges (the values named).
+    """
+    b = float(boundary)
+    if not 0.0 < b < 1.0:
+        raise ValueError(f"boundary must lie in (0, 1), got {boundary!r}")
+    B = float(to_model_scale(b))
+
+    def model(z, T, R, text):
+        if bool((R >= B).all()):
+            return high(z, T, R, text)
+        if bool((T <= B).all()):
+            return low(z, T, R, text)
+        raise ValueError(f"a jump crosses the expert boundary {B:g} (model scale): T in [{float(T.min()):g}, "
+                         f"{float(T.max()):g}], R in [{float(R.min()):g}, {float(R.max()):g}]; no single expert "
+                         "knows it: sample on two_expert_time_grid (FlowMapEulerSampler(..., boundary=b))")
+
+    return model
 
 
 class TeacherEulerSampler:

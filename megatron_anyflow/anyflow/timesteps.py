@@ -356,6 +356,46 @@ def flow_map_time_grid(num_steps: int, shift: float = 5.0) -> torch.Tensor:
     return grid
 
 
+def two_expert_time_grid(num_steps: int, shift: float, boundary: float) -> torch.Tensor:
+    """The inference grid of a two-expert model (Wan2.2 A14B): no step crosses the expert boundary ``b``.
+
+    ``grid = flow_map_time_grid(N, shift)`` with the interior point nearest ``b`` moved onto ``b`` ("snap",
+    ``N >= 2``; an any-step flow map takes any grid, so the N steps stay N evaluations); for ``N = 1``
+    the one jump is split at ``b``: ``[1, b, 0]`` (two evaluations). Each step then lies in one expert's
+    range, ``[b, 1]`` (high noise) or ``[0, b]`` (low noise), and :func:`~megatron_anyflow.anyflow.sampler.
+    route_experts` hands it to that expert. The nearest interior point's neighbours bracket ``b``, so the grid
+    stays strictly decreasing.
+
+    Args:
+        num_steps: ``N >= 1``.
+        shift: ``s > 0``.
+        boundary: ``b`` in ``(0, 1)``, the time on the [0, 1] scale at which the experts switch (diffusers'
+            ``boundary_ratio``: 0.875 for T2V-A14B, 0.9 for I2V-A14B).
+
+    Returns:
+        float64 CPU tensor ``[N + 1]`` (``[3]`` for ``N = 1``), ``grid[0] == 1``, ``grid[-1] == 0``, containing
+        ``b`` exactly.
+
+    Raises:
+        ValueError: bad ``num_steps`` / ``shift`` (as :func:`flow_map_time_grid`), ``boundary`` not in (0, 1).
+
+    Source: docs/design/anyflow.md 2.1 (the choice, from benchmarks/two_expert_routing.py: with each expert's
+    exact flow map, snapping is exact at N evaluations where routing a crossing jump by t or r is not).
+    """
+    grid = flow_map_time_grid(num_steps, shift)
+    try:
+        b = float(boundary)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"boundary must be a number in (0, 1), got {boundary!r}") from exc
+    if not 0.0 < b < 1.0:
+        raise ValueError(f"boundary must lie in (0, 1) (the [0, 1] time at which the experts switch), got {boundary!r}")
+    if num_steps == 1:
+        return torch.tensor([1.0, b, 0.0], dtype=torch.float64)
+    i = 1 + int(torch.argmin((grid[1:-1] - b).abs()))
+    grid[i] = b
+    return grid
+
+
 def to_model_scale(t: TensorOrFloat) -> torch.Tensor:
     """Convert times in ``[0, 1]`` to the network's ``0..1000`` scale, as **float32**.
 
