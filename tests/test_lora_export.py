@@ -1,5 +1,6 @@
 """tools/convert_to_hf.py --lora-only: the student's adapter as a diffusers / PEFT LoRA file that
-``AnyFlowPipeline.load_lora_weights`` applies on the base export, equal to the merged export.
+``AnyFlowPipeline.load_lora_weights`` applies on the base export, equal to the merged export; for the tiny
+Wan2.1 preset and the Wan2.2 TI2V-5B family's tiny member (48 latent channels).
 
 The checkpoint is a tiny stage-1 run (rank 4, alpha 8: scaling 2, so folding alpha / rank into lora_B is
 exercised) whose generator adapter (live and EMA, different) is then overwritten with fresh random A and
@@ -22,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from test_pipeline_export import LATENT, load_tool, rel, tiny_stage1_checkpoint
+from test_pipeline_export import LATENT, LATENT_22, load_tool, rel, tiny_stage1_checkpoint
 
 RANK, ALPHA = 4, 8.0
 U = 2.0 ** -24
@@ -52,15 +53,21 @@ def _randomise_adapter(src, dst):
     return dst
 
 
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory):
+# Wan2.1 (the tiny preset) and the Wan2.2 TI2V-5B family (48 latent channels, its tiny member).
+PRESETS = {"tiny": LATENT, "tiny-wan2.2-ti2v": LATENT_22}
+
+
+@pytest.fixture(scope="module", params=sorted(PRESETS))
+def exports(tmp_path_factory, request):
     torch.manual_seed(0)
+    preset, latent = request.param, PRESETS[request.param]
     root = tmp_path_factory.mktemp("lora_export")
     trained = tiny_stage1_checkpoint(str(root / "trained"), iters=1,
-                                     extra=["--lora-rank", str(RANK), "--lora-alpha", str(ALPHA)])
+                                     extra=["--lora-rank", str(RANK), "--lora-alpha", str(ALPHA), "--model-preset",
+                                            preset, "--mock-latent-shape", *map(str, latent)])
     ckpt = _randomise_adapter(trained, str(root / "ckpt"))
     convert = load_tool("convert_to_hf")
-    out = {"ckpt": ckpt, "root": root}
+    out = {"ckpt": ckpt, "root": root, "latent": latent}
     for name, extra in (("base", []), ("merged", ["--merge-lora", "generator"]),
                         ("merged_ema", ["--merge-lora", "generator", "--ema"])):
         out[name] = str(root / name)
@@ -68,9 +75,9 @@ def exports(tmp_path_factory):
     return out
 
 
-def _forward_inputs(cfg):
+def _forward_inputs(cfg, latent):
     g = torch.Generator().manual_seed(7)
-    f, c, h, w = LATENT
+    f, c, h, w = latent
     x = torch.randn(1, f, c, h, w, generator=g)
     t = torch.rand(1, f, generator=g) * 1000
     r = t * torch.rand(1, f, generator=g)
@@ -118,7 +125,8 @@ def test_lora_only_on_base_equals_merged_export(exports, tmp_path, capsys, ema):
     pipe = AnyFlowPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
                            scheduler=FlowMapEulerDiscreteScheduler.from_pretrained(exports["base"]))
     ref_model = AnyFlowTransformer3DModel.from_pretrained(merged_dir, torch_dtype=torch.float32).eval()
-    x, t, r, txt = _forward_inputs(transformer.config)
+    assert transformer.config.in_channels == exports["latent"][1]  # 16 (Wan2.1) / 48 (Wan2.2 TI2V-5B family)
+    x, t, r, txt = _forward_inputs(transformer.config, exports["latent"])
     with torch.no_grad():
         plain = transformer(x, t, r, txt, return_dict=False)[0]
         pipe.load_lora_weights(lora_dir)
