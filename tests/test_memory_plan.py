@@ -28,7 +28,7 @@ def test_tokens():
     with pytest.raises(ValueError, match="multiples of 16"):
         mp.latent_tokens(81, 481, 832)
     # Wan2.2 TI2V-5B: the Wan2.2 VAE's 16x space -> 31 x 44 x 80 latents of 121 x 704 x 1280, 22 x 40 patches
-    assert mp.latent_tokens(121, 704, 1280, mp.VAE_SPATIAL["wan2.2-ti2v-5b"]) == 31 * 22 * 40 == 27280
+    assert mp.latent_tokens(121, 704, 1280, mp.vae_spatial("wan2.2-ti2v-5b")) == 31 * 22 * 40 == 27280
     with pytest.raises(ValueError, match="multiples of 32 \\(VAE 16x, patch 2\\)"):
         mp.latent_tokens(121, 720, 1280, 16)  # 45 latent rows: not a whole number of 2 x 2 patches
 

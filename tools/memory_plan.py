@@ -147,8 +147,16 @@ H200_141GB_GIB = 139.0
 TEXT_TOKENS = 512
 PRESETS = ("wan2.1-1.3b", "wan2.1-14b", "wan2.2-ti2v-5b")
 HEADLINE_PRESETS = ("wan2.1-1.3b", "wan2.1-14b")  # the default report
-#: Spatial compression of each preset's VAE (Wan2.1's 8x; the Wan2.2 VAE of TI2V-5B 16x); 4x in time for both.
-VAE_SPATIAL = {"wan2.1-1.3b": 8, "wan2.1-14b": 8, "wan2.2-ti2v-5b": 16}
+
+
+@functools.lru_cache(maxsize=None)
+def vae_spatial(preset: str) -> int:
+    """Spatial compression of the VAE whose latents ``preset`` predicts (`data.codecs`: the Wan2.1 VAE 8x,
+    the Wan2.2 VAE of TI2V-5B 16x; 4x in time for both)."""
+    from megatron_anyflow.data.codecs import CODECS, vae_codec_for_channels
+
+    wan_config = _quiet_imports()[3]
+    return CODECS[vae_codec_for_channels(wan_config(preset).out_channels)].spatial
 
 
 # ------------------------------------------------------------------------------------------------
@@ -577,7 +585,7 @@ class PlanConfig:
         if self.fp8 and self.recompute == "selective" and self.recompute_policy == "save-attention":
             raise ValueError("recompute policy 'save-attention' needs the local backend without FP8 (as WanModel "
                              "checks); with FP8 use recompute 'full' or --recompute-policy modules")
-        latent_tokens(self.frames, self.height, self.width, VAE_SPATIAL[self.preset])  # validates the clip size
+        latent_tokens(self.frames, self.height, self.width, vae_spatial(self.preset))  # validates the clip size
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.model == "far":
@@ -619,7 +627,7 @@ def plan(cfg: PlanConfig) -> Dict[str, object]:
     cfg.check(counts)
     h, F, L, a = counts.hidden, counts.ffn, counts.layers, counts.heads
     tp, cp, dp, b = cfg.tp, cfg.cp, cfg.dp, cfg.micro_batch
-    tokens = latent_tokens(cfg.frames, cfg.height, cfg.width, VAE_SPATIAL[cfg.preset])
+    tokens = latent_tokens(cfg.frames, cfg.height, cfg.width, vae_spatial(cfg.preset))
     s = math.ceil(tokens / (tp * cp)) * tp  # tokens on this CP rank (padded so SP divides)
     sp = cfg.sp and tp > 1
     t_out = tp if sp else 1
@@ -725,7 +733,8 @@ def _far_activations(cfg: PlanConfig, counts: ModelCounts, graph, t_out: int):
     sp_tp = tp if (cfg.sp and tp > 1) else 1
     pad_to = cp * sp_tp
     chunks = cfg.far_partition()
-    lat_h, lat_w = cfg.height // VAE_SPATIAL[cfg.preset], cfg.width // VAE_SPATIAL[cfg.preset]
+    sf = vae_spatial(cfg.preset)
+    lat_h, lat_w = cfg.height // sf, cfg.width // sf
     lays = far_layouts(chunks, lat_h, lat_w, pad_to, cfg.long_context_prob)
     rkw = dict(recompute=cfg.recompute, policy=cfg.recompute_policy, modules=cfg.recompute_modules)
     bi_tokens = sum(chunks) * (lat_h // 2) * (lat_w // 2)  # the bidirectional forward of the (cut) clip

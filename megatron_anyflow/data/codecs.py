@@ -214,15 +214,20 @@ def build_codec(name: str, vae_path: Optional[str] = None, space_to_depth: int =
     raise ValueError(f"unknown codec {name!r}: expected one of {list(CODECS)}")
 
 
+def vae_codec_for_channels(channels: int) -> str:
+    """The VAE codec of latents with ``channels`` channels (a VAE's ``z_dim``, a transformer's
+    ``out_channels``): ``wan2.2-vae`` for 48 (TI2V-5B), ``wan-vae`` otherwise (Wan2.1, Wan2.2 A14B)."""
+    return "wan2.2-vae" if channels == Wan22VAECodec.z_dim else "wan-vae"
+
+
 def vae_codec_name(vae_path: str) -> str:
-    """The codec of a diffusers ``AutoencoderKLWan`` directory from its ``config.json``: ``wan2.2-vae`` for a
-    48-channel VAE, ``wan-vae`` otherwise (the loaded VAE is then checked by the codec)."""
+    """The codec of a diffusers ``AutoencoderKLWan`` directory from its ``config.json``
+    (:func:`vae_codec_for_channels` of its ``z_dim``; the loaded VAE is then checked by the codec)."""
     import json
     import os
 
     with open(os.path.join(vae_path, "config.json")) as f:
-        z_dim = json.load(f).get("z_dim")
-    return "wan2.2-vae" if z_dim == Wan22VAECodec.z_dim else "wan-vae"
+        return vae_codec_for_channels(json.load(f).get("z_dim"))
 
 
 def codec_from_config(cfg: dict, vae_path: Optional[str] = None, device: Optional[str] = None):
@@ -234,4 +239,4 @@ def codec_from_config(cfg: dict, vae_path: Optional[str] = None, device: Optiona
 
 
 __all__: Sequence[str] = ["PixelCodec", "WanVAECodec", "Wan22VAECodec", "CODECS", "VAE_CODECS", "build_codec",
-                          "vae_codec_name", "codec_from_config"]
+                          "vae_codec_for_channels", "vae_codec_name", "codec_from_config"]
