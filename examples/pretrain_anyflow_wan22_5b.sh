@@ -28,7 +28,8 @@
 # stage 2, the export with a tiny random Wan2.2 VAE and umT5 (megatron_anyflow/testing/tiny_components.py) and
 # --verify, generation from the export (decoded through its VAE), and the test-time scaling table of the teacher,
 # the stage-1 and the stage-2 student (latent PSNR against the teacher's 50-step samples). Settings: OUT
-# (outputs/tiny-wan22, replaced), TEACHER_ITERS (400), STAGE1_ITERS (400), STAGE2_ITERS (100). Stage 1 is the README
+# (outputs/tiny-wan22; an earlier --tiny run's folder is replaced, any other non-empty one refused),
+# TEACHER_ITERS (400), STAGE1_ITERS (400), STAGE2_ITERS (100). Stage 1 is the README
 # tiny job's recipe (LoRA 32, 400 iterations; longer runs trade the 4- to 16-step PSNR for the 1-step one, issue #17).
 # Extra arguments (real runs) go to every training run.
 set -euo pipefail
@@ -44,7 +45,11 @@ if [ "$TINY" = 1 ]; then
   TEACHER_ITERS=${TEACHER_ITERS:-400}; STAGE1_ITERS=${STAGE1_ITERS:-400}; STAGE2_ITERS=${STAGE2_ITERS:-100}
   export PYTHONWARNINGS=ignore
   START=$(date +%s)
-  rm -rf "$OUT"; mkdir -p "$OUT"
+  # Replace only an earlier tiny run's folder (its marker file): never a user's non-empty directory.
+  if [ -d "$OUT" ] && [ -n "$(ls -A "$OUT")" ] && [ ! -f "$OUT/.tiny-wan22-run" ]; then
+    echo "OUT=$OUT exists and is not an earlier --tiny run (no $OUT/.tiny-wan22-run): choose another OUT" >&2; exit 2
+  fi
+  rm -rf "$OUT"; mkdir -p "$OUT"; touch "$OUT/.tiny-wan22-run"
   step "1/9 data: 256 synthetic video-like latents [2, 48, 4, 4] (4 prompts), tiny random Wan2.2 VAE + umT5"
   python -c "from megatron_anyflow.testing.quality import write_video_like_dataset as w; w('$OUT/data')"
   python -m megatron_anyflow.testing.tiny_components --wan22-vae "$OUT/wan/vae" --umt5 "$OUT/wan"

@@ -79,3 +79,15 @@ def test_wan22_5b_script_dry_run_fits_one_h200():
     for stage in (1, 2):
         assert f"wan2.2-ti2v-5b stage {stage}: TP=1 CP=1 DP=1 SP=False 121x704x1280 (27280 tokens" in out
     assert out.count("-> fits in 139.0 GiB") == 2
+
+
+def test_wan22_5b_tiny_run_refuses_a_user_directory(tmp_path):
+    """--tiny replaces its own earlier output folder only: a non-empty OUT without the run's marker file is
+    refused (exit 2) before anything is written or removed."""
+    (tmp_path / "notes.txt").write_text("mine")
+    full = dict(os.environ, OUT=str(tmp_path), PYTHONWARNINGS="ignore")
+    proc = subprocess.run(["bash", "examples/pretrain_anyflow_wan22_5b.sh", "--tiny"], cwd=REPO, env=full,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "is not an earlier --tiny run" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
