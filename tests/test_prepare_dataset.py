@@ -16,7 +16,7 @@ import torch
 
 from conftest import REPO, run_cmd
 
-from test_pipeline_export import tiny_wan22_vae
+from megatron_anyflow.testing.tiny_components import tiny_vae, tiny_wan22_vae
 
 from megatron_anyflow.data.codecs import PixelCodec, Wan22VAECodec, WanVAECodec, vae_codec_name
 from megatron_anyflow.data.latent_dataset import LatentDataset
@@ -87,17 +87,9 @@ def test_pixel_codec_is_an_exact_documented_inverse():
 
 @pytest.fixture(scope="module")
 def tiny_wan_vae(tmp_path_factory):
-    from diffusers import AutoencoderKLWan
-
     torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
-    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
-                           temperal_downsample=[False, True, True],
-                           latents_mean=(torch.randn(16, generator=g)).tolist(),
-                           latents_std=(torch.rand(16, generator=g) + 0.5).tolist())
     path = tmp_path_factory.mktemp("wan_vae")
-    vae.save_pretrained(path)
-    return str(path), vae.eval()
+    return str(path), tiny_vae(str(path))
 
 
 def test_wan_vae_codec_round_trip_and_normalisation(tiny_wan_vae):

@@ -41,15 +41,17 @@ def tiny_umt5(path: str, d_model: int = 384) -> None:
     model.save_pretrained(os.path.join(path, "text_encoder"))
 
 
-def tiny_vae(path: str) -> None:
+def tiny_vae(path: str):
     """Write a tiny random Wan2.1 VAE (diffusers ``AutoencoderKLWan``: z_dim 16, 8x space, 4x time) with
-    random latents_mean / latents_std to ``path``."""
+    random latents_mean / latents_std to ``path``; returns it (eval mode)."""
     from diffusers import AutoencoderKLWan
 
     g = torch.Generator().manual_seed(1)
-    AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
-                     temperal_downsample=[False, True, True], latents_mean=torch.randn(16, generator=g).tolist(),
-                     latents_std=(torch.rand(16, generator=g) + 0.5).tolist()).save_pretrained(path)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+                           temperal_downsample=[False, True, True], latents_mean=torch.randn(16, generator=g).tolist(),
+                           latents_std=(torch.rand(16, generator=g) + 0.5).tolist())
+    vae.save_pretrained(path)
+    return vae.eval()
 
 
 def tiny_wan22_vae(path: str):
