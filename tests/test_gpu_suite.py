@@ -70,9 +70,12 @@ class Suite:
         self.max_files = 0
         self.names = set()
 
-    def watch(self, until: float) -> bool:
-        """Poll $OUT until the suite exits (True) or ``until`` seconds have passed (False)."""
+    def watch(self, until: float, started: int = 0) -> bool:
+        """Poll $OUT until the suite exits (True), or ``until`` seconds have passed, or (``started`` > 0) the
+        suite's progress log names that many started parts (False)."""
         while time.monotonic() - self.t0 < until:
+            if started and self.started_parts() >= started:
+                return False
             if self.out.is_dir():
                 entries = os.listdir(self.out)
                 # no folders in $OUT (is_dir, not "not is_file": a transient pack renamed away between listdir and
@@ -85,11 +88,20 @@ class Suite:
             time.sleep(0.2)
         return False
 
+    def started_parts(self) -> int:
+        try:
+            return len(_START.findall((self.out / "suite_stdout.txt").read_text()))
+        except FileNotFoundError:
+            return 0
+
     def kill(self):
         """SIGTERM, then SIGKILL two seconds later, to the suite's process group; then the running part's
         group (GNU timeout leads its own), should the suite have had no time to stop it."""
         pg = self.proc.pid
-        os.killpg(pg, signal.SIGTERM)
+        try:
+            os.killpg(pg, signal.SIGTERM)
+        except ProcessLookupError:  # the suite ended on its own between the caller's check and this signal
+            pass
         self.watch(time.monotonic() - self.t0 + 2)
         try:
             os.killpg(pg, signal.SIGKILL)
@@ -196,13 +208,18 @@ def test_stub_suite_full_run(tmp_path):
 
 
 def test_stub_suite_killed_at_a_random_time(tmp_path):
+    # The moment is drawn in the suite's own progress (after its k-th part has started, plus a random delay up
+    # to one second), not in wall time: a fast machine finishes the stub suite before a wall-clock moment
+    # late in the budget, and the kill must still land while the suite runs.
     budget = _stub_budget()
-    frac = random.Random().uniform(0.1, 0.9)
-    print(f"killing at {frac:.2f} of a {budget} s budget")
+    rng = random.Random()
+    k, delay = rng.randint(1, 6), rng.uniform(0.0, 1.0)
+    print(f"killing {delay:.2f} s after part {k} starts (budget {budget} s)")
     s = Suite(tmp_path, GPU_SUITE_DRY="stub", GPU_SUITE_BUDGET_S=budget, GPU_SUITE_PACK_S=2)
     try:
-        s.watch(frac * budget)
-        s.kill()
+        if not s.watch(budget + 60, started=k):
+            s.watch(time.monotonic() - s.t0 + delay)
+            s.kill()
     finally:
         s.cleanup()
     names = set(os.listdir(s.out))
