@@ -21,7 +21,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from conftest import REPO
-from megatron_anyflow.models.wan.config import PRESETS, check_single_expert, wan_config
+from megatron_anyflow.models.wan.config import PRESETS, expert_time_range, wan_config
 from megatron_anyflow.models.wan.convert import hf_to_megatron, load_full_state_dict
 from megatron_anyflow.models.wan.hf_io import read_hf_transformer_dir, two_expert_boundary
 from megatron_anyflow.models.wan.model import WanModel, token_time_runs
@@ -197,9 +197,10 @@ def test_boundary_is_recorded_only_for_experts_and_checked():
     with pytest.raises(ValueError, match="boundary_ratio=1.5; expected None"):
         wan_config("tiny", boundary_ratio=1.5)
     with pytest.raises(ValueError, match=r"two-expert Wan2.2 A14B model \(boundary_ratio=0.875.*t >= 875"):
-        check_single_expert(wan_config("wan2.2-t2v-a14b", perform_initialization=False).arch_dict(),
-                            "--model-preset wan2.2-t2v-a14b")
-    check_single_expert(wan_config("wan2.2-ti2v-5b", perform_initialization=False).arch_dict(), "x")
+        expert_time_range(wan_config("wan2.2-t2v-a14b", perform_initialization=False).arch_dict(), "teacher", None,
+                          "--model-preset wan2.2-t2v-a14b")
+    assert expert_time_range(wan_config("wan2.2-ti2v-5b", perform_initialization=False).arch_dict(), "teacher", None,
+                             "x") is None
 
 
 def test_trainer_refuses_a_two_expert_preset():
@@ -288,6 +289,7 @@ def test_two_expert_pipeline_is_refused_and_an_expert_records_the_boundary(wan22
     assert "high-noise expert" in out
     meta = read_meta(str(tmp_path / "c2" / "release"))
     assert meta["wan_config"]["boundary_ratio"] == 0.9 and meta["wan_config"]["in_channels"] == 36
+    assert meta["wan_config"]["expert"] == "high"
     out = ok("convert_to_hf", ["--input", tmp_path / "c2", "--output", tmp_path / "o2", "--verify"], capsys)
     assert float(out.split("relative error")[1].split()[0]) < 1e-5
 

@@ -13,7 +13,7 @@ in the reference's layout (no ``chunk_partition`` / ``full_chunk_limit`` / ``com
 read with diffusers' defaults filled in, and the tool prints each key it filled or ignored.
 Wan2.2: TI2V-5B (a ``WanTransformer3DModel`` with 48 latent channels) converts like Wan2.1. A two-expert
 A14B pipeline (``transformer`` + ``transformer_2`` and a ``boundary_ratio`` in ``model_index.json``) is
-refused as a whole (two-expert checkpoints are not supported yet); one expert's sub-folder converts, and
+refused as a whole: each expert converts on its own (its sub-folder), and
 the checkpoint records the boundary (``wan_config.boundary_ratio``), so the trainer refuses to train it.
 Output: a checkpoint root (``release/`` + tracker) in megatron-core's torch_dist format. The format is
 resharding-aware, so the checkpoint loads at any tensor-parallel size whatever size it was written
@@ -122,9 +122,10 @@ def main(argv=None):
         return fail(err)
     if boundary is not None:
         arch["boundary_ratio"] = boundary
-        log(f"note: {args.input} is the {'high' if role == 'transformer' else 'low'}-noise expert ({role}) of a "
-            f"two-expert Wan2.2 model (boundary_ratio {boundary}); recorded in the checkpoint. It converts and "
-            "exports, but training a two-expert model is not supported yet")
+        arch["expert"] = "high" if role == "transformer" else "low"
+        log(f"note: {args.input} is the {arch['expert']}-noise expert ({role}) of a two-expert Wan2.2 model "
+            f"(boundary_ratio {boundary}); both recorded in the checkpoint. Stage 1 trains it on its own time "
+            f"range; convert_to_hf --expert-2 exports the pair")
     if arch.get("far"):
         assumed = far_config_defaults_filled(hf_cfg)
         log(f"      AnyFlow-FAR: chunk_partition {arch['chunk_partition']}, full_chunk_limit "

@@ -55,6 +55,19 @@ same way, with ``--vae Wan2.2-TI2V-5B-Diffusers/vae`` (48 channels, 16x space): 
 the latent size from the VAE config (``scale_factor_spatial`` / ``_temporal``), the channels from the
 transformer's ``in_channels`` and the normalisation from ``latents_mean`` / ``latents_std`` (``z_dim`` of
 them).
+
+A two-expert model (Wan2.2 A14B, each expert trained on its own time range) exports as one pipeline:
+
+    python tools/convert_to_hf.py --input ckpt/high --expert-2 ckpt/low --output export/a14b --merge-lora generator \
+        --ema --pipeline --vae ... --text-encoder ...
+
+writes ``transformer/`` (high noise), ``transformer_2/`` (low noise), ``boundary_ratio`` in ``model_index.json``
+and ``pipeline_anyflow_two_expert.py`` (`megatron_anyflow/anyflow/diffusers_two_expert.py`, copied as is: it
+needs only diffusers), which ``DiffusionPipeline.from_pretrained(export, trust_remote_code=True)`` loads.
+diffusers' own ``AnyFlowPipeline`` has one transformer and no boundary, and its ``WanPipeline`` has two but
+samples the ODE, not a flow map; the class adds the second transformer, the boundary and the grid with the
+boundary on it. ``--verify`` checks each expert's forward and the loaded pipeline's final latents against
+this project's two-expert sampler (`anyflow.sampler.route_experts`).
 """
 
 import argparse
@@ -86,6 +99,10 @@ def parse_args(argv=None):
     p.add_argument("--pipeline", action="store_true",
                    help="write a complete AnyFlowPipeline (FAR: AnyFlowFARPipeline) directory (needs --vae, "
                         "--text-encoder, --tokenizer)")
+    p.add_argument("--expert-2", default=None, metavar="CHECKPOINT",
+                   help="the other expert of a two-expert model (Wan2.2 A14B): --input and --expert-2 are the "
+                        "high- and low-noise experts' checkpoints (either order; each records its expert), exported "
+                        "as one AnyFlowTwoExpertPipeline (needs --pipeline)")
     p.add_argument("--vae", default=None, help="--pipeline: diffusers AutoencoderKLWan directory to copy")
     p.add_argument("--text-encoder", default=None, help="--pipeline: transformers text encoder directory to copy")
     p.add_argument("--tokenizer", default=None,
@@ -105,7 +122,7 @@ def main(argv=None):
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     import torch
 
-    from megatron_anyflow.models.wan.convert import hf_config_from_arch, megatron_to_hf
+    from megatron_anyflow.models.wan.convert import hf_config_from_arch
     from megatron_anyflow.models.wan.hf_io import write_hf_transformer_dir
     from megatron_anyflow.parallel.state import initialize_parallel
     from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
@@ -119,6 +136,10 @@ def main(argv=None):
     if args.pipeline and args.lora_only is not None:
         print("error: --lora-only writes a LoRA file, not a pipeline: drop --pipeline (export the base pipeline "
               "without --lora-only)", file=sys.stderr)
+        return 2
+    if args.expert_2 is not None and (not args.pipeline or args.lora_only is not None):
+        print("error: --expert-2 exports a two-expert pipeline (the boundary lives in model_index.json): pass "
+              "--pipeline with --vae / --text-encoder, and not --lora-only", file=sys.stderr)
         return 2
     if args.pipeline:
         try:
@@ -152,6 +173,8 @@ def main(argv=None):
     lora = meta.get("lora")
     if args.lora_only is not None:
         return export_lora_only(args, ckpt_dir, meta, t0)
+    if args.expert_2 is not None:
+        return export_two_experts(args, ckpt_dir, meta, components, t0)
     if args.merge_lora is not None and (not lora or args.merge_lora not in lora["adapters"]):
         have = lora["adapters"] if lora else []
         print(f"error: adapter {args.merge_lora!r} is not in the checkpoint (adapters: {have})", file=sys.stderr)
@@ -168,15 +191,8 @@ def main(argv=None):
     arch = meta["wan_config"]
     print(f"[3/4] {'merged adapter ' + repr(args.merge_lora) if args.merge_lora else 'base weights'}"
           f"{' (EMA)' if args.ema else ''}", flush=True)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    full = {k: v for k, v in model.state_dict().items() if v is not None}
-    hf_sd = {k: v.to(dtype) for k, v in megatron_to_hf(full, cfg.head_dim).items()}
-    bad = non_finite_keys(hf_sd)
-    print(f"transformer: {tensor_bytes(hf_sd) / 2**20:.2f} MiB of {args.dtype} tensors", flush=True)
-    if bad:
-        print(f"error: {len(bad)} tensor(s) of {ckpt_dir} hold non-finite values (NaN / inf) after conversion to "
-              f"{args.dtype}: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; refusing to export them "
-              "(resume from an earlier checkpoint)", file=sys.stderr)
+    hf_sd = exportable_state_dict(model, args.dtype, ckpt_dir)
+    if hf_sd is None:
         return 1
     hf_cfg = hf_config_from_arch(arch)
     pipeline_class = PIPELINE_CLASS.get(hf_cfg["_class_name"])
@@ -230,6 +246,142 @@ def main(argv=None):
     return 0
 
 
+# the custom pipeline of a two-expert export: this project's file, copied as is (it imports only diffusers)
+TWO_EXPERT_MODULE, TWO_EXPERT_CLASS = "pipeline_anyflow_two_expert", "AnyFlowTwoExpertPipeline"
+
+
+def two_expert_pair(args, ckpt_dir, meta):
+    """``{"high": (dir, meta), "low": (dir, meta)}`` of ``--input`` and ``--expert-2``, and the boundary.
+
+    Raises:
+        ValueError: a checkpoint that is not one expert (no ``boundary_ratio`` / recorded ``expert``), two
+            checkpoints of the same expert, or boundaries that differ (all named)."""
+    from megatron_anyflow.training.checkpointing import read_meta, resolve_checkpoint_dir
+
+    dir_2 = resolve_checkpoint_dir(args.expert_2)
+    pair = {}
+    for d, m, flag in ((ckpt_dir, meta, "--input"), (dir_2, read_meta(dir_2), "--expert-2")):
+        arch = m["wan_config"]
+        role = arch.get("expert")
+        if arch.get("boundary_ratio") is None or role not in ("high", "low"):
+            raise ValueError(f"{flag} {d} is not one expert of a two-expert model (wan_config boundary_ratio "
+                             f"{arch.get('boundary_ratio')}, expert {role}); convert the experts from a Wan2.2 A14B "
+                             "pipeline's transformer/ and transformer_2/ (convert_from_hf records both), or "
+                             "train them with --expert high / low")
+        if role in pair:
+            raise ValueError(f"--input and --expert-2 are both the {role}-noise expert ({pair[role][0]}, {d})")
+        pair[role] = (d, m)
+    b = {role: float(m["wan_config"]["boundary_ratio"]) for role, (_, m) in pair.items()}
+    if b["high"] != b["low"]:
+        raise ValueError(f"the experts' boundaries differ: high {b['high']} ({pair['high'][0]}), low {b['low']} "
+                         f"({pair['low'][0]})")
+    return pair, b["high"]
+
+
+def export_two_experts(args, ckpt_dir, meta, components, t0):
+    """``--expert-2``: both experts as one ``AnyFlowTwoExpertPipeline`` directory (module docstring).
+
+    Returns the exit code: 0; 1 (non-finite weights, --verify failed); 2 (a bad request, named)."""
+    from megatron_anyflow.models.wan.convert import hf_config_from_arch
+    from megatron_anyflow.models.wan.hf_io import write_hf_transformer_dir
+    from megatron_anyflow.training.checkpointing import CheckpointError, write_checksums_for_tree
+    from megatron_anyflow.training.model_io import load_for_inference
+
+    try:
+        pair, boundary = two_expert_pair(args, ckpt_dir, meta)
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    shift = args.shift if args.shift is not None else float((pair["high"][1].get("args") or {}).get("time_shift", 5.0))
+    root = args.output + ".tmp"
+    if os.path.exists(root):
+        shutil.rmtree(root)
+    os.makedirs(root)
+    experts = {}
+    for role, sub in (("high", "transformer"), ("low", "transformer_2")):
+        d, m = pair[role]
+        lora = m.get("lora")
+        if args.merge_lora is not None and (not lora or args.merge_lora not in lora["adapters"]):
+            print(f"error: adapter {args.merge_lora!r} is not in {d} (adapters: {lora['adapters'] if lora else []})",
+                  file=sys.stderr)
+            return 2
+        print(f"[2/4] the {role}-noise expert ({sub}): {d}", flush=True)
+        try:
+            model = load_for_inference(d, adapter=args.merge_lora, ema=args.ema)
+        except (KeyError, FileNotFoundError, CheckpointError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        hf_cfg = hf_config_from_arch(m["wan_config"])
+        if hf_cfg["_class_name"] != "AnyFlowTransformer3DModel":
+            print(f"error: {d} is a {hf_cfg['_class_name']}; a two-expert AnyFlow pipeline needs bidirectional "
+                  "experts with AnyFlow's delta embedder (stage-1 / stage-2 checkpoints)", file=sys.stderr)
+            return 2
+        hf_sd = exportable_state_dict(model, args.dtype, d)
+        if hf_sd is None:
+            return 1
+        write_hf_transformer_dir(os.path.join(root, sub), hf_cfg, hf_sd)
+        write_scheduler_config(os.path.join(root, sub), shift)
+        experts[role] = (sub, model)
+    print(f"[4/4] writing {args.output} as {TWO_EXPERT_CLASS} (boundary_ratio {boundary:g}, scheduler shift "
+          f"{shift:g})", flush=True)
+    write_pipeline(root, components, shift, "AnyFlowTransformer3DModel", [TWO_EXPERT_MODULE, TWO_EXPERT_CLASS],
+                   extra={"transformer_2": ["diffusers", "AnyFlowTransformer3DModel"], "boundary_ratio": boundary})
+    import megatron_anyflow.anyflow.diffusers_two_expert as two_expert
+
+    shutil.copyfile(two_expert.__file__, os.path.join(root, f"{TWO_EXPERT_MODULE}.py"))
+    write_checksums_for_tree(root)
+    os.replace(root, args.output)
+    print(f"pipeline: {args.output}/model_index.json, transformer/, transformer_2/, scheduler/, "
+          f"{TWO_EXPERT_MODULE}.py, {', '.join(name + '/' for name in components)}", flush=True)
+    if args.verify:
+        tol = args.verify_tolerance if args.verify_tolerance is not None else VERIFY_TOLERANCE[args.dtype]
+        hfs, problems = {}, []
+        for role, (sub, model) in experts.items():
+            hfs[role] = load_hf(os.path.join(args.output, sub), "AnyFlowTransformer3DModel")
+            err = verify(hfs[role], model, model.config, "AnyFlowTransformer3DModel")
+            print(f"verify: {sub}: diffusers vs megatron_anyflow relative error {err:.2e} (tolerance {tol:.0e})",
+                  flush=True)
+            problems.append(verify_problem(err, tol, args.dtype, f"{sub}'s output"))
+        if not any(problems):
+            try:
+                errs = verify_pipeline(args.output, hfs["high"], experts["high"][1], shift,
+                                       expert_2=(hfs["low"], experts["low"][1]), boundary=boundary)
+            except ValueError as exc:
+                problems.append(str(exc))
+            else:
+                print(f"verify: the loaded {TWO_EXPERT_CLASS} vs this project's two-expert sampler, final latents, "
+                      "relative error " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
+                      + f" (tolerance {tol:.0e})", flush=True)
+                problems += [verify_problem(v, tol, args.dtype, f"the pipeline's {k} latents") for k, v in errs.items()]
+        problem = next((p for p in problems if p), None)
+        if problem:
+            shutil.rmtree(args.output)
+            print(f"error: --verify: {problem}; removed {args.output}", file=sys.stderr)
+            return 1
+    print(f"done in {time.time() - t0:.1f}s", flush=True)
+    return 0
+
+
+def exportable_state_dict(model, dtype_name, ckpt_dir):
+    """The diffusers state dict of ``model`` in ``dtype_name`` (fp32 / bf16 / fp16), its size printed; None
+    (the reason printed) when a tensor holds a non-finite value: such weights are never exported."""
+    import torch
+
+    from megatron_anyflow.models.wan.convert import megatron_to_hf
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    full = {k: v for k, v in model.state_dict().items() if v is not None}
+    hf_sd = {k: v.to(dtype) for k, v in megatron_to_hf(full, model.config.head_dim).items()}
+    bad = non_finite_keys(hf_sd)
+    print(f"transformer: {tensor_bytes(hf_sd) / 2**20:.2f} MiB of {dtype_name} tensors", flush=True)
+    if bad:
+        print(f"error: {len(bad)} tensor(s) of {ckpt_dir} hold non-finite values (NaN / inf) after conversion to "
+              f"{dtype_name}: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; refusing to export them "
+              "(resume from an earlier checkpoint)", file=sys.stderr)
+        return None
+    return hf_sd
+
+
 def verify_problem(err, tol, dtype, what):
     """None when ``err`` is finite and <= ``tol``, else the reason --verify fails (for the message)."""
     if not math.isfinite(err):
@@ -240,7 +392,7 @@ def verify_problem(err, tol, dtype, what):
     return None
 
 
-def verify_pipeline(path, hf, model, shift, steps=2):
+def verify_pipeline(path, hf, model, shift, steps=2, expert_2=None, boundary=None):
     """The exported pipeline as a user loads it against this project's sampler.
 
     ``AnyFlowPipeline.from_pretrained(path)`` (its scheduler and VAE from the export; the text encoder is not
@@ -254,16 +406,34 @@ def verify_pipeline(path, hf, model, shift, steps=2):
     another channel count, another time grid or condition convention fails. Returns ``{"t2v": err, "i2v":
     err}``, relative Frobenius errors of the final latents [n, f, c, h, w] (``nan`` when non-finite).
 
+    Two experts (``expert_2 = (hf_2, model_2)``, the low-noise pair, and ``boundary``): the export's own
+    ``AnyFlowTwoExpertPipeline`` (``DiffusionPipeline.from_pretrained(path, trust_remote_code=True)``) against
+    ``FlowMapEulerSampler(N, shift, boundary)`` on ``route_experts(model, model_2, boundary)``, at N = 1 (the
+    jump split at the boundary) and ``steps``; keys ``"t2v N=1"`` etc.
+
     Raises:
         ValueError: the pipeline's latents have another shape than the sampler's (named)."""
     import torch
-    from diffusers import AnyFlowPipeline
+    from diffusers import AnyFlowPipeline, DiffusionPipeline
 
     from megatron_anyflow.anyflow.generation import sample_any_step
+    from megatron_anyflow.anyflow.sampler import FlowMapEulerSampler, route_experts
     from megatron_anyflow.data.codecs import CODECS, vae_codec_name
 
-    pipe = AnyFlowPipeline.from_pretrained(path, transformer=hf, text_encoder=None, tokenizer=None,
-                                           torch_dtype=torch.float32, local_files_only=True)
+    load = dict(transformer=hf, text_encoder=None, tokenizer=None, torch_dtype=torch.float32, local_files_only=True)
+    if expert_2 is None:
+        pipe = AnyFlowPipeline.from_pretrained(path, **load)
+        counts = [steps]
+
+        def sample(n, noise, text, c):
+            return sample_any_step(model, noise, text, [n], shift=shift, condition_frames=c, progress=False)[n]
+    else:
+        pipe = DiffusionPipeline.from_pretrained(path, transformer_2=expert_2[0], trust_remote_code=True, **load)
+        routed, counts = route_experts(model, expert_2[1], boundary), [1, 4]  # N = 2 is N = 1's grid at b = 0.875
+
+        def sample(n, noise, text, c):
+            c = None if c is None else c.expand(noise.shape[0], *c.shape[1:])
+            return FlowMapEulerSampler(n, shift, boundary=boundary)(routed, noise, text, condition_frames=c)
     pipe.set_progress_bar_config(disable=True)
     cfg = model.config
     pt, ph, pw = cfg.patch_size
@@ -278,17 +448,20 @@ def verify_pipeline(path, hf, model, shift, steps=2):
     # so it sizes the latents from the pixel size and its VAE's factors; the sampler gets the same draw.
     noise = torch.randn(2, cfg.in_channels, f, h, w, generator=torch.Generator().manual_seed(2)).permute(0, 2, 1, 3, 4)
     out = {}
-    for mode, c in (("t2v", None), ("i2v", cond)):
-        with torch.no_grad():
-            ours = sample_any_step(model, noise, text, [steps], shift=shift, condition_frames=c, progress=False)[steps]
-            ref = pipe(prompt_embeds=text, generator=torch.Generator().manual_seed(2), num_inference_steps=steps,
-                       height=h * sf, width=w * sf, num_frames=(f - 1) * tf + 1, guidance_scale=1.0,
-                       output_type="latent", video_latents=None if c is None else c.expand(2, -1, -1, -1, -1)
-                       ).frames.permute(0, 2, 1, 3, 4)
-        if ref.shape != ours.shape:
-            raise ValueError(f"the pipeline's latents have shape {tuple(ref.shape)}, the sampler's {tuple(ours.shape)}")
-        finite = bool(torch.isfinite(ours).all()) and bool(torch.isfinite(ref).all())
-        out[mode] = ((ours - ref).norm() / ref.norm()).item() if finite else float("nan")
+    for n in counts:
+        for mode, c in (("t2v", None), ("i2v", cond)):
+            with torch.no_grad():
+                ours = sample(n, noise, text, c)
+                ref = pipe(prompt_embeds=text, generator=torch.Generator().manual_seed(2), num_inference_steps=n,
+                           height=h * sf, width=w * sf, num_frames=(f - 1) * tf + 1, guidance_scale=1.0,
+                           output_type="latent", video_latents=None if c is None else c.expand(2, -1, -1, -1, -1)
+                           ).frames.permute(0, 2, 1, 3, 4)
+            if ref.shape != ours.shape:
+                raise ValueError(f"the pipeline's latents have shape {tuple(ref.shape)}, the sampler's "
+                                 f"{tuple(ours.shape)}")
+            finite = bool(torch.isfinite(ours).all()) and bool(torch.isfinite(ref).all())
+            out[mode if expert_2 is None else f"{mode} N={n}"] = (
+                ((ours - ref).norm() / ref.norm()).item() if finite else float("nan"))
     return out
 
 
@@ -379,8 +552,10 @@ def pipeline_components(vae, text_encoder, tokenizer):
     return out
 
 
-def write_pipeline(root, components, shift, transformer_class, pipeline_class="AnyFlowPipeline"):
-    """``model_index.json`` (of ``pipeline_class``), ``scheduler/`` and copies of the components into ``root``."""
+def write_pipeline(root, components, shift, transformer_class, pipeline_class="AnyFlowPipeline", extra=None):
+    """``model_index.json`` (of ``pipeline_class``: a diffusers class name, or ``[module, class]`` of a custom
+    pipeline file in ``root``; ``extra``: more index entries), ``scheduler/`` and copies of the components
+    into ``root``."""
     import json
 
     import diffusers
@@ -388,7 +563,7 @@ def write_pipeline(root, components, shift, transformer_class, pipeline_class="A
     write_scheduler_config(os.path.join(root, "scheduler"), shift)
     index = {"_class_name": pipeline_class, "_diffusers_version": diffusers.__version__,
              "scheduler": ["diffusers", "FlowMapEulerDiscreteScheduler"],
-             "transformer": ["diffusers", transformer_class]}
+             "transformer": ["diffusers", transformer_class], **(extra or {})}
     for name, (src, lib_cls) in components.items():
         shutil.copytree(src, os.path.join(root, name))
         index[name] = list(lib_cls)

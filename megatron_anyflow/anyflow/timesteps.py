@@ -28,6 +28,7 @@ __all__ = [
     "KIND_R_ZERO",
     "KIND_FREE",
     "shift_time",
+    "unshift_time",
     "TimeSamplerConfig",
     "split_counts",
     "sample_t_r",
@@ -47,6 +48,12 @@ KIND_R_ZERO = 1  # r = 0 (one-jump samples)
 KIND_FREE = 2  # (t, r) kept as drawn
 
 TensorOrFloat = Union[torch.Tensor, float]
+
+
+def unshift_time(t: float, shift: float = 5.0) -> float:
+    """The inverse of :func:`shift_time` for one time: ``x = t / (s - (s - 1) t)`` (float64, t in [0, 1])."""
+    s = _check_shift(shift)
+    return t / (s - (s - 1.0) * t)
 
 
 def _check_shift(shift: float) -> float:
@@ -99,10 +106,14 @@ class TimeSamplerConfig:
         beta_a, beta_b: shape parameters of the Beta-shaped weight ``t^(a-1) (1-t)^(b-1)``
             (2.0 and 1.5, i.e. ``t (1 - t)^0.5``). Both must be ``>= 1`` so that the weight is finite on
             the closed grid ``[0, 1]``.
+        time_range: ``(lo, hi)``, the times this run trains ((0, 1); one expert of a two-expert model:
+            ``(b, 1)`` or ``(0, b)``, `models.wan.config.expert_time_range`). :func:`sample_t_r` then draws
+            the full sampler's (t, r) conditioned on both lying in the range, and r = 0 samples jump to ``lo``.
 
     Raises:
         ValueError: on construction, for ``shift <= 0``, a fraction outside ``[0, 1]``, fractions summing
-            to more than 1, an unknown ``loss_weight`` or ``beta_a`` / ``beta_b`` < 1.
+            to more than 1, an unknown ``loss_weight``, ``beta_a`` / ``beta_b`` < 1, or a ``time_range`` that
+            is not ``0 <= lo < hi <= 1``.
     """
 
     shift: float = 5.0
@@ -111,9 +122,17 @@ class TimeSamplerConfig:
     loss_weight: str = "beta"
     beta_a: float = 2.0
     beta_b: float = 1.5
+    time_range: Tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
         self.shift = _check_shift(self.shift)
+        try:
+            lo, hi = (float(v) for v in self.time_range)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"time_range must be a pair (lo, hi), got {self.time_range!r}") from exc
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"time_range must satisfy 0 <= lo < hi <= 1, got {self.time_range!r}")
+        self.time_range = (lo, hi)
         for name in ("boundary_fraction", "r_zero_fraction"):
             value = float(getattr(self, name))
             if not (0.0 <= value <= 1.0):
@@ -172,6 +191,12 @@ def sample_t_r(
     3. ``t = shift_time(t, s)``; boundary samples then take ``r = t`` exactly (bitwise), r = 0 stays 0,
        free samples take ``r = shift_time(r, s)``. Hence ``t >= r`` always.
 
+    With ``cfg.time_range = (lo, hi)`` other than (0, 1) (one expert of a two-expert model), step 1 draws
+    ``u1, u2 ~ U(a, c)`` with ``a, c = unshift_time(lo, s), unshift_time(hi, s)`` (float64, then float32):
+    since u1, u2 are independent uniforms, this is exactly the full sampler conditioned on both shifted
+    times lying in ``[lo, hi]``. r = 0 samples take ``r = lo`` (the jump to the range's end: the low
+    expert's 0, the high expert's boundary), and t, r are clamped to the range against rounding.
+
     ``num_samples`` is the **global** data-parallel micro-batch (all samples processed together across
     the data-parallel group), not the per-rank batch: every rank calls this with the same generator state
     and takes its own rows, e.g. ``t[dp_rank * b_local:(dp_rank + 1) * b_local]``. With one sample per GPU
@@ -198,6 +223,11 @@ def sample_t_r(
     n_b, n_r0, _ = split_counts(num_samples, cfg)
     gen_device = generator.device if generator is not None else torch.device("cpu")
     u = torch.rand((2, num_samples), generator=generator, device=gen_device, dtype=torch.float32)
+    lo, hi = cfg.time_range
+    restricted = (lo, hi) != (0.0, 1.0)
+    if restricted:
+        a, c = unshift_time(lo, cfg.shift), unshift_time(hi, cfg.shift)
+        u = (a + (c - a) * u.double()).float()
     t_raw = torch.maximum(u[0], u[1])
     r_raw = torch.minimum(u[0], u[1])
 
@@ -208,7 +238,9 @@ def sample_t_r(
     t = shift_time(t_raw, cfg.shift)
     r = shift_time(r_raw, cfg.shift)
     r = torch.where(kind == KIND_BOUNDARY, t, r)
-    r = torch.where(kind == KIND_R_ZERO, torch.zeros_like(r), r)
+    r = torch.where(kind == KIND_R_ZERO, torch.full_like(r, lo), r)
+    if restricted:
+        t, r = t.clamp(lo, hi), r.clamp(lo, hi)
 
     out_device = torch.device(device) if device is not None else gen_device
     return (

@@ -24,9 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher: flow-matching fine-tune; stage1: forward flow-map training; stage2: distillation")
     g.add_argument("--model-preset", default="tiny",
                    choices=["tiny", "tiny-video", "wan2.1-1.3b", "wan2.1-14b", "wan2.2-ti2v-5b", "tiny-wan2.2-ti2v",
-                            "wan2.2-t2v-a14b", "wan2.2-i2v-a14b"],
-                   help="architecture when --pretrained is not given (random init); the two-expert Wan2.2 A14B "
-                        "presets are refused with an explanation (two-expert training is not supported yet)")
+                            "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "tiny-wan2.2-t2v-a14b"],
+                   help="architecture when --pretrained is not given (random init); a two-expert Wan2.2 A14B "
+                        "preset is one expert: it trains stage 1 only, with --expert")
+    g.add_argument("--expert", choices=["high", "low"], default=None,
+                   help="two-expert models (Wan2.2 A14B): the expert this stage-1 run trains, on its own time range "
+                        "(high: t, r in [boundary, 1]; low: [0, boundary]); default: the one the checkpoint "
+                        "records (convert_from_hf of transformer/ or transformer_2/)")
     g.add_argument("--pretrained", default=None,
                    help="checkpoint (root or directory) holding the frozen base: a converted diffusers model "
                         "(tools/convert_from_hf.py) or a full-model checkpoint of an earlier run")

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from megatron_anyflow.models.wan.config import check_single_expert, wan_config
+from megatron_anyflow.models.wan.config import expert_time_range, wan_config
 from megatron_anyflow.models.wan.model import WanModel
 
 
@@ -55,9 +55,10 @@ def dry_run(args, log=print) -> int:
             arch.setdefault(k, v)
     elif arch.get("far"):
         checks.append((False, f"--pretrained {args.pretrained} is an AnyFlow-FAR checkpoint: pass --model far"))
-    try:  # as Trainer._build_model: one expert of a two-expert model (Wan2.2 A14B) is refused
-        check_single_expert(arch, f"--pretrained {args.pretrained}" if args.pretrained
-                            else f"--model-preset {args.model_preset}")
+    try:  # as Trainer._build_model: one expert of a two-expert model (Wan2.2 A14B) trains stage 1 only
+        expert_time_range(arch, args.stage, getattr(args, "expert", None),
+                          f"--pretrained {args.pretrained}" if args.pretrained
+                          else f"--model-preset {args.model_preset}", getattr(args, "model", "bidirectional"))
     except ValueError as err:
         checks.append((False, str(err)))
     cfg = wan_config(None, **arch, perform_initialization=False)

@@ -225,14 +225,16 @@ class TeacherStage(Stage):
         return flow_matching_loss(self.t.model, x, text, self.t.negative_text, self.cfg, noise_generator=ng)
 
 
-def flow_map_objective_config(args) -> FlowMapObjectiveConfig:
-    """The stage-1 objective configuration of parsed trainer arguments (also used by the benchmark)."""
+def flow_map_objective_config(args, time_range=None) -> FlowMapObjectiveConfig:
+    """The stage-1 objective configuration of parsed trainer arguments (also used by the benchmark);
+    ``time_range``: one expert's ``(lo, hi)`` (`models.wan.config.expert_time_range`), None for (0, 1)."""
     return FlowMapObjectiveConfig(
         guidance=args.guidance, fd_eps=args.fd_eps, text_dropout=args.text_dropout, i2v_prob=args.i2v_prob,
         adaptive_reweight=not args.no_adaptive_reweight, reweight_eps=getattr(args, "reweight_eps", 1e-5),
         kernel_backend=args.kernel_backend,
         time=TimeSamplerConfig(shift=args.time_shift, boundary_fraction=args.boundary_fraction,
-                               r_zero_fraction=args.r_zero_fraction, loss_weight=args.loss_weight))
+                               r_zero_fraction=args.r_zero_fraction, loss_weight=args.loss_weight,
+                               time_range=time_range or (0.0, 1.0)))
 
 
 class Stage1(Stage):
@@ -242,7 +244,7 @@ class Stage1(Stage):
 
     def __init__(self, trainer):
         super().__init__(trainer)
-        self.cfg = flow_map_objective_config(self.args)
+        self.cfg = flow_map_objective_config(self.args, getattr(trainer, "time_range", None))
 
     def loss(self, iteration, j, x, text, carry):
         return self.stage1_loss(self.t.model, iteration, j, x, text, carry)

@@ -28,7 +28,7 @@ from megatron.core import parallel_state
 
 from megatron_anyflow.data.latent_dataset import DataParallelSampler, LatentDataset, MockLatentDataset, collate
 from megatron_anyflow.data.loader import TrainingDataLoader
-from megatron_anyflow.models.wan.config import check_single_expert, wan_config
+from megatron_anyflow.models.wan.config import expert_time_range, wan_config
 from megatron_anyflow.models.wan.model import WanModel
 from megatron_anyflow.parallel.sharding import canonical_key, load_module_state, module_sharded_state_dict
 from megatron_anyflow.parallel.state import initialize_parallel
@@ -217,8 +217,13 @@ class Trainer:
         else:
             self.pretrained_dir = None
             arch = wan_config(args.model_preset).arch_dict()
-        check_single_expert(arch, f"--pretrained {args.pretrained}" if args.pretrained
-                            else f"--model-preset {args.model_preset}")
+        # one expert of a two-expert model trains stage 1 on its own time range; anything else is refused
+        self.time_range = expert_time_range(
+            arch, args.stage, getattr(args, "expert", None),
+            f"--pretrained {args.pretrained}" if args.pretrained else f"--model-preset {args.model_preset}",
+            getattr(args, "model", "bidirectional"))
+        if self.time_range is not None:  # the checkpoints this run writes name their expert (convert_to_hf pairs them)
+            arch["expert"] = "high" if self.time_range[1] == 1.0 else "low"
         base_has_delta = arch["delta_embedder"]
         arch["delta_embedder"] = base_has_delta or need_delta
         if getattr(args, "model", "bidirectional") == "far":

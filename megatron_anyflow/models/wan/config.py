@@ -67,8 +67,11 @@ class WanConfig(TransformerConfig):
         boundary_ratio: None for a single model. Set (in (0, 1)) for one expert of Wan2.2's two-expert A14B
             models: diffusers' ``WanPipeline`` runs ``transformer`` (high noise) at timesteps
             ``>= boundary_ratio * 1000`` and ``transformer_2`` (low noise) below (0.875 T2V, 0.9 I2V in the
-            released configs). The config describes one expert; training two experts is not supported
-            yet (the trainer refuses it, docs/design/anyflow.md "Wan2.2").
+            released configs). The config describes one expert.
+        expert: which expert of a two-expert model this is: ``"high"`` (diffusers' ``transformer``, times
+            ``[b, 1]``) or ``"low"`` (``transformer_2``, times ``[0, b]``); None when unknown (a preset) or for
+            a single model. `convert_from_hf` records it from the sub-folder; stage 1 trains an expert on its
+            own time range (`expert_time_range`) and `convert_to_hf --expert-2` exports the pair.
         far_attention: the FAR attention kernel (`models.wan.far.FarAttention`): ``"grouped"`` (exact
             grouped dense attention on the backend's core attention; default), ``"flex"`` (flex attention
             with a block mask, as diffusers / the reference) or ``"dense"`` (masked SDPA, reference path).
@@ -101,6 +104,7 @@ class WanConfig(TransformerConfig):
     chunk_partition: Tuple[int, ...] = (1, 3, 3, 3, 3, 3, 3, 2)
     far_attention: str = "grouped"
     boundary_ratio: Optional[float] = None
+    expert: Optional[str] = None
 
     def __post_init__(self):
         if self.kv_channels is None and self.num_attention_heads:
@@ -130,6 +134,11 @@ class WanConfig(TransformerConfig):
         if self.boundary_ratio is not None and not 0.0 < float(self.boundary_ratio) < 1.0:
             raise ValueError(f"boundary_ratio={self.boundary_ratio!r}; expected None (one model) or a number in (0, 1) "
                              "(Wan2.2 A14B: 0.875 T2V, 0.9 I2V)")
+        if self.expert not in (None, "high", "low"):
+            raise ValueError(f"expert={self.expert!r}; expected None, 'high' or 'low'")
+        if self.expert is not None and self.boundary_ratio is None:
+            raise ValueError(f"expert={self.expert!r} needs a boundary_ratio (it names one expert of a two-expert "
+                             "model)")
         self.patch_size = tuple(int(p) for p in self.patch_size)
         self.compressed_patch_size = tuple(int(p) for p in self.compressed_patch_size)
         self.chunk_partition = tuple(int(c) for c in self.chunk_partition)
@@ -151,20 +160,22 @@ class WanConfig(TransformerConfig):
     ARCH_FIELDS = ("hidden_size", "num_attention_heads", "num_layers", "ffn_hidden_size", "in_channels",
                    "out_channels", "patch_size", "text_dim", "freq_dim", "rope_theta", "rope_max_seq_len",
                    "cross_attn_norm", "delta_embedder", "delta_gate", "deltatime_type", "layernorm_epsilon",
-                   "far", "compressed_patch_size", "full_chunk_limit", "chunk_partition", "boundary_ratio")
+                   "far", "compressed_patch_size", "full_chunk_limit", "chunk_partition", "boundary_ratio",
+                   "expert")
 
     def arch_dict(self) -> dict:
         """The architecture fields as a JSON-serialisable dict (stored in checkpoints). The FAR fields
-        are written only for FAR models and ``boundary_ratio`` only for a two-expert model's expert, so
-        other checkpoints keep their format."""
+        are written only for FAR models and ``boundary_ratio`` / ``expert`` only for a two-expert model's
+        expert, so other checkpoints keep their format."""
         d = {k: getattr(self, k) for k in self.ARCH_FIELDS}
         for k in ("patch_size", "compressed_patch_size", "chunk_partition"):
             d[k] = list(d[k])
         if not self.far:
             for k in ("far", "compressed_patch_size", "full_chunk_limit", "chunk_partition"):
                 d.pop(k)
-        if self.boundary_ratio is None:
-            d.pop("boundary_ratio")
+        for k in ("boundary_ratio", "expert"):
+            if d[k] is None:
+                d.pop(k)
         return d
 
     @property
@@ -205,29 +216,63 @@ PRESETS = {
     "tiny-wan2.2-i2v-a14b": dict(hidden_size=64, num_attention_heads=4, num_layers=2, ffn_hidden_size=160,
                                  text_dim=384, freq_dim=32, in_channels=36, out_channels=16, boundary_ratio=0.9,
                                  lora_rank=8, lora_alpha=8.0),
+    # T2V-A14B's family at the tiny size: each expert the "tiny" DiT, boundary 0.875.
+    "tiny-wan2.2-t2v-a14b": dict(hidden_size=64, num_attention_heads=4, num_layers=2, ffn_hidden_size=160,
+                                 text_dim=384, freq_dim=32, boundary_ratio=0.875, lora_rank=8, lora_alpha=8.0),
 }
 
 
-def check_single_expert(arch: dict, where: str) -> None:
-    """Refuse to train one expert of a two-expert model (``boundary_ratio`` set: Wan2.2 A14B).
+def expert_time_range(arch: dict, stage: str, expert: Optional[str], where: str,
+                      model: str = "bidirectional") -> Optional[Tuple[float, float]]:
+    """The time range a run trains, for one expert of a two-expert model (Wan2.2 A14B); None for one model.
+
+    A two-expert model is distilled expert by expert, each on its own time range (docs/design/anyflow.md,
+    "Wan2.2 A14B"): the high-noise expert (diffusers' ``transformer``) on ``[b, 1]``, the low-noise one
+    (``transformer_2``) on ``[0, b]``, with ``b = boundary_ratio``. Each range's flow maps are the expert's own
+    (its frozen base is the teacher there), and the two-expert sampler's grid puts ``b`` on the grid so that
+    no jump crosses it (`anyflow.timesteps.two_expert_time_grid`): training and sampling route alike.
 
     Args:
-        arch: a `WanConfig.arch_dict` (or a checkpoint's ``wan_config``).
-        where: what the architecture came from, for the message (``--model-preset X``, a path).
+        arch: a `WanConfig.arch_dict` (or a checkpoint's ``wan_config``); ``boundary_ratio`` / ``expert``.
+        stage: the trainer's ``--stage`` (``teacher``, ``stage1``, ``stage2``).
+        expert: the trainer's ``--expert`` (``"high"``, ``"low"`` or None: then the checkpoint's recorded one).
+        where: what the architecture came from, for messages (``--model-preset X``, a path).
+        model: the trainer's ``--model`` (``bidirectional`` or ``far``).
+    Returns:
+        ``(lo, hi)`` on the [0, 1] time scale, or None for a single model.
     Raises:
-        ValueError: ``arch["boundary_ratio"]`` is set (a user error: the CLI prints it as one line, exit 2).
+        ValueError (a user error: the CLI prints it as one line, exit 2): ``--expert`` on a single model; a
+        two-expert model outside bidirectional stage 1 (stage 2's backward simulation and the teacher-LoRA
+        stage are not supported for two experts yet); no expert named anywhere; ``--expert`` contradicting
+        the checkpoint's recorded expert.
     """
     ratio = arch.get("boundary_ratio")
-    if ratio is not None:
-        raise ValueError(
-            f"{where} is one expert of a two-expert Wan2.2 A14B model (boundary_ratio={ratio}: the high-noise "
-            f"expert serves t >= {ratio * 1000:g}, the low-noise one below); training the two experts is not "
-            "supported yet (docs/design/anyflow.md, Wan2.2). Single-model presets: wan2.2-ti2v-5b, wan2.1-*")
+    if ratio is None:
+        if expert is not None:
+            raise ValueError(f"--expert {expert} names one expert of a two-expert model, but {where} is a single "
+                             "model (no boundary_ratio)")
+        return None
+    head = (f"{where} is one expert of a two-expert Wan2.2 A14B model (boundary_ratio={ratio}: the high-noise "
+            f"expert serves t >= {ratio * 1000:g}, the low-noise one below)")
+    if stage != "stage1" or model != "bidirectional":
+        raise ValueError(f"{head}; two-expert models train bidirectional stage 1 only, one expert per run on its "
+                         f"time range (--stage stage1 --expert high|low); --stage {stage} --model {model} is not "
+                         "supported for two experts yet (docs/design/anyflow.md, Wan2.2 A14B)")
+    recorded = arch.get("expert")
+    if expert is None and recorded is None:
+        raise ValueError(f"{head}; name the expert this run trains: --expert high (t in [{ratio:g}, 1]) or "
+                         f"--expert low (t in [0, {ratio:g}])")
+    if expert is not None and recorded is not None and expert != recorded:
+        raise ValueError(f"--expert {expert} contradicts {where}, which is the {recorded}-noise expert")
+    which = expert or recorded
+    b = float(ratio)
+    return (b, 1.0) if which == "high" else (0.0, b)
 
 
 def wan_config(preset: Optional[str] = "tiny", **overrides) -> WanConfig:
     """Build a `WanConfig` from a preset name (``tiny``, ``tiny-video``, ``wan2.1-1.3b``, ``wan2.1-14b``,
-    ``wan2.2-ti2v-5b``, ``wan2.2-t2v-a14b``, ``wan2.2-i2v-a14b``, ``tiny-wan2.2-ti2v``, ``tiny-wan2.2-i2v-a14b``)
+    ``wan2.2-ti2v-5b``, ``wan2.2-t2v-a14b``, ``wan2.2-i2v-a14b``, ``tiny-wan2.2-ti2v``, ``tiny-wan2.2-i2v-a14b``,
+    ``tiny-wan2.2-t2v-a14b``)
     or None.
 
     With ``preset=None`` every architecture field must come from ``overrides`` (e.g. a checkpoint's
