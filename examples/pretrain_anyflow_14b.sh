@@ -62,6 +62,8 @@ FP8=${FP8:-hybrid}                     # hybrid | e4m3 | "" (bf16 only)
 FP8_RECIPE=${FP8_RECIPE:-delayed}      # delayed | tensorwise | mxfp8 (Blackwell) | blockwise
 RECOMPUTE=${RECOMPUTE:-full}           # none | selective | full
 FRAMES=${FRAMES:-81}; HEIGHT=${HEIGHT:-480}; WIDTH=${WIDTH:-832}
+PRESET=${PRESET:-wan2.1-14b}           # the architecture of DRY_RUN / MOCK_DATA runs and of the plan (wan2.2-t2v-a14b:
+                                       # one expert, with --expert; examples/pretrain_anyflow_wan22_a14b.sh)
 PRETRAINED=${PRETRAINED:-ckpt/wan2.1-t2v-14b}
 TEACHER=${TEACHER:-}
 STAGE1_CKPT=${STAGE1_CKPT:-}
@@ -78,7 +80,7 @@ case "$STAGE" in
 esac
 LAT_F=$(( (FRAMES - 1) / 4 + 1 )); LAT_H=$((HEIGHT / 8)); LAT_W=$((WIDTH / 8))   # Wan VAE: 4x time, 8x space
 
-ARGS=(--stage "$STAGE" --model-preset wan2.1-14b --bf16 --backend "$BACKEND"
+ARGS=(--stage "$STAGE" --model-preset "$PRESET" --bf16 --backend "$BACKEND"
       --tensor-model-parallel-size "$TP" --sequence-parallel --context-parallel-size "$CP"
       --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --train-iters "$ITERS" --lr "$LR"
       --lora-rank 256 --lora-alpha 256 --recompute-granularity "$RECOMPUTE"
@@ -109,7 +111,7 @@ BASE_CKPT=$PRETRAINED
 if [ "$DRY_RUN" = 1 ]; then
   python pretrain_anyflow.py "${ARGS[@]}" --dry-run --world-size "$WORLD_SIZE" "$@"
   STAGE_NO=$([ "$STAGE" = stage2 ] && echo 2 || echo 1)
-  python tools/memory_plan.py --preset wan2.1-14b --stage "$STAGE_NO" --tp "$TP" --cp "$CP" \
+  python tools/memory_plan.py --preset "$PRESET" --stage "$STAGE_NO" --tp "$TP" --cp "$CP" \
     --dp $((WORLD_SIZE / (TP * CP))) --frames "$FRAMES" --height "$HEIGHT" --width "$WIDTH" \
     --micro-batch "$MICRO_BATCH" --recompute "$RECOMPUTE" "${POLICY[@]}" ${FP8:+--fp8 "$FP8"} "${PLAN_FAR[@]}"
   exit 0

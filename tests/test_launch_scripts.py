@@ -4,6 +4,7 @@ script's plan (one H200, 121 x 704 x 1280) likewise."""
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -79,6 +80,31 @@ def test_wan22_5b_script_dry_run_fits_one_h200():
     for stage in (1, 2):
         assert f"wan2.2-ti2v-5b stage {stage}: TP=1 CP=1 DP=1 SP=False 121x704x1280 (27280 tokens" in out
     assert out.count("-> fits in 139.0 GiB") == 2
+
+
+def test_wan22_a14b_script_dry_run_plans_both_experts_and_two_expert_stage_2():
+    """examples/pretrain_anyflow_wan22_a14b.sh DRY_RUN=1: each expert's stage 1 (one 14B at TP 4 x CP 2 on 8 GPUs,
+    with --expert) passes the trainer's launch checks, and the two-expert stage-2 plan holds both experts' weights:
+    its weight components are exactly twice the one-expert stage-2 plan's (tools/memory_plan.py --experts 1)."""
+    full = dict(os.environ, DRY_RUN="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(["bash", "examples/pretrain_anyflow_wan22_a14b.sh"], cwd=REPO, env=full, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "[FAIL]" not in out and out.count("14.316B base parameters") == 2
+    assert out.count("wan2.2-t2v-a14b stage 1: TP=4 CP=2 DP=1") == 2
+    assert "wan2.2-t2v-a14b stage 2: TP=4 CP=2 DP=1" in out and "x 2 experts" in out
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        from memory_plan import PlanConfig, plan
+    finally:
+        sys.path.pop(0)
+    one, two = (plan(PlanConfig(preset="wan2.2-t2v-a14b", stage=2, tp=4, cp=2, dp=1, experts=x)) for x in (1, 2))
+    for (k1, v1), (k2, v2) in zip(one["components"].items(), two["components"].items()):
+        weight = not (k1.startswith("activations") or k1.startswith("transient") or k1.startswith("reserve"))
+        assert k2 == (k1 + " x 2 experts" if weight else k1) and v2 == pytest.approx(2 * v1 if weight else v1), k1
+    with pytest.raises(ValueError, match="stage 1 trains one expert per run"):
+        plan(PlanConfig(preset="wan2.2-t2v-a14b", stage=1, tp=4, cp=2, dp=1, experts=2))
 
 
 def test_wan22_5b_tiny_run_refuses_a_user_directory(tmp_path):

@@ -145,7 +145,7 @@ BF16 = 2
 H100_80GB_GIB = 79.6
 H200_141GB_GIB = 139.0
 TEXT_TOKENS = 512
-PRESETS = ("wan2.1-1.3b", "wan2.1-14b", "wan2.2-ti2v-5b")
+PRESETS = ("wan2.1-1.3b", "wan2.1-14b", "wan2.2-ti2v-5b", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b")
 HEADLINE_PRESETS = ("wan2.1-1.3b", "wan2.1-14b")  # the default report
 
 
@@ -554,6 +554,7 @@ class PlanConfig:
     chunk_partition: Optional[tuple] = None
     long_context_prob: float = 0.5
     far_bidirectional_prob: Optional[float] = None
+    experts: int = 1
 
     def far_partition(self) -> tuple:
         """The FAR chunk partition of this clip: ``chunk_partition``, or the recipe's cut to the clip."""
@@ -582,6 +583,11 @@ class PlanConfig:
         if self.lora_nograd_merge not in ("cache", "per-call", "off"):
             raise ValueError(f"lora_nograd_merge must be 'cache', 'per-call' or 'off', got {self.lora_nograd_merge!r}")
         _recompute_key(self.recompute, self.recompute_policy, self.recompute_modules)
+        if self.experts not in (1, 2):
+            raise ValueError(f"experts must be 1 or 2 (Wan2.2 A14B), got {self.experts}")
+        if self.experts == 2 and (self.stage != 2 or self.model != "bidirectional"):
+            raise ValueError("experts=2 plans two-expert stage 2 (bidirectional): stage 1 trains one expert per run, "
+                             "whose plan is the one-expert plan of the preset")
         if self.fp8 and self.recompute == "selective" and self.recompute_policy == "save-attention":
             raise ValueError("recompute policy 'save-attention' needs the local backend without FP8 (as WanModel "
                              "checks); with FP8 use recompute 'full' or --recompute-policy modules")
@@ -633,18 +639,24 @@ def plan(cfg: PlanConfig) -> Dict[str, object]:
     t_out = tp if sp else 1
     ulysses = cp > 1 and a % (tp * cp) == 0
 
+    # Two experts (Wan2.2 A14B stage 2): every weight-sized component twice (each expert's frozen base with its
+    # generator and fake-score adapters, EMA and merged caches); the activations are one chain's, whichever
+    # expert each forward runs.
+    x = cfg.experts
+    tag = f" x {x} experts" if x > 1 else ""
     comp: Dict[str, float] = {}
-    comp["base weights (bf16, TP-sharded + replicated)"] = (counts.sharded_bytes / tp + counts.replicated_bytes) / GIB
+    comp[f"base weights (bf16, TP-sharded + replicated){tag}"] = x * (counts.sharded_bytes / tp
+                                                                      + counts.replicated_bytes) / GIB
     lora_local = counts.lora_sharded / tp + counts.lora_replicated
     shard = dp * cp if cfg.dist_opt else 1
     per_trainable = lora_local * (2 + 4 + 12 / shard)
-    n_train = 1 if cfg.stage == 1 else 2
-    comp[f"LoRA generator (bf16 + fp32 grad + fp32 master/Adam /{shard})"] = per_trainable / GIB
+    n_train = x * (1 if cfg.stage == 1 else 2)
+    comp[f"LoRA generator (bf16 + fp32 grad + fp32 master/Adam /{shard}){tag}"] = x * per_trainable / GIB
     if cfg.stage == 2:
-        comp[f"LoRA fake score (bf16 + fp32 grad + fp32 master/Adam /{shard})"] = per_trainable / GIB
-    comp["generator EMA (fp32)"] = lora_local * 4 / GIB
+        comp[f"LoRA fake score (bf16 + fp32 grad + fp32 master/Adam /{shard}){tag}"] = x * per_trainable / GIB
+    comp[f"generator EMA (fp32){tag}"] = x * lora_local * 4 / GIB
     if cfg.teacher_adapter and cfg.stage == 2:
-        comp["LoRA teacher (frozen bf16)"] = lora_local * 2 / GIB
+        comp[f"LoRA teacher (frozen bf16){tag}"] = x * lora_local * 2 / GIB
 
     # Merged no-grad LoRA (models/lora.py): one merged copy of every wrapped weight per adapter that
     # no-grad forwards use (stage 1: generator; stage 2: generator rollout prefix / critic rollout and
@@ -653,7 +665,8 @@ def plan(cfg: PlanConfig) -> Dict[str, object]:
     merge = "off" if cfg.fp8 else cfg.lora_nograd_merge
     cached = (1 if cfg.stage == 1 else 2 + int(cfg.teacher_adapter)) if merge == "cache" else 0
     if cached:
-        comp[f"merged no-grad LoRA weights (cache: {cached} adapter(s) x wrapped weights)"] = cached * wrapped_local / GIB
+        comp[f"merged no-grad LoRA weights (cache: {cached} adapter(s) x wrapped weights){tag}"] = (
+            x * cached * wrapped_local / GIB)
 
     kw = dict(policy=cfg.recompute_policy, modules=cfg.recompute_modules, compile=cfg.compile, ulysses=ulysses)
     per_token = layer_saved_bytes_per_token(h, F, a, cfg.lora_rank, tp, sp, "bf16", cfg.recompute, **kw)
@@ -983,6 +996,9 @@ def parse_args(argv=None):
                    help="--model far: > 0 means stage 1 draws n up to every chunk (the longest graph counts)")
     p.add_argument("--far-bidirectional-prob", type=float, default=None,
                    help="--model far: the bidirectional branch's probability (trainer default: 0.1 stage 1, 0 stage 2)")
+    p.add_argument("--experts", type=int, choices=(1, 2), default=1,
+                   help="2: two-expert stage 2 (Wan2.2 A14B presets: both experts' bases and adapters on every GPU); "
+                        "stage 1 trains one expert per run (plan it with 1)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return p.parse_args(argv)
 
@@ -995,7 +1011,7 @@ def main(argv=None) -> int:
               fp8=bool(args.fp8), compile=args.compile, lora_rank=args.lora_rank,
               teacher_adapter=args.teacher_adapter, dist_opt=not args.no_dist_opt, reserve_gib=args.reserve_gib)
     kw.update(height=args.height, width=args.width, model=args.model, long_context_prob=args.long_context_prob,
-              far_bidirectional_prob=args.far_bidirectional_prob,
+              far_bidirectional_prob=args.far_bidirectional_prob, experts=args.experts,
               chunk_partition=tuple(args.chunk_partition) if args.chunk_partition else None)
     if args.chunk_partition and args.model != "far":
         print("error: --chunk-partition needs --model far", file=sys.stderr)

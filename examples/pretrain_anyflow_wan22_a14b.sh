@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# AnyFlow on Wan2.2-T2V-A14B: two 14B experts split at the boundary b = 0.875 (diffusers' boundary_ratio:
+# `transformer` serves t >= b, `transformer_2` below). Each expert is distilled on its own time range (stage 1,
+# one run per expert: t, r in [b, 1] for the high-noise expert, [0, b] for the low-noise one), and the two are
+# exported as one AnyFlowTwoExpertPipeline, whose grid puts b on the grid so that no jump crosses it
+# (docs/design/anyflow.md, "Wan2.2 A14B"; README, "Wan2.2").
+#
+#   WAN=/models/Wan2.2-T2V-A14B-Diffusers DATA_PATH=data/a14b bash examples/pretrain_anyflow_wan22_a14b.sh
+#   DRY_RUN=1 bash examples/pretrain_anyflow_wan22_a14b.sh   # any machine, no GPU, no model: the launch checks of
+#                                                            # both experts' stage 1, and the per-GPU memory plans
+#
+# WAN        a diffusers Wan2.2-T2V-A14B pipeline directory (transformer/, transformer_2/, vae/, text_encoder/, ...)
+# DATA_PATH  latents of your videos at 81 x 480 x 832 (tools/prepare_dataset.py --codec wan-vae: A14B uses the Wan2.1
+#            VAE, 16 channels, 16 fps), as for examples/pretrain_anyflow_14b.sh
+# OUT        where the converted experts, their stage-1 runs and the export go (runs/anyflow-wan22-a14b)
+# Each expert's stage 1 runs through examples/pretrain_anyflow_14b.sh (multi-node torchrun; NNODES, TP = 4, CP = 2,
+# FP8, ... as documented there) with PRESET=wan2.2-t2v-a14b and --expert. Differences from the Wan2.1 chain, all
+# because a two-expert model is supported in stage 1 only (the trainer refuses the rest with the reason):
+#   * no teacher-LoRA stage: each expert's converted base is its own teacher;
+#   * stage 1 trains on DATA_PATH (your videos' latents), not on teacher-synthesised samples
+#     (tools/synthesize_dataset.py samples one model);
+#   * no stage 2 yet: its backward simulation crosses the boundary, so both experts (their bases and three roles
+#     each) must be resident; DRY_RUN=1 prints that plan (two-expert stage 2 at TP 4 x CP 2 on 8 x 80 GB).
+# Wan2.2-I2V-A14B (36 input channels: the noisy latent concatenated with the image condition) is not trained here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+step() { echo; echo "=== [$(date +%H:%M:%S)] $*"; }
+
+OUT=${OUT:-runs/anyflow-wan22-a14b}
+TP=${TP:-4}; CP=${CP:-2}; GPUS=${GPUS:-8}
+FRAMES=${FRAMES:-81}; HEIGHT=${HEIGHT:-480}; WIDTH=${WIDTH:-832}
+export PRESET=wan2.2-t2v-a14b TP CP FRAMES HEIGHT WIDTH
+
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  for EXPERT in high low; do
+    step "DRY_RUN: stage 1 of the $EXPERT-noise expert (one 14B model), $GPUS GPUs, ${FRAMES}x${HEIGHT}x${WIDTH}"
+    STAGE=stage1 DRY_RUN=1 GPUS_PER_NODE=$GPUS PRETRAINED="$OUT/ckpt/$EXPERT-base" \
+      bash examples/pretrain_anyflow_14b.sh --expert "$EXPERT" "$@"
+  done
+  step "DRY_RUN: two-expert stage 2 (not run by the trainer yet): both experts' bases, generator, fake score, EMA"
+  python tools/memory_plan.py --preset "$PRESET" --stage 2 --experts 2 --tp "$TP" --cp "$CP" \
+    --dp $((GPUS / (TP * CP))) --frames "$FRAMES" --height "$HEIGHT" --width "$WIDTH" --recompute full
+  exit 0
+fi
+
+: "${WAN:?set WAN to a Wan2.2-T2V-A14B-Diffusers directory (or DRY_RUN=1)}"
+: "${DATA_PATH:?set DATA_PATH to the latents of your videos (tools/prepare_dataset.py --codec wan-vae)}"
+for EXPERT in high low; do
+  SUB=$([ "$EXPERT" = high ] && echo transformer || echo transformer_2)
+  if [ ! -e "$OUT/ckpt/$EXPERT-base" ]; then
+    step "convert $WAN/$SUB -> $OUT/ckpt/$EXPERT-base (records the boundary and the expert)"
+    python tools/convert_from_hf.py --input "$WAN/$SUB" --output "$OUT/ckpt/$EXPERT-base" --add-delta-embedder \
+      --tensor-model-parallel-size "$TP"
+  fi
+  step "stage 1 of the $EXPERT-noise expert on its time range"
+  STAGE=stage1 PRETRAINED="$OUT/ckpt/$EXPERT-base" DATA_PATH="$DATA_PATH" SAVE="$OUT/ckpt/$EXPERT-stage1" \
+    bash examples/pretrain_anyflow_14b.sh --expert "$EXPERT" "$@"
+done
+step "export: both experts as one AnyFlowTwoExpertPipeline (EMA generators merged, bf16), --verify"
+python tools/convert_to_hf.py --input "$OUT/ckpt/high-stage1" --expert-2 "$OUT/ckpt/low-stage1" \
+  --output "$OUT/export" --merge-lora generator --ema --dtype bf16 --pipeline --vae "$WAN/vae" \
+  --text-encoder "$WAN/text_encoder" --tokenizer "$WAN/tokenizer"
+echo "load it: DiffusionPipeline.from_pretrained('$OUT/export', trust_remote_code=True)"
