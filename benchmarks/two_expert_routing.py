@@ -28,6 +28,7 @@ for N = 1, 2, 4, 8. Results: ``OUT.md`` (tables) and ``OUT.json``.
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -74,8 +75,9 @@ def _exact(hi, lo, z, t: float, r: float, b: float):
     return lo.flow_map(hi.flow_map(z, t, b), b, r)
 
 
-def run(hi, lo, grid, b: float, routing: str, student: str, z):
-    """Sample along ``grid`` with a routing; returns (x, NFE)."""
+def run(jump_hi, jump_lo, grid, b: float, routing: str, z):
+    """Sample along ``grid`` with a routing; ``jump_hi`` / ``jump_lo``: ``(z, t, r) -> z_r``, one jump of each
+    expert (also used by benchmarks/two_expert_training.py with trained experts). Returns (x, NFE)."""
     if routing == "snap":  # the library's grid: what FlowMapEulerSampler(..., boundary=b) samples on
         grid = two_expert_time_grid(len(grid) - 1, 5.0, b)
     grid = [float(v) for v in grid]
@@ -83,15 +85,15 @@ def run(hi, lo, grid, b: float, routing: str, student: str, z):
     for t, r in zip(grid[:-1], grid[1:]):
         crosses = t > b > r
         if routing in ("split", "snap") and crosses:
-            z = step(lo, student, step(hi, student, z, t, b), b, r)
+            z = jump_lo(jump_hi(z, t, b), b, r)
             nfe += 2
             continue
         if routing == "by-t":  # diffusers' rule for the start time: H at t >= b
-            z = step(hi if t >= b else lo, student, z, t, r)
+            z = (jump_hi if t >= b else jump_lo)(z, t, r)
         else:  # by-r; split / snap on a step that does not cross: the region the step lies in
             # (r >= b: [r, t] is H's; else L's, a step starting exactly at b included, which the rule
             # "t >= b -> H" would give to the wrong expert)
-            z = step(hi if r >= b else lo, student, z, t, r)
+            z = (jump_hi if r >= b else jump_lo)(z, t, r)
         nfe += 1
     return z, nfe
 
@@ -111,7 +113,8 @@ def experiment(boundaries=(0.875, 0.9)):
                 scale = exact.pow(2).mean().sqrt().item()
                 for student in ("flow-map", "euler"):
                     for routing in ROUTINGS:
-                        x, nfe = run(hi, lo, grid, b, routing, student, noise)
+                        x, nfe = run(functools.partial(step, hi, student), functools.partial(step, lo, student),
+                                     grid, b, routing, noise)
                         err = (x - exact).pow(2).mean().sqrt().item() / scale
                         rows.append(dict(experts=kind, boundary=b, steps=n, student=student, routing=routing,
                                          nfe=nfe, rel_rms_error=err))

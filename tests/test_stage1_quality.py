@@ -25,33 +25,18 @@ import pytest
 import torch
 
 from conftest import REPO, run_cmd
+from megatron_anyflow.testing.quality import GAUSSIAN_SHAPE as G_SHAPE
+from megatron_anyflow.testing.quality import write_gaussian_dataset
 
 TRAINER = os.path.join(REPO, "pretrain_anyflow.py")
 
 # --------------------------------------------------------------------------------------------------------
 # (a) Gaussian data through the real trainer
 # --------------------------------------------------------------------------------------------------------
-G_SHAPE = (1, 16, 2, 2)  # [f, c, h, w] of the tiny preset: one (1, 2, 2) patch, 64 data dimensions
-G_S = 0.5
-G_N = 1024
 G_ITERS = 600
 G_EARLY = 200
 # (t, r) at which the learned map is compared with the exact one: the one-step jump, an inner jump, a short one
 G_PAIRS = ((1.0, 0.0), (0.8, 0.2))
-
-
-def _write_gaussian_dataset(path, seed=0):
-    from megatron_anyflow.anyflow.gaussian import GaussianData
-    from megatron_anyflow.data.latent_dataset import write_latent_dataset
-
-    g = torch.Generator().manual_seed(seed)
-    mu = torch.randn(G_SHAPE, generator=g, dtype=torch.float64)
-    data = GaussianData(mu, G_S)
-    x = data.sample(G_N, g, dtype=torch.float32)
-    text = torch.randn(1, 4, 384, generator=g).expand(G_N, -1, -1).contiguous()
-    write_latent_dataset(str(path), x, text, torch.zeros(1, 4, 384), {"gaussian": {"s": G_S, "seed": seed}},
-                         dtype=torch.float32)
-    return data, text[:1]
 
 
 def _map_errors(model, data, text, n=512, seed=123):
@@ -84,7 +69,7 @@ def _load(ckpt_dir):
 
 
 def test_trainer_stage1_learns_the_gaussian_flow_map(tmp_path):
-    data, text = _write_gaussian_dataset(tmp_path / "data")
+    data, text = write_gaussian_dataset(tmp_path / "data")
     ckpt = tmp_path / "ckpt"
     common = [sys.executable, TRAINER, "--stage", "stage1", "--model-preset", "tiny", "--data-path", str(tmp_path / "data"),
               "--lora-rank", "0", "--micro-batch-size", "128", "--train-iters", str(G_ITERS), "--lr", "3e-3",

@@ -46,6 +46,34 @@ def write_video_like_dataset(path: str, seed: int = 0) -> None:
     write_latent_dataset(path, x, prompts[k], torch.zeros(1, 4, 384), {}, dtype=torch.float32)
 
 
+# The Gaussian data set of the trainer-level flow-map checks: one (1, 2, 2) patch of the tiny preset, 64 data dims
+GAUSSIAN_SHAPE = (1, 16, 2, 2)
+GAUSSIAN_S = 0.5
+GAUSSIAN_N = 1024
+
+
+def write_gaussian_dataset(path: str, seed: int = 0):
+    """Write ``GAUSSIAN_N`` samples of ``x ~ N(mu, GAUSSIAN_S^2 I)`` (``mu`` random, ``[f, c, h, w] =
+    GAUSSIAN_SHAPE``, float32) with one prompt in the `LatentDataset` format; its exact flow map is known.
+
+    Returns:
+        ``(data, text)``: the `anyflow.gaussian.GaussianData` (float64 mean) and the prompt ``[1, 4, 384]``.
+    """
+    import torch
+
+    from megatron_anyflow.anyflow.gaussian import GaussianData
+    from megatron_anyflow.data.latent_dataset import write_latent_dataset
+
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(GAUSSIAN_SHAPE, generator=g, dtype=torch.float64)
+    data = GaussianData(mu, GAUSSIAN_S)
+    x = data.sample(GAUSSIAN_N, g, dtype=torch.float32)
+    text = torch.randn(1, 4, 384, generator=g).expand(GAUSSIAN_N, -1, -1).contiguous()
+    write_latent_dataset(str(path), x, text, torch.zeros(1, 4, 384), {"gaussian": {"s": GAUSSIAN_S, "seed": seed}},
+                         dtype=torch.float32)
+    return data, text[:1]
+
+
 def build_mini_teacher(root: str, *, timeout: float | None = None, env: dict | None = None) -> dict:
     """Write the data set, train the teacher (flow matching from scratch, the README job's teacher recipe,
     ``TEACHER_ITERS`` iterations) and synthesise its 50-step ODE samples, all under ``root``.
