@@ -293,6 +293,16 @@ def export_two_experts(args, ckpt_dir, meta, components, t0):
         print(f"error: {err}", file=sys.stderr)
         return 2
     shift = args.shift if args.shift is not None else float((pair["high"][1].get("args") or {}).get("time_shift", 5.0))
+    for d, m in pair.values():  # every request checked before anything is written
+        lora = m.get("lora")
+        if args.merge_lora is not None and (not lora or args.merge_lora not in lora["adapters"]):
+            print(f"error: adapter {args.merge_lora!r} is not in {d} (adapters: {lora['adapters'] if lora else []})",
+                  file=sys.stderr)
+            return 2
+        if hf_config_from_arch(m["wan_config"])["_class_name"] != "AnyFlowTransformer3DModel":
+            print(f"error: {d} has no AnyFlow delta embedder (a converted base or a teacher); a two-expert AnyFlow "
+                  "pipeline needs bidirectional stage-1 / stage-2 experts", file=sys.stderr)
+            return 2
     root = args.output + ".tmp"
     if os.path.exists(root):
         shutil.rmtree(root)
@@ -300,24 +310,17 @@ def export_two_experts(args, ckpt_dir, meta, components, t0):
     experts = {}
     for role, sub in (("high", "transformer"), ("low", "transformer_2")):
         d, m = pair[role]
-        lora = m.get("lora")
-        if args.merge_lora is not None and (not lora or args.merge_lora not in lora["adapters"]):
-            print(f"error: adapter {args.merge_lora!r} is not in {d} (adapters: {lora['adapters'] if lora else []})",
-                  file=sys.stderr)
-            return 2
         print(f"[2/4] the {role}-noise expert ({sub}): {d}", flush=True)
         try:
             model = load_for_inference(d, adapter=args.merge_lora, ema=args.ema)
         except (KeyError, FileNotFoundError, CheckpointError) as err:
+            shutil.rmtree(root)
             print(f"error: {err}", file=sys.stderr)
             return 2
         hf_cfg = hf_config_from_arch(m["wan_config"])
-        if hf_cfg["_class_name"] != "AnyFlowTransformer3DModel":
-            print(f"error: {d} is a {hf_cfg['_class_name']}; a two-expert AnyFlow pipeline needs bidirectional "
-                  "experts with AnyFlow's delta embedder (stage-1 / stage-2 checkpoints)", file=sys.stderr)
-            return 2
         hf_sd = exportable_state_dict(model, args.dtype, d)
         if hf_sd is None:
+            shutil.rmtree(root)  # no partial export is left behind
             return 1
         write_hf_transformer_dir(os.path.join(root, sub), hf_cfg, hf_sd)
         write_scheduler_config(os.path.join(root, sub), shift)
