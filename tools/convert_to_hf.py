@@ -229,21 +229,31 @@ def main(argv=None):
         print(f"verify: diffusers vs megatron_anyflow relative error {err:.2e} (tolerance {tol:.0e})", flush=True)
         problem = verify_problem(err, tol, args.dtype, "output")
         if problem is None and args.pipeline and pipeline_class == "AnyFlowPipeline":
-            try:
-                errs = verify_pipeline(args.output, hf, model, shift)
-            except ValueError as exc:
-                problem = str(exc)
-            else:
-                print("verify: the loaded AnyFlowPipeline vs this project's sampler, final latents, relative error "
-                      + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()) + f" (tolerance {tol:.0e})", flush=True)
-                problems = [verify_problem(v, tol, args.dtype, f"the pipeline's {k} latents") for k, v in errs.items()]
-                problem = next((p for p in problems if p), None)
+            problem = pipeline_problem("AnyFlowPipeline vs this project's sampler", tol, args.dtype,
+                                       args.output, hf, model, shift)
         if problem:
-            shutil.rmtree(args.output)
-            print(f"error: --verify: {problem}; removed {args.output}", file=sys.stderr)
-            return 1
+            return verify_failed(args.output, problem)
     print(f"done in {time.time() - t0:.1f}s", flush=True)
     return 0
+
+
+def pipeline_problem(label, tol, dtype, *args, **kwargs):
+    """`verify_pipeline(*args, **kwargs)` with its line printed; the first reason it fails, or None."""
+    try:
+        errs = verify_pipeline(*args, **kwargs)
+    except ValueError as exc:
+        return str(exc)
+    print(f"verify: the loaded {label}, final latents, relative error "
+          + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()) + f" (tolerance {tol:.0e})", flush=True)
+    return next((p for p in (verify_problem(v, tol, dtype, f"the pipeline's {k} latents") for k, v in errs.items())
+                 if p), None)
+
+
+def verify_failed(output, problem):
+    """Remove a failed export (it must not look usable) and report why; exit code 1."""
+    shutil.rmtree(output)
+    print(f"error: --verify: {problem}; removed {output}", file=sys.stderr)
+    return 1
 
 
 # the custom pipeline of a two-expert export: this project's file, copied as is (it imports only diffusers)
@@ -345,22 +355,13 @@ def export_two_experts(args, ckpt_dir, meta, components, t0):
             print(f"verify: {sub}: diffusers vs megatron_anyflow relative error {err:.2e} (tolerance {tol:.0e})",
                   flush=True)
             problems.append(verify_problem(err, tol, args.dtype, f"{sub}'s output"))
-        if not any(problems):
-            try:
-                errs = verify_pipeline(args.output, hfs["high"], experts["high"][1], shift,
-                                       expert_2=(hfs["low"], experts["low"][1]), boundary=boundary)
-            except ValueError as exc:
-                problems.append(str(exc))
-            else:
-                print(f"verify: the loaded {TWO_EXPERT_CLASS} vs this project's two-expert sampler, final latents, "
-                      "relative error " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
-                      + f" (tolerance {tol:.0e})", flush=True)
-                problems += [verify_problem(v, tol, args.dtype, f"the pipeline's {k} latents") for k, v in errs.items()]
         problem = next((p for p in problems if p), None)
+        if problem is None:
+            problem = pipeline_problem(f"{TWO_EXPERT_CLASS} vs this project's two-expert sampler", tol, args.dtype,
+                                       args.output, hfs["high"], experts["high"][1], shift,
+                                       expert_2=(hfs["low"], experts["low"][1]), boundary=boundary)
         if problem:
-            shutil.rmtree(args.output)
-            print(f"error: --verify: {problem}; removed {args.output}", file=sys.stderr)
-            return 1
+            return verify_failed(args.output, problem)
     print(f"done in {time.time() - t0:.1f}s", flush=True)
     return 0
 
@@ -660,10 +661,8 @@ def export_lora_only(args, ckpt_dir, meta, t0):
         print(f"verify: diffusers base + LoRA vs megatron_anyflow merged, relative error {err:.2e} "
               f"(tolerance {tol:.0e})", flush=True)
         if not math.isfinite(err) or err > tol:
-            shutil.rmtree(args.output)
-            print(f"error: --verify: relative error {err:.2e} (tolerance {tol:.0e}): the LoRA on the base does not "
-                  f"reproduce the merged checkpoint; removed {args.output}", file=sys.stderr)
-            return 1
+            return verify_failed(args.output, f"relative error {err:.2e} (tolerance {tol:.0e}): the LoRA on the base "
+                                              "does not reproduce the merged checkpoint")
     print(f"done in {time.time() - t0:.1f}s", flush=True)
     return 0
 
