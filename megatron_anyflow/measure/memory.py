@@ -1,5 +1,4 @@
-#!/usr/bin/env python
-"""Per-GPU memory plan (computed, not measured) for AnyFlow stage 1 and stage 2 on Wan2.1 1.3B / 14B and
+"""The per-GPU memory model (computed, not measured) for AnyFlow stage 1 and stage 2 on Wan2.1 1.3B / 14B and
 Wan2.2 TI2V-5B.
 
 What is counted, per GPU, in GiB (2^30 bytes):
@@ -28,7 +27,7 @@ What is counted, per GPU, in GiB (2^30 bytes):
 * **activations** of every forward that keeps its graph, MEASURED-CALIBRATED: per layer
   ``b x (s x B_tok + B_fix)`` with ``s`` the tokens of one sample on the rank after the context-parallel
   split (`layer_saved_bytes_per_token`, `layer_saved_fixed_bytes`). What a Wan block saves in eager
-  mode, read off the code and checked against ``testing/op_counter.py`` (``saved_tensors_hooks``, one
+  mode, read off the code and checked against ``measure/op_counter.py`` (``saved_tensors_hooks``, one
   count per storage) for every recompute setting in bf16 and fp32 by tests/test_memory_plan.py (exact
   on CPU at TP = 1; the TP / SP / Ulysses splits below are derived from the code, not measured). Per
   token, bf16 (``p`` = 2), hidden ``h``, FFN ``F``, ``n`` heads, LoRA rank ``r``, TP ``t``, ``to`` = ``t``
@@ -118,23 +117,12 @@ latents of the Wan2.2 VAE, 121 x 704 x 1280 -> 31 x 44 x 80 -> 27,280 tokens).
 
 Usage::
 
-    python tools/memory_plan.py                        # headline: 14B and 1.3B on 8 x 80 GB and 1 x 141 GB
-    python tools/memory_plan.py --preset wan2.1-14b --stage 2 --tp 8 --cp 1 --dp 1
-    python tools/memory_plan.py --json                 # the same as JSON on stdout
-    python tools/memory_plan.py --model far --preset wan2.1-1.3b --stage 2 --tp 1 --cp 1  # AnyFlow-FAR
-    python tools/memory_plan.py --preset wan2.1-1.3b --stage 1 --tp 1 --recompute selective \
-        --recompute-policy save-attention --gpu-gib 139    # the save-attention policy on one H200
-    python tools/memory_plan.py --preset wan2.2-ti2v-5b --stage 2 --tp 1 --cp 1 --dp 1 --frames 121 \
-        --height 704 --width 1280 --gpu-gib 139            # Wan2.2 TI2V-5B (16x VAE) at 720p on one H200
+The CLI is ``tools/memory_plan.py``; `plan` / `search_layouts` / `headline` answer "does this fit" in code.
 """
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import math
-import os
-import sys
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
@@ -329,7 +317,7 @@ def saved_terms_per_token(h: int, ffn: int, heads: int, lora_rank: int, tp: int 
     """Bytes ONE Wan block keeps for backward per token of the rank's sequence (micro-batch 1), by term.
 
     Derived from what ``models/wan/layer.py`` and ``models/lora.py`` save in eager mode (autograd's
-    saved tensors, one count per storage), checked against ``testing/op_counter.py`` at TP = 1 by
+    saved tensors, one count per storage), checked against ``measure/op_counter.py`` at TP = 1 by
     tests/test_memory_plan.py for every setting below. ``p`` = bytes of the activation dtype, ``t`` = TP,
     ``to`` = ``t`` under sequence parallelism (tokens outside the TP region are split) else 1, ``n`` =
     heads, ``r`` = LoRA rank (LoRA on qkv, proj, fc1, fc2; frozen base, so a frozen linear without an
@@ -803,7 +791,7 @@ def _far_activations(cfg: PlanConfig, counts: ModelCounts, graph, t_out: int):
     return info, comp
 
 
-_RECOMPUTE_ORDER = ("none", "selective", "full")
+RECOMPUTE_ORDER = ("none", "selective", "full")
 
 
 def _searchable(recompute: str, kw: dict) -> dict:
@@ -827,11 +815,11 @@ def search_layouts(preset: str, stage: int, gpus: int = 8, gpu_gib: float = H100
                 continue
             if kw.get("model") == "far" and counts.heads % (tp * cp):  # FAR: Ulysses only
                 continue
-            for rc in _RECOMPUTE_ORDER:
+            for rc in RECOMPUTE_ORDER:
                 cfg = PlanConfig(preset=preset, stage=stage, tp=tp, cp=cp, dp=gpus // (tp * cp), recompute=rc,
                                  gpu_gib=gpu_gib, **_searchable(rc, kw))
                 out.append(plan(cfg))
-    out.sort(key=lambda p: (not p["fits"], _RECOMPUTE_ORDER.index(p["config"]["recompute"]),
+    out.sort(key=lambda p: (not p["fits"], RECOMPUTE_ORDER.index(p["config"]["recompute"]),
                             -p["config"]["dp"], p["total_gib"]))
     return out
 
@@ -842,18 +830,18 @@ def search_clip(preset: str, stage: int, gpu_gib: float = H200_141GB_GIB,
     with least recomputation first."""
     out = []
     for fr in frames_options:
-        for rc in _RECOMPUTE_ORDER:
+        for rc in RECOMPUTE_ORDER:
             out.append(plan(PlanConfig(preset=preset, stage=stage, tp=1, cp=1, dp=1, frames=fr, recompute=rc,
                                        gpu_gib=gpu_gib, **_searchable(rc, kw))))
     out.sort(key=lambda p: (not p["fits"], -p["config"]["frames"],
-                            _RECOMPUTE_ORDER.index(p["config"]["recompute"])))
+                            RECOMPUTE_ORDER.index(p["config"]["recompute"])))
     return out
 
 
 # ------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------
-def _layout(p) -> str:
+def format_layout(p) -> str:
     c = p["config"]
     return (f"{c['preset']}{' AnyFlow-FAR' if c.get('model') == 'far' else ''} stage {c['stage']}: TP={c['tp']} CP={c['cp']} DP={c['dp']} SP={c['sp'] and c['tp'] > 1} "
             f"{c['frames']}x{c['height']}x{c['width']} ({p['tokens']} tokens, {p['tokens_per_rank']}/CP rank) "
@@ -889,7 +877,7 @@ def format_far(p) -> List[str]:
 
 
 def format_plan(p) -> str:
-    lines = [_layout(p)] + (format_far(p) if p.get("far") else []) + [f"  {'component':68s} {'GiB/GPU':>9s}"]
+    lines = [format_layout(p)] + (format_far(p) if p.get("far") else []) + [f"  {'component':68s} {'GiB/GPU':>9s}"]
     for k, v in p["components"].items():
         lines.append(f"  {k:68s} {v:9.2f}")
     verdict = "fits" if p["fits"] else "does NOT fit"
@@ -932,116 +920,9 @@ def headline(kw, frames: int = 81) -> Dict[str, object]:
     return res
 
 
-def _format_rows(rows) -> str:
+def format_rows(rows) -> str:
     out = [f"    {'TP':>3s} {'CP':>3s} {'DP':>3s} {'frames':>6s} {'tokens':>7s} {'recompute':>24s} {'GiB':>8s}"]
     for r in rows:
         out.append(f"    {r['tp']:3d} {r['cp']:3d} {r['dp']:3d} {r['frames']:6d} {r['tokens']:7d} "
                    f"{r['recompute']:>24s} {r['total_gib']:8.1f}  {'fits' if r['fits'] else 'does not fit'}")
     return "\n".join(out)
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=PRESETS, default=None, help="one preset (default: the headline report)")
-    p.add_argument("--stage", type=int, choices=(1, 2), default=2)
-    p.add_argument("--tp", type=int, default=None, help="with --cp/--dp: plan this layout (else search)")
-    p.add_argument("--cp", type=int, default=1)
-    p.add_argument("--dp", type=int, default=1)
-    p.add_argument("--gpus", type=int, default=8, help="GPUs for the layout search")
-    p.add_argument("--gpu-gib", type=float, default=None, help=f"usable GiB per GPU (80 GB card: {H100_80GB_GIB})")
-    p.add_argument("--no-sp", action="store_true", help="no sequence parallelism")
-    p.add_argument("--frames", type=int, default=81)
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=832)
-    p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--recompute", choices=_RECOMPUTE_ORDER, default="full",
-                   help="as the trainer's --recompute-granularity")
-    p.add_argument("--recompute-policy", choices=RECOMPUTE_POLICIES, default="save-attention",
-                   help="selective: keep self-attention's q/k/v/output/lse (save-attention, the trainer's default) "
-                        "or checkpoint --recompute-modules (modules)")
-    p.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=["core_attn"])
-    p.add_argument("--grad-through", choices=("chain", "no_grad_prefix"), default="chain")
-    p.add_argument("--overlap-critic", action="store_true",
-                   help="stage 2: the critic's graph is alive with the next rollout (side stream)")
-    p.add_argument("--lora-nograd-merge", choices=("cache", "per-call", "off"), default="cache",
-                   help="as the trainer's option (cache: one merged copy of the wrapped weights per adapter)")
-    p.add_argument("--fp8", nargs="?", const="hybrid", default=None, metavar="FORMAT",
-                   help="FP8 run (te backend): no merged no-grad LoRA; activations as bf16 (not modelled)")
-    p.add_argument("--compile", action="store_true",
-                   help="per-block torch.compile: an ESTIMATE of the saved set (not measured)")
-    p.add_argument("--lora-rank", type=int, default=256)
-    p.add_argument("--teacher-adapter", action="store_true",
-                   help="a frozen teacher adapter instead of a merged teacher")
-    p.add_argument("--no-dist-opt", action="store_true", help="optimizer state not sharded over DP x CP")
-    p.add_argument("--reserve-gib", type=float, default=5.0)
-    p.add_argument("--model", choices=MODELS, default="bidirectional",
-                   help="far: AnyFlow-FAR, the causal model (teacher-forcing tokens, KV caches; as the trainer's --model)")
-    p.add_argument("--chunk-partition", type=int, nargs="+", default=None,
-                   help="--model far: latent frames per chunk (default (1, 3, 3, 3, 3, 3, 3, 2), cut to the clip)")
-    p.add_argument("--long-context-prob", type=float, default=0.5,
-                   help="--model far: > 0 means stage 1 draws n up to every chunk (the longest graph counts)")
-    p.add_argument("--far-bidirectional-prob", type=float, default=None,
-                   help="--model far: the bidirectional branch's probability (trainer default: 0.1 stage 1, 0 stage 2)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    kw = dict(sp=not args.no_sp, micro_batch=args.micro_batch, grad_through=args.grad_through,
-              overlap_critic=args.overlap_critic, recompute_policy=args.recompute_policy,
-              recompute_modules=tuple(args.recompute_modules), lora_nograd_merge=args.lora_nograd_merge,
-              fp8=bool(args.fp8), compile=args.compile, lora_rank=args.lora_rank,
-              teacher_adapter=args.teacher_adapter, dist_opt=not args.no_dist_opt, reserve_gib=args.reserve_gib)
-    kw.update(height=args.height, width=args.width, model=args.model, long_context_prob=args.long_context_prob,
-              far_bidirectional_prob=args.far_bidirectional_prob,
-              chunk_partition=tuple(args.chunk_partition) if args.chunk_partition else None)
-    if args.chunk_partition and args.model != "far":
-        print("error: --chunk-partition needs --model far", file=sys.stderr)
-        return 2
-    if args.preset is None:
-        res = headline(kw, frames=args.frames)
-        if args.json:
-            print(json.dumps(res, indent=1, default=str))
-            return 0
-        print(f"Per-GPU memory plan, computed (not measured on a GPU): bf16, LoRA rank {args.lora_rank}, activations "
-              f"per layer as tools/count_layer_ops.py measures them on CPU (eager"
-              f"{', compile estimate' if args.compile else ''}), merged no-grad LoRA "
-              f"{'off (FP8)' if args.fp8 else args.lora_nograd_merge}, stage 2 --grad-through {args.grad_through}"
-              f"{' + overlapped critic' if args.overlap_critic else ''}; selective = --recompute-policy "
-              f"{'modules ' + '+'.join(args.recompute_modules) if args.recompute_policy == 'modules' or args.fp8 else 'save-attention'}.\n")
-        for key, r in res.items():
-            print(f"=== {key}: best plan")
-            print(format_plan(r["best"]))
-            print("  least recomputation that fits, per " + ("layout:" if "8x80" in key else "clip length:"))
-            print(_format_rows(r["table"]))
-            print()
-        return 0
-    gpu_gib = args.gpu_gib if args.gpu_gib is not None else H100_80GB_GIB
-    kw.update(frames=args.frames)
-    if args.tp is not None:
-        try:
-            res = plan(PlanConfig(preset=args.preset, stage=args.stage, tp=args.tp, cp=args.cp, dp=args.dp,
-                                  recompute=args.recompute, gpu_gib=gpu_gib, **kw))
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        print(json.dumps(res, indent=1, default=str) if args.json else format_plan(res))
-        return 0
-    res = search_layouts(args.preset, args.stage, args.gpus, gpu_gib, **kw)
-    if args.json:
-        print(json.dumps(res, indent=1, default=str))
-        return 0
-    print(format_plan(res[0]))
-    print("\nall layouts (best first):")
-    for p in res:
-        print(f"  {'fits ' if p['fits'] else 'no   '} {p['total_gib']:7.1f} GiB  {_layout(p)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from megatron_anyflow.cli import main_guard
-
-    main_guard(main)  # a user error: one line, exit 2 (megatron_anyflow/cli.py)
