@@ -31,7 +31,7 @@ LIMITS = {"fp32": 1e-4, "bf16": 3e-2}
 
 
 def write_atomic(path: str, text: str) -> None:
-    """Temporary file + os.replace (as `megatron_anyflow.measure.harness.write_atomic`, without torch)."""
+    """Temporary file + os.replace (as `megatron_anyflow.measure.report.write_atomic`, without torch)."""
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"

@@ -1,7 +1,8 @@
 """The import layers stay as the README's layout section draws them.
 
 Reads (never imports) every module under megatron_anyflow/ and tools/, collects its `megatron_anyflow.*`
-imports -- module level and function-local alike, since a lazy import is still a dependency -- and checks
+imports -- module level and function-local alike, since a lazy import is still a dependency, and relative
+ones resolved against the module's package -- and checks
 three rules:
 
 1. Rooms are ranked; a module may import its own room or a lower one, never a higher one:
@@ -78,9 +79,15 @@ def import_graph() -> Dict[str, Dict[str, int]]:
             names: List[str] = []
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: `from .x import y` in package P means P.x
+                    package = mod if path.endswith("__init__.py") else mod.rpartition(".")[0]
+                    for _ in range(node.level - 1):
+                        package = package.rpartition(".")[0]
+                    base = f"{package}.{base}" if base else package
                 # `from pkg import sub` imports the submodule when `sub` is one.
-                names = [f"{node.module}.{a.name}" for a in node.names]
+                names = [f"{base}.{a.name}" for a in node.names]
             for n in names:
                 if not n.startswith(PKG + ".") and n != PKG:
                     continue
@@ -179,6 +186,11 @@ def test_the_checker_finds_a_circle_and_an_upward_import():
     bad = upward_imports(graph)
     assert any("models.a:1" in b and "upward" in b for b in bad), bad
     assert any("tools.x:4" in b and "test support" in b for b in bad), bad
+
+
+def test_relative_imports_are_resolved():
+    # anyflow/causal.py says `from .distill import ...`: the edge must be there, or the check is blind to it.
+    assert f"{PKG}.anyflow.distill" in import_graph()[f"{PKG}.anyflow.causal"]
 
 
 def test_no_upward_import_between_rooms():
