@@ -115,8 +115,6 @@ CUDA graphs. Tokens: ``frames`` video frames -> ``(frames - 1) / 4 + 1`` latent 
 latents, patch (1, 2, 2): 81 x 480 x 832 -> 21 x 60 x 104 -> 32,760 tokens (Wan2.2 TI2V-5B: H/16 x W/16
 latents of the Wan2.2 VAE, 121 x 704 x 1280 -> 31 x 44 x 80 -> 27,280 tokens).
 
-Usage::
-
 The CLI is ``tools/memory_plan.py``; `plan` / `search_layouts` / `headline` answer "does this fit" in code.
 """
 from __future__ import annotations

@@ -320,4 +320,3 @@ class FarStage1(Stage1):
             loss = loss + bi_loss
             stats["bidirectional_loss"] = bi_stats["loss"]
         return loss, stats
-
