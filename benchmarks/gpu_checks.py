@@ -31,7 +31,7 @@ LIMITS = {"fp32": 1e-4, "bf16": 3e-2}
 
 
 def write_atomic(path: str, text: str) -> None:
-    """Temporary file + os.replace (as `megatron_anyflow.training.benchmark.write_atomic`, without torch)."""
+    """Temporary file + os.replace (as `megatron_anyflow.measure.report.write_atomic`, without torch)."""
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
@@ -69,8 +69,8 @@ def gpu_budgets(detail: bool = False):
     import argparse as _ap
 
     from megatron_anyflow.models.wan.config import wan_config
-    from megatron_anyflow.training.benchmark import stage2_plans
-    from megatron_anyflow.training.flops import far_inference_flops, forward_flops, rollout_segments, step_flops
+    from megatron_anyflow.measure.harness import stage2_plans
+    from megatron_anyflow.measure.flops import far_inference_flops, forward_flops, rollout_segments, step_flops
 
     cfg = wan_config("wan2.1-1.3b")
     shape = (21, 60, 104, 512)

@@ -131,9 +131,9 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "two_expert_training"))
     args = p.parse_args(argv)
     from megatron_anyflow.parallel.state import initialize_parallel
-    from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
+    from megatron_anyflow.parallel.cpu_compat import enable_megatron_cpu_compat
     from megatron_anyflow.testing.quality import write_gaussian_dataset
-    from megatron_anyflow.training.model_io import load_for_inference
+    from megatron_anyflow.checkpoint.model_io import load_for_inference
 
     enable_megatron_cpu_compat()
     initialize_parallel(1)

@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
 def megatron_cpu():
     """One process group (world size 1) and megatron parallel_state at TP = 1 for the session."""
     from megatron_anyflow.parallel.state import initialize_parallel
-    from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
+    from megatron_anyflow.parallel.cpu_compat import enable_megatron_cpu_compat
 
     enable_megatron_cpu_compat()
     initialize_parallel(1)

@@ -1,5 +1,5 @@
 """tools/benchmark_throughput.py on CPU at a tiny size: every row is there, and its FLOP numbers are the
-`training.flops` arithmetic for the chosen sizes (no speed targets)."""
+`measure.flops` arithmetic for the chosen sizes (no speed targets)."""
 
 import importlib.util
 import json
@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest import REPO, run_cmd
 
-from megatron_anyflow.models.wan.config import wan_config
-from megatron_anyflow.models import lora as L
-from megatron_anyflow.training import benchmark as B
-from megatron_anyflow.training.flops import (rollout_segments, stage2_iteration_flops, step_flops,
+from megatron_anyflow.measure import harness as B
+from megatron_anyflow.measure.flops import (rollout_segments, stage2_iteration_flops, step_flops,
                                              step_hardware_flops, tokens)
+from megatron_anyflow.models import lora as L
+from megatron_anyflow.models.wan.config import wan_config
 
 TOOL = os.path.join(REPO, "tools", "benchmark_throughput.py")
 LATENT, TEXT, MBS, SIM = (2, 8, 8), 8, 1, [2, 4]
@@ -213,7 +213,9 @@ def test_real_data_loader_rows(tmp_path):
     ("aten::copy_", "elementwise"),
 ])
 def test_kernel_categories(name, category):
-    assert B.kernel_category(name) == category
+    from megatron_anyflow.measure.profile import kernel_category
+
+    assert kernel_category(name) == category
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,12 +314,15 @@ def test_the_report_is_rewritten_after_every_row(tmp_path, monkeypatch):
 
 
 def test_datasheet_peaks_and_atomic_writes(tmp_path):
-    assert B.datasheet_peak_tflops("NVIDIA H100 80GB HBM3")["tflops"] == 989.0  # SXM
-    assert B.datasheet_peak_tflops("NVIDIA H200")["tflops"] == 989.0
-    assert B.datasheet_peak_tflops("NVIDIA H100 PCIe")["tflops"] == 756.0
-    assert B.datasheet_peak_tflops("cpu")["tflops"] is None
-    assert B.datasheet_peak_tflops("NVIDIA H200", override=900.0) == {"tflops": 900.0, "source": "--peak-tflops"}
+    from megatron_anyflow.measure.device import datasheet_peak_tflops
+    from megatron_anyflow.measure.report import write_atomic
+
+    assert datasheet_peak_tflops("NVIDIA H100 80GB HBM3")["tflops"] == 989.0  # SXM
+    assert datasheet_peak_tflops("NVIDIA H200")["tflops"] == 989.0
+    assert datasheet_peak_tflops("NVIDIA H100 PCIe")["tflops"] == 756.0
+    assert datasheet_peak_tflops("cpu")["tflops"] is None
+    assert datasheet_peak_tflops("NVIDIA H200", override=900.0) == {"tflops": 900.0, "source": "--peak-tflops"}
     path = tmp_path / "a" / "r.json"
-    B.write_atomic(str(path), "one")
-    B.write_atomic(str(path), "two")
+    write_atomic(str(path), "one")
+    write_atomic(str(path), "two")
     assert path.read_text() == "two" and os.listdir(path.parent) == ["r.json"]

@@ -16,8 +16,8 @@ import pytest
 import torch
 from megatron.core.dist_checkpointing import ShardedTensor
 
-from megatron_anyflow.training import checkpointing as ckpt
-from megatron_anyflow.training.checkpointing import CheckpointError
+from megatron_anyflow.checkpoint import store as ckpt
+from megatron_anyflow.checkpoint.store import CheckpointError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {"w.big": (256, 256), "w.b": (7,)}  # w.big: 256 KiB of tensor bytes to flip bits in

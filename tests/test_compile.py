@@ -16,7 +16,7 @@ import torch._dynamo
 from conftest import torchrun
 
 from megatron_anyflow.models import lora as L
-from megatron_anyflow.testing.op_counter import build_block_inputs
+from megatron_anyflow.measure.op_counter import build_block_inputs
 
 
 def rel(a, b):

@@ -13,7 +13,7 @@ from diffusers import AnyFlowTransformer3DModel, WanTransformer3DModel
 from safetensors.torch import load_file, save_file
 
 from megatron_anyflow.models.wan.convert import ConversionError, hf_to_megatron
-from megatron_anyflow.training import checkpointing as ckpt
+from megatron_anyflow.checkpoint import store as ckpt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KW = dict(num_attention_heads=4, attention_head_dim=16, text_dim=384, freq_dim=32, ffn_dim=160, num_layers=2)

@@ -1,4 +1,4 @@
-"""AnyFlow-FAR FLOP counts (`training.flops`): the block-sparse attention pairs against the layout's dense
+"""AnyFlow-FAR FLOP counts (`measure.flops`): the block-sparse attention pairs against the layout's dense
 mask, the forward / step / prefill formulas against PyTorch's FLOP counter on the FAR model
 (explicit-matmul attention), and docs/design/far.md 6's cost ratios at 81 x 480 x 832."""
 
@@ -10,7 +10,7 @@ from megatron_anyflow.models import lora as L
 from megatron_anyflow.models.wan.config import wan_config
 from megatron_anyflow.models.wan.far import FarLayout
 from megatron_anyflow.models.wan.model import WanModel
-from megatron_anyflow.training.flops import (far_attention_pairs, far_inference_flops, far_pass_shape, far_shapes,
+from megatron_anyflow.measure.flops import (far_attention_pairs, far_inference_flops, far_pass_shape, far_shapes,
                                              far_step_flops, far_step_hardware_flops, forward_flops,
                                              shape_forward_flops, shape_hardware_flops, step_flops)
 

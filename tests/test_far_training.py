@@ -34,7 +34,7 @@ from megatron_anyflow.anyflow.objective import (
     sample_far_num_chunks,
 )
 from megatron_anyflow.anyflow.timesteps import TimeSamplerConfig, sample_t_r
-from megatron_anyflow.training import checkpointing as ckpt
+from megatron_anyflow.checkpoint import store as ckpt
 from megatron_anyflow.training.arguments import parse_args
 from megatron_anyflow.training.trainer import Trainer
 
@@ -513,7 +513,7 @@ def test_far_stage2_starts_from_the_stage1_ema(far_s1):
 
 def test_far_checkpoint_content_and_loading(far_s1):
     from megatron_anyflow.models.wan.far import trilinear_far_patch_init
-    from megatron_anyflow.training.model_io import load_for_inference
+    from megatron_anyflow.checkpoint.model_io import load_for_inference
 
     tr, root = far_s1
     d = ckpt.resolve_checkpoint_dir(root)

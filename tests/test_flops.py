@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_anyflow.models.wan.config import wan_config
 from megatron_anyflow.models.wan.model import WanModel
-from megatron_anyflow.training.flops import expected_segments, forward_flops, step_flops
+from megatron_anyflow.measure.flops import expected_segments, forward_flops, step_flops
 
 
 @pytest.mark.parametrize("kw, shape, text_len", [
@@ -42,7 +42,7 @@ def test_step_forward_equivalents():
 # hardware FLOPs
 # ------------------------------------------------------------------------------------------------
 from megatron_anyflow.models import lora as L  # noqa: E402
-from megatron_anyflow.training.flops import (  # noqa: E402
+from megatron_anyflow.measure.flops import (  # noqa: E402
     pass_hardware_flops, rollout_segments, stage2_iteration_flops, step_hardware_flops)
 
 

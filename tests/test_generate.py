@@ -31,7 +31,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
     ckpt = tiny_stage1_checkpoint(str(root / "ckpt"))
     tiny_vae(str(root / "vae"))
-    from megatron_anyflow.training.model_io import load_for_inference
+    from megatron_anyflow.checkpoint.model_io import load_for_inference
 
     return {"root": root, "ckpt": ckpt, "vae": str(root / "vae"), "model": load_for_inference(ckpt, adapter="generator")}
 

@@ -48,8 +48,8 @@ def unmerged(path):
     """The checkpoint's base + its 'generator' adapter as LoRA branches, run unmerged (merged_nograd off)."""
     from megatron_anyflow.models.wan.config import wan_config
     from megatron_anyflow.models.wan.model import WanModel
-    from megatron_anyflow.training.checkpointing import read_meta, resolve_checkpoint_dir
-    from megatron_anyflow.training.model_io import load_adapters, load_base
+    from megatron_anyflow.checkpoint.store import read_meta, resolve_checkpoint_dir
+    from megatron_anyflow.checkpoint.model_io import load_adapters, load_base
 
     d = resolve_checkpoint_dir(path)
     meta = read_meta(d)

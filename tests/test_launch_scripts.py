@@ -4,7 +4,6 @@ script's plan (one H200, 121 x 704 x 1280) likewise."""
 
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -94,11 +93,8 @@ def test_wan22_a14b_script_dry_run_plans_both_experts_and_two_expert_stage_2():
     assert "[FAIL]" not in out and out.count("14.316B base parameters") == 2
     assert out.count("wan2.2-t2v-a14b stage 1: TP=4 CP=2 DP=1") == 2
     assert "wan2.2-t2v-a14b stage 2: TP=4 CP=2 DP=1" in out and "x 2 experts" in out
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    try:
-        from memory_plan import PlanConfig, plan
-    finally:
-        sys.path.pop(0)
+    from megatron_anyflow.measure.memory import PlanConfig, plan
+
     one, two = (plan(PlanConfig(preset="wan2.2-t2v-a14b", stage=2, tp=4, cp=2, dp=1, experts=x)) for x in (1, 2))
     for (k1, v1), (k2, v2) in zip(one["components"].items(), two["components"].items()):
         weight = not (k1.startswith("activations") or k1.startswith("transient") or k1.startswith("reserve"))

@@ -33,8 +33,8 @@ def _randomise_adapter(src, dst):
     """Save ``src``'s stage-1 checkpoint again at ``dst`` with fresh random generator A / B, live and EMA."""
     from megatron_anyflow.models import lora as L
     from megatron_anyflow.parallel.sharding import module_sharded_state_dict
-    from megatron_anyflow.training import checkpointing as ckpt
-    from megatron_anyflow.training.model_io import load_with_adapter
+    from megatron_anyflow.checkpoint import store as ckpt
+    from megatron_anyflow.checkpoint.model_io import load_with_adapter
 
     d = ckpt.resolve_checkpoint_dir(src)
     meta = ckpt.read_meta(d)
@@ -161,7 +161,7 @@ def test_lora_only_refusals(exports, tmp_path, capsys, monkeypatch):
     assert rc == 1 and "does not reproduce" in capsys.readouterr().err and not (tmp_path / "c").exists()
     # AnyFlow-FAR: the generator's far_patch_embedding is trained fully; refused before anything is loaded
     # (the checkpoint's metadata is narrowed to say FAR: a real FAR checkpoint differs only in what follows).
-    from megatron_anyflow.training import checkpointing as ckpt
+    from megatron_anyflow.checkpoint import store as ckpt
 
     real = ckpt.read_meta
     monkeypatch.setattr(ckpt, "read_meta", lambda d: {**real(d), "wan_config": {**real(d)["wan_config"], "far": True}})
@@ -171,7 +171,7 @@ def test_lora_only_refusals(exports, tmp_path, capsys, monkeypatch):
 
 
 def test_non_finite_adapter_is_refused_and_named(exports, tmp_path, capsys, monkeypatch):
-    from megatron_anyflow.training import model_io
+    from megatron_anyflow.checkpoint import model_io
 
     real = model_io.load_with_adapter
 

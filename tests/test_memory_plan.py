@@ -1,4 +1,4 @@
-"""tools/memory_plan.py: hand-checked components and the CLI."""
+"""The memory model (megatron_anyflow/measure/memory.py): hand-checked components; and its CLI, tools/memory_plan.py."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,10 +12,11 @@ import pytest
 
 from conftest import REPO, run_cmd
 
+from megatron_anyflow.measure import memory as mp
+
 _spec = importlib.util.spec_from_file_location("memory_plan", os.path.join(REPO, "tools", "memory_plan.py"))
-mp = importlib.util.module_from_spec(_spec)
-sys.modules["memory_plan"] = mp  # dataclasses look their module up in sys.modules
-_spec.loader.exec_module(mp)
+cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cli)
 
 GIB = 2.0 ** 30
 
@@ -116,7 +117,7 @@ def _measure(dtype, dims, overrides):
     import torch
 
     from megatron_anyflow.models.wan.config import wan_config
-    from megatron_anyflow.testing.op_counter import measure_block
+    from megatron_anyflow.measure.op_counter import measure_block
 
     m = measure_block("plan", preset="tiny-video", dtype=dtype, lora=True, grid=(2, 4, 4), text_len=8,
                       **dims, **overrides)
@@ -157,7 +158,7 @@ def test_plan_matches_measured_saved_bytes_at_wan_1_3b_dims(label, plan_kw, over
     in it with flash-style attention). ~3 s each."""
     import torch
 
-    from megatron_anyflow.testing.op_counter import measure_block
+    from megatron_anyflow.measure.op_counter import measure_block
 
     m = measure_block("plan", preset="wan2.1-1.3b", dtype=torch.bfloat16, lora=True, grid=(1, 2, 4), text_len=8,
                       lora_rank=256, lora_alpha=256.0, **overrides)
@@ -240,7 +241,7 @@ def test_stage2_counts_live_graphs_as_the_code_has_them():
 def test_headline_and_cli():
     buf = io.StringIO()
     with redirect_stdout(buf):
-        assert mp.main(["--json"]) == 0
+        assert cli.main(["--json"]) == 0
     res = json.loads(buf.getvalue())
     best = res["wan2.1-14b/stage2/8x80GB"]["best"]
     assert best["fits"] and best["gpus"] == 8 and best["total_gib"] <= mp.H100_80GB_GIB
@@ -252,9 +253,9 @@ def test_headline_and_cli():
     # FP8 (what the 14B launch script runs): no merged-LoRA copy; the save-attention policy is refused
     buf = io.StringIO()
     with redirect_stdout(buf):
-        assert mp.main(["--preset", "wan2.1-14b", "--stage", "2", "--tp", "4", "--cp", "2", "--fp8", "hybrid"]) == 0
+        assert cli.main(["--preset", "wan2.1-14b", "--stage", "2", "--tp", "4", "--cp", "2", "--fp8", "hybrid"]) == 0
     assert "fp8" in buf.getvalue() and "merged no-grad LoRA" not in buf.getvalue()
-    assert mp.main(["--preset", "wan2.1-14b", "--tp", "4", "--cp", "2", "--fp8", "hybrid",
+    assert cli.main(["--preset", "wan2.1-14b", "--tp", "4", "--cp", "2", "--fp8", "hybrid",
                     "--recompute", "selective"]) == 2
 
 
@@ -377,7 +378,7 @@ def test_far_grouped_attention_extras_match_measured_saved_bytes():
     from megatron_anyflow.models.wan.config import wan_config
     from megatron_anyflow.models.wan.far import FarKVCache, FarLayout
     from megatron_anyflow.models.wan.model import WanModel
-    from megatron_anyflow.testing.op_counter import saved_bytes
+    from megatron_anyflow.measure.op_counter import saved_bytes
 
     cp, H, W = (1, 1, 2, 1, 1), 8, 12  # 24 tokens per full frame, 6 per compressed
     text = torch.randn(1, 8, 384, dtype=torch.bfloat16)
@@ -447,12 +448,12 @@ def test_far_grouped_attention_extras_match_measured_saved_bytes():
 def test_far_cli_prints_the_token_counts():
     buf = io.StringIO()
     with redirect_stdout(buf):
-        assert mp.main(["--model", "far", "--preset", "wan2.1-14b", "--stage", "2", "--tp", "4", "--cp", "2",
+        assert cli.main(["--model", "far", "--preset", "wan2.1-14b", "--stage", "2", "--tp", "4", "--cp", "2",
                         "--fp8", "hybrid"]) == 0
     out = buf.getvalue()
     assert "AnyFlow-FAR" in out and "n=7: 31980" in out and "n=3: 21840" in out and "n=8: 30030" in out
     assert "1560 + 6240 + 9750 + 10920 + 12090 + 13260 + 14430 = 68250 tokens" in out
     assert "KV caches alive during the rollout: 68250 tokens" in out and "largest KV cache 14430 tokens" in out
     with redirect_stdout(io.StringIO()):
-        assert mp.main(["--chunk-partition", "1", "3", "--preset", "wan2.1-14b", "--tp", "8"]) == 2
-        assert mp.main(["--model", "far", "--preset", "wan2.1-1.3b", "--tp", "8"]) == 2  # 12 heads / 8
+        assert cli.main(["--chunk-partition", "1", "3", "--preset", "wan2.1-14b", "--tp", "8"]) == 2
+        assert cli.main(["--model", "far", "--preset", "wan2.1-1.3b", "--tp", "8"]) == 2  # 12 heads / 8

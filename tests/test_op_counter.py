@@ -7,7 +7,7 @@ import os
 import torch
 from conftest import REPO
 
-from megatron_anyflow.testing.op_counter import OpCounter, saved_bytes
+from megatron_anyflow.measure.op_counter import OpCounter, saved_bytes
 
 
 def test_counts_ops_and_bytes_and_skips_views():

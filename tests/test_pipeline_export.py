@@ -157,7 +157,7 @@ def test_pipeline_prompts_through_umt5_equal_generate(exported, tmp_path):
 
 def _poisoned(monkeypatch, value):
     """load_for_inference returning the real model with one weight set to ``value``."""
-    import megatron_anyflow.training.model_io as model_io
+    import megatron_anyflow.checkpoint.model_io as model_io
 
     real = model_io.load_for_inference
 

@@ -11,7 +11,7 @@ import torch
 from megatron_anyflow.models import lora as L
 from megatron_anyflow.models.wan.config import wan_config
 from megatron_anyflow.models.wan.model import WanModel
-from megatron_anyflow.testing.op_counter import measure_block
+from megatron_anyflow.measure.op_counter import measure_block
 
 
 def _inputs(dtype=torch.float32):

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import LaunchError, pretrain_cli, torchrun
-from megatron_anyflow.training import checkpointing as ckpt
+from megatron_anyflow.checkpoint import store as ckpt
 from megatron_anyflow.training.arguments import parse_args
 from megatron_anyflow.training.trainer import Trainer
 

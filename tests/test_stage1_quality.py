@@ -60,8 +60,8 @@ def _map_errors(model, data, text, n=512, seed=123):
 
 def _load(ckpt_dir):
     from megatron_anyflow.parallel.state import initialize_parallel
-    from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
-    from megatron_anyflow.training.model_io import load_for_inference
+    from megatron_anyflow.parallel.cpu_compat import enable_megatron_cpu_compat
+    from megatron_anyflow.checkpoint.model_io import load_for_inference
 
     enable_megatron_cpu_compat()
     initialize_parallel(1)

@@ -13,8 +13,8 @@ import torch
 from test_pipeline_export import tiny_stage1_checkpoint
 
 from megatron_anyflow.models import lora as L
-from megatron_anyflow.training import checkpointing as ckpt
-from megatron_anyflow.training import model_io
+from megatron_anyflow.checkpoint import store as ckpt
+from megatron_anyflow.checkpoint import model_io
 
 
 @pytest.fixture(scope="module")

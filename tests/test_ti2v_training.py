@@ -82,7 +82,7 @@ def test_ti2v_teacher_stage1_stage2_and_image_latents_generation(tmp_path, monke
     x0 = out["steps_2"]
     assert x0.shape == (2, *LATENT) and bool(torch.isfinite(x0).all())
     assert torch.equal(x0[:, 0], first.expand(2, -1, -1, -1))  # the condition frame is held exactly
-    from megatron_anyflow.training.model_io import load_for_inference
+    from megatron_anyflow.checkpoint.model_io import load_for_inference
 
     model = load_for_inference(student, adapter="generator")
     ref = hand_rollout(model, out["noise"], out["prompt_embeds"], 2, first[None, None])

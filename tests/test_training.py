@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from megatron_anyflow.training import checkpointing as ckpt
+from megatron_anyflow.checkpoint import store as ckpt
 from megatron_anyflow.training.arguments import parse_args
 from megatron_anyflow.training.trainer import Trainer
 
@@ -122,7 +122,7 @@ def test_synthesize_dataset_writes_teacher_samples(tmp_path):
 
     from megatron_anyflow.anyflow.sampler import TeacherEulerSampler
     from megatron_anyflow.data.latent_dataset import LatentDataset, MockLatentDataset, write_latent_dataset
-    from megatron_anyflow.training.model_io import load_for_inference
+    from megatron_anyflow.checkpoint.model_io import load_for_inference
 
     teacher_root = str(tmp_path / "teacher")
     make("teacher", "--train-iters", "1", "--lora-rank", "0", "--save", teacher_root).train()

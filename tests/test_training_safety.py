@@ -13,9 +13,9 @@ from megatron_anyflow.anyflow.timesteps import to_model_scale
 from megatron_anyflow.models import lora as L
 from megatron_anyflow.models.wan.config import wan_config
 from megatron_anyflow.models.wan.model import WanModel
-from megatron_anyflow.training import checkpointing as ckpt
+from megatron_anyflow.checkpoint import store as ckpt
 from megatron_anyflow.training.arguments import parse_args
-from megatron_anyflow.training.model_io import load_as_model, load_for_inference
+from megatron_anyflow.checkpoint.model_io import load_as_model, load_for_inference
 from megatron_anyflow.training.nan_guard import NonFiniteTrainingError
 from megatron_anyflow.training.trainer import Trainer
 

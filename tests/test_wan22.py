@@ -25,7 +25,7 @@ from megatron_anyflow.models.wan.config import PRESETS, expert_time_range, wan_c
 from megatron_anyflow.models.wan.convert import hf_to_megatron, load_full_state_dict
 from megatron_anyflow.models.wan.hf_io import read_hf_transformer_dir, two_expert_boundary
 from megatron_anyflow.models.wan.model import WanModel, token_time_runs
-from megatron_anyflow.training.checkpointing import read_meta
+from megatron_anyflow.checkpoint.store import read_meta
 
 # Odd tiny sizes: 3 heads of 20 (RoPE split 8:6:6), 3 layers, FFN 136, text 72.
 ODD = dict(num_attention_heads=3, attention_head_dim=20, text_dim=72, freq_dim=32, ffn_dim=136, num_layers=3)
@@ -258,7 +258,7 @@ def wan22_dirs(tmp_path_factory):
 def test_ti2v_convert_load_compare_and_back(wan22_dirs, tmp_path, capsys):
     """convert_from_hf -> load -> the same outputs as diffusers with per-token timesteps; convert_to_hf
     --verify -> the same tensors bit for bit."""
-    from megatron_anyflow.training.model_io import load_for_inference
+    from megatron_anyflow.checkpoint.model_io import load_for_inference
 
     ok("convert_from_hf", ["--input", wan22_dirs / "ti2v", "--output", tmp_path / "ckpt"], capsys)
     model = load_for_inference(str(tmp_path / "ckpt")).eval()

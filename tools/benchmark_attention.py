@@ -6,7 +6,7 @@ cross-attention over 512 text tokens) and each kernel of the local backend (``cu
 ``fa3``, ``sdpa``, ``math``, and what ``auto`` resolves to), this times the project's own
 `TorchCoreAttention` forward and forward + backward on q / k / v ``[s, b, n, d]`` and reports the median
 time and TFLOP/s: forward ``4 s_q s_k n d`` FLOPs, backward 2.5x the forward (the fused kernels'
-executed count, `training.flops`). A kernel that is not installed or does not fit is a row with its
+executed count, `measure.flops`). A kernel that is not installed or does not fit is a row with its
 error. ``math`` is skipped where its score matrix would exceed ``--math-max-gib``.
 
 The ceilings first: the bf16 dense matmul rate (``--matmul-size``, the MFU denominator of
@@ -28,8 +28,8 @@ import time
 
 import torch
 
-from megatron_anyflow.training.benchmark import (device_name, measure_copy_bandwidth, measure_matmul_tflops,
-                                                 write_atomic)
+from megatron_anyflow.measure.device import device_name, measure_copy_bandwidth, measure_matmul_tflops
+from megatron_anyflow.measure.report import write_atomic
 
 IMPLS = ("auto", "cudnn", "flash", "fa3", "sdpa", "math")
 # name: (s_q, s_k, heads, head_dim)

@@ -9,7 +9,7 @@ output is the final latents -- and reports, per row:
 * **s/video** -- the median over ``--iters`` timed generations after ``--warmup`` untimed ones, each timed
   between device synchronisations (``torch.cuda.synchronize`` + ``time.perf_counter``).
 * **model TFLOP/s** -- model FLOPs of one video over s/video, credited identically to both implementations
-  (`training.flops`): bidirectional ``N x forward_flops`` (one forward per step, no guidance pass: the
+  (`measure.flops`): bidirectional ``N x forward_flops`` (one forward per step, no guidance pass: the
   students are guidance-distilled); FAR ``far_inference_flops`` (N steps per chunk against the KV cache,
   the prefills between chunks; block-sparse attention pairs). MFU against the measured matmul rate and,
   on a known GPU, the data-sheet bf16 peak (`benchmark.DATASHEET_BF16_TFLOPS`).
@@ -65,10 +65,10 @@ from typing import Dict, List, Optional
 
 import torch
 
+from megatron_anyflow.measure.device import PeakMemory, _sync, datasheet_peak_tflops, device_name, device_slug, say
+from megatron_anyflow.measure.harness import diffusers_transformer
+from megatron_anyflow.measure.report import fmt, pct, print_report, write_atomic
 from megatron_anyflow.models.wan.config import ATTENTION_IMPLS
-from megatron_anyflow.training.benchmark import (PeakMemory, _fmt, _pct, _sync, datasheet_peak_tflops, device_name,
-                                                 device_slug, diffusers_transformer, print_report, say,
-                                                 write_atomic)
 
 __all__ = ["parse_args", "main", "video_flops", "markdown"]
 IMPLS = ("megatron_anyflow", "diffusers")
@@ -144,7 +144,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if "far" in a.models:
         if H % 4 or W % 4:
             p.error(f"--models far: latent {H} x {W} must divide by the compressed patch (4 x 4)")
-        from megatron_anyflow.training.benchmark import far_chunk_partition
+        from megatron_anyflow.measure.harness import far_chunk_partition
 
         if a.chunk_partition is None and not cuda and a.latent_shape == [3, 16, 32]:
             a.chunk_partition = [1, 1, 1]  # the CPU smoke size: three chunks, the last reads two from the cache
@@ -167,8 +167,8 @@ def model_config(a, far: bool):
 
 
 def video_flops(cfg, a, N: int, far: bool) -> float:
-    """Model FLOPs of one video at N steps (module docstring; `training.flops`)."""
-    from megatron_anyflow.training.flops import far_inference_flops, forward_flops
+    """Model FLOPs of one video at N steps (module docstring; `measure.flops`)."""
+    from megatron_anyflow.measure.flops import far_inference_flops, forward_flops
 
     F, H, W = a.latent
     if far:
@@ -261,7 +261,7 @@ def measure(a, pair: Pair, impl: str, N: int, matmul: Dict) -> Dict:
         say(f"  {label}: FAILED: {row['error']}")
         return row
     pair.latents[(impl, N)] = x0.detach().float().cpu()
-    from megatron_anyflow.training.flops import mfu
+    from megatron_anyflow.measure.flops import mfu
 
     s = statistics.median(times)
     flops = video_flops(pair.cfg, a, N, pair.far)
@@ -321,10 +321,10 @@ def markdown(report: Dict) -> str:
             continue
         mem = f"{r['peak_memory_gib']:.3f}" + (f" / {r['peak_reserved_gib']:.3f}" if r.get("peak_reserved_gib")
                                                  is not None else "")
-        out.append(f"{head} {r['s_per_video']:.4g} | {r['model_tflops_per_s']:.4g} | {_pct(r['mfu'])} | "
-                   f"{_pct(r.get('mfu_datasheet'))} | {mem} | {_fmt(r.get('time_vs_diffusers'), '.2f')} | "
-                   f"{_fmt(r.get('rel_err_vs_diffusers'), '.2e')} |")
-    out += ["", "Model FLOPs per video (training/flops.py), credited identically to both implementations: "
+        out.append(f"{head} {r['s_per_video']:.4g} | {r['model_tflops_per_s']:.4g} | {pct(r['mfu'])} | "
+                   f"{pct(r.get('mfu_datasheet'))} | {mem} | {fmt(r.get('time_vs_diffusers'), '.2f')} | "
+                   f"{fmt(r.get('rel_err_vs_diffusers'), '.2e')} |")
+    out += ["", "Model FLOPs per video (measure/flops.py), credited identically to both implementations: "
             "bidirectional N x one forward (no guidance pass); FAR `far_inference_flops` (N steps per chunk against "
             "the KV cache, block-sparse attention pairs, plus the prefills between chunks). time vs diffusers = "
             "our s/video / diffusers' (< 1: faster). rel. err: |ours - diffusers| / |diffusers| of the final "
@@ -344,9 +344,10 @@ def main(argv=None) -> Dict:
     for msg in (".*Transformer Engine and Apex are not installed.*", ".*flex_attention called without torch.compile.*"):
         warnings.filterwarnings("ignore", message=msg)
     from megatron_anyflow.parallel.state import initialize_parallel
-    from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
-    from megatron_anyflow.training.benchmark import arch_config, measure_matmul_tflops
-    from megatron_anyflow.training.flops import tokens
+    from megatron_anyflow.parallel.cpu_compat import enable_megatron_cpu_compat
+    from megatron_anyflow.measure.device import measure_matmul_tflops
+    from megatron_anyflow.measure.harness import arch_config
+    from megatron_anyflow.measure.flops import tokens
 
     if not cuda:
         enable_megatron_cpu_compat()

@@ -31,7 +31,7 @@ import torch
 import megatron_anyflow_kernels as K  # installed with `pip install -e .` (the kernels/ folder)
 
 try:
-    from megatron_anyflow.training.benchmark import write_atomic
+    from megatron_anyflow.measure.report import write_atomic
 except ImportError:  # the kernels alone, without the project on the path
     def write_atomic(path, text):
         path = os.path.abspath(path)

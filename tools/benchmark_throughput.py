@@ -17,7 +17,7 @@ at one preset and size, this times whole training iterations and reports, per ro
   ``S = F' x H' x W'`` tokens per sample (latents after the (1, 2, 2) patch). The global batch is
   ``--micro-batch-size`` x the data-parallel size (one micro-batch per iteration).
 * **model TFLOP/s/GPU** -- ``global_batch x model FLOPs per sample and iteration / (s/iter) / world_size``,
-  the model FLOPs from :mod:`megatron_anyflow.training.flops` (docs/design/anyflow.md 7; the forward formula
+  the model FLOPs from :mod:`megatron_anyflow.measure.flops` (docs/design/anyflow.md 7; the forward formula
   is printed in the markdown):
 
   - teacher: ``step_flops(cfg, "teacher")`` = 3 forwards (one forward with grad = 3 forward-equivalents);
@@ -108,7 +108,7 @@ to compare with).
 
 ``--profile``: after timing, one more iteration of each megatron_anyflow row runs under
 ``torch.profiler``; the report adds its time per kernel category (attention, GEMM, elementwise,
-communication: `benchmark.KERNEL_CATEGORIES`) and the top kernels.
+communication: `measure.profile.KERNEL_CATEGORIES`) and the top kernels.
 
 Rows run in plan order, each megatron_anyflow row followed at once by the reference row of the same step
 and schedule, so a run cut short keeps whole comparisons.
@@ -127,7 +127,7 @@ Usage::
     python tools/benchmark_throughput.py --steps stage1 --data-path data/wan --num-workers 4 --compile
     python tools/benchmark_throughput.py --model far --steps stage1 stage2 --schedules sequential  # AnyFlow-FAR
 
-The measurement itself lives in :mod:`megatron_anyflow.training.benchmark`.
+The measurement itself lives in :mod:`megatron_anyflow.measure.harness`.
 """
 from __future__ import annotations
 
@@ -141,11 +141,12 @@ from typing import Dict
 
 import torch
 
-from megatron_anyflow.training.benchmark import (DEFAULT_SCHEDULES, SCHEDULES, STEPS, _count_params, _rank, _tokens,
-                                                 _world, arch_config, datasheet_peak_tflops, device_name, device_slug,
-                                                 far_chunk_partition, iteration_flops, markdown, measure,
-                                                 measure_matmul_tflops, preset_with_layers, print_report, say,
-                                                 stage2_plans, write_atomic)
+from megatron_anyflow.measure.device import (_rank, _world, datasheet_peak_tflops, device_name, device_slug,
+                                             measure_matmul_tflops, say)
+from megatron_anyflow.measure.harness import (DEFAULT_SCHEDULES, SCHEDULES, STEPS, _count_params, _tokens, arch_config,
+                                              far_chunk_partition, iteration_flops, markdown, measure, preset_with_layers,
+                                              stage2_plans)
+from megatron_anyflow.measure.report import print_report, write_atomic
 
 __all__ = ["build_parser", "parse_args", "main", "arch_config", "preset_with_layers"]
 

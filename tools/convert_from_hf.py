@@ -83,8 +83,8 @@ def main(argv=None):
     from megatron_anyflow.models.wan.hf_io import read_hf_transformer_dir, two_expert_boundary
     from megatron_anyflow.models.wan.model import WanModel
     from megatron_anyflow.parallel.state import initialize_parallel
-    from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
-    from megatron_anyflow.training.checkpointing import foreign_entries, save_checkpoint
+    from megatron_anyflow.parallel.cpu_compat import enable_megatron_cpu_compat
+    from megatron_anyflow.checkpoint.store import foreign_entries, save_checkpoint
 
     enable_megatron_cpu_compat()  # no-op with CUDA; megatron-core's collectives and saves on CPU
     initialize_parallel(args.tensor_model_parallel_size)

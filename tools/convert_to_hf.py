@@ -125,9 +125,9 @@ def main(argv=None):
     from megatron_anyflow.models.wan.convert import hf_config_from_arch
     from megatron_anyflow.models.wan.hf_io import write_hf_transformer_dir
     from megatron_anyflow.parallel.state import initialize_parallel
-    from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
-    from megatron_anyflow.training.checkpointing import CheckpointError, read_meta, resolve_checkpoint_dir
-    from megatron_anyflow.training.model_io import load_for_inference
+    from megatron_anyflow.parallel.cpu_compat import enable_megatron_cpu_compat
+    from megatron_anyflow.checkpoint.store import CheckpointError, read_meta, resolve_checkpoint_dir
+    from megatron_anyflow.checkpoint.model_io import load_for_inference
 
     if os.path.exists(args.output):
         print(f"error: {args.output} exists; remove it or choose another --output", file=sys.stderr)
@@ -211,7 +211,7 @@ def main(argv=None):
           f"{hf_cfg['_class_name']} (scheduler shift {shift:g})", flush=True)
     write_hf_transformer_dir(transformer_dir, hf_cfg, hf_sd)
     write_scheduler_config(transformer_dir, shift)  # next to the transformer (also for a transformer-only export)
-    from megatron_anyflow.training.checkpointing import write_checksums_for_tree
+    from megatron_anyflow.checkpoint.store import write_checksums_for_tree
 
     if args.pipeline:
         write_pipeline(args.output + ".tmp", components, shift, hf_cfg["_class_name"], pipeline_class)
@@ -266,7 +266,7 @@ def two_expert_pair(args, ckpt_dir, meta):
     Raises:
         ValueError: a checkpoint that is not one expert (no ``boundary_ratio`` / recorded ``expert``), two
             checkpoints of the same expert, or boundaries that differ (all named)."""
-    from megatron_anyflow.training.checkpointing import read_meta, resolve_checkpoint_dir
+    from megatron_anyflow.checkpoint.store import read_meta, resolve_checkpoint_dir
 
     dir_2 = resolve_checkpoint_dir(args.expert_2)
     pair = {}
@@ -294,8 +294,8 @@ def export_two_experts(args, ckpt_dir, meta, components, t0):
     Returns the exit code: 0; 1 (non-finite weights, --verify failed); 2 (a bad request, named)."""
     from megatron_anyflow.models.wan.convert import hf_config_from_arch
     from megatron_anyflow.models.wan.hf_io import write_hf_transformer_dir
-    from megatron_anyflow.training.checkpointing import CheckpointError, write_checksums_for_tree
-    from megatron_anyflow.training.model_io import load_for_inference
+    from megatron_anyflow.checkpoint.store import CheckpointError, write_checksums_for_tree
+    from megatron_anyflow.checkpoint.model_io import load_for_inference
 
     try:
         pair, boundary = two_expert_pair(args, ckpt_dir, meta)
@@ -599,8 +599,8 @@ def export_lora_only(args, ckpt_dir, meta, t0):
     from megatron_anyflow.models import lora as L
     from megatron_anyflow.models.wan.convert import hf_config_from_arch, lora_to_diffusers, megatron_to_hf
     from megatron_anyflow.parallel.sharding import canonical_key
-    from megatron_anyflow.training.checkpointing import CheckpointError, write_checksums_for_tree
-    from megatron_anyflow.training.model_io import load_with_adapter
+    from megatron_anyflow.checkpoint.store import CheckpointError, write_checksums_for_tree
+    from megatron_anyflow.checkpoint.model_io import load_with_adapter
 
     adapter = args.lora_only
     lora = meta.get("lora")

@@ -3,7 +3,7 @@
 
     python tools/count_layer_ops.py [--preset tiny-video] [--grid 2 8 8] [--label before]
 
-A thin command line over `megatron_anyflow.testing.op_counter` (see its docstring for what is counted).
+A thin command line over `megatron_anyflow.measure.op_counter` (see its docstring for what is counted).
 Prints a table and writes ``benchmarks/results/layer_ops_<date>_cpu[_<label>].{json,md}``.
 """
 
@@ -35,8 +35,8 @@ def main(argv=None):
     import torch
 
     from megatron_anyflow.parallel.state import initialize_parallel
-    from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
-    from megatron_anyflow.testing.op_counter import DEFAULT_CASES, measure_block
+    from megatron_anyflow.parallel.cpu_compat import enable_megatron_cpu_compat
+    from megatron_anyflow.measure.op_counter import DEFAULT_CASES, measure_block
 
     torch.set_num_threads(1)
     enable_megatron_cpu_compat()

@@ -62,8 +62,8 @@ def main(argv=None):
                                                      write_labelled_video, write_per_chunk_report, write_report)
     from megatron_anyflow.data.latent_dataset import LatentDataset
     from megatron_anyflow.parallel.state import initialize_parallel
-    from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
-    from megatron_anyflow.training.model_io import load_for_inference
+    from megatron_anyflow.parallel.cpu_compat import enable_megatron_cpu_compat
+    from megatron_anyflow.checkpoint.model_io import load_for_inference
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from evaluate_anyflow import evaluation_inputs

@@ -168,7 +168,7 @@ def run(args):
 
     from megatron_anyflow.anyflow import generation as G
     from megatron_anyflow.parallel.state import initialize_parallel
-    from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
+    from megatron_anyflow.parallel.cpu_compat import enable_megatron_cpu_compat
 
     # 0. flags that cannot apply, refused before anything is loaded
     steps = G.check_steps(args.steps)

@@ -155,7 +155,7 @@ def trainer_command(args, seed: int, ckpt_dir: str, tb_dir: str, exit_after: int
 
 
 def current_iteration(ckpt_dir: str) -> int:
-    from megatron_anyflow.training import checkpointing as ckpt
+    from megatron_anyflow.checkpoint import store as ckpt
 
     tag = ckpt.read_tracker(ckpt_dir) if os.path.isdir(ckpt_dir) else None  # "iter_0000400" (or an old "400")
     digits = str(tag or "").replace("iter_", "")
@@ -209,8 +209,8 @@ class Evaluator:
 
         from megatron_anyflow.data.latent_dataset import LatentDataset
         from megatron_anyflow.parallel.state import initialize_parallel
-        from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
-        from megatron_anyflow.training.model_io import load_for_inference
+        from megatron_anyflow.parallel.cpu_compat import enable_megatron_cpu_compat
+        from megatron_anyflow.checkpoint.model_io import load_for_inference
 
         enable_megatron_cpu_compat()
         initialize_parallel(1)
@@ -425,7 +425,7 @@ def main(argv=None):
     if res["cells"] and res.get("config") and {k: v for k, v in res["config"].items() if k != "seeds"} != config:
         raise SystemExit(f"{args.output} holds a sweep with another configuration ({res['config']}); use another --output")
     res["config"] = config
-    from megatron_anyflow.training import checkpointing as ckpt
+    from megatron_anyflow.checkpoint import store as ckpt
 
     todo = [(s, it) for s in args.seeds for it in args.iters
             if not all(str(n) in res["cells"].get(cell_key(s, it), {}) for n in args.steps)]

@@ -45,8 +45,8 @@ def main(argv=None):
     from megatron_anyflow.anyflow.sampler import TeacherEulerSampler
     from megatron_anyflow.data.latent_dataset import LatentDataset, write_latent_dataset
     from megatron_anyflow.parallel.state import initialize_parallel
-    from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
-    from megatron_anyflow.training.model_io import load_as_model, load_for_inference
+    from megatron_anyflow.parallel.cpu_compat import enable_megatron_cpu_compat
+    from megatron_anyflow.checkpoint.model_io import load_as_model, load_for_inference
 
     enable_megatron_cpu_compat()
     initialize_parallel(1)

@@ -51,7 +51,7 @@ def _mb(size):
 
 def check_one(d, name=None):
     """(ok, line) for one checkpoint directory (or export directory with a manifest)."""
-    from megatron_anyflow.training import checkpointing as ckpt
+    from megatron_anyflow.checkpoint import store as ckpt
 
     name = name or os.path.basename(os.path.normpath(d))
     try:
@@ -74,7 +74,7 @@ def check_one(d, name=None):
 
 def targets(root, every):
     """Checkpoint directories to check under ``root`` (raises ValueError with a usage message)."""
-    from megatron_anyflow.training import checkpointing as ckpt
+    from megatron_anyflow.checkpoint import store as ckpt
 
     if not os.path.isdir(root):
         raise ValueError(f"{root}: " + ("not a directory" if os.path.exists(root) else "no such directory"))

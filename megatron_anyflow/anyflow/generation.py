@@ -113,7 +113,7 @@ class LoadedModel:
 def is_diffusers_dir(path: str) -> bool:
     """True for a diffusers transformer directory (``config.json``) or pipeline (``model_index.json`` or
     ``transformer/config.json``); False for a training checkpoint (``anyflow_meta.json`` or a tracker)."""
-    from megatron_anyflow.training.checkpointing import META, TRACKER
+    from megatron_anyflow.checkpoint.store import META, TRACKER
 
     if os.path.isfile(os.path.join(path, META)) or os.path.isfile(os.path.join(path, TRACKER)):
         return False
@@ -186,8 +186,8 @@ def load_model(path: str, adapter: Optional[str] = "auto", ema: bool = False, te
 def _load_model(path, adapter, ema, tensor_model_parallel_size, context_parallel_size, sequence_parallel, bf16,
                 device, attention_impl, cuda_graphs) -> LoadedModel:
     from megatron_anyflow.models.wan.config import ATTENTION_IMPLS
-    from megatron_anyflow.training import checkpointing as ckpt
-    from megatron_anyflow.training.checkpointing import read_meta, resolve_checkpoint_dir
+    from megatron_anyflow.checkpoint import store as ckpt
+    from megatron_anyflow.checkpoint.store import read_meta, resolve_checkpoint_dir
 
     device = device or torch.device("cpu")
     if attention_impl not in ATTENTION_IMPLS:
@@ -229,7 +229,7 @@ def _load_model(path, adapter, ema, tensor_model_parallel_size, context_parallel
         if not any(k.startswith(f"ema.{group}.") for k in keys):
             raise GenerationError(f"--ema: checkpoint {d} holds no EMA weights of {group!r} "
                                   f"(stage {meta.get('stage', 'converted')!r}); drop --ema")
-    from megatron_anyflow.training.model_io import load_for_inference
+    from megatron_anyflow.checkpoint.model_io import load_for_inference
 
     model = load_for_inference(d, adapter=adapter, ema=ema, **par)
     args = meta.get("args") or {}

@@ -90,7 +90,7 @@ def build_mini_teacher(root: str, *, timeout: float | None = None, env: dict | N
     if not os.path.exists(os.path.join(paths["data"], "index.json")):
         write_video_like_dataset(paths["data"])
     env = dict(os.environ if env is None else env, PYTHONWARNINGS="ignore")
-    from megatron_anyflow.training.checkpointing import read_tracker, tag_for
+    from megatron_anyflow.checkpoint.store import read_tracker, tag_for
 
     if read_tracker(paths["teacher"]) != tag_for(TEACHER_ITERS):
         subprocess.run([sys.executable, os.path.join(REPO, "pretrain_anyflow.py"), "--stage", "teacher",

@@ -203,7 +203,7 @@ def default_lora_rank(args: argparse.Namespace) -> int:
     if args.pretrained is None:
         return int(PRESETS[args.model_preset].get("lora_rank", default))
     try:
-        from megatron_anyflow.training import checkpointing as ckpt
+        from megatron_anyflow.checkpoint import store as ckpt
 
         arch = ckpt.read_meta(ckpt.resolve_checkpoint_dir(args.pretrained))["wan_config"]
     except Exception:  # the trainer reports an unreadable --pretrained with its own, clearer error

@@ -3,7 +3,7 @@
 Checks that every size divides (world size by TP x CP, heads by TP x CP, the token count by TP x CP
 under sequence parallelism, the global batch by micro batch x DP), builds the model on the meta device
 to count parameters (total, per-GPU shard, LoRA), and prints what it found. Exit status 0 when every
-check passes, 1 otherwise. The memory plan is `tools/memory_plan.py` (the launch scripts print both).
+check passes, 1 otherwise. The memory plan is `measure.memory` (CLI `tools/memory_plan.py`; the launch scripts print both).
 
 ``--model far`` (AnyFlow-FAR): the FAR config as the trainer builds it (``far`` on, ``--chunk-partition``
 or the default (1, 3, 3, 3, 3, 3, 3, 2)); checks that the chunk partition covers the clip (stage 2:
@@ -37,7 +37,7 @@ def dry_run(args, log=print) -> int:
 
     arch = wan_config(args.model_preset).arch_dict()
     if args.pretrained:
-        from megatron_anyflow.training import checkpointing as ckpt
+        from megatron_anyflow.checkpoint import store as ckpt
 
         try:
             arch = dict(ckpt.read_meta(ckpt.resolve_checkpoint_dir(args.pretrained))["wan_config"])

@@ -80,7 +80,7 @@ class Stage2(Stage1):
     def __init__(self, trainer):
         args = trainer.args
         if args.init_adapters_from:
-            from megatron_anyflow.training import checkpointing as ckpt
+            from megatron_anyflow.checkpoint import store as ckpt
 
             meta = ckpt.read_meta(ckpt.resolve_checkpoint_dir(args.init_adapters_from))
             lora = meta.get("lora") or {}
@@ -104,7 +104,7 @@ class Stage2(Stage1):
         self.adapters = []
         self.setup_lora([GENERATOR, FAKE])
         if args.init_adapters_from:
-            from megatron_anyflow.training.model_io import load_adapters
+            from megatron_anyflow.checkpoint.model_io import load_adapters
 
             # The stage-1 model one evaluates is its EMA: start from it unless asked otherwise.
             load_adapters(trainer.model, args.init_adapters_from, [GENERATOR], ema=not args.init_from_live_weights)

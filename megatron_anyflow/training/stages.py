@@ -322,17 +322,3 @@ class FarStage1(Stage1):
             loss = loss + bi_loss
             stats["bidirectional_loss"] = bi_stats["loss"]
         return loss, stats
-
-
-def build_stage(trainer) -> Stage:
-    stage = trainer.args.stage
-    far = getattr(trainer.args, "model", "bidirectional") == "far"
-    if stage == "teacher":
-        return TeacherStage(trainer)
-    if stage == "stage1":
-        return FarStage1(trainer) if far else Stage1(trainer)
-    if stage == "stage2":
-        from megatron_anyflow.training.stage2 import FarStage2, Stage2
-
-        return FarStage2(trainer) if far else Stage2(trainer)
-    raise ValueError(f"unknown stage {stage!r}")

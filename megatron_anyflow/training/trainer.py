@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_anyflow.checkpoint import store as ckpt
 from megatron_anyflow.data.latent_dataset import DataParallelSampler, LatentDataset, MockLatentDataset, collate
 from megatron_anyflow.data.loader import TrainingDataLoader
 from megatron_anyflow.models.wan.config import expert_time_range, wan_config
@@ -33,7 +34,6 @@ from megatron_anyflow.models.wan.model import WanModel
 from megatron_anyflow.parallel.sharding import canonical_key, load_module_state, module_sharded_state_dict
 from megatron_anyflow.parallel.state import initialize_parallel
 from megatron_anyflow.parallel.tensor_parallel import finalize_model_grads, tp_rank, tp_world_size
-from megatron_anyflow.training import checkpointing as ckpt
 from megatron_anyflow.training.nan_guard import NonFiniteGuard, check_finite_state, gather_bad_samples
 from megatron_anyflow.training.optim import (
     EMA,
@@ -140,6 +140,26 @@ def _fp8_kwargs(args) -> dict:
     return kw
 
 
+def build_stage(trainer):
+    """The `training.stages.Stage` of ``trainer.args.stage`` (teacher / stage1 / stage2; FAR with ``--model far``).
+
+    Here, above both stage modules, so `training.stage2` can build on `training.stages` without a circle.
+    Raises ValueError for an unknown stage name.
+    """
+    from megatron_anyflow.training.stage2 import FarStage2, Stage2
+    from megatron_anyflow.training.stages import FarStage1, Stage1, TeacherStage
+
+    stage = trainer.args.stage
+    far = getattr(trainer.args, "model", "bidirectional") == "far"
+    if stage == "teacher":
+        return TeacherStage(trainer)
+    if stage == "stage1":
+        return FarStage1(trainer) if far else Stage1(trainer)
+    if stage == "stage2":
+        return FarStage2(trainer) if far else Stage2(trainer)
+    raise ValueError(f"unknown stage {stage!r}")
+
+
 class ParamGroup:
     """One trainable set (an adapter, or the whole model) with its optimiser, EMA and lr."""
 
@@ -170,7 +190,7 @@ class Trainer:
     def __init__(self, args, log=None):
         self.args = args
         if not torch.cuda.is_available():
-            from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
+            from megatron_anyflow.parallel.cpu_compat import enable_megatron_cpu_compat
 
             enable_megatron_cpu_compat()  # megatron-core collectives / checkpoint saves on CPU
         initialize_parallel(args.tensor_model_parallel_size, args.context_parallel_size)
@@ -184,7 +204,7 @@ class Trainer:
         self._log = log or (print if self.rank == 0 else (lambda *a, **k: None))
         self.guard = NonFiniteGuard(args.max_skipped_iters, log=self._log)
         self.skipped_iters = 0  # of this process's run, set by train()
-        # --save is claimed before any work (checkpointing.claim_save_root): created if missing, checked
+        # --save is claimed before any work (checkpoint.store.claim_save_root): created if missing, checked
         # writable, and locked against a second trainer; a refusal stops every rank with one line.
         self.save_lock = ckpt.claim_save_root(args.save, warn=lambda m: self._log(m, flush=True)) if args.save else None
         self.dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -192,8 +212,6 @@ class Trainer:
         self.consumed_samples = 0
         self._build_model()
         self._build_data()
-        from megatron_anyflow.training.stages import build_stage
-
         self.stage = build_stage(self)
         self.groups: Dict[str, ParamGroup] = {name: ParamGroup(name, params, args, lr)
                                               for name, (params, lr) in self.stage.param_groups().items()}
@@ -248,7 +266,7 @@ class Trainer:
         torch.manual_seed(args.seed)  # identical base init on every rank (random-init presets only)
         model = WanModel(cfg)
         if self.pretrained_dir:
-            from megatron_anyflow.training.model_io import load_as_base, represented_adapter
+            from megatron_anyflow.checkpoint.model_io import load_as_base, represented_adapter
 
             merged = represented_adapter(ckpt.read_meta(self.pretrained_dir))
             self._log(f"loading the base model from {self.pretrained_dir}"
@@ -488,7 +506,7 @@ class Trainer:
                 yield f"optimizer.{gname}.{k}.exp_avg_sq", st["exp_avg_sq"]
 
     def save(self, root: str, before_commit=None) -> str:
-        """Write a checkpoint of this iteration under ``root`` (crash-safe, see `training.checkpointing`).
+        """Write a checkpoint of this iteration under ``root`` (crash-safe, see `checkpoint.store`).
 
         Raises:
             NonFiniteTrainingError: a trainable weight, EMA shadow or optimizer moment holds NaN / inf
@@ -528,7 +546,7 @@ class Trainer:
 
     def load(self, root: str) -> None:
         """Resume from the last complete checkpoint under ``root`` (must be the same stage, model kind and
-        architecture, preset and LoRA configuration: `checkpointing.check_resume_compatible`).
+        architecture, preset and LoRA configuration: `checkpoint.store.check_resume_compatible`).
 
         Raises:
             CheckpointError: nothing complete to resume from (checksums included), or a checkpoint of

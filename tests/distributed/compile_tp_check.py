@@ -25,8 +25,8 @@ def main(out_path, sp, fullgraph):
 
     from megatron_anyflow.models import lora as L
     from megatron_anyflow.parallel.state import initialize_parallel
-    from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
-    from megatron_anyflow.testing.op_counter import build_block_inputs
+    from megatron_anyflow.parallel.cpu_compat import enable_megatron_cpu_compat
+    from megatron_anyflow.measure.op_counter import build_block_inputs
 
     enable_megatron_cpu_compat()
     initialize_parallel(2)

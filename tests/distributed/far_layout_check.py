@@ -109,7 +109,7 @@ def run_far_layout(out_prefix: str, micro: int, global_batch: int, cases) -> Non
 
 def main() -> None:
     from megatron_anyflow.parallel.state import initialize_parallel
-    from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
+    from megatron_anyflow.parallel.cpu_compat import enable_megatron_cpu_compat
 
     out_prefix, micro, global_batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     enable_megatron_cpu_compat()

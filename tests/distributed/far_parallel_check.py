@@ -255,7 +255,7 @@ MAX_KEYS = ("output", "grad_norm", "input_grads", "worst_grad", "worst_grad_rel_
 
 
 def compare(ref_path, out_path, settings):
-    from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
+    from megatron_anyflow.parallel.cpu_compat import enable_megatron_cpu_compat
 
     enable_megatron_cpu_compat()
     ref = torch.load(ref_path)

@@ -78,7 +78,7 @@ def run_layout(out_prefix: str, micro: int, global_batch: int, stages, preset: s
 
 def main() -> None:
     from megatron_anyflow.parallel.state import initialize_parallel
-    from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
+    from megatron_anyflow.parallel.cpu_compat import enable_megatron_cpu_compat
 
     argv = sys.argv[1:]
     preset = "tiny"

@@ -105,7 +105,7 @@ def compare(ref_path, out_path, sp):
     from megatron.core import parallel_state
     from megatron_anyflow.models.wan.convert import load_full_state_dict
     from megatron_anyflow.parallel.state import initialize_parallel
-    from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
+    from megatron_anyflow.parallel.cpu_compat import enable_megatron_cpu_compat
 
     enable_megatron_cpu_compat()
     initialize_parallel(2)

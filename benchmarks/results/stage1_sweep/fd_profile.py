@@ -16,8 +16,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 from megatron_anyflow.parallel.state import initialize_parallel
-from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat
-from megatron_anyflow.training.model_io import load_for_inference
+from megatron_anyflow.parallel.cpu_compat import enable_megatron_cpu_compat
+from megatron_anyflow.checkpoint.model_io import load_for_inference
 from megatron_anyflow.data.latent_dataset import LatentDataset
 enable_megatron_cpu_compat(); initialize_parallel(1)
 d, data = sys.argv[1], sys.argv[2]

@@ -41,8 +41,8 @@ from evaluate_anyflow import evaluation_inputs  # noqa: E402
 from megatron_anyflow.anyflow.sampler import FlowMapEulerSampler, TeacherEulerSampler  # noqa: E402
 from megatron_anyflow.data.latent_dataset import LatentDataset  # noqa: E402
 from megatron_anyflow.parallel.state import initialize_parallel  # noqa: E402
-from megatron_anyflow.testing.cpu_compat import enable_megatron_cpu_compat  # noqa: E402
-from megatron_anyflow.training.model_io import load_for_inference  # noqa: E402
+from megatron_anyflow.parallel.cpu_compat import enable_megatron_cpu_compat  # noqa: E402
+from megatron_anyflow.checkpoint.model_io import load_for_inference  # noqa: E402
 
 STEPS = (1, 2, 4, 8, 16, 32)
 

@@ -1,38 +1,41 @@
 """Measurement behind `tools/benchmark_throughput.py`: time AnyFlow training iterations of this project
 and of the diffusers + PEFT reference, and credit them with model and hardware FLOPs.
 
+The one module of `measure` above `training` (it drives the trainer and its stages); the rest of `measure`
+sits below `training` (tests/test_import_layers.py).
+
 The tool's module docstring defines every reported figure; this module holds the pieces:
 
-* device helpers and ceilings: `measure_matmul_tflops` (the MFU denominator), `measure_copy_bandwidth`;
-* `PeakMemory`: CUDA allocator peaks (allocated and reserved) or the host RSS peak on CPU;
 * FLOPs per timed iteration: `iteration_flops` (teacher / stage 1) and `stage2_plans` +
-  `training.flops.stage2_iteration_flops` (stage 2: each iteration's own rollout draw);
+  `measure.flops.stage2_iteration_flops` (stage 2: each iteration's own rollout draw);
 * the two implementations, `OursRunner` (the trainer's own iteration, mock data or the trainer's data
   loader with workers) and `ReferenceRunner` (diffusers ``AnyFlowTransformer3DModel`` + PEFT LoRA, eager,
   gradient checkpointing whenever this project's row recomputes);
 * `measure` (one row) and `markdown` (the report).
 
+The device, its ceilings and `PeakMemory` are `measure.device`; the kernel-time breakdown `measure.profile`;
+files and number formats `measure.report`.
+
 AnyFlow-FAR rows (``--model far``: the causal model's stage 1 and stage 2, docs/design/far.md): the trainer's own FAR
 iteration (`OursRunner` with ``--model far --chunk-partition``); every timed iteration is credited with its
 own draws -- the teacher-forcing chunk count n and the bidirectional-branch coin of `FarStage1.iteration_plan`
-(stage 2's co-training too), and stage 2's rollout plan (N, k) -- through `training.flops.far_step_flops` /
+(stage 2's co-training too), and stage 2's rollout plan (N, k) -- through `measure.flops.far_step_flops` /
 `far_step_hardware_flops` (block-sparse attention pairs from `FarLayout`); no reference implementation.
 """
 from __future__ import annotations
 
 import contextlib
 import gc
-import math
-import os
-import platform
-import re
-import resource
 import statistics
 import time
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from megatron_anyflow.measure.device import PeakMemory, _sync, _world, say
+from megatron_anyflow.measure.profile import profile_categories
+from megatron_anyflow.measure.report import fmt, pct
 
 STEPS = ("teacher", "stage1", "stage2")
 # "overlapped" = the pipelined schedule with the critic on a second CUDA stream (--overlap-critic): the
@@ -69,200 +72,6 @@ def peft_targets(step: str) -> List[str]:
         KeyError: a target pattern without a known diffusers name (add it to `PEFT_NAMES`).
     """
     return [n for t in lora_targets(step) for n in PEFT_NAMES[t]]
-
-
-# ------------------------------------------------------------------------------------------------
-# device helpers
-# ------------------------------------------------------------------------------------------------
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
-
-
-def _world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
-
-
-def say(*a, **k):
-    if _rank() == 0:
-        print(*a, **k, flush=True)
-
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    n = torch.get_num_threads()
-    return f"CPU ({cpu}, {n} thread{'s' if n != 1 else ''})"
-
-
-def device_slug() -> str:
-    if torch.cuda.is_available():
-        name = re.sub(r"^NVIDIA[ _-]*", "", torch.cuda.get_device_name())
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
-        return f"{_world()}x{slug}"
-    return "cpu"
-
-
-# Data-sheet dense bf16 tensor-core peaks (TFLOP/s, without sparsity), the denominator of the field's MFU:
-# name pattern -> peak. The first match wins (PCIe / NVL before the SXM default of the same chip).
-DATASHEET_BF16_TFLOPS = (
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),  # H100 SXM
-    ("H200", 989.0), ("GH200", 989.0), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0),
-)
-
-
-def datasheet_peak_tflops(name: Optional[str] = None, override: Optional[float] = None) -> Dict[str, object]:
-    """The data-sheet dense bf16 peak of a device (`DATASHEET_BF16_TFLOPS`), or ``override`` when given.
-
-    Returns ``{"tflops": float or None, "source": str}``; None for a CPU or an unknown device (MFU against
-    the data sheet is then not reported)."""
-    if override is not None:
-        return {"tflops": float(override), "source": "--peak-tflops"}
-    if name is None:
-        name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    for pattern, peak in DATASHEET_BF16_TFLOPS:
-        if pattern.lower() in name.lower():
-            return {"tflops": peak, "source": f"data sheet, {pattern} bf16 dense"}
-    return {"tflops": None, "source": f"no data-sheet peak known for {name!r}"}
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and `os.replace`: a reader
-    (or an archive taken while a benchmark runs, or a kill) sees the old file or the new one, never half."""
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def print_report(markdown_text: str, *paths: str) -> None:
-    """The end of a benchmark run (rank 0): a blank line, the markdown report, and where it was written."""
-    if _rank() == 0:
-        print()
-        print(markdown_text, flush=True)
-        print(f"wrote {' and '.join(paths)}", flush=True)
-
-
-def measure_matmul_tflops(n: int, reps: int = 10) -> Dict[str, object]:
-    """Dense matmul rate: bf16 on CUDA, fp32 on CPU (median of ``reps`` timed products)."""
-    cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda else torch.float32
-    dev = torch.device("cuda") if cuda else torch.device("cpu")
-    reps = reps if cuda else 3
-    a = torch.randn(n, n, device=dev, dtype=dtype)
-    b = torch.randn(n, n, device=dev, dtype=dtype)
-    for _ in range(3 if cuda else 1):
-        a @ b
-    _sync()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            a @ b
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t0)
-    del a, b
-    t = statistics.median(times)
-    return {"tflops": 2.0 * n ** 3 / t / 1e12, "n": n, "dtype": str(dtype).replace("torch.", ""),
-            "device": "cuda" if cuda else "cpu", "seconds": t}
-
-
-def measure_copy_bandwidth(numel: int = 1 << 28, reps: int = 10) -> Dict[str, object]:
-    """Device copy bandwidth of ``empty_like(x).copy_(x)`` on ``numel`` bf16 (CUDA) / fp32 (CPU) elements,
-    counting bytes read and written (median of ``reps``)."""
-    cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda else torch.float32
-    x = torch.randn(numel, device="cuda" if cuda else "cpu", dtype=dtype)
-    y = torch.empty_like(x)
-    y.copy_(x)
-    _sync()
-    times = []
-    for _ in range(reps if cuda else 3):
-        t0 = time.perf_counter()
-        y.copy_(x)
-        _sync()
-        times.append(time.perf_counter() - t0)
-    t = statistics.median(times)
-    nbytes = 2 * x.numel() * x.element_size()
-    return {"gb_per_s": nbytes / t / 1e9, "bytes": nbytes, "device": "cuda" if cuda else "cpu", "seconds": t}
-
-
-class PeakMemory:
-    """Peak memory of one measurement: CUDA allocator peak, or the host RSS peak increase on CPU."""
-
-    def __init__(self):
-        self.cuda = torch.cuda.is_available()
-        self.kind = "cuda_max_memory_allocated" if self.cuda else "host_peak_rss_increase"
-        self.local = False  # True: no collective (a rank-0-only measurement)
-
-    @staticmethod
-    def _status(key: str) -> Optional[int]:
-        with contextlib.suppress(OSError):
-            for line in open("/proc/self/status"):
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-        return None
-
-    def start(self):
-        gc.collect()
-        if self.cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            return
-        self.resettable = False
-        with contextlib.suppress(OSError):
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM (Linux >= 4.0)
-            self.resettable = self._status("VmHWM") is not None
-        if self.resettable:
-            self.base = self._status("VmRSS")
-            self.kind = "host_peak_rss_increase"
-        else:
-            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            self.kind = "host_peak_rss_increase_getrusage"
-
-    def peaks_gib(self) -> Dict[str, Optional[float]]:
-        """``{"allocated": ..., "reserved": ...}`` in GiB: CUDA ``max_memory_allocated`` and
-        ``max_memory_reserved`` (what the caching allocator took from the device; max over ranks unless
-        `local`); on CPU the host RSS peak increase as "allocated" and None as "reserved"."""
-        if self.cuda:
-            v = [float(torch.cuda.max_memory_allocated()), float(torch.cuda.max_memory_reserved())]
-            import torch.distributed as dist
-
-            if not self.local and dist.is_initialized() and dist.get_world_size() > 1:
-                t = torch.tensor(v, device="cuda")
-                dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                v = t.tolist()
-            return {"allocated": v[0] / 2 ** 30, "reserved": v[1] / 2 ** 30}
-        return {"allocated": self.peak_gib(), "reserved": None}
-
-    def peak_gib(self) -> float:
-        if self.cuda:
-            return self.peaks_gib()["allocated"]
-        peak = self._status("VmHWM") if self.resettable else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return max(0.0, (peak - self.base)) / 2 ** 30
 
 
 # ------------------------------------------------------------------------------------------------
@@ -331,7 +140,7 @@ def far_iteration_flops(a, step: str, schedule: Optional[str], cotrain: bool, it
     """Model and hardware FLOPs per sample of the FAR rows' ``iterations`` (each its own draws, `far_plans`):
     ``flops_per_sample`` is the mean over them, ``per_iteration`` lists them; forward-equivalents are in
     bidirectional forwards of the whole clip."""
-    from megatron_anyflow.training.flops import far_step_flops, far_step_hardware_flops, rollout_segments
+    from megatron_anyflow.measure.flops import far_step_flops, far_step_hardware_flops, rollout_segments
 
     cfg = far_config(a)
     F, H, W = a.latent
@@ -385,7 +194,7 @@ def iteration_flops(a, cfg, step: str, schedule: Optional[str], cotrain: bool = 
     if is_far(a):
         its = iterations if iterations is not None else range(a.warmup, a.warmup + a.iters)
         return far_iteration_flops(a, step, schedule, cotrain, its)
-    from megatron_anyflow.training.flops import (expected_segments, rollout_segments, stage2_iteration_flops,
+    from megatron_anyflow.measure.flops import (expected_segments, rollout_segments, stage2_iteration_flops,
                                                  step_flops, step_hardware_flops)
 
     F, H, W = a.latent
@@ -722,69 +531,6 @@ class ReferenceRunner:
 # ------------------------------------------------------------------------------------------------
 # measurement
 # ------------------------------------------------------------------------------------------------
-# kernel (CUDA) or aten-op (CPU) name patterns -> category, first match wins
-KERNEL_CATEGORIES = (
-    ("communication", r"nccl|all_?reduce|all_?gather|reduce_?scatter|all_to_all|alltoall|broadcast|c10d"),
-    ("attention", r"flash|fmha|attention|_attn|sdpa|mha"),
-    ("gemm", r"gemm|cutlass|xmma|nvjet|cublas|wgmma|aten::(mm|bmm|addmm|baddbmm|matmul|linear|_convolution|"
-             r"convolution|conv\w*)$|(^|_)b?mm(_|$)|addmm|conv"),
-)
-
-
-def kernel_category(name: str) -> str:
-    """``attention``, ``gemm``, ``communication`` or ``elementwise`` (everything else: norms, copies,
-    fused Triton pointwise, reductions) for a CUDA kernel or aten op name."""
-    n = name.lower()
-    for cat, pattern in KERNEL_CATEGORIES:
-        if re.search(pattern, n):
-            return cat
-    return "elementwise"
-
-
-def profile_categories(fn, top: int = 15) -> Dict[str, object]:
-    """Run ``fn`` once under `torch.profiler` and group its time by `kernel_category`.
-
-    CUDA: each kernel's self device time (``key_averages``, device events). CPU: each ``aten::`` op's
-    self CPU time (what the host spends in the op itself). Returns ``{"unit": "ms", "source": ...,
-    "categories": {cat: {"ms", "share", "calls"}}, "top": [{"name", "category", "ms", "calls"}]}``.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = torch.cuda.is_available()
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    _sync()
-    with profile(activities=acts) as prof:
-        fn()
-        _sync()
-    rows = []
-    for e in prof.key_averages():
-        name = e.key
-        if cuda:  # kernels: events on the device
-            if getattr(e.device_type, "name", str(e.device_type)) != "CUDA":
-                continue
-            us = getattr(e, "self_device_time_total", None)
-            us = getattr(e, "self_cuda_time_total", 0) if us is None else us
-        else:
-            if not name.startswith("aten::"):
-                continue
-            us = e.self_cpu_time_total
-        if us:
-            rows.append((name, float(us) / 1e3, int(e.count)))
-    cats: Dict[str, Dict[str, float]] = {c: {"ms": 0.0, "share": 0.0, "calls": 0}
-                                         for c in ("attention", "gemm", "elementwise", "communication")}
-    for name, ms, n in rows:
-        c = cats[kernel_category(name)]
-        c["ms"] += ms
-        c["calls"] += n
-    total = sum(c["ms"] for c in cats.values())
-    for c in cats.values():
-        c["share"] = c["ms"] / total if total > 0 else 0.0
-    rows.sort(key=lambda r: -r[1])
-    return {"unit": "ms", "source": "CUDA kernels (self device time)" if cuda else "aten ops (self CPU time)",
-            "total_ms": total, "categories": cats,
-            "top": [{"name": n[:120], "category": kernel_category(n), "ms": ms, "calls": c} for n, ms, c in rows[:top]]}
-
-
 def stage2_plans(a, iterations) -> List[Tuple[int, int]]:
     """The rollout plans (N, k) the stage-2 iterations ``iterations`` draw: the trainer's plan seed
     ``derive_seed(seed, "plan", iteration, 0)`` (micro-batch 0), which the reference uses too."""
@@ -862,7 +608,7 @@ def measure(a, impl: str, step: str, schedule: Optional[str], matmul: Dict, cotr
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    from megatron_anyflow.training.flops import mfu
+    from megatron_anyflow.measure.flops import mfu
 
     peak = (getattr(a, "datasheet", None) or {}).get("tflops")
     cfg = arch_config(a.preset, a.num_layers)
@@ -907,7 +653,7 @@ def measure(a, impl: str, step: str, schedule: Optional[str], matmul: Dict, cotr
 
 
 def _tokens(a) -> int:
-    from megatron_anyflow.training.flops import tokens
+    from megatron_anyflow.measure.flops import tokens
 
     return tokens(arch_config(a.preset, a.num_layers), *a.latent)
 
@@ -915,14 +661,6 @@ def _tokens(a) -> int:
 # ------------------------------------------------------------------------------------------------
 # report
 # ------------------------------------------------------------------------------------------------
-def _fmt(v, spec):
-    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
-
-
-def _pct(v) -> str:
-    return "-" if v is None else _fmt(100 * v, ".2f") + "%"
-
-
 def markdown(report: Dict) -> str:
     m, rows = report["meta"], report["rows"]
     cpu = m["device_kind"] == "cpu"
@@ -970,13 +708,13 @@ def markdown(report: Dict) -> str:
                                                  is not None else "")
         out.append(f"| {('FAR ' if r.get('model') == 'far' else '') + r['step']} | {r['schedule'] or '-'} | "
                    f"{r['implementation']} | {r.get('recompute', '-')} | "
-                   f"{r['s_per_iter']:.4g} | {r['tokens_per_s_per_gpu']:.4g} | {tf:.4g} | {_fmt(100 * r['mfu'], '.2f')}% | "
-                   f"{_pct(r.get('mfu_datasheet'))} | "
-                   f"{r['hardware_tflops_per_s_per_gpu']:.4g} | {mem} | {_fmt(r.get('speedup_vs_reference'), '.2f')} | "
-                   f"{_fmt(r.get('memory_vs_reference'), '.2f')} |")
+                   f"{r['s_per_iter']:.4g} | {r['tokens_per_s_per_gpu']:.4g} | {tf:.4g} | {fmt(100 * r['mfu'], '.2f')}% | "
+                   f"{pct(r.get('mfu_datasheet'))} | "
+                   f"{r['hardware_tflops_per_s_per_gpu']:.4g} | {mem} | {fmt(r.get('speedup_vs_reference'), '.2f')} | "
+                   f"{fmt(r.get('memory_vs_reference'), '.2f')} |")
     out += ["", "Speed-up = tokens/s/GPU of megatron_anyflow / of the reference (same step and schedule); memory "
             "ratio likewise. tokens/s/GPU counts each sample's video tokens once per iteration.", "",
-            "Model FLOPs (training/flops.py; docs/design/anyflow.md 7), one forward of one sample, S video tokens, C text "
+            "Model FLOPs (measure/flops.py; docs/design/anyflow.md 7), one forward of one sample, S video tokens, C text "
             "tokens, hidden h, FFN F, L layers: `L [2Sh(3h) + 4S^2h + 2Shh  +  2Shh + 4Chh + 4SCh + 2Shh  +  4ShF]` "
             "+ patch embedding, text embedding, head, time embedders. Per iteration, in forward-equivalents "
             "(a forward with grad = 3, a no-grad forward = 1). Hardware FLOPs (`flops.pass_hardware_flops`): "
@@ -988,7 +726,7 @@ def markdown(report: Dict) -> str:
     for k, f in m["flops"].items():
         hw = f.get("hardware_flops_per_sample")
         out.append(f"| {k} | {f['forward_equivalents']:.4g} | {f['flops_per_sample'] / 1e9:.4g} | "
-                   f"{_fmt(hw / 1e9 if hw is not None else None, '.4g')} |")
+                   f"{fmt(hw / 1e9 if hw is not None else None, '.4g')} |")
     if far:
         out += ["", f"AnyFlow-FAR (the causal model, chunks {tuple(m['chunk_partition'])}): the same per-token formula over "
                 "the FarLayout tokens (compressed context, full chunks, clean copies), self-attention 4 P h with P the "
@@ -1023,7 +761,7 @@ def markdown(report: Dict) -> str:
         if prof:
             label = f"{r['step']}{'/' + r['schedule'] if r['schedule'] else ''}"
             out += ["", f"Profile of one {label} iteration ({prof['source']}, torch.profiler key averages grouped by "
-                    "name patterns, `benchmark.KERNEL_CATEGORIES`):", "",
+                    "name patterns, `measure.profile.KERNEL_CATEGORIES`):", "",
                     "| category | ms | share | calls |", "|---|---:|---:|---:|"]
             out += [f"| {k} | {v['ms']:.2f} | {100 * v['share']:.1f} % | {v['calls']} |"
                     for k, v in prof["categories"].items()]

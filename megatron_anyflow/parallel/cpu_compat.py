@@ -1,4 +1,4 @@
-"""Test-harness adapter: run megatron-core's tensor-parallel layers on CPU with gloo.
+"""Run megatron-core's tensor-parallel layers on CPU with gloo (CPU-only runs of the trainer, tools and tests).
 
 megatron-core allocates collective buffers on ``torch.cuda.current_device()`` and calls
 ``torch.cuda.synchronize()`` around checkpoint saves. Without CUDA both fail, so this module redirects

@@ -23,7 +23,7 @@ from megatron_anyflow.models import lora as L
 from megatron_anyflow.models.wan.config import wan_config
 from megatron_anyflow.models.wan.model import WanModel
 from megatron_anyflow.parallel.sharding import load_module_state, module_sharded_state_dict
-from megatron_anyflow.training import checkpointing as ckpt
+from megatron_anyflow.checkpoint import store as ckpt
 
 DELTA = "condition_embedder.delta_embedder."
 # AnyFlow-FAR's compressed-context embedding: absent from a Wan / bidirectional base (initialised from
