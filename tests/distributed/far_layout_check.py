@@ -119,3 +119,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # every rank ends its groups after a barrier: a gloo group left to interpreter exit can abort a rank
+    # whose peer is still writing (megatron_anyflow/cli.py, end_process_groups)
+    from megatron_anyflow.cli import end_process_groups
+
+    end_process_groups()

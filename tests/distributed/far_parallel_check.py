@@ -296,3 +296,8 @@ if __name__ == "__main__":
         reference(a.ref)
     else:
         compare(a.ref, a.out, a.settings.split(","))
+    # every rank ends its groups after a barrier: a gloo group left to interpreter exit can abort a rank
+    # whose peer is still writing (megatron_anyflow/cli.py, end_process_groups)
+    from megatron_anyflow.cli import end_process_groups
+
+    end_process_groups()

@@ -92,3 +92,8 @@ if __name__ == "__main__":
     res = {s: run(stage1, s, 2, True) for s in ("sequential", "pipelined")}
     if dist.get_rank() == 0:
         torch.save(res, path)
+    # every rank ends its groups after a barrier: a gloo group left to interpreter exit can abort a rank
+    # whose peer is still writing (megatron_anyflow/cli.py, end_process_groups)
+    from megatron_anyflow.cli import end_process_groups
+
+    end_process_groups()

@@ -154,3 +154,8 @@ if __name__ == "__main__":
         reference(sys.argv[2])
     else:
         compare(sys.argv[2], sys.argv[3], sp="--no-sp" not in sys.argv)
+    # every rank ends its groups after a barrier: a gloo group left to interpreter exit can abort a rank
+    # whose peer is still writing (megatron_anyflow/cli.py, end_process_groups)
+    from megatron_anyflow.cli import end_process_groups
+
+    end_process_groups()
