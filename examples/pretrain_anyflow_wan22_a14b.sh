@@ -49,8 +49,7 @@ for EXPERT in high low; do
   SUB=$([ "$EXPERT" = high ] && echo transformer || echo transformer_2)
   if [ ! -e "$OUT/ckpt/$EXPERT-base" ]; then
     step "convert $WAN/$SUB -> $OUT/ckpt/$EXPERT-base (records the boundary and the expert)"
-    python tools/convert_from_hf.py --input "$WAN/$SUB" --output "$OUT/ckpt/$EXPERT-base" --add-delta-embedder \
-      --tensor-model-parallel-size "$TP"
+    python tools/convert_from_hf.py --input "$WAN/$SUB" --output "$OUT/ckpt/$EXPERT-base" --add-delta-embedder
   fi
   step "stage 1 of the $EXPERT-noise expert on its time range"
   STAGE=stage1 PRETRAINED="$OUT/ckpt/$EXPERT-base" DATA_PATH="$DATA_PATH" SAVE="$OUT/ckpt/$EXPERT-stage1" \
