@@ -413,7 +413,8 @@ def verify_pipeline(path, hf, model, shift, steps=2, expert_2=None, boundary=Non
     Two experts (``expert_2 = (hf_2, model_2)``, the low-noise pair, and ``boundary``): the export's own
     ``AnyFlowTwoExpertPipeline`` (``DiffusionPipeline.from_pretrained(path, trust_remote_code=True)``) against
     ``FlowMapEulerSampler(N, shift, boundary)`` on ``route_experts(model, model_2, boundary)``, at N = 1 (the
-    jump split at the boundary) and ``steps``; keys ``"t2v N=1"`` etc.
+    jump split at the boundary) and N = 4 (``steps`` is not used: at b = 0.875 the 2-step grid is the
+    split 1-step one); keys ``"t2v N=1"`` etc.
 
     Raises:
         ValueError: the pipeline's latents have another shape than the sampler's (named)."""

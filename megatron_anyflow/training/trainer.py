@@ -241,7 +241,7 @@ class Trainer:
             f"--pretrained {args.pretrained}" if args.pretrained else f"--model-preset {args.model_preset}",
             getattr(args, "model", "bidirectional"))
         if self.time_range is not None:  # the checkpoints this run writes name their expert (convert_to_hf pairs them)
-            arch["expert"] = "high" if self.time_range[1] == 1.0 else "low"
+            arch["expert"] = getattr(args, "expert", None) or arch["expert"]  # validated by expert_time_range
         base_has_delta = arch["delta_embedder"]
         arch["delta_embedder"] = base_has_delta or need_delta
         if getattr(args, "model", "bidirectional") == "far":
