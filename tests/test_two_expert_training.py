@@ -98,9 +98,12 @@ def test_expert_time_range_rules():
         expert_time_range(a14b, "stage1", None, "--model-preset tiny-wan2.2-t2v-a14b")
     with pytest.raises(ValueError, match="--expert high contradicts ckpt, which is the low-noise expert"):
         expert_time_range(dict(a14b, expert="low"), "stage1", "high", "ckpt")
-    for stage, model in (("stage2", "bidirectional"), ("teacher", "bidirectional"), ("stage1", "far")):
+    for stage, model in (("stage2", "far"), ("teacher", "bidirectional"), ("stage1", "far")):
         with pytest.raises(ValueError, match=f"--stage {stage} --model {model} is not supported for two experts"):
             expert_time_range(a14b, stage, "high", "x", model)
+    assert expert_time_range(a14b, "stage2", None, "x") is None  # stage 2 trains both experts (the whole range)
+    with pytest.raises(ValueError, match="stage 2 of a two-expert model trains both experts together"):
+        expert_time_range(a14b, "stage2", "high", "x")
     with pytest.raises(ValueError, match="--expert low names one expert of a two-expert model, but x is a single"):
         expert_time_range(wan_config("tiny").arch_dict(), "stage1", "low", "x")
     with pytest.raises(ValueError, match="expert='mid'"):

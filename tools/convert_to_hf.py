@@ -67,7 +67,8 @@ needs only diffusers), which ``DiffusionPipeline.from_pretrained(export, trust_r
 diffusers' own ``AnyFlowPipeline`` has one transformer and no boundary, and its ``WanPipeline`` has two but
 samples the ODE, not a flow map; the class adds the second transformer, the boundary and the grid with the
 boundary on it. ``--verify`` checks each expert's forward and the loaded pipeline's final latents against
-this project's two-expert sampler (`anyflow.sampler.route_experts`).
+this project's two-expert sampler (`anyflow.sampler.route_experts`). A two-expert stage-2 checkpoint holds
+both experts: ``--input ckpt/stage2 --merge-lora generator --ema --pipeline ...`` (no ``--expert-2``).
 """
 
 import argparse
@@ -171,9 +172,14 @@ def main(argv=None):
             print(f"error: {problem}", file=sys.stderr)
             return 2
     lora = meta.get("lora")
+    if meta.get("experts") and (not args.pipeline or args.lora_only is not None):
+        print(f"error: {ckpt_dir} holds both experts of a two-expert model (a two-expert stage-2 run): it exports as "
+              "one two-expert pipeline: pass --pipeline with --vae / --text-encoder, and not --lora-only",
+              file=sys.stderr)
+        return 2
     if args.lora_only is not None:
         return export_lora_only(args, ckpt_dir, meta, t0)
-    if args.expert_2 is not None:
+    if args.expert_2 is not None or meta.get("experts"):
         return export_two_experts(args, ckpt_dir, meta, components, t0)
     if args.merge_lora is not None and (not lora or args.merge_lora not in lora["adapters"]):
         have = lora["adapters"] if lora else []
@@ -261,13 +267,21 @@ TWO_EXPERT_MODULE, TWO_EXPERT_CLASS = "pipeline_anyflow_two_expert", "AnyFlowTwo
 
 
 def two_expert_pair(args, ckpt_dir, meta):
-    """``{"high": (dir, meta), "low": (dir, meta)}`` of ``--input`` and ``--expert-2``, and the boundary.
+    """``{"high": (dir, meta), "low": (dir, meta)}`` of ``--input`` and ``--expert-2``, and the boundary; for a
+    two-expert stage-2 checkpoint (``meta["experts"]``) both entries are ``--input``, each with its expert's
+    architecture.
 
     Raises:
         ValueError: a checkpoint that is not one expert (no ``boundary_ratio`` / recorded ``expert``), two
-            checkpoints of the same expert, or boundaries that differ (all named)."""
+            checkpoints of the same expert, boundaries that differ, or ``--expert-2`` with a checkpoint that
+            holds both experts (all named)."""
     from megatron_anyflow.checkpoint.store import read_meta, resolve_checkpoint_dir
 
+    if meta.get("experts"):
+        if args.expert_2 is not None:
+            raise ValueError(f"--input {ckpt_dir} holds both experts (a two-expert stage-2 run); drop --expert-2")
+        pair = {role: (ckpt_dir, dict(meta, wan_config=dict(meta["wan_config"], expert=role))) for role in ("high", "low")}
+        return pair, float(meta["wan_config"]["boundary_ratio"])
     dir_2 = resolve_checkpoint_dir(args.expert_2)
     pair = {}
     for d, m, flag in ((ckpt_dir, meta, "--input"), (dir_2, read_meta(dir_2), "--expert-2")):
@@ -322,7 +336,8 @@ def export_two_experts(args, ckpt_dir, meta, components, t0):
         d, m = pair[role]
         print(f"[2/4] the {role}-noise expert ({sub}): {d}", flush=True)
         try:
-            model = load_for_inference(d, adapter=args.merge_lora, ema=args.ema)
+            model = load_for_inference(d, adapter=args.merge_lora, ema=args.ema,
+                                       expert=role if meta.get("experts") else None)
         except (KeyError, FileNotFoundError, CheckpointError) as err:
             shutil.rmtree(root)
             print(f"error: {err}", file=sys.stderr)

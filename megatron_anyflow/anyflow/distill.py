@@ -47,7 +47,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 import torch
 
 from .objective import frame_mean
-from .timesteps import flow_map_time_grid, logit_normal_t, shift_time, to_model_scale
+from .timesteps import flow_map_time_grid, logit_normal_t, shift_time, to_model_scale, two_expert_time_grid
 
 __all__ = [
     "DistillConfig",
@@ -113,12 +113,17 @@ class DistillConfig:
         clip_grad: gradient-norm clip (1.0).
         ema_decay, ema_start: generator EMA decay and first iteration with EMA (0.99, 200).
         critic_updates_per_generator: critic steps per generator step (1; 1:1 alternation).
+        boundary: a two-expert model's boundary ``b`` in (0, 1) on the [0, 1] time scale (Wan2.2 A14B), or
+            None (one model). The rollout grid is then `timesteps.two_expert_time_grid`'s (``b`` snapped onto
+            the grid for ``N >= 2``), and a rollout segment that crosses ``b`` is split there, so every
+            generator call lies in one expert's range (:func:`flow_map_backward_simulation`).
 
     Raises:
         ValueError: on construction, for an empty / non-positive ``num_steps_choices``, a non-positive
             shift, an unknown ``simulation`` / ``grad_through`` / ``real_guidance_convention``, a
             non-finite guidance, negative learning rates, betas outside ``[0, 1)``, ``ema_decay``
-            outside ``[0, 1]`` or ``critic_updates_per_generator < 1``.
+            outside ``[0, 1]``, ``critic_updates_per_generator < 1``, a ``boundary`` outside (0, 1), or a
+            ``boundary`` with the consistency simulation (its re-noised jumps to 0 cross ``b`` by design).
     """
 
     num_steps_choices: Tuple[int, ...] = (2, 4, 8, 16, 50)
@@ -138,6 +143,7 @@ class DistillConfig:
     ema_decay: float = 0.99
     ema_start: int = 200
     critic_updates_per_generator: int = 1
+    boundary: Optional[float] = None
 
     def __post_init__(self) -> None:
         choices = tuple(self.num_steps_choices)
@@ -172,6 +178,14 @@ class DistillConfig:
             raise ValueError(f"ema_start must be >= 0, got {self.ema_start!r}")
         if int(self.critic_updates_per_generator) < 1:
             raise ValueError(f"critic_updates_per_generator must be >= 1, got {self.critic_updates_per_generator!r}")
+        if self.boundary is not None:
+            b = float(self.boundary)
+            if not 0.0 < b < 1.0:
+                raise ValueError(f"boundary must lie in (0, 1) (a two-expert model's boundary_ratio), got {self.boundary!r}")
+            if self.simulation != "flow_map":
+                raise ValueError(f"simulation={self.simulation!r} with a two-expert boundary: the consistency rollout "
+                                 "jumps to 0 from every grid point, across the boundary; use simulation='flow_map'")
+            self.boundary = b
 
     @property
     def guidance_is_identity(self) -> bool:
@@ -186,12 +200,15 @@ class SimulationPlan:
     Attributes:
         N: number of inference steps simulated (``>= 1``).
         k: gradient step index in ``[0, N - 1]``; the target transition is ``times[k] -> times[k + 1]``.
-        times: float64 CPU ``[N + 1]`` grid ``shift(linspace(1, 0, N + 1))`` from 1 to 0 (in ``[0, 1]``).
+        times: float64 CPU ``[N + 1]`` grid ``shift(linspace(1, 0, N + 1))`` from 1 to 0 (in ``[0, 1]``); with a
+            ``boundary`` and ``N >= 2``, `timesteps.two_expert_time_grid`'s (the point nearest ``b`` moved onto it).
+        boundary: a two-expert model's ``b`` (None: one model); rollout segments that cross it are split there.
     """
 
     N: int
     k: int
     times: torch.Tensor
+    boundary: Optional[float] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.N, bool) or not isinstance(self.N, int) or self.N < 1:
@@ -202,11 +219,12 @@ class SimulationPlan:
             raise ValueError(f"times must be a tensor [N + 1] = [{self.N + 1}]")
 
     @classmethod
-    def make(cls, N: int, k: int, shift: float = 5.0) -> "SimulationPlan":
-        """Plan for a given ``(N, k)`` on the grid ``flow_map_time_grid(N, shift)``."""
+    def make(cls, N: int, k: int, shift: float = 5.0, boundary: Optional[float] = None) -> "SimulationPlan":
+        """Plan for a given ``(N, k)`` on the grid ``flow_map_time_grid(N, shift)`` (two-expert: snapped onto
+        ``boundary``, see :func:`rollout_grid`)."""
         if isinstance(N, bool) or not isinstance(N, int) or N < 1:
             raise ValueError(f"N must be an int >= 1, got {N!r}")
-        return cls(N=N, k=k, times=flow_map_time_grid(N, shift))
+        return cls(N=N, k=k, times=rollout_grid(N, shift, boundary), boundary=boundary)
 
     @property
     def t_k(self) -> float:
@@ -217,6 +235,17 @@ class SimulationPlan:
         return float(self.times[self.k + 1])
 
 
+def rollout_grid(N: int, shift: float, boundary: Optional[float] = None) -> torch.Tensor:
+    """The ``N``-step grid a rollout simulates: ``flow_map_time_grid(N, shift)``; for a two-expert model and
+    ``N >= 2`` the grid point nearest ``boundary`` is moved onto it (`timesteps.two_expert_time_grid`, the
+    grid the two-expert sampler uses, so stage 2 trains the transitions the sampler runs). For ``N = 1`` the
+    grid stays ``[1, 0]``: its one segment is split at ``boundary`` by the rollout, as the sampler splits it.
+    Float64 CPU ``[N + 1]``."""
+    if boundary is None or N == 1:
+        return flow_map_time_grid(N, shift)
+    return two_expert_time_grid(N, shift, boundary)
+
+
 def sample_simulation_plan(generator: Optional[torch.Generator], cfg: Optional[DistillConfig] = None) -> SimulationPlan:
     """Draw ``N`` uniformly from ``cfg.num_steps_choices`` and ``k ~ U{0, ..., N - 1}`` (paper Alg. 2).
 
@@ -225,14 +254,15 @@ def sample_simulation_plan(generator: Optional[torch.Generator], cfg: Optional[D
     collectives depend on it).
 
     Returns:
-        :class:`SimulationPlan` with ``times = flow_map_time_grid(N, cfg.shift)`` (float64 ``[N + 1]``).
+        :class:`SimulationPlan` with ``times = rollout_grid(N, cfg.shift, cfg.boundary)`` (float64 ``[N + 1]``)
+        and ``cfg.boundary``. The draw does not depend on the boundary.
     """
     cfg = cfg if cfg is not None else DistillConfig()
     choices = cfg.num_steps_choices
     i = int(torch.randint(len(choices), (1,), generator=generator).item())
     N = int(choices[i])
     k = int(torch.randint(N, (1,), generator=generator).item())
-    return SimulationPlan(N=N, k=k, times=flow_map_time_grid(N, cfg.shift))
+    return SimulationPlan(N=N, k=k, times=rollout_grid(N, cfg.shift, cfg.boundary), boundary=cfg.boundary)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -305,6 +335,18 @@ def _flow_map_step(model: ModelFn, z: torch.Tensor, t: float, r: float, text,
     return out if condition is None else condition.hold(out)
 
 
+def _jump(model: ModelFn, z: torch.Tensor, t: float, r: float, text, condition: Optional[FrameCondition],
+          boundary: Optional[float], segments: list, with_grad: bool) -> torch.Tensor:
+    """One rollout segment ``t -> r``; with a two-expert ``boundary`` strictly inside it, two flow-map steps
+    ``t -> b -> r`` (each expert knows only its own range; by the composition property, paper eq. 8, an
+    exact flow map gives the same point). Appends ``(t, r, with_grad)`` per model call to ``segments``."""
+    stops = [t, boundary, r] if boundary is not None and r < boundary < t else [t, r]
+    for a, c in zip(stops[:-1], stops[1:]):
+        z = _flow_map_step(model, z, a, c, text, condition)
+        segments.append((a, c, with_grad))
+    return z
+
+
 def _gen_device(generator: Optional[torch.Generator]) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
 
@@ -332,6 +374,10 @@ def flow_map_backward_simulation(
 
     By the composition property (paper eq. 8) an exact flow map gives exactly ``f(noise, 1, 0)`` for every
     ``(N, k)``. Calls: 3, or 2 when ``k == 0`` or ``k == N - 1`` (1 when ``N == 1``).
+
+    Two experts (``plan.boundary = b``, Wan2.2 A14B): the grid holds ``b`` (``N >= 2``), so the target transition
+    never crosses it; a shortcut segment that does (or the single segment of ``N = 1``) is split at ``b``
+    into two calls. So each call lies in one expert's range, and the calls are at most one more than above.
 
     Gradient options (``grad_through``; whatever the caller's grad mode, ``no_grad`` parts are explicit):
 
@@ -372,19 +418,16 @@ def flow_map_backward_simulation(
     t_k, t_n = times[k], times[k + 1]
     segments = []
     z = noise
+    b = plan.boundary
     if k > 0:
         if grad_through == "no_grad_prefix":
             with torch.no_grad():
-                z = _flow_map_step(generator_model, z, 1.0, t_k, text, condition)
-            segments.append((1.0, t_k, False))
+                z = _jump(generator_model, z, 1.0, t_k, text, condition, b, segments, False)
         else:
-            z = _flow_map_step(generator_model, z, 1.0, t_k, text, condition)
-            segments.append((1.0, t_k, torch.is_grad_enabled()))
-    z = _flow_map_step(generator_model, z, t_k, t_n, text, condition)
-    segments.append((t_k, t_n, torch.is_grad_enabled()))
+            z = _jump(generator_model, z, 1.0, t_k, text, condition, b, segments, torch.is_grad_enabled())
+    z = _jump(generator_model, z, t_k, t_n, text, condition, b, segments, torch.is_grad_enabled())
     if k < N - 1:
-        z = _flow_map_step(generator_model, z, t_n, 0.0, text, condition)
-        segments.append((t_n, 0.0, torch.is_grad_enabled()))
+        z = _jump(generator_model, z, t_n, 0.0, text, condition, b, segments, torch.is_grad_enabled())
     info = {"N": N, "k": k, "t_k": t_k, "t_next": t_n, "calls": len(segments), "segments": segments}
     return z, info
 
@@ -423,9 +466,13 @@ def consistency_backward_simulation(
         ``(x0_hat_k, info)``; ``info``: ``N``, ``k``, ``t_k``, ``calls``.
 
     Raises:
-        ValueError: bad ``noise`` or a model output of the wrong shape.
+        ValueError: bad ``noise``, a two-expert plan (``plan.boundary``: its jumps to 0 cross the boundary), or a
+            model output of the wrong shape.
     """
     _check_latent("noise", noise)
+    if plan.boundary is not None:
+        raise ValueError("the consistency rollout jumps to 0 from every grid point, across the two-expert boundary "
+                         f"{plan.boundary:g}: use the flow-map backward simulation")
     if condition is not None:
         condition.check(noise)
     times = plan.times.tolist()
@@ -473,6 +520,8 @@ def backward_simulation(
         if condition is not None:
             raise ValueError("the causal (FAR) generator takes no frame condition: it conditions by whole clean "
                              "chunks")
+        if plan.boundary is not None:
+            raise ValueError("the causal (FAR) generator has no two-expert rollout (FAR experts are not supported)")
         return causal(noise, text, plan, cfg.grad_through)
     if cfg.simulation == "flow_map":
         return flow_map_backward_simulation(generator_model, noise, text, plan, grad_through=cfg.grad_through,

@@ -122,7 +122,7 @@ def _delta_in(ckpt_dir: str) -> bool:
 
 
 def _load_adapter_tensors(model: torch.nn.Module, ckpt_dir: str, ema: Optional[str] = None,
-                          adapters: Optional[List[str]] = None) -> None:
+                          adapters: Optional[List[str]] = None, expert: Optional[str] = None) -> None:
     """Load the adapter tensors (or their EMA copies under ``ema.<group>.``) of ``adapters`` (None: all of
     the model's) from the checkpoint; every one of them must be there.
 
@@ -132,11 +132,13 @@ def _load_adapter_tensors(model: torch.nn.Module, ckpt_dir: str, ema: Optional[s
     adapter (live, or its EMA) and is required with it when the checkpoint is a FAR one; a bidirectional
     base checkpoint has none (the caller initialises it, docs/design/far.md 1.1).
 
+    ``expert``: in a two-expert stage-2 checkpoint, the expert whose tensors (keys ``<expert>.*``) fill ``model``.
+
     Raises:
         CheckpointError: tensors of the requested adapters are missing from the checkpoint (the first few
             named, with the directory and how many in all).
     """
-    prefix = f"ema.{ema}." if ema else ""
+    prefix = (f"ema.{ema}." if ema else "") + (f"{expert}." if expert else "")
     avail = ckpt.tensor_keys(ckpt_dir)
     want = {k: v for k, v in module_sharded_state_dict(model, prefix).items()
             if ".adapters." in k and (adapters is None or any(f".adapters.{a}." in k for a in adapters))}
@@ -159,8 +161,10 @@ def _load_adapter_tensors(model: torch.nn.Module, ckpt_dir: str, ema: Optional[s
         load_module_state(model, ckpt.load_checkpoint(ckpt_dir, want, strict=True), prefix)
 
 
-def load_adapters(model: torch.nn.Module, path: str, adapters: List[str], ema: bool = False) -> str:
-    """Load the named adapters (live or EMA weights) from a training checkpoint into a LoRA model.
+def load_adapters(model: torch.nn.Module, path: str, adapters: List[str], ema: bool = False,
+                  expert: Optional[str] = None) -> str:
+    """Load the named adapters (live or EMA weights) from a training checkpoint into a LoRA model;
+    ``expert``: that expert's of a two-expert stage-2 checkpoint (`pair_expert`).
 
     Raises:
         KeyError: an adapter is not in the checkpoint.
@@ -171,43 +175,79 @@ def load_adapters(model: torch.nn.Module, path: str, adapters: List[str], ema: b
     for a in adapters:
         if a not in have:
             raise KeyError(f"adapter {a!r} not in {d} (adapters: {have})")
-        _load_adapter_tensors(model, d, ema=a if ema else None, adapters=[a])
+        _load_adapter_tensors(model, d, ema=a if ema else None, adapters=[a], expert=expert)
     return d
 
 
-def load_with_adapter(path: str, adapter: Optional[str] = None, ema: bool = False, **config_overrides) -> WanModel:
+def pair_expert(meta: dict, expert: Optional[str], where: str) -> Optional[dict]:
+    """The architecture of ``expert`` in a two-expert stage-2 checkpoint (``meta["experts"]``: both experts,
+    tensors under ``high.`` / ``low.``), or None for a one-model checkpoint (``expert`` must then be None).
+
+    Raises:
+        ValueError: a two-expert checkpoint without ``expert`` in ("high", "low"), or ``expert`` given for a
+            one-model checkpoint (named with ``where``).
+    """
+    if meta.get("experts"):
+        if expert not in ("high", "low"):
+            raise ValueError(f"{where} holds both experts of a two-expert model (a two-expert stage-2 run): name one, "
+                             f"expert='high' or 'low' (got {expert!r}); convert_to_hf --pipeline exports both")
+        return dict(meta["wan_config"], expert=expert)
+    if expert is not None:
+        raise ValueError(f"expert={expert!r}: {where} holds one model, not a two-expert stage-2 run")
+    return None
+
+
+def load_with_adapter(path: str, adapter: Optional[str] = None, ema: bool = False, expert: Optional[str] = None,
+                      **config_overrides) -> WanModel:
     """A `WanModel` (TP = 1, eval mode) from a training / converted checkpoint: the base the run trained on
     (`load_base`) with ``adapter`` applied as LoRA linears, **not merged**, live or EMA (``ema``) weights;
     ``adapter`` None: the base alone (with the EMA of every weight under ``ema.model.`` when ``ema``: full
     fine-tuning). `load_for_inference` merges it; ``convert_to_hf --lora-only`` exports the adapter as is.
 
+    ``expert``: one expert of a two-expert stage-2 checkpoint (`pair_expert`): its recorded base (or its own
+    saved base, ``<expert>.*``, after a random-init preset run) and its adapters.
+
     Raises:
         KeyError: ``adapter`` is not in the checkpoint (the checkpoint's adapters named).
         CheckpointError: tensors of the adapter are missing (`_load_adapter_tensors`).
+        ValueError: ``expert`` missing for a two-expert checkpoint or given for a one-model one.
     """
     d = ckpt.resolve_checkpoint_dir(path)
     meta = ckpt.read_meta(d)
-    model = WanModel(wan_config(None, **meta["wan_config"], perform_initialization=False, **config_overrides))
-    load_base(model, d)
+    arch = pair_expert(meta, expert, d)
+    model = WanModel(wan_config(None, **(arch or meta["wan_config"]), perform_initialization=False, **config_overrides))
+    key = f"{expert}." if arch else ""  # a two-expert checkpoint keeps each expert's tensors under its name
+    if arch:
+        want = {k: v for k, v in module_sharded_state_dict(model, key).items() if ".adapters." not in k}
+        if all(k in ckpt.tensor_keys(d) for k in want):  # saved with the run (random-init preset, full fine-tuning)
+            load_module_state(model, ckpt.load_checkpoint(d, want, strict=True), key)
+        elif meta["experts"][expert]:
+            load_as_base(model, meta["experts"][expert])
+        else:
+            raise KeyError(f"{d} holds no base weights of the {expert}-noise expert and records no base for it")
+    else:
+        load_base(model, d)
     if adapter is None and ema:  # full fine-tuning: EMA of every weight under ema.model.
-        request = {k: v for k, v in module_sharded_state_dict(model, "ema.model.").items()}
-        load_module_state(model, ckpt.load_checkpoint(d, request, strict=True), "ema.model.")
+        request = {k: v for k, v in module_sharded_state_dict(model, "ema.model." + key).items()}
+        load_module_state(model, ckpt.load_checkpoint(d, request, strict=True), "ema.model." + key)
     if adapter is not None:
         lora = meta.get("lora")
         if not lora or adapter not in lora["adapters"]:
             raise KeyError(f"adapter {adapter!r} not in {d} (adapters: {lora['adapters'] if lora else []})")
         L.apply_lora(model, [adapter], lora["rank"], lora["alpha"], targets=lora["targets"])
-        load_adapters(model, d, [adapter], ema=ema)
+        load_adapters(model, d, [adapter], ema=ema, expert=expert)
         L.set_active_adapter(model, adapter)
     return model.eval()
 
 
-def load_for_inference(path: str, adapter: Optional[str] = None, ema: bool = False, **config_overrides) -> WanModel:
-    """A `WanModel` from a training / converted checkpoint, with ``adapter`` merged (TP = 1).
+def load_for_inference(path: str, adapter: Optional[str] = None, ema: bool = False, expert: Optional[str] = None,
+                       **config_overrides) -> WanModel:
+    """A `WanModel` from a training / converted checkpoint, with ``adapter`` merged (TP = 1); ``expert``: one
+    expert of a two-expert stage-2 checkpoint (`load_with_adapter`).
 
     Trained non-adapter tensors of the checkpoint (full fine-tuning) are loaded as well.
     """
-    model = load_with_adapter(path, adapter, ema, **config_overrides)
+    model = load_with_adapter(path, adapter, ema, expert, **config_overrides)
     if adapter is not None:
         L.merge_adapter(model, adapter)
         L.remove_lora(model)

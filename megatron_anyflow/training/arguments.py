@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["tiny", "tiny-video", "wan2.1-1.3b", "wan2.1-14b", "wan2.2-ti2v-5b", "tiny-wan2.2-ti2v",
                             "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "tiny-wan2.2-t2v-a14b"],
                    help="architecture when --pretrained is not given (random init); a two-expert Wan2.2 A14B "
-                        "preset is one expert: it trains stage 1 only, with --expert")
+                        "preset is one expert in stage 1 (with --expert) and both experts in stage 2")
     g.add_argument("--expert", choices=["high", "low"], default=None,
                    help="two-expert models (Wan2.2 A14B): the expert this stage-1 run trains, on its own time range "
                         "(high: t, r in [boundary, 1]; low: [0, boundary]); default: the one the checkpoint "
@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(tools/convert_from_hf.py) or a full-model checkpoint of an earlier run")
     g.add_argument("--init-adapters-from", default=None,
                    help="stage 2: checkpoint of stage 1 whose 'generator' adapter initialises the generator")
+    g.add_argument("--pretrained-2", default=None,
+                   help="stage 2 of a two-expert model (Wan2.2 A14B): the other expert's base (--pretrained holds "
+                        "one expert, this the other; their roles come from the checkpoints); both stay resident")
+    g.add_argument("--init-adapters-from-2", default=None,
+                   help="stage 2 of a two-expert model: the other expert's stage-1 checkpoint (its 'generator' "
+                        "initialises that expert's generator; either order, the roles come from the checkpoints)")
     g.add_argument("--init-from-live-weights", action="store_true",
                    help="stage 2: start the generator from stage 1's live adapter weights instead of its EMA")
     g.add_argument("--model", choices=["bidirectional", "far"], default="bidirectional",

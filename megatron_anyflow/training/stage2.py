@@ -79,6 +79,8 @@ class Stage2(Stage1):
 
     def __init__(self, trainer):
         args = trainer.args
+        self.pair = getattr(trainer, "experts", None) is not None
+        inits = self._stage1_checkpoints(trainer)
         if args.init_adapters_from:
             from megatron_anyflow.checkpoint import store as ckpt
 
@@ -107,15 +109,70 @@ class Stage2(Stage1):
             from megatron_anyflow.checkpoint.model_io import load_adapters
 
             # The stage-1 model one evaluates is its EMA: start from it unless asked otherwise.
-            load_adapters(trainer.model, args.init_adapters_from, [GENERATOR], ema=not args.init_from_live_weights)
+            for model, path in inits:
+                load_adapters(model, path, [GENERATOR], ema=not args.init_from_live_weights)
         self.cfg = flow_map_objective_config(args)
         self.dcfg = distill_config(args)
+        if self.pair:
+            from megatron_anyflow.models.wan.config import expert_time_range
+
+            if args.i2v_prob > 0:
+                raise ValueError(f"--i2v-prob {args.i2v_prob}: a two-expert model (Wan2.2 A14B) is text-to-video here "
+                                 "(I2V-A14B conditions by input channels, not by a clean first frame)")
+            self.dcfg.boundary = trainer.model.boundary
+            self.dcfg.__post_init__()  # validates the boundary with the simulation
+            # co-training: each expert's own stage-1 loss on its range (docs/design/anyflow.md 2.1)
+            self.expert_cfgs = {e: flow_map_objective_config(args, expert_time_range(
+                dict(trainer.arch, expert=e), "stage1", e, "the pair")) for e in ("high", "low")}
         if args.schedule == "pipelined" and args.critic_updates != 1:
             raise ValueError("--schedule pipelined reuses each generator rollout once: it needs --critic-updates 1")
         if args.overlap_critic and args.schedule != "pipelined":
             raise ValueError("--overlap-critic overlaps the critic of micro-batch j with the generator of j + 1, "
                              "which only --schedule pipelined allows (sequential trains the critic on the updated "
                              f"generator); got --schedule {args.schedule}")
+
+    def _stage1_checkpoints(self, trainer):
+        """[(model, stage-1 checkpoint)] whose ``generator`` adapters initialise the generator: the model and
+        ``--init-adapters-from``; for a two-expert model each expert and the stage-1 checkpoint of that expert
+        (``--init-adapters-from`` / ``-2`` in either order: the roles come from their ``wan_config.expert``).
+
+        Raises:
+            ValueError: ``--init-adapters-from-2`` on one model; for a pair, one of the two missing, or
+                checkpoints that are not one 'high' and one 'low' stage-1 expert (named)."""
+        args = trainer.args
+        first, second = args.init_adapters_from, getattr(args, "init_adapters_from_2", None)
+        if not self.pair:
+            if second:
+                raise ValueError("--init-adapters-from-2 names the other expert's stage-1 checkpoint of a two-expert "
+                                 "model; this stage 2 trains one model")
+            return [(trainer.model, first)] if first else []
+        if not first and not second:
+            return []
+        if not (first and second):
+            raise ValueError("a two-expert stage 2 starts each expert's generator from its own stage-1 run: give both "
+                             "--init-adapters-from and --init-adapters-from-2 (or neither)")
+        from megatron_anyflow.checkpoint import store as ckpt
+
+        found = {}
+        for flag, path in (("--init-adapters-from", first), ("--init-adapters-from-2", second)):
+            expert = (ckpt.read_meta(ckpt.resolve_checkpoint_dir(path)).get("wan_config") or {}).get("expert")
+            if expert not in ("high", "low") or expert in found:
+                raise ValueError(f"{flag} {path}: wan_config.expert is {expert!r}; the two stage-1 checkpoints must be "
+                                 "one 'high' and one 'low' expert run (pretrain_anyflow.py --stage stage1 --expert)")
+            found[expert] = path
+        model = trainer.model
+        args.init_adapters_from = found["high"]  # LoRA size and targets are read from it (the low run's must match)
+        return [(model.high, found["high"]), (model.low, found["low"])]
+
+    def expert_role(self, expert, adapter):
+        """One expert's ``call(z, T, R, text)`` with ``adapter``, unrouted: the co-trained stage-1 loss of a
+        two-expert model calls each expert on its own range (its finite difference may step just past it)."""
+        model = getattr(self.t.model, expert)
+
+        def call(z, T, R, text):
+            return model(z, T, R, text, adapter=adapter)
+
+        return call
 
     # -- roles -------------------------------------------------------------------------------------
     def role(self, adapter):
@@ -165,7 +222,17 @@ class Stage2(Stage1):
         t = self.t
         gen, real, fake = self.role(GENERATOR), self.role(None), self.role(FAKE)
         s1_value, s1_stats = None, {}
-        if self.dcfg.cotrain_stage1:
+        if self.dcfg.cotrain_stage1 and self.pair:
+            # each expert's own stage-1 loss on its range; the experts' parameters are disjoint, so each gets
+            # exactly the gradient of its own stage-1 run (with this run's weight); the logged value is the mean
+            s1_value, s1_stats = 0.0, {"carry": {}}
+            for e, cfg in self.expert_cfgs.items():
+                s1, st = self.stage1_loss(self.expert_role(e, GENERATOR), (e, iteration), j, x, text,
+                                          (carry or {}).get(e), cfg)
+                (self.dcfg.stage1_weight * s1 / n).backward()
+                s1_value = s1_value + s1.detach() / 2
+                s1_stats["carry"][e] = st["carry"]
+        elif self.dcfg.cotrain_stage1:
             s1, s1_stats = self.stage1_loss(gen, iteration, j, x, text, carry)
             (self.dcfg.stage1_weight * s1 / n).backward()
             s1_value = s1.detach()

@@ -64,7 +64,9 @@ class Stage(abc.ABC):
         if exclude:  # --lora-exclude: targets matching a pattern are not adapted (recorded in the checkpoint)
             self.targets = tuple(t for t in self.targets if not any(fnmatch.fnmatch(t, p) for p in exclude))
         if args.lora_rank > 0:
-            L.apply_lora(model, adapters, args.lora_rank, args.lora_alpha, targets=self.targets, seed=args.seed)
+            # a two-expert model (stage 2 of Wan2.2 A14B) gets the adapters on each expert (names high.* / low.*)
+            for m in ([m for _, m in model.experts()] if hasattr(model, "experts") else [model]):
+                L.apply_lora(m, adapters, args.lora_rank, args.lora_alpha, targets=self.targets, seed=args.seed)
             L.set_active_adapter(model, adapters[0])
             self.adapters = list(adapters)
             if getattr(model.config, "far", False) and "generator" in adapters:
@@ -249,12 +251,14 @@ class Stage1(Stage):
     def loss(self, iteration, j, x, text, carry):
         return self.stage1_loss(self.t.model, iteration, j, x, text, carry)
 
-    def stage1_loss(self, model, iteration, j, x, text, carry):
+    def stage1_loss(self, model, iteration, j, x, text, carry, cfg=None):
         """`stage1_loss` of micro-batch ``j`` in the iteration's global layout (module docstring);
-        ``stats["carry"]`` is the boundary (sum, count) for the next micro-batch."""
+        ``stats["carry"]`` is the boundary (sum, count) for the next micro-batch. ``cfg``: the objective
+        configuration (default this stage's; one expert's range in a two-expert stage 2, whose ``iteration``
+        is then ``(expert, iteration)``: each expert draws its own times and noise)."""
         t = self.t
         loss, stats = stage1_loss(
-            model, x, text, t.negative_text, self.cfg,
+            model, x, text, t.negative_text, cfg or self.cfg,
             time_generator=t.generator("time", iteration),  # identical on every rank and step: one split
             noise_generator=t.sample_generators("noise", iteration, j, x.shape[0]),
             global_batch=self.args.global_batch_size, global_offset=t.global_offset(j), dp_group=t.dp_group,

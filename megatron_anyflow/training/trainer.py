@@ -228,20 +228,71 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def _build_model(self):
         args = self.args
-        need_delta = args.stage != "teacher"
         if args.pretrained:
             self.pretrained_dir = ckpt.resolve_checkpoint_dir(args.pretrained)
             arch = dict(ckpt.read_meta(self.pretrained_dir)["wan_config"])
         else:
             self.pretrained_dir = None
             arch = wan_config(args.model_preset).arch_dict()
+        where = f"--pretrained {args.pretrained}" if args.pretrained else f"--model-preset {args.model_preset}"
         # one expert of a two-expert model trains stage 1 on its own time range; anything else is refused
-        self.time_range = expert_time_range(
-            arch, args.stage, getattr(args, "expert", None),
-            f"--pretrained {args.pretrained}" if args.pretrained else f"--model-preset {args.model_preset}",
-            getattr(args, "model", "bidirectional"))
+        self.time_range = expert_time_range(arch, args.stage, getattr(args, "expert", None), where,
+                                            getattr(args, "model", "bidirectional"))
         if self.time_range is not None:  # the checkpoints this run writes name their expert (convert_to_hf pairs them)
             arch["expert"] = getattr(args, "expert", None) or arch["expert"]  # validated by expert_time_range
+        self.experts = None  # expert -> base checkpoint directory (or None: random init), stage 2 of a pair
+        if arch.get("boundary_ratio") is not None and args.stage == "stage2":
+            self._build_pair(arch, where)
+            return
+        for flag in ("pretrained_2", "init_adapters_from_2"):
+            if getattr(args, flag, None):
+                raise ValueError(f"--{flag.replace('_', '-')} names the other expert of a two-expert model (stage 2); "
+                                 f"{where} is a single model")
+        model, cfg, self.arch = self._make_model(arch, self.pretrained_dir)
+        self.model, self.config = model.to(self.device), cfg
+        self._finish_model(model)
+
+    def _build_pair(self, arch, where):
+        """Stage 2 of a two-expert model (Wan2.2 A14B): both experts resident as one
+        `anyflow.two_expert.TwoExpertWanModel` (each call routed to the expert of its time range); bases from
+        ``--pretrained`` / ``--pretrained-2`` (roles from their checkpoints) or both from the preset."""
+        from megatron_anyflow.anyflow.two_expert import EXPERTS, TwoExpertWanModel
+
+        args = self.args
+        if self.pretrained_dir:
+            if not getattr(args, "pretrained_2", None):
+                raise ValueError(f"{where} is one expert ({arch.get('expert')}) of a two-expert model: stage 2 trains "
+                                 "both; give the other expert's base with --pretrained-2")
+            d2 = ckpt.resolve_checkpoint_dir(args.pretrained_2)
+            arch2 = dict(ckpt.read_meta(d2)["wan_config"])
+            found = {arch.get("expert"): (self.pretrained_dir, arch), arch2.get("expert"): (d2, arch2)}
+            if set(found) != set(EXPERTS):
+                raise ValueError(f"--pretrained {args.pretrained} (expert {arch.get('expert')!r}) and --pretrained-2 "
+                                 f"{args.pretrained_2} (expert {arch2.get('expert')!r}, wan_config.expert) must be "
+                                 "the two experts of one model: one 'high', one 'low'")
+            if arch2.get("boundary_ratio") != arch.get("boundary_ratio"):
+                raise ValueError(f"--pretrained {args.pretrained} has boundary_ratio {arch.get('boundary_ratio')}, "
+                                 f"--pretrained-2 {args.pretrained_2} has {arch2.get('boundary_ratio')} "
+                                 "(wan_config.boundary_ratio): not one two-expert model")
+        else:
+            if getattr(args, "pretrained_2", None):
+                raise ValueError("--pretrained-2 needs --pretrained (the other expert's base)")
+            found = {e: (None, dict(arch, expert=e)) for e in EXPERTS}  # random init from the preset (seeded alike)
+        made = {e: self._make_model(found[e][1], found[e][0]) for e in EXPERTS}
+        model = TwoExpertWanModel(made["high"][0], made["low"][0], float(arch["boundary_ratio"]))
+        self.experts = {e: (os.path.abspath(found[e][0]) if found[e][0] else None) for e in EXPERTS}
+        self.pretrained_dir = self.experts["high"]  # the high expert's base is --pretrained's record
+        self.arch = made["high"][2]
+        self.model, self.config = model.to(self.device), model.config
+        self._finish_model(model)
+
+    def _make_model(self, arch, pretrained_dir):
+        """A `WanModel` of ``arch`` in this run's layout and kernels, filled from ``pretrained_dir`` (its base)
+        or randomly initialised (seeded by ``--seed``, identical on every rank). Returns (model, config, the
+        architecture this run records)."""
+        args = self.args
+        arch = dict(arch)
+        need_delta = args.stage != "teacher"
         base_has_delta = arch["delta_embedder"]
         arch["delta_embedder"] = base_has_delta or need_delta
         if getattr(args, "model", "bidirectional") == "far":
@@ -254,32 +305,33 @@ class Trainer:
                 arch.setdefault(k, v)
         elif arch.get("far"):
             raise ValueError(f"--pretrained {args.pretrained} is an AnyFlow-FAR checkpoint; pass --model far")
-        self.arch = arch
         cfg = wan_config(None, **arch, tensor_model_parallel_size=args.tensor_model_parallel_size,
                          sequence_parallel=args.sequence_parallel and args.tensor_model_parallel_size > 1,
                          context_parallel_size=args.context_parallel_size, bf16=args.bf16,
                          backend=args.backend, attention_impl=args.attention_impl,
                          lora_merged_nograd=getattr(args, "lora_nograd_merge", "off"),
-                         perform_initialization=args.pretrained is None,
+                         perform_initialization=pretrained_dir is None,
                          **({"far_attention": getattr(args, "far_attention", "grouped")} if arch.get("far") else {}),
                          **_recompute_kwargs(args), **_fp8_kwargs(args))
         torch.manual_seed(args.seed)  # identical base init on every rank (random-init presets only)
         model = WanModel(cfg)
-        if self.pretrained_dir:
+        if pretrained_dir:
             from megatron_anyflow.checkpoint.model_io import load_as_base, represented_adapter
 
-            merged = represented_adapter(ckpt.read_meta(self.pretrained_dir))
-            self._log(f"loading the base model from {self.pretrained_dir}"
+            merged = represented_adapter(ckpt.read_meta(pretrained_dir))
+            self._log(f"loading the base model from {pretrained_dir}"
                       + (f" (its LoRA '{merged}' adapter merged into the base it records)" if merged else ""))
             # Follows an adapter-only checkpoint to its recorded base and merges a LoRA teacher; a base
             # without a delta embedder gets one as a copy of the time embedder (exactly the base at t = r).
-            load_as_base(model, self.pretrained_dir)
+            load_as_base(model, pretrained_dir)
         elif need_delta and not base_has_delta:
             model.condition_embedder.reset_delta_embedder()  # AnyFlow's start: exactly the base at t = r
-        if cfg.far and not self.pretrained_dir:
+        if cfg.far and not pretrained_dir:
             model.reset_far_patch_embedding()
-        self.model = model.to(self.device)
-        self.config = cfg
+        return model, cfg, arch
+
+    def _finish_model(self, model):
+        args = self.args
         self._log(model.describe_kernels(self.device)
                   + (", blocks compiled (torch.compile per block)" if getattr(args, "compile", False) else ""))
         if getattr(args, "compile", False):
@@ -350,6 +402,15 @@ class Trainer:
                                  losses: Optional[Dict[str, torch.Tensor]] = None,
                                  per_sample: Optional[Dict[int, torch.Tensor]] = None) -> Dict[str, float]:
         """One gradient reduction for all ``groups`` (their grads are disjoint), then each group's step."""
+        if self.experts:
+            # Two experts: a micro-batch may route no sample to one expert (the DMD / critic times are drawn per
+            # sample), leaving its adapter without a gradient on this rank only. Its gradient of the mean loss
+            # is then zero, and it is made so on every layout: the DP all-reduce sees one flat buffer of the same
+            # tensors on every rank, and one process steps exactly as DP ranks do.
+            for g in groups:
+                for p in g.params.values():
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
         finalize_model_grads(self.model)
         metrics = {}
         for g in groups:
@@ -517,6 +578,8 @@ class Trainer:
         meta = {"format": "megatron_anyflow", "stage": args.stage, "iteration": self.iteration,
                 "consumed_samples": self.consumed_samples, "wan_config": self.arch,
                 "pretrained": os.path.abspath(self.pretrained_dir) if self.pretrained_dir else None,
+                # two-expert stage 2: each expert's base (None: the preset's random init, saved here under high. / low.)
+                **({"experts": self.experts, "boundary_ratio": self.model.boundary} if self.experts else {}),
                 "lora": self.stage.lora_meta(), "layout": self._layout(),
                 "groups": {n: {"optimizer_steps": optimizer_steps(g.optimizer), "steps": g.steps,
                                # per tensor: AdamW skips a tensor without gradient (FAR's far_patch_embedding
@@ -560,6 +623,10 @@ class Trainer:
         ckpt.note_unverified(d, log=lambda m: self._log(m, flush=True))
         meta = ckpt.read_meta(d)
         ckpt.check_resume_compatible(root, d, meta, self._run_identity())
+        if bool(meta.get("experts")) != bool(self.experts):
+            raise ckpt.ResumeMismatchError(
+                f"--load {root}: {d} is {'a two-expert' if meta.get('experts') else 'a one-model'} stage-2 checkpoint, "
+                f"this run trains {'two experts' if self.experts else 'one model'}; resume with its settings")
         if meta.get("layout") != self._layout():
             self._log(f"warning: resuming layout {self._layout()} from {meta.get('layout')}: weights and optimiser "
                       "state are resharded, but the continuation is not bit-exact")

@@ -239,12 +239,13 @@ def expert_time_range(arch: dict, stage: str, expert: Optional[str], where: str,
         where: what the architecture came from, for messages (``--model-preset X``, a path).
         model: the trainer's ``--model`` (``bidirectional`` or ``far``).
     Returns:
-        ``(lo, hi)`` on the [0, 1] time scale, or None for a single model.
+        ``(lo, hi)`` on the [0, 1] time scale, or None for a single model and for stage 2 of a two-expert model
+        (which trains both experts over the whole range, each call routed to its expert).
     Raises:
         ValueError (a user error: the CLI prints it as one line, exit 2): ``--expert`` on a single model; a
-        two-expert model outside bidirectional stage 1 (stage 2's backward simulation and the teacher-LoRA
-        stage are not supported for two experts yet); no expert named anywhere; ``--expert`` contradicting
-        the checkpoint's recorded expert.
+        two-expert model outside bidirectional stages 1 and 2 (the teacher-LoRA stage and FAR experts are not
+        supported); ``--expert`` in stage 2 (it trains both); in stage 1 no expert named anywhere, or
+        ``--expert`` contradicting the checkpoint's recorded expert.
     """
     ratio = arch.get("boundary_ratio")
     if ratio is None:
@@ -254,10 +255,16 @@ def expert_time_range(arch: dict, stage: str, expert: Optional[str], where: str,
         return None
     head = (f"{where} is one expert of a two-expert Wan2.2 A14B model (boundary_ratio={ratio}: the high-noise "
             f"expert serves t >= {ratio * 1000:g}, the low-noise one below)")
+    if stage == "stage2" and model == "bidirectional":
+        if expert is not None:
+            raise ValueError(f"--expert {expert}: stage 2 of a two-expert model trains both experts together (its "
+                             "backward simulation runs through both ranges); drop --expert and give the other "
+                             "expert with --pretrained-2 / --init-adapters-from-2")
+        return None  # both experts, the whole range (the trainer builds the pair)
     if stage != "stage1" or model != "bidirectional":
-        raise ValueError(f"{head}; two-expert models train bidirectional stage 1 only, one expert per run on its "
-                         f"time range (--stage stage1 --expert high|low); --stage {stage} --model {model} is not "
-                         "supported for two experts yet (docs/design/anyflow.md, Wan2.2 A14B)")
+        raise ValueError(f"{head}; two-expert models train bidirectional stage 1 (one expert per run on its time "
+                         f"range: --stage stage1 --expert high|low) and stage 2 (both experts); --stage {stage} "
+                         f"--model {model} is not supported for two experts yet (docs/design/anyflow.md, Wan2.2 A14B)")
     recorded = arch.get("expert")
     if expert is None and recorded is None:
         raise ValueError(f"{head}; name the expert this run trains: --expert high (t in [{ratio:g}, 1]) or "
