@@ -136,8 +136,22 @@ GRAD_TOL = 1e-5
 LARGE = 1e-2
 
 
-def test_stage2_tp2_matches_tp1(stage1_ckpt, tmp_path):
-    """Every optimizer step of TP = 2 + SP equals TP = 1, step by step from the same state (both schedules).
+@pytest.fixture(scope="module")
+def expert_ckpts(tmp_path_factory):
+    """Two tiny stage-1 expert runs of a two-expert model (Wan2.2 A14B family; random bases of different seeds),
+    as "HIGH,LOW" for stage2_tp_check.py."""
+    root = tmp_path_factory.mktemp("experts")
+    for expert, seed in (("high", 1), ("low", 2)):
+        Trainer(parse_args(["--stage", "stage1", "--model-preset", "tiny-wan2.2-t2v-a14b", "--expert", expert, "--seed",
+                            str(seed), *COMMON, "--train-iters", "2", "--lr", "1e-2", "--save", str(root / expert)]),
+                log=lambda *a, **k: None).train()
+    return f"{root / 'high'},{root / 'low'}"
+
+
+@pytest.mark.parametrize("model", ["one", "two-experts"])
+def test_stage2_tp2_matches_tp1(stage1_ckpt, tmp_path, model, request):
+    """Every optimizer step of TP = 2 + SP equals TP = 1, step by step from the same state (both schedules);
+    for one model and for a two-expert model (both experts' adapters in each group, each call routed).
 
     Compared per group and step (the TP = 1 run replays the TP = 2 state after each step, see
     tests/distributed/stage2_tp_check.py): the parameters before the step (bitwise: same start), the
@@ -150,6 +164,8 @@ def test_stage2_tp2_matches_tp1(stage1_ckpt, tmp_path):
     float32 rounding of the two parameter updates, ``4 u (|p| + lr)``.
     """
     check = _load_check()
+    if model == "two-experts":
+        stage1_ckpt = request.getfixturevalue("expert_ckpts")
     out = tmp_path / "tp2.pt"
     torchrun(["tests/distributed/stage2_tp_check.py", stage1_ckpt, str(out)])
     tp2 = torch.load(out)
@@ -170,6 +186,8 @@ def test_stage2_tp2_matches_tp1(stage1_ckpt, tmp_path):
                 names = [n for n in a["grad"] if a["grad"][n] is not None]
                 assert names == [n for n in b["grad"] if b["grad"][n] is not None], where
                 assert names, where
+                if model == "two-experts":  # both experts' adapters are stepped (a gradient of 0 where unused)
+                    assert {n.split(".")[0] for n in names} == {"high", "low"}, where
                 gnorm = math.sqrt(sum(float(a["grad"][n].double().square().sum()) for n in names))
                 assert gnorm > 0, where
                 dg_all = math.sqrt(sum(float((a["grad"][n].double() - b["grad"][n]).square().sum()) for n in names))

@@ -55,12 +55,16 @@ def dry_run(args, log=print) -> int:
             arch.setdefault(k, v)
     elif arch.get("far"):
         checks.append((False, f"--pretrained {args.pretrained} is an AnyFlow-FAR checkpoint: pass --model far"))
-    try:  # as Trainer._build_model: one expert of a two-expert model (Wan2.2 A14B) trains stage 1 only
+    try:  # as Trainer._build_model: one expert of a two-expert model (Wan2.2 A14B) per stage-1 run, both in stage 2
         expert_time_range(arch, args.stage, getattr(args, "expert", None),
                           f"--pretrained {args.pretrained}" if args.pretrained
                           else f"--model-preset {args.model_preset}", getattr(args, "model", "bidirectional"))
     except ValueError as err:
         checks.append((False, str(err)))
+    n_experts = 2 if arch.get("boundary_ratio") is not None and args.stage == "stage2" else 1
+    if n_experts == 2 and args.pretrained:
+        checks.append((bool(getattr(args, "pretrained_2", None)),
+                       "two-expert stage 2: both experts' bases (--pretrained and --pretrained-2), both resident"))
     cfg = wan_config(None, **arch, perform_initialization=False)
     world = _world_size(args)
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
@@ -111,11 +115,13 @@ def dry_run(args, log=print) -> int:
             adapters = {"teacher": ["teacher"], "stage1": ["generator"], "stage2": ["generator", "fake_score"]}[args.stage]
             L.apply_lora(model, adapters, args.lora_rank, args.lora_alpha)
             lora_params = sum(p.numel() for n, p in model.named_parameters() if ".adapters." in n)
-    base = sum(p.numel() for n, p in model.named_parameters() if ".adapters." not in n)
-    sharded = sum(p.numel() for n, p in model.named_parameters()
-                  if ".adapters." not in n and getattr(p, "tensor_model_parallel", False))
+    base = n_experts * sum(p.numel() for n, p in model.named_parameters() if ".adapters." not in n)
+    sharded = n_experts * sum(p.numel() for n, p in model.named_parameters()
+                              if ".adapters." not in n and getattr(p, "tensor_model_parallel", False))
+    lora_params *= n_experts
     per_gpu = (base - sharded) + sharded // tp
-    log(f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads: "
+    log(f"model: {'two experts (Wan2.2 A14B stage 2, both resident) of ' if n_experts == 2 else ''}"
+        f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads: "
         f"{base / 1e9:.3f}B base parameters ({per_gpu / 1e9:.3f}B per GPU at TP {tp}), "
         f"LoRA {lora_params / 1e6:.1f}M (rank {args.lora_rank})")
     log(f"layout: world {world} = TP {tp} x CP {cp} x DP {dp}; sequence parallel {'on' if sp else 'off'}; "

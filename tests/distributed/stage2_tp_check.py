@@ -1,6 +1,7 @@
 """Stage-2 trainer at TP = 2 (+SP): both schedules, 2 iterations; records every optimizer step.
 
     torchrun --nproc_per_node 2 tests/distributed/stage2_tp_check.py STAGE1_CKPT OUT.pt
+    torchrun --nproc_per_node 2 tests/distributed/stage2_tp_check.py HIGH_STAGE1,LOW_STAGE1 OUT.pt   (two experts)
 
 For every parameter group (generator, fake score) and every optimizer step it writes, gathered to the
 full (TP = 1) layout: the gradient the optimizer is given (after the TP / SP reduction and clipping), the
@@ -70,10 +71,16 @@ def record_steps(trainer, tp=1, replay=None):
 
 
 def stage2_args(stage1, schedule, tp, sp):
-    """The arguments of both sides (TP = 2 here, TP = 1 in the test)."""
+    """The arguments of both sides (TP = 2 here, TP = 1 in the test). ``stage1`` "HIGH,LOW": a two-expert
+    stage 2 (Wan2.2 A14B) on two stage-1 expert runs, each also the base of its expert."""
+    if "," in stage1:
+        high, low = stage1.split(",")
+        init = ["--pretrained", high, "--pretrained-2", low, "--init-adapters-from", high, "--init-adapters-from-2", low]
+    else:
+        init = ["--init-adapters-from", stage1]
     return (["--stage", "stage2", "--mock-data", "--mock-num-samples", "16", "--mock-latent-shape", "3", "16", "4", "6",
              "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "2", "--lr", "1e-3",
-             "--init-adapters-from", stage1, "--simulation-steps", "4", "--schedule", schedule,
+             *init, "--simulation-steps", "4", "--schedule", schedule,
              "--tensor-model-parallel-size", str(tp), "--log-interval", "100"] + (["--sequence-parallel"] if sp else []))
 
 
