@@ -234,3 +234,32 @@ def test_bad_two_expert_stage2_requests_are_named(pair, capsys):
         capsys.readouterr()
         assert pretrain_cli([str(a) for a in [*argv, "--train-iters", "1"]]) == 2, message
         assert message in capsys.readouterr().err, message
+
+
+def test_generate_samples_the_pair_on_the_boundary_grid(pair, tmp_path):
+    """tools/generate.py on the two-expert stage-2 checkpoint: both experts (EMA generators merged), each step
+    routed to its expert on the snapped grid (N = 1: split at b), equal to the library's two-expert sampler on
+    the experts loaded one by one."""
+    from safetensors.torch import load_file, save_file
+
+    from megatron_anyflow.anyflow.sampler import FlowMapEulerSampler
+    from megatron_anyflow.checkpoint.model_io import load_for_inference
+    from test_pipeline_export import load_tool
+
+    root = pair[0]
+    g = torch.Generator().manual_seed(4)
+    save_file({"noise": torch.randn(2, *LATENT, generator=g), "prompt_embeds": torch.randn(2, 6, 384, generator=g)},
+              str(tmp_path / "in.safetensors"))
+    argv = ["--checkpoint", root / "stage2", "--ema", "--noise", tmp_path / "in.safetensors", "--prompt-embeds",
+            tmp_path / "in.safetensors", "--codec", "none", "--steps", 1, 4, "--output", tmp_path / "out",
+            "--save-latents", tmp_path / "out.safetensors", "--no-progress"]
+    assert load_tool("generate").main([str(a) for a in argv]) == 0
+    got, inp = load_file(str(tmp_path / "out.safetensors")), load_file(str(tmp_path / "in.safetensors"))
+    high, low = (load_for_inference(str(root / "stage2"), "generator", ema=True, expert=e) for e in ("high", "low"))
+    routed = route_experts(high, low, B)
+    for n in (1, 4):
+        with torch.no_grad():
+            ref = FlowMapEulerSampler(n, boundary=B)(routed, inp["noise"], inp["prompt_embeds"])
+        torch.testing.assert_close(got[f"steps_{n}"], ref, rtol=0, atol=1e-6)  # same calls, same weights
+    with pytest.raises(ValueError, match="holds both experts of a two-expert model"):
+        load_for_inference(str(root / "stage2"), "generator")

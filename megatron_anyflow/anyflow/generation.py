@@ -81,7 +81,8 @@ class LoadedModel:
     """A model ready to sample, with what was learnt about its source.
 
     Attributes:
-        model: `WanModel` in eval mode (adapter merged), on ``device``.
+        model: `WanModel` in eval mode (adapter merged), on ``device``; a two-expert stage-2 checkpoint gives a
+            `anyflow.two_expert.TwoExpertWanModel` of both experts (each merged).
         kind: ``"checkpoint"`` (a training / converted checkpoint) or ``"diffusers"`` (an export).
         path: the resolved checkpoint directory or diffusers transformer directory.
         adapter: the merged adapter (``None``: base / full weights); ema: EMA weights used.
@@ -231,7 +232,13 @@ def _load_model(path, adapter, ema, tensor_model_parallel_size, context_parallel
                                   f"(stage {meta.get('stage', 'converted')!r}); drop --ema")
     from megatron_anyflow.checkpoint.model_io import load_for_inference
 
-    model = load_for_inference(d, adapter=adapter, ema=ema, **par)
+    if meta.get("experts"):  # a two-expert stage-2 run (Wan2.2 A14B): both experts, each step routed to its own
+        from megatron_anyflow.anyflow.two_expert import TwoExpertWanModel
+
+        model = TwoExpertWanModel(*(load_for_inference(d, adapter=adapter, ema=ema, expert=e, **par)
+                                    for e in ("high", "low")), float(meta["boundary_ratio"]))
+    else:
+        model = load_for_inference(d, adapter=adapter, ema=ema, **par)
     args = meta.get("args") or {}
     return LoadedModel(model=model.to(device).eval(), kind="checkpoint", path=d, adapter=adapter, ema=ema,
                        shift=float(args.get("time_shift", DEFAULT_SHIFT)), data_path=args.get("data_path"),
@@ -754,7 +761,9 @@ def sample_any_step(model: Callable, noise: torch.Tensor, text: torch.Tensor, st
     """Flow-map Euler samples of the same noise and text at every N in ``steps``.
 
     Args:
-        model: ``model(z, T, R, text) -> u`` (a `WanModel`; T, R float32 ``[b, f]`` on 0..1000).
+        model: ``model(z, T, R, text) -> u`` (a `WanModel`; T, R float32 ``[b, f]`` on 0..1000). A
+            `anyflow.two_expert.TwoExpertWanModel` (its ``boundary``) is sampled on
+            `timesteps.two_expert_time_grid` (``N = 1``: two model calls).
         noise: ``[n, f, c, h, w]`` at t = 1 (its dtype is the state's dtype; float32 recommended).
         text: ``[n, L, d]``.
         steps: step counts N (validated by :func:`check_steps`).
@@ -855,7 +864,8 @@ def sample_any_step(model: Callable, noise: torch.Tensor, text: torch.Tensor, st
     for N in steps:
         if bar is not None:
             bar.set_postfix_str(f"N={N}")
-        sampler = FlowMapEulerSampler(N, shift=shift)
+        # a two-expert model samples on the grid with its boundary on it (no step crosses it; N = 1: two calls)
+        sampler = FlowMapEulerSampler(N, shift=shift, boundary=getattr(model, "boundary", None))
         parts = []
         for a, b in chunks:
             cond = condition_frames[a:b] if condition_frames is not None else None

@@ -64,6 +64,11 @@ class TwoExpertWanModel(nn.Module):
     def config(self):
         return self.high.config
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The experts' compute dtype (`WanModel.dtype`)."""
+        return self.high.dtype
+
     def experts(self) -> Iterator[Tuple[str, nn.Module]]:
         """``("high", model), ("low", model)``."""
         yield "high", self.high
