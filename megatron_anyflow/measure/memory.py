@@ -627,7 +627,7 @@ def plan(cfg: PlanConfig) -> Dict[str, object]:
 
     # Two experts (Wan2.2 A14B stage 2): every weight-sized component twice (each expert's frozen base with its
     # generator and fake-score adapters, EMA and merged caches); the activations are one chain's, whichever
-    # expert each forward runs.
+    # expert each forward runs, with one generator forward more (the shortcut split at the boundary).
     x = cfg.experts
     tag = f" x {x} experts" if x > 1 else ""
     comp: Dict[str, float] = {}
@@ -680,9 +680,12 @@ def plan(cfg: PlanConfig) -> Dict[str, object]:
         # The co-trained stage-1 loss is backpropagated before the rollout (stage2._generator_loss): its
         # single graph is never alive with the rollout's. The critic step keeps one fake-score forward,
         # alive together with the next rollout only when --overlap-critic runs it on a side stream.
-        gen = 3 if cfg.grad_through == "chain" else 2
+        # Two experts: the rollout splits the one shortcut that crosses the boundary into two calls, with grad
+        # at worst (the suffix t_k+1 -> b -> 0, or the prefix under "chain"): one forward more.
+        gen = (3 if cfg.grad_through == "chain" else 2) + (1 if x > 1 else 0)
         grad_forwards = gen + (1 if cfg.overlap_critic else 0)
-        act_label = (f"activations: {gen} generator forwards with grad ({cfg.grad_through})"
+        act_label = (f"activations: {gen} generator forwards with grad ({cfg.grad_through}"
+                     + (", a shortcut split at the boundary" if x > 1 else "") + ")"
                      + (" + 1 critic (overlapped)" if cfg.overlap_critic else ""))
         comp[act_label] = grad_forwards * stack / GIB
     transient = BF16 * 12 / 2 * transient_s * b * h / tp  # attention backward workspace (12 s b h / t bytes)
