@@ -23,7 +23,9 @@ checkpoints (``wan_config.expert`` / ``wan_config.boundary_ratio``, recorded by 
 ``--expert`` training runs). Refused, naming the checkpoint and the field: two checkpoints of the same
 expert, a single model with ``--teacher-2``, one expert without ``--teacher-2``, boundaries that differ.
 The output's ``index.json`` records the pair under ``synthesized`` (``teacher`` the high expert,
-``teacher_2`` the low one, ``boundary_ratio``, ``guidance`` / ``guidance_2``).
+``teacher_2`` the low one, ``boundary_ratio``, ``guidance`` / ``guidance_2``). On a GPU only the expert being
+called is on it (two float32 14B experts, 2 x 57 GB, do not fit one 80 GB GPU together; the other waits in
+host memory, two moves per batch: ``one_expert_resident``).
 """
 
 import argparse
@@ -106,6 +108,43 @@ def teacher_experts(teacher, teacher_2):
     return {"high": high, "low": low}, b_high
 
 
+def one_expert_resident(high, low, device):
+    """The two experts as sampler callables of which only the one being called is on ``device``.
+
+    Two 14B experts in float32 are 2 x 57 GB, more than one 80 GB GPU holds; the teacher's Euler steps use
+    the high expert for the first steps of a rollout and the low one for the rest, so keeping the inactive
+    expert in host memory costs two moves per batch (against 2N forwards of a 14B). On the CPU nothing moves.
+
+    Args:
+        high, low: ``torch.nn.Module`` experts (anywhere; both go to host memory first when ``device`` is not
+            the CPU).
+        device: the device the active expert runs on.
+
+    Returns:
+        ``(high_fn, low_fn)``: ``fn(z, T, R, text) -> v`` calls its expert after moving it onto ``device``
+        and the other one off it, when needed.
+    """
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cpu":
+        return high.to(device), low.to(device)
+    experts = {"high": high.to("cpu"), "low": low.to("cpu")}
+    on = [None]  # the expert now on the device
+
+    def resident(role):
+        def fn(z, T, R, text):
+            if on[0] != role:
+                if on[0] is not None:
+                    experts[on[0]].to("cpu")
+                experts[role].to(device)
+                on[0] = role
+            return experts[role](z, T, R, text)
+        return fn
+
+    return resident("high"), resident("low")
+
+
 def main(argv=None):
     args = parse_args(argv)
     import warnings
@@ -128,15 +167,15 @@ def main(argv=None):
     experts, boundary = teacher_experts(args.teacher, args.teacher_2)  # refusals before any weight is read
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
-    def load(path):
+    def load(path):  # built in host memory
         return (load_for_inference(path, adapter=args.teacher_adapter) if args.teacher_adapter
-                else load_as_model(path)).to(device)
+                else load_as_model(path))
 
     if boundary is None:
-        teacher, teacher_2 = load(args.teacher), None
+        teacher, teacher_2 = load(args.teacher).to(device), None
         sampler = TeacherEulerSampler(args.steps, shift=args.shift, guidance_scale=args.guidance)
     else:
-        teacher, teacher_2 = load(experts["high"]), load(experts["low"])
+        teacher, teacher_2 = one_expert_resident(load(experts["high"]), load(experts["low"]), device)
         sampler = TeacherEulerSampler(args.steps, shift=args.shift, guidance_scale=args.guidance, boundary=boundary,
                                       guidance_scale_2=args.guidance_2)
     ds = LatentDataset(args.data_path)
