@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # AnyFlow on Wan2.2-T2V-A14B: two 14B experts split at the boundary b = 0.875 (diffusers' boundary_ratio:
-# `transformer` serves t >= b, `transformer_2` below). Each expert is distilled on its own time range (stage 1,
+# `transformer` serves t >= b, `transformer_2` below). The two-expert teacher's ODE samples for DATA_PATH's
+# prompts are the training data (tools/synthesize_dataset.py --teacher-2: each Euler step on the expert of its
+# timestep, as diffusers' WanPipeline; paper 5.1), each expert is distilled on its own time range (stage 1,
 # one run per expert: t, r in [b, 1] for the high-noise expert, [0, b] for the low-noise one), and the two are
 # exported as one AnyFlowTwoExpertPipeline, whose grid puts b on the grid so that no jump crosses it
 # (docs/design/anyflow.md, "Wan2.2 A14B"; README, "Wan2.2").
@@ -11,14 +13,17 @@
 #
 # WAN        a diffusers Wan2.2-T2V-A14B pipeline directory (transformer/, transformer_2/, vae/, text_encoder/, ...)
 # DATA_PATH  latents of your videos at 81 x 480 x 832 (tools/prepare_dataset.py --codec wan-vae: A14B uses the Wan2.1
-#            VAE, 16 channels, 16 fps), as for examples/pretrain_anyflow_14b.sh
-# OUT        where the converted experts, their stage-1 runs and the export go (runs/anyflow-wan22-a14b)
+#            VAE, 16 channels, 16 fps), as for examples/pretrain_anyflow_14b.sh: their prompts (and latent size)
+#            are what the teacher samples
+# OUT        where the converted experts, the synthesised data ($OUT/synthetic), the stage-1 runs and the export go
+#            (runs/anyflow-wan22-a14b)
+# SYNTH_STEPS, GUIDANCE, GUIDANCE_2, SAMPLES_PER_PROMPT   the synthesis: Euler steps (50), the high expert's CFG (3),
+#            the low expert's (= GUIDANCE), teacher samples per prompt (1); SKIP_SYNTH=1 trains on DATA_PATH itself
 # Each expert's stage 1 runs through examples/pretrain_anyflow_14b.sh (multi-node torchrun; NNODES, TP = 4, CP = 2,
 # FP8, ... as documented there) with PRESET=wan2.2-t2v-a14b and --expert. Differences from the Wan2.1 chain, all
 # because a two-expert model is supported in stage 1 only (the trainer refuses the rest with the reason):
-#   * no teacher-LoRA stage: each expert's converted base is its own teacher;
-#   * stage 1 trains on DATA_PATH (your videos' latents), not on teacher-synthesised samples
-#     (tools/synthesize_dataset.py samples one model);
+#   * no teacher-LoRA stage: each expert's converted base is its own teacher (and the pair of bases the
+#     teacher that synthesises the data);
 #   * no stage 2 yet: its backward simulation crosses the boundary, so both experts (their bases and three roles
 #     each) must be resident; DRY_RUN=1 prints that plan (two-expert stage 2 at TP 4 x CP 2 on 8 x 80 GB).
 # Wan2.2-I2V-A14B (36 input channels: the noisy latent concatenated with the image condition) is not trained here.
@@ -51,8 +56,19 @@ for EXPERT in high low; do
     step "convert $WAN/$SUB -> $OUT/ckpt/$EXPERT-base (records the boundary and the expert)"
     python tools/convert_from_hf.py --input "$WAN/$SUB" --output "$OUT/ckpt/$EXPERT-base" --add-delta-embedder
   fi
-  step "stage 1 of the $EXPERT-noise expert on its time range"
-  STAGE=stage1 PRETRAINED="$OUT/ckpt/$EXPERT-base" DATA_PATH="$DATA_PATH" SAVE="$OUT/ckpt/$EXPERT-stage1" \
+done
+TRAIN_DATA=$OUT/synthetic
+if [ "${SKIP_SYNTH:-0}" = 1 ]; then
+  TRAIN_DATA=$DATA_PATH
+elif [ ! -e "$OUT/synthetic/index.json" ]; then   # index.json is written last: its presence means complete
+  step "teacher-synthesised data: the two-expert teacher's ${SYNTH_STEPS:-50}-step samples for DATA_PATH's prompts"
+  python tools/synthesize_dataset.py --teacher "$OUT/ckpt/high-base" --teacher-2 "$OUT/ckpt/low-base" \
+    --data-path "$DATA_PATH" --output "$OUT/synthetic" --steps "${SYNTH_STEPS:-50}" --guidance "${GUIDANCE:-3}" \
+    --guidance-2 "${GUIDANCE_2:-${GUIDANCE:-3}}" --samples-per-prompt "${SAMPLES_PER_PROMPT:-1}" --batch-size 1
+fi
+for EXPERT in high low; do
+  step "stage 1 of the $EXPERT-noise expert on its time range, on $TRAIN_DATA"
+  STAGE=stage1 PRETRAINED="$OUT/ckpt/$EXPERT-base" DATA_PATH="$TRAIN_DATA" SAVE="$OUT/ckpt/$EXPERT-stage1" \
     bash examples/pretrain_anyflow_14b.sh --expert "$EXPERT" "$@"
 done
 step "export: both experts as one AnyFlowTwoExpertPipeline (EMA generators merged, bf16), --verify"

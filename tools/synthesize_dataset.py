@@ -9,6 +9,23 @@ the forward flow map is then learned for the teacher's own distribution, which i
 reproduce in few steps. For every sample of ``--data-path`` (its text embedding), ``--samples-per-prompt``
 teacher samples are drawn with ``TeacherEulerSampler(--steps, --guidance)`` from seeded noise and written
 in the same latent-dataset format (prompts and negative embedding carried over).
+
+Two experts (Wan2.2 A14B): pass both converted experts, in either order:
+
+    python tools/synthesize_dataset.py --teacher ckpt/a14b-high --teacher-2 ckpt/a14b-low --data-path data/a14b \
+        --output data/a14b-synthetic --steps 50 --guidance 3 --guidance-2 3
+
+Each Euler step's velocity comes from the expert of the step's timestep, as diffusers' ``WanPipeline`` routes
+(``transformer``, the high-noise expert, for timesteps ``>= boundary_ratio * 1000``, ``transformer_2`` below;
+``TeacherEulerSampler(boundary=...)``); ``--guidance`` is the high expert's CFG scale and ``--guidance-2`` the
+low one's (WanPipeline's ``guidance_scale`` / ``guidance_scale_2``). The roles and the boundary come from the
+checkpoints (``wan_config.expert`` / ``wan_config.boundary_ratio``, recorded by ``convert_from_hf`` and by
+``--expert`` training runs). Refused, naming the checkpoint and the field: two checkpoints of the same
+expert, a single model with ``--teacher-2``, one expert without ``--teacher-2``, boundaries that differ.
+The output's ``index.json`` records the pair under ``synthesized`` (``teacher`` the high expert,
+``teacher_2`` the low one, ``boundary_ratio``, ``guidance`` / ``guidance_2``). On a GPU only the expert being
+called is on it (two float32 14B experts, 2 x 57 GB, do not fit one 80 GB GPU together; the other waits in
+host memory, two moves per batch: ``one_expert_resident``).
 """
 
 import argparse
@@ -21,17 +38,111 @@ def parse_args(argv=None):
     p.add_argument("--teacher", required=True,
                    help="teacher checkpoint: converted, full, or a LoRA teacher run (its EMA adapter is merged into "
                         "the base it records)")
+    p.add_argument("--teacher-2", default=None,
+                   help="Wan2.2 A14B: the other expert of a two-expert teacher (either order; the roles come from "
+                        "the checkpoints' wan_config.expert)")
     p.add_argument("--teacher-adapter", default=None,
-                   help="instead merge this adapter of --teacher (live weights; e.g. a stage-1 'generator')")
+                   help="instead merge this adapter of --teacher (live weights; e.g. a stage-1 'generator'); with "
+                        "--teacher-2, of both experts")
     p.add_argument("--data-path", required=True, help="dataset whose prompts are used")
     p.add_argument("--output", required=True)
     p.add_argument("--samples-per-prompt", type=int, default=1)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=3.0, help="teacher CFG (v_u + g (v_c - v_u)); 1 = none")
+    p.add_argument("--guidance", type=float, default=3.0,
+                   help="teacher CFG (v_u + g (v_c - v_u)); 1 = none. Two experts: the high-noise expert's")
+    p.add_argument("--guidance-2", type=float, default=None,
+                   help="two experts: the low-noise expert's CFG scale (default: --guidance, as WanPipeline's "
+                        "guidance_scale_2)")
     p.add_argument("--shift", type=float, default=5.0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
+
+
+def teacher_experts(teacher, teacher_2):
+    """The teacher's checkpoints by role, from their recorded ``wan_config``.
+
+    Args:
+        teacher, teacher_2: ``--teacher`` and ``--teacher-2`` (checkpoint roots or directories; ``teacher_2``
+            None for one model).
+
+    Returns:
+        ``({"high": path, "low": path}, boundary_ratio)`` for two experts (paths as given), or
+        ``({"single": teacher}, None)`` for one model.
+
+    Raises:
+        ValueError (exit 2, one line): one expert without ``--teacher-2``; with ``--teacher-2``, a checkpoint
+            that is not one expert (no ``wan_config.boundary_ratio`` or no ``wan_config.expert``), two
+            checkpoints of the same expert, or boundaries that differ; each names the path and the field.
+        FileNotFoundError / CheckpointError: no complete checkpoint at a path (named).
+    """
+    from megatron_anyflow.checkpoint.store import read_meta, resolve_checkpoint_dir
+
+    def arch(path):
+        return read_meta(resolve_checkpoint_dir(path))["wan_config"]
+
+    first = arch(teacher)
+    if teacher_2 is None:
+        if first.get("boundary_ratio") is not None:
+            # one expert alone would run all of [0, 1] on a field it knows only on its own range
+            raise ValueError(f"--teacher {teacher} is one expert of a two-expert Wan2.2 A14B model "
+                             f"(wan_config.expert {first.get('expert')}, wan_config.boundary_ratio "
+                             f"{first['boundary_ratio']}): pass the other expert with --teacher-2")
+        return {"single": teacher}, None
+    pair = {}
+    for flag, path, a in (("--teacher", teacher, first), ("--teacher-2", teacher_2, arch(teacher_2))):
+        role = a.get("expert")
+        if a.get("boundary_ratio") is None or role not in ("high", "low"):
+            raise ValueError(f"{flag} {path} is not one expert of a two-expert model (wan_config.boundary_ratio "
+                             f"{a.get('boundary_ratio')}, wan_config.expert {role}): --teacher-2 takes the other "
+                             "expert of a Wan2.2 A14B teacher (convert_from_hf records both from transformer/ and "
+                             "transformer_2/); a single model goes alone in --teacher")
+        if role in pair:
+            raise ValueError(f"--teacher {teacher} and --teacher-2 {teacher_2} are both the {role}-noise expert "
+                             f"(wan_config.expert {role}); pass one high and one low expert")
+        pair[role] = (path, float(a["boundary_ratio"]))
+    (high, b_high), (low, b_low) = pair["high"], pair["low"]
+    if b_high != b_low:
+        raise ValueError(f"the experts' boundaries differ (wan_config.boundary_ratio): {b_high} in {high} (high), "
+                         f"{b_low} in {low} (low)")
+    return {"high": high, "low": low}, b_high
+
+
+def one_expert_resident(high, low, device):
+    """The two experts as sampler callables of which only the one being called is on ``device``.
+
+    Two 14B experts in float32 are 2 x 57 GB, more than one 80 GB GPU holds; the teacher's Euler steps use
+    the high expert for the first steps of a rollout and the low one for the rest, so keeping the inactive
+    expert in host memory costs two moves per batch (against 2N forwards of a 14B). On the CPU nothing moves.
+
+    Args:
+        high, low: ``torch.nn.Module`` experts (anywhere; both go to host memory first when ``device`` is not
+            the CPU).
+        device: the device the active expert runs on.
+
+    Returns:
+        ``(high_fn, low_fn)``: ``fn(z, T, R, text) -> v`` calls its expert after moving it onto ``device``
+        and the other one off it, when needed.
+    """
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cpu":
+        return high.to(device), low.to(device)
+    experts = {"high": high.to("cpu"), "low": low.to("cpu")}
+    on = [None]  # the expert now on the device
+
+    def resident(role):
+        def fn(z, T, R, text):
+            if on[0] != role:
+                if on[0] is not None:
+                    experts[on[0]].to("cpu")
+                experts[role].to(device)
+                on[0] = role
+            return experts[role](z, T, R, text)
+        return fn
+
+    return resident("high"), resident("low")
 
 
 def main(argv=None):
@@ -51,25 +162,41 @@ def main(argv=None):
     enable_megatron_cpu_compat()
     initialize_parallel(1)
     t0 = time.time()
+    if args.guidance_2 is not None and args.teacher_2 is None:
+        raise ValueError("--guidance-2 is the low-noise expert's CFG scale: it needs --teacher-2 (two experts)")
+    experts, boundary = teacher_experts(args.teacher, args.teacher_2)  # refusals before any weight is read
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    teacher = (load_for_inference(args.teacher, adapter=args.teacher_adapter) if args.teacher_adapter
-               else load_as_model(args.teacher)).to(device)
+
+    def load(path):  # built in host memory
+        return (load_for_inference(path, adapter=args.teacher_adapter) if args.teacher_adapter
+                else load_as_model(path))
+
+    if boundary is None:
+        teacher, teacher_2 = load(args.teacher).to(device), None
+        sampler = TeacherEulerSampler(args.steps, shift=args.shift, guidance_scale=args.guidance)
+    else:
+        teacher, teacher_2 = one_expert_resident(load(experts["high"]), load(experts["low"]), device)
+        sampler = TeacherEulerSampler(args.steps, shift=args.shift, guidance_scale=args.guidance, boundary=boundary,
+                                      guidance_scale_2=args.guidance_2)
     ds = LatentDataset(args.data_path)
     neg = ds.negative_text.to(device)
     n = len(ds) * args.samples_per_prompt
     texts = torch.stack([ds[i % len(ds)][1] for i in range(n)])
-    sampler = TeacherEulerSampler(args.steps, shift=args.shift, guidance_scale=args.guidance)
     g = torch.Generator().manual_seed(args.seed)
     outs = []
     for start in tqdm(range(0, n, args.batch_size), desc="teacher samples", unit="batch"):
         text = texts[start:start + args.batch_size].to(device)
         noise = torch.randn((text.shape[0], *ds.latent_shape), generator=g).to(device)
         with torch.no_grad():
-            outs.append(sampler(teacher, noise, text, neg.expand(text.shape[0], -1, -1)).float().cpu())
+            outs.append(sampler(teacher, noise, text, neg.expand(text.shape[0], -1, -1), model_2=teacher_2)
+                        .float().cpu())
     extra = {k: v for k, v in ds.index.items() if k not in ("shards", "num_samples", "format")}
     extra["synthesized"] = {"teacher": args.teacher, "steps": args.steps, "guidance": args.guidance,
                             "shift": args.shift, "samples_per_prompt": args.samples_per_prompt, "seed": args.seed,
                             "source": args.data_path}
+    if boundary is not None:  # the pair by role, whatever the argument order
+        extra["synthesized"].update(teacher=experts["high"], teacher_2=experts["low"], boundary_ratio=boundary,
+                                    guidance_2=sampler.guidance_scale_2)
     # stored like the source (bf16 for datasets written by write_latent_dataset, float32 for older ones)
     write_latent_dataset(args.output, torch.cat(outs), texts, ds.negative_text, extra, dtype=ds.dtype)
     print(f"wrote {n} teacher samples to {args.output} in {time.time() - t0:.1f}s", flush=True)

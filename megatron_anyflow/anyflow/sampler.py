@@ -207,7 +207,7 @@ def route_experts(high: ModelFn, low: ModelFn, boundary: float) -> ModelFn:
 
 
 class TeacherEulerSampler:
-    """Euler ODE sampler of the (single-time) teacher with classifier-free guidance.
+    """Euler ODE sampler of the (single-time) teacher with classifier-free guidance; one model or two experts.
 
     Same grid as :class:`FlowMapEulerSampler`. Per step ``(t, r)``:
     ``v = v_u + g (v_c - v_u)`` with ``v_c = model(z, T, T, text)``, ``v_u = model(z, T, T, negative_text)``
@@ -215,24 +215,63 @@ class TeacherEulerSampler:
     then ``z <- z - (t - r) v``. ``guidance_scale == 1`` skips the unconditional call. This is the
     Wan2.1 flow-matching Euler sampler with CFG (the design's DMD "real" score uses the same combination).
 
+    Two experts (Wan2.2 A14B, ``boundary`` set): each step's velocity comes from one expert, chosen by the
+    step's start time as diffusers' ``WanPipeline.__call__`` does: ``transformer`` (``model``, high noise)
+    with ``guidance_scale`` when ``t_model >= boundary_ratio * 1000``, else ``transformer_2`` (``model_2``,
+    low noise) with ``guidance_scale_2``. ``t_model`` is the timestep the expert is fed, ``T =
+    to_model_scale(t)`` (float32 on 0..1000), compared with ``to_model_scale(boundary)``: WanPipeline
+    compares its scheduler's timestep, the one its transformer is fed, with the Python float ``boundary_ratio
+    * 1000``, which torch rounds to the timestep's float32 before comparing. A grid point exactly on the
+    boundary (Wan's shift-5 grid at b = 0.875 for N a multiple of 12) therefore goes to the high expert.
+    The grid stays the plain one (no snapping: a teacher's Euler step is no flow map, and the reference
+    samples the plain grid; docs/design/anyflow.md 2.1: the routings of an Euler teacher differ by less
+    than its discretisation error).
+
     Args:
         num_steps: number of Euler steps ``N >= 1`` (NFE = N, or 2N with CFG).
         shift: time shift ``s > 0``.
-        guidance_scale: CFG scale ``g`` (3.0 by default; 1.0 disables CFG).
+        guidance_scale: CFG scale ``g`` (3.0 by default; 1.0 disables CFG); with ``boundary``, the high
+            expert's (WanPipeline's ``guidance_scale``).
+        boundary: None (one model) or the expert boundary ``b`` in ``(0, 1)`` on the [0, 1] time scale
+            (diffusers' ``boundary_ratio``: 0.875 for T2V-A14B); then ``__call__`` needs ``model_2``.
+        guidance_scale_2: the low expert's CFG scale (WanPipeline's ``guidance_scale_2``); None: equal to
+            ``guidance_scale`` (WanPipeline's default). Only with ``boundary``.
+
+    Attributes:
+        times: float64 ``[N + 1]`` grid in ``[0, 1]``, from 1 to 0.
+        experts: with ``boundary``, ``["high" | "low"] * N``, the expert of each step; None for one model.
 
     Raises:
-        ValueError: ``num_steps`` < 1, ``shift <= 0``, non-finite ``guidance_scale``.
+        ValueError: ``num_steps`` < 1, ``shift <= 0``, a non-finite guidance scale, ``boundary`` not in
+            (0, 1), ``guidance_scale_2`` without ``boundary``.
     """
 
-    def __init__(self, num_steps: int, shift: float = 5.0, guidance_scale: float = 3.0):
+    def __init__(self, num_steps: int, shift: float = 5.0, guidance_scale: float = 3.0,
+                 boundary: Optional[float] = None, guidance_scale_2: Optional[float] = None):
         _check_steps_shift(num_steps, shift)
-        guidance_scale = float(guidance_scale)
-        if not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
+        guidance_scale = _check_guidance(guidance_scale, "guidance_scale")
         self.num_steps = int(num_steps)
         self.shift = float(shift)
         self.guidance_scale = guidance_scale
         self.times = flow_map_time_grid(self.num_steps, self.shift)
+        self.boundary = self.guidance_scale_2 = self.experts = None
+        if boundary is None:
+            if guidance_scale_2 is not None:
+                raise ValueError("guidance_scale_2 is the low-noise expert's CFG scale: it needs a boundary "
+                                 "(two experts)")
+            return
+        try:
+            b = float(boundary)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"boundary must be a number in (0, 1), got {boundary!r}") from exc
+        if not 0.0 < b < 1.0:
+            raise ValueError(f"boundary must lie in (0, 1) (the [0, 1] time at which the experts switch), got "
+                             f"{boundary!r}")
+        self.boundary = b
+        self.guidance_scale_2 = (guidance_scale if guidance_scale_2 is None
+                                 else _check_guidance(guidance_scale_2, "guidance_scale_2"))
+        B = to_model_scale(b)
+        self.experts = ["high" if bool(to_model_scale(t) >= B) else "low" for t in self.times[:-1].tolist()]
 
     @torch.no_grad()
     def __call__(
@@ -243,26 +282,43 @@ class TeacherEulerSampler:
         negative_text: Optional[torch.Tensor] = None,
         progress: bool = False,
         trajectory: bool = False,
+        model_2: Optional[ModelFn] = None,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Integrate the guided PF-ODE from ``noise`` (t = 1) to t = 0.
 
         Args:
-            model: ``model(z, T, R, text) -> v``; called with ``R = T`` (float32 ``[b, f]``, 0..1000).
+            model: ``model(z, T, R, text) -> v``; called with ``R = T`` (float32 ``[b, f]``, 0..1000). With a
+                boundary, the high-noise expert (diffusers' ``transformer``).
             noise: ``[b, f, c, h, w]`` state at t = 1 (its dtype is the state's dtype).
             text: conditional text embedding ``[b, L, d]``.
-            negative_text: negative-prompt embedding ``[b, L', d]``; required when ``guidance_scale != 1``.
+            negative_text: negative-prompt embedding ``[b, L', d]``; required when a guidance scale in use
+                is not 1.
             progress: tqdm progress bar.
             trajectory: also return the ``N + 1`` states.
+            model_2: with a boundary, the low-noise expert (diffusers' ``transformer_2``); required then,
+                refused without one.
 
         Returns:
             ``x0`` in ``noise``'s dtype, or ``(x0, states)`` with ``trajectory=True``.
 
         Raises:
-            ValueError: bad ``noise``; ``negative_text`` missing while ``guidance_scale != 1``.
+            ValueError: bad ``noise``; ``negative_text`` missing while a guidance scale in use is not 1;
+                ``model_2`` missing with a boundary or given without one.
         """
         _check_noise(noise)
-        g = self.guidance_scale
-        if g != 1.0 and negative_text is None:
+        if self.boundary is None:
+            if model_2 is not None:
+                raise ValueError("model_2 (the low-noise expert) needs a boundary: TeacherEulerSampler(..., "
+                                 "boundary=b)")
+            models, scales = [model] * self.num_steps, [self.guidance_scale] * self.num_steps
+        else:
+            if model_2 is None:
+                raise ValueError(f"a two-expert TeacherEulerSampler (boundary {self.boundary:g}) needs model_2, "
+                                 "the low-noise expert")
+            high = [e == "high" for e in self.experts]
+            models = [model if h else model_2 for h in high]
+            scales = [self.guidance_scale if h else self.guidance_scale_2 for h in high]
+        if negative_text is None and any(g != 1.0 for g in scales):
             raise ValueError("negative_text is required when guidance_scale != 1")
         b, f = noise.shape[:2]
         z = noise.clone()
@@ -270,10 +326,11 @@ class TeacherEulerSampler:
         times = self.times.tolist()
         for i in _progress(range(self.num_steps), progress, "teacher sampling"):
             t, r = times[i], times[i + 1]
+            m, g = models[i], scales[i]
             T = to_model_scale(t).to(noise.device).expand(b, f).clone()
-            v = model(z, T, T, text).to(z.dtype)
+            v = m(z, T, T, text).to(z.dtype)
             if g != 1.0:
-                v_u = model(z, T, T, negative_text).to(z.dtype)
+                v_u = m(z, T, T, negative_text).to(z.dtype)
                 v = v_u + g * (v - v_u)
             z = _euler_update(z, t - r, v)
             if trajectory:
@@ -281,3 +338,13 @@ class TeacherEulerSampler:
         if trajectory:
             return z, states
         return z
+
+
+def _check_guidance(g, name: str) -> float:
+    try:
+        g = float(g)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a finite number, got {g!r}") from exc
+    if not math.isfinite(g):
+        raise ValueError(f"{name} must be finite, got {g!r}")
+    return g
