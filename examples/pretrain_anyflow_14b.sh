@@ -63,7 +63,8 @@ FP8_RECIPE=${FP8_RECIPE:-delayed}      # delayed | tensorwise | mxfp8 (Blackwell
 RECOMPUTE=${RECOMPUTE:-full}           # none | selective | full
 FRAMES=${FRAMES:-81}; HEIGHT=${HEIGHT:-480}; WIDTH=${WIDTH:-832}
 PRESET=${PRESET:-wan2.1-14b}           # the architecture of DRY_RUN / MOCK_DATA runs and of the plan (wan2.2-t2v-a14b:
-                                       # one expert, with --expert; examples/pretrain_anyflow_wan22_a14b.sh)
+                                       # one expert in stage 1 with --expert, both in stage 2 with --pretrained-2;
+                                       # examples/pretrain_anyflow_wan22_a14b.sh)
 PRETRAINED=${PRETRAINED:-ckpt/wan2.1-t2v-14b}
 TEACHER=${TEACHER:-}
 STAGE1_CKPT=${STAGE1_CKPT:-}
@@ -111,7 +112,9 @@ BASE_CKPT=$PRETRAINED
 if [ "$DRY_RUN" = 1 ]; then
   python pretrain_anyflow.py "${ARGS[@]}" --dry-run --world-size "$WORLD_SIZE" "$@"
   STAGE_NO=$([ "$STAGE" = stage2 ] && echo 2 || echo 1)
-  python tools/memory_plan.py --preset "$PRESET" --stage "$STAGE_NO" --tp "$TP" --cp "$CP" \
+  PLAN_EXPERTS=()   # stage 2 of a two-expert preset holds both experts (the trainer builds the pair)
+  case "$PRESET" in *a14b) [ "$STAGE" = stage2 ] && PLAN_EXPERTS=(--experts 2) ;; esac
+  python tools/memory_plan.py --preset "$PRESET" --stage "$STAGE_NO" "${PLAN_EXPERTS[@]}" --tp "$TP" --cp "$CP" \
     --dp $((WORLD_SIZE / (TP * CP))) --frames "$FRAMES" --height "$HEIGHT" --width "$WIDTH" \
     --micro-batch "$MICRO_BATCH" --recompute "$RECOMPUTE" "${POLICY[@]}" ${FP8:+--fp8 "$FP8"} "${PLAN_FAR[@]}"
   exit 0

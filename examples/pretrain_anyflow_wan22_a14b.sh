@@ -3,29 +3,29 @@
 # `transformer` serves t >= b, `transformer_2` below). The two-expert teacher's ODE samples for DATA_PATH's
 # prompts are the training data (tools/synthesize_dataset.py --teacher-2: each Euler step on the expert of its
 # timestep, as diffusers' WanPipeline; paper 5.1), each expert is distilled on its own time range (stage 1,
-# one run per expert: t, r in [b, 1] for the high-noise expert, [0, b] for the low-noise one), and the two are
-# exported as one AnyFlowTwoExpertPipeline, whose grid puts b on the grid so that no jump crosses it
-# (docs/design/anyflow.md, "Wan2.2 A14B"; README, "Wan2.2").
+# one run per expert: t, r in [b, 1] for the high-noise expert, [0, b] for the low-noise one), then both together
+# (stage 2: both resident, each call routed to the expert of its range; the rollout splits its one jump across b),
+# and the pair is exported as one AnyFlowTwoExpertPipeline, whose grid puts b on the grid so that no jump crosses
+# it (docs/design/anyflow.md, "Wan2.2 A14B"; README, "Wan2.2").
 #
 #   WAN=/models/Wan2.2-T2V-A14B-Diffusers DATA_PATH=data/a14b bash examples/pretrain_anyflow_wan22_a14b.sh
 #   DRY_RUN=1 bash examples/pretrain_anyflow_wan22_a14b.sh   # any machine, no GPU, no model: the launch checks of
-#                                                            # both experts' stage 1, and the per-GPU memory plans
+#                                                            # both experts' stage 1 and of stage 2, and the
+#                                                            # per-GPU memory plans
 #
 # WAN        a diffusers Wan2.2-T2V-A14B pipeline directory (transformer/, transformer_2/, vae/, text_encoder/, ...)
 # DATA_PATH  latents of your videos at 81 x 480 x 832 (tools/prepare_dataset.py --codec wan-vae: A14B uses the Wan2.1
 #            VAE, 16 channels, 16 fps), as for examples/pretrain_anyflow_14b.sh: their prompts (and latent size)
 #            are what the teacher samples
-# OUT        where the converted experts, the synthesised data ($OUT/synthetic), the stage-1 runs and the export go
-#            (runs/anyflow-wan22-a14b)
+# OUT        where the converted experts, the synthesised data ($OUT/synthetic), the stage-1 and stage-2 runs and the
+#            export go (runs/anyflow-wan22-a14b)
 # SYNTH_STEPS, GUIDANCE, GUIDANCE_2, SAMPLES_PER_PROMPT   the synthesis: Euler steps (50), the high expert's CFG (3),
 #            the low expert's (= GUIDANCE), teacher samples per prompt (1); SKIP_SYNTH=1 trains on DATA_PATH itself
-# Each expert's stage 1 runs through examples/pretrain_anyflow_14b.sh (multi-node torchrun; NNODES, TP = 4, CP = 2,
-# FP8, ... as documented there) with PRESET=wan2.2-t2v-a14b and --expert. Differences from the Wan2.1 chain, all
-# because a two-expert model is supported in stage 1 only (the trainer refuses the rest with the reason):
-#   * no teacher-LoRA stage: each expert's converted base is its own teacher (and the pair of bases the
-#     teacher that synthesises the data);
-#   * no stage 2 yet: its backward simulation crosses the boundary, so both experts (their bases and three roles
-#     each) must be resident; DRY_RUN=1 prints that plan (two-expert stage 2 at TP 4 x CP 2 on 8 x 80 GB).
+# Each expert's stage 1 and the pair's stage 2 run through examples/pretrain_anyflow_14b.sh (multi-node torchrun;
+# NNODES, TP = 4, CP = 2, FP8, ... as documented there) with PRESET=wan2.2-t2v-a14b, and --expert (stage 1) or
+# --pretrained-2 / --init-adapters-from-2 (stage 2). The difference from the Wan2.1 chain: no teacher-LoRA stage
+# (the trainer refuses it for an expert): each expert's converted base is its own teacher (and the pair of bases
+# the teacher that synthesises the data and stage 2's real score).
 # Wan2.2-I2V-A14B (36 input channels: the noisy latent concatenated with the image condition) is not trained here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,9 +42,10 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
     STAGE=stage1 DRY_RUN=1 GPUS_PER_NODE=$GPUS PRETRAINED="$OUT/ckpt/$EXPERT-base" \
       bash examples/pretrain_anyflow_14b.sh --expert "$EXPERT" "$@"
   done
-  step "DRY_RUN: two-expert stage 2 (not run by the trainer yet): both experts' bases, generator, fake score, EMA"
-  python tools/memory_plan.py --preset "$PRESET" --stage 2 --experts 2 --tp "$TP" --cp "$CP" \
-    --dp $((GPUS / (TP * CP))) --frames "$FRAMES" --height "$HEIGHT" --width "$WIDTH" --recompute full
+  step "DRY_RUN: two-expert stage 2: both experts' bases, generator, fake score, EMA resident"
+  STAGE=stage2 DRY_RUN=1 GPUS_PER_NODE=$GPUS PRETRAINED="$OUT/ckpt/high-base" STAGE1_CKPT="$OUT/ckpt/high-stage1" \
+    bash examples/pretrain_anyflow_14b.sh --pretrained-2 "$OUT/ckpt/low-base" \
+    --init-adapters-from-2 "$OUT/ckpt/low-stage1" "$@"
   exit 0
 fi
 
@@ -71,8 +72,12 @@ for EXPERT in high low; do
   STAGE=stage1 PRETRAINED="$OUT/ckpt/$EXPERT-base" DATA_PATH="$TRAIN_DATA" SAVE="$OUT/ckpt/$EXPERT-stage1" \
     bash examples/pretrain_anyflow_14b.sh --expert "$EXPERT" "$@"
 done
-step "export: both experts as one AnyFlowTwoExpertPipeline (EMA generators merged, bf16), --verify"
-python tools/convert_to_hf.py --input "$OUT/ckpt/high-stage1" --expert-2 "$OUT/ckpt/low-stage1" \
+step "stage 2 of both experts together (both resident), on $TRAIN_DATA"
+STAGE=stage2 PRETRAINED="$OUT/ckpt/high-base" STAGE1_CKPT="$OUT/ckpt/high-stage1" DATA_PATH="$TRAIN_DATA" \
+  SAVE="$OUT/ckpt/stage2" bash examples/pretrain_anyflow_14b.sh --pretrained-2 "$OUT/ckpt/low-base" \
+  --init-adapters-from-2 "$OUT/ckpt/low-stage1" "$@"
+step "export: both experts of stage 2 as one AnyFlowTwoExpertPipeline (EMA generators merged, bf16)"
+python tools/convert_to_hf.py --input "$OUT/ckpt/stage2" \
   --output "$OUT/export" --merge-lora generator --ema --dtype bf16 --pipeline --vae "$WAN/vae" \
   --text-encoder "$WAN/text_encoder" --tokenizer "$WAN/tokenizer"
 echo "load it: DiffusionPipeline.from_pretrained('$OUT/export', trust_remote_code=True)"

@@ -83,7 +83,8 @@ def test_wan22_5b_script_dry_run_fits_one_h200():
 
 def test_wan22_a14b_script_dry_run_plans_both_experts_and_two_expert_stage_2():
     """examples/pretrain_anyflow_wan22_a14b.sh DRY_RUN=1: each expert's stage 1 (one 14B at TP 4 x CP 2 on 8 GPUs,
-    with --expert) passes the trainer's launch checks, and the two-expert stage-2 plan holds both experts' weights:
+    with --expert) and the pair's stage 2 pass the trainer's launch checks, and the two-expert stage-2 plan holds
+    both experts' weights:
     its weight components are exactly twice the one-expert stage-2 plan's (tools/memory_plan.py --experts 1), and
     its activations one generator forward more (the rollout's shortcut split at the boundary)."""
     full = dict(os.environ, DRY_RUN="1", PYTHONWARNINGS="ignore")
@@ -94,6 +95,9 @@ def test_wan22_a14b_script_dry_run_plans_both_experts_and_two_expert_stage_2():
     assert "[FAIL]" not in out and out.count("14.316B base parameters") == 2
     assert out.count("wan2.2-t2v-a14b stage 1: TP=4 CP=2 DP=1") == 2
     assert "wan2.2-t2v-a14b stage 2: TP=4 CP=2 DP=1" in out and "x 2 experts" in out
+    # stage 2 through the trainer's launch checks: both experts resident (28.6B base parameters), --pretrained-2
+    assert "two experts (Wan2.2 A14B stage 2, both resident) of 40 layers" in out and "28.632B base parameters" in out
+    assert "[ok] two-expert stage 2: both experts' bases (--pretrained and --pretrained-2)" in out
     from megatron_anyflow.measure.memory import PlanConfig, plan
 
     one, two = (plan(PlanConfig(preset="wan2.2-t2v-a14b", stage=2, tp=4, cp=2, dp=1, experts=x)) for x in (1, 2))
