@@ -148,6 +148,21 @@ def expert_ckpts(tmp_path_factory):
     return f"{root / 'high'},{root / 'low'}"
 
 
+def test_two_expert_stage2_dp2_ranks_step_alike(expert_ckpts, tmp_path):
+    """DP = 2 with one sample per rank: a rank whose samples all went to one expert has no gradient for the other
+    expert's adapter while its peer has one. The trainer gives it a zero gradient before the reduction, so both
+    ranks all-reduce the same tensors and end with identical adapters (without it the flat all-reduce of gloo /
+    NCCL would see buffers of different sizes)."""
+    prefix = str(tmp_path / "dp")
+    torchrun(["tests/distributed/two_expert_dp_check.py", expert_ckpts, prefix])
+    r0, r1 = (torch.load(f"{prefix}.rank{r}.pt") for r in (0, 1))
+    assert r0["params"].keys() == r1["params"].keys() and {k.split(".")[1] for k in r0["params"]} == {"high", "low"}
+    for k in r0["params"]:
+        assert torch.equal(r0["params"][k], r1["params"][k]), k
+    # the case occurred: some step on some rank had adapter tensors without a gradient of their own
+    assert any(m for r in (r0, r1) for m in r["missing"]), (r0["missing"], r1["missing"])
+
+
 @pytest.mark.parametrize("model", ["one", "two-experts"])
 def test_stage2_tp2_matches_tp1(stage1_ckpt, tmp_path, model, request):
     """Every optimizer step of TP = 2 + SP equals TP = 1, step by step from the same state (both schedules);
