@@ -263,3 +263,41 @@ def test_generate_samples_the_pair_on_the_boundary_grid(pair, tmp_path):
         torch.testing.assert_close(got[f"steps_{n}"], ref, rtol=0, atol=1e-6)  # same calls, same weights
     with pytest.raises(ValueError, match="holds both experts of a two-expert model"):
         load_for_inference(str(root / "stage2"), "generator")
+
+
+def test_evaluate_the_pair_against_its_two_expert_teacher(pair, tmp_path):
+    """tools/evaluate_anyflow.py --teacher HIGH --teacher-2 LOW --student STAGE2: the teacher routes each Euler step
+    by its timestep through `TwoExpertWanModel`; its 4-step reference equals the sampler's own two-expert teacher
+    path (`TeacherEulerSampler(boundary=)` with ``model_2``, an independent routing), and the student's rows are
+    its samples on the boundary grid."""
+    from megatron_anyflow.anyflow.sampler import FlowMapEulerSampler, TeacherEulerSampler
+    from megatron_anyflow.anyflow.two_expert import load_stage2_pair
+    from megatron_anyflow.checkpoint.model_io import load_for_inference
+    from megatron_anyflow.data.latent_dataset import MockLatentDataset, write_latent_dataset
+    from test_pipeline_export import load_tool
+
+    root = pair[0]
+    mock = MockLatentDataset(2, LATENT, 5, 384, seed=3)
+    write_latent_dataset(str(tmp_path / "data"), torch.stack([mock[i][0] for i in range(2)]),
+                         torch.stack([mock[i][1] for i in range(2)]), mock.negative_text, {}, dtype=torch.float32)
+    argv = ["--teacher", root / "low", "--teacher-2", root / "high", "--student", root / "stage2", "--ema",
+            "--data-path", tmp_path / "data", "--output", tmp_path / "eval", "--steps", 1, 2, "--reference-steps", 4,
+            "--num-samples", 2, "--guidance", 2]
+    assert load_tool("evaluate_anyflow").main([str(a) for a in argv]) == 0
+    res = json.load(open(tmp_path / "eval" / "scaling.json"))
+    tool = load_tool("evaluate_anyflow")
+    from megatron_anyflow.data.latent_dataset import LatentDataset
+
+    _, text, neg, noise, _ = tool.evaluation_inputs(LatentDataset(str(tmp_path / "data")), 2, 0, torch.device("cpu"))
+    high, low = (load_for_inference(str(root / e)) for e in ("high", "low"))
+    student = load_stage2_pair(str(root / "stage2"), ema=True)
+    negb = neg.expand(2, -1, -1)
+    with torch.no_grad():
+        ref = TeacherEulerSampler(4, guidance_scale=2, boundary=B)(high, noise, text, negb, model_2=low)
+        for n in (1, 2):
+            out = FlowMapEulerSampler(n, boundary=B)(student, noise, text)
+            mse = float((out.float() - ref.float()).pow(2).mean())
+            got = res["metrics"]["student"][str(n)]["latent_mse"]
+            assert got == pytest.approx(mse, rel=1e-4), (n, got, mse)  # the same samples to float32 rounding
+    with pytest.raises(ValueError, match="give the teacher's other expert with --teacher-2"):
+        load_tool("evaluate_anyflow").main([str(a) for a in argv if str(a) not in ("--teacher-2", str(root / "high"))])

@@ -25,6 +25,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="teacher checkpoint (full model, or adapter 'teacher' in it)")
     p.add_argument("--teacher-adapter", default=None, help="merge this adapter of --teacher (LoRA teacher)")
+    p.add_argument("--teacher-2", default=None,
+                   help="two-expert models (Wan2.2 A14B): the other expert's base; --teacher and --teacher-2 are the "
+                        "teacher (each Euler step on the expert of its timestep), and --student a two-expert stage-2 "
+                        "checkpoint (sampled on the grid with the boundary on it)")
     p.add_argument("--student", required=True, help="stage-1 or stage-2 checkpoint with the 'generator' adapter")
     p.add_argument("--ema", action="store_true", help="use the student's EMA weights")
     p.add_argument("--data-path", required=True, help="dataset whose prompts (text embeddings) and negative are used")
@@ -60,8 +64,22 @@ def main(argv=None):
     t0 = time.time()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     log = lambda s: print(f"[{time.time() - t0:6.1f}s] {s}", flush=True)  # noqa: E731
-    teacher = load_for_inference(args.teacher, adapter=args.teacher_adapter).to(device)
-    student = load_for_inference(args.student, adapter="generator", ema=args.ema).to(device)
+    from megatron_anyflow.checkpoint import store as ckpt
+
+    pair_student = bool(ckpt.read_meta(ckpt.resolve_checkpoint_dir(args.student)).get("experts"))
+    if pair_student != bool(args.teacher_2):
+        raise ValueError(f"--student {args.student} is a two-expert stage-2 run: give the teacher's other expert with "
+                         "--teacher-2" if pair_student else
+                         f"--teacher-2 names a two-expert teacher, but --student {args.student} holds one model")
+    if args.teacher_2:  # a two-expert model (Wan2.2 A14B): both teacher bases and both student experts
+        from megatron_anyflow.anyflow.two_expert import load_expert_pair, load_stage2_pair
+
+        teacher = load_expert_pair(args.teacher, args.teacher_2,
+                                   lambda p: load_for_inference(p, adapter=args.teacher_adapter)).to(device)
+        student = load_stage2_pair(args.student, adapter="generator", ema=args.ema).to(device)
+    else:
+        teacher = load_for_inference(args.teacher, adapter=args.teacher_adapter).to(device)
+        student = load_for_inference(args.student, adapter="generator", ema=args.ema).to(device)
     ds = LatentDataset(args.data_path)
     idx, text, neg, noise, decode = evaluation_inputs(ds, args.num_samples, args.seed, device)
     result, samples = evaluate_test_time_scaling(

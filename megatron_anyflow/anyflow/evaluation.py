@@ -67,8 +67,11 @@ def evaluate_test_time_scaling(student, teacher, noise: torch.Tensor, text: torc
     """Run the comparison; returns (ScalingResult, samples dict name -> latents for the requested N).
 
     Args:
-        student: flow-map model ``(z, t, r, text) -> u`` (guidance fused: no CFG at sampling).
-        teacher: single-time model ``(z, t, t, text) -> v`` sampled with CFG ``guidance``.
+        student: flow-map model ``(z, t, r, text) -> u`` (guidance fused: no CFG at sampling). A two-expert
+            student (`anyflow.two_expert.TwoExpertWanModel`, its ``boundary``) samples on the boundary grid
+            (`timesteps.two_expert_time_grid`), as its exported pipeline does.
+        teacher: single-time model ``(z, t, t, text) -> v`` sampled with CFG ``guidance``; a two-expert teacher
+            (a `TwoExpertWanModel` of the bases) routes each Euler step by its timestep, as diffusers' ``WanPipeline``.
         noise: [b, f, c, h, w]; text: [b, L, d]; negative_text: [1 or b, L, d].
         steps: the N to evaluate; reference_steps: the teacher's reference N (50).
         decode: latents [b, f, c, h, w] -> video [b, 3, f, H, W] in [-1, 1] (optional, for PSNR).
@@ -85,7 +88,7 @@ def evaluate_test_time_scaling(student, teacher, noise: torch.Tensor, text: torc
         for name in ("student", "teacher"):
             log(f"{name}: {n} steps")
             if name == "student":
-                out = FlowMapEulerSampler(n, shift=shift)(student, noise, text)
+                out = FlowMapEulerSampler(n, shift=shift, boundary=getattr(student, "boundary", None))(student, noise, text)
             else:
                 out = TeacherEulerSampler(n, shift=shift, guidance_scale=guidance)(teacher, noise, text, neg)
             m = {"latent_mse": float((out.float() - ref.float()).pow(2).mean())}

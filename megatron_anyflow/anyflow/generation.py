@@ -233,10 +233,9 @@ def _load_model(path, adapter, ema, tensor_model_parallel_size, context_parallel
     from megatron_anyflow.checkpoint.model_io import load_for_inference
 
     if meta.get("experts"):  # a two-expert stage-2 run (Wan2.2 A14B): both experts, each step routed to its own
-        from megatron_anyflow.anyflow.two_expert import TwoExpertWanModel
+        from megatron_anyflow.anyflow.two_expert import load_stage2_pair
 
-        model = TwoExpertWanModel(*(load_for_inference(d, adapter=adapter, ema=ema, expert=e, **par)
-                                    for e in ("high", "low")), float(meta["boundary_ratio"]))
+        model = load_stage2_pair(d, adapter=adapter, ema=ema, **par)
     else:
         model = load_for_inference(d, adapter=adapter, ema=ema, **par)
     args = meta.get("args") or {}

@@ -18,14 +18,14 @@ boundary. A jump with ``T > B > R`` belongs to neither and raises: samplers spli
 
 from __future__ import annotations
 
-from typing import Iterator, Tuple
+from typing import Callable, Iterator, Tuple
 
 import torch
 from torch import nn
 
 from .timesteps import to_model_scale
 
-__all__ = ["TwoExpertWanModel", "EXPERTS"]
+__all__ = ["TwoExpertWanModel", "EXPERTS", "load_stage2_pair", "load_expert_pair"]
 
 #: the experts' names, in diffusers' order (``transformer``, ``transformer_2``)
 EXPERTS = ("high", "low")
@@ -127,3 +127,47 @@ class TwoExpertWanModel(nn.Module):
     def compile_blocks(self, *args, **kwargs) -> None:
         for _, m in self.experts():
             m.compile_blocks(*args, **kwargs)
+
+
+def load_stage2_pair(path: str, adapter: str = "generator", ema: bool = False, **config_overrides) -> TwoExpertWanModel:
+    """Both experts of a two-expert stage-2 checkpoint (``anyflow_meta.json`` ``experts``), each with ``adapter``
+    merged (`checkpoint.model_io.load_for_inference`), as one `TwoExpertWanModel` in eval mode.
+
+    Raises:
+        ValueError: ``path`` holds one model (no ``experts`` in its metadata).
+        KeyError / CheckpointError: as `load_for_inference` (a missing adapter or tensor, named).
+    """
+    from megatron_anyflow.checkpoint import store as ckpt
+    from megatron_anyflow.checkpoint.model_io import load_for_inference
+
+    d = ckpt.resolve_checkpoint_dir(path)
+    meta = ckpt.read_meta(d)
+    if not meta.get("experts"):
+        raise ValueError(f"{d} holds one model, not a two-expert stage-2 run (no 'experts' in anyflow_meta.json)")
+    models = [load_for_inference(d, adapter=adapter, ema=ema, expert=e, **config_overrides) for e in EXPERTS]
+    return TwoExpertWanModel(*models, float(meta["boundary_ratio"])).eval()
+
+
+def load_expert_pair(path: str, path_2: str, load: Callable[[str], nn.Module]) -> TwoExpertWanModel:
+    """Two one-expert checkpoints (e.g. the converted bases, the teacher of a two-expert model) as one
+    `TwoExpertWanModel`: ``load(path)`` gives each model, the roles and the boundary come from each checkpoint's
+    ``wan_config`` (``expert``, ``boundary_ratio``), so either order works.
+
+    Raises:
+        ValueError: checkpoints that are not one 'high' and one 'low' expert, or boundaries that differ (the paths
+            and the fields named).
+    """
+    from megatron_anyflow.checkpoint import store as ckpt
+
+    found = {}
+    for p in (path, path_2):
+        arch = ckpt.read_meta(ckpt.resolve_checkpoint_dir(p)).get("wan_config") or {}
+        role = arch.get("expert")
+        if role not in EXPERTS or role in found:
+            raise ValueError(f"{p}: wan_config.expert is {role!r}; a two-expert model needs one 'high' and one 'low' "
+                             f"expert checkpoint ({path}, {path_2})")
+        found[role] = (p, arch.get("boundary_ratio"))
+    if found["high"][1] != found["low"][1]:
+        raise ValueError(f"the experts' boundaries differ (wan_config.boundary_ratio): {found['high'][0]} has "
+                         f"{found['high'][1]}, {found['low'][0]} has {found['low'][1]}")
+    return TwoExpertWanModel(load(found["high"][0]), load(found["low"][0]), float(found["high"][1])).eval()
