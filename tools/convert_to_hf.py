@@ -275,31 +275,15 @@ def two_expert_pair(args, ckpt_dir, meta):
         ValueError: a checkpoint that is not one expert (no ``boundary_ratio`` / recorded ``expert``), two
             checkpoints of the same expert, boundaries that differ, or ``--expert-2`` with a checkpoint that
             holds both experts (all named)."""
-    from megatron_anyflow.checkpoint.store import read_meta, resolve_checkpoint_dir
-
     if meta.get("experts"):
         if args.expert_2 is not None:
             raise ValueError(f"--input {ckpt_dir} holds both experts (a two-expert stage-2 run); drop --expert-2")
         pair = {role: (ckpt_dir, dict(meta, wan_config=dict(meta["wan_config"], expert=role))) for role in ("high", "low")}
         return pair, float(meta["wan_config"]["boundary_ratio"])
-    dir_2 = resolve_checkpoint_dir(args.expert_2)
-    pair = {}
-    for d, m, flag in ((ckpt_dir, meta, "--input"), (dir_2, read_meta(dir_2), "--expert-2")):
-        arch = m["wan_config"]
-        role = arch.get("expert")
-        if arch.get("boundary_ratio") is None or role not in ("high", "low"):
-            raise ValueError(f"{flag} {d} is not one expert of a two-expert model (wan_config boundary_ratio "
-                             f"{arch.get('boundary_ratio')}, expert {role}); convert the experts from a Wan2.2 A14B "
-                             "pipeline's transformer/ and transformer_2/ (convert_from_hf records both), or "
-                             "train them with --expert high / low")
-        if role in pair:
-            raise ValueError(f"--input and --expert-2 are both the {role}-noise expert ({pair[role][0]}, {d})")
-        pair[role] = (d, m)
-    b = {role: float(m["wan_config"]["boundary_ratio"]) for role, (_, m) in pair.items()}
-    if b["high"] != b["low"]:
-        raise ValueError(f"the experts' boundaries differ: high {b['high']} ({pair['high'][0]}), low {b['low']} "
-                         f"({pair['low'][0]})")
-    return pair, b["high"]
+    from megatron_anyflow.checkpoint.model_io import expert_pair
+
+    pair, boundary = expert_pair(("--input", args.input), ("--expert-2", args.expert_2))
+    return {role: (d, m) for role, (_, d, m) in pair.items()}, boundary
 
 
 def export_two_experts(args, ckpt_dir, meta, components, t0):

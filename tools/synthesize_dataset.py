@@ -89,23 +89,10 @@ def teacher_experts(teacher, teacher_2):
                              f"(wan_config.expert {first.get('expert')}, wan_config.boundary_ratio "
                              f"{first['boundary_ratio']}): pass the other expert with --teacher-2")
         return {"single": teacher}, None
-    pair = {}
-    for flag, path, a in (("--teacher", teacher, first), ("--teacher-2", teacher_2, arch(teacher_2))):
-        role = a.get("expert")
-        if a.get("boundary_ratio") is None or role not in ("high", "low"):
-            raise ValueError(f"{flag} {path} is not one expert of a two-expert model (wan_config.boundary_ratio "
-                             f"{a.get('boundary_ratio')}, wan_config.expert {role}): --teacher-2 takes the other "
-                             "expert of a Wan2.2 A14B teacher (convert_from_hf records both from transformer/ and "
-                             "transformer_2/); a single model goes alone in --teacher")
-        if role in pair:
-            raise ValueError(f"--teacher {teacher} and --teacher-2 {teacher_2} are both the {role}-noise expert "
-                             f"(wan_config.expert {role}); pass one high and one low expert")
-        pair[role] = (path, float(a["boundary_ratio"]))
-    (high, b_high), (low, b_low) = pair["high"], pair["low"]
-    if b_high != b_low:
-        raise ValueError(f"the experts' boundaries differ (wan_config.boundary_ratio): {b_high} in {high} (high), "
-                         f"{b_low} in {low} (low)")
-    return {"high": high, "low": low}, b_high
+    from megatron_anyflow.checkpoint.model_io import expert_pair
+
+    pair, boundary = expert_pair(("--teacher", teacher), ("--teacher-2", teacher_2))
+    return {role: path for role, (path, _, _) in pair.items()}, boundary
 
 
 def one_expert_resident(high, low, device):

@@ -155,19 +155,10 @@ def load_expert_pair(path: str, path_2: str, load: Callable[[str], nn.Module]) -
 
     Raises:
         ValueError: checkpoints that are not one 'high' and one 'low' expert, or boundaries that differ (the paths
-            and the fields named).
+            and the fields named; `checkpoint.model_io.expert_pair`, whose messages call them --teacher /
+            --teacher-2).
     """
-    from megatron_anyflow.checkpoint import store as ckpt
+    from megatron_anyflow.checkpoint.model_io import expert_pair
 
-    found = {}
-    for p in (path, path_2):
-        arch = ckpt.read_meta(ckpt.resolve_checkpoint_dir(p)).get("wan_config") or {}
-        role = arch.get("expert")
-        if role not in EXPERTS or role in found:
-            raise ValueError(f"{p}: wan_config.expert is {role!r}; a two-expert model needs one 'high' and one 'low' "
-                             f"expert checkpoint ({path}, {path_2})")
-        found[role] = (p, arch.get("boundary_ratio"))
-    if found["high"][1] != found["low"][1]:
-        raise ValueError(f"the experts' boundaries differ (wan_config.boundary_ratio): {found['high'][0]} has "
-                         f"{found['high'][1]}, {found['low'][0]} has {found['low'][1]}")
-    return TwoExpertWanModel(load(found["high"][0]), load(found["low"][0]), float(found["high"][1])).eval()
+    pair, boundary = expert_pair(("--teacher", path), ("--teacher-2", path_2))
+    return TwoExpertWanModel(load(pair["high"][0]), load(pair["low"][0]), boundary).eval()

@@ -15,7 +15,7 @@ fake-score adapters are students, merged only on request).
 from __future__ import annotations
 
 import os
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -252,3 +252,43 @@ def load_for_inference(path: str, adapter: Optional[str] = None, ema: bool = Fal
         L.merge_adapter(model, adapter)
         L.remove_lora(model)
     return model
+
+
+def expert_pair(first: Tuple[str, str], second: Tuple[str, str]) -> Tuple[Dict[str, Tuple[str, str, dict]], float]:
+    """The two experts of a two-expert model (Wan2.2 A14B) from two checkpoints, in either order: their roles and
+    the boundary come from each checkpoint's ``wan_config`` (``expert``, ``boundary_ratio``; recorded by
+    ``convert_from_hf`` from ``transformer/`` / ``transformer_2/`` and by ``--expert`` training runs). The one
+    place every tool and the trainer pair experts.
+
+    Args:
+        first, second: ``(flag, path)`` as the user gave them (e.g. ``("--teacher", p)``), for the messages.
+
+    Returns:
+        ``({"high": (path, directory, meta), "low": (...)}, boundary_ratio)``.
+
+    Raises:
+        ValueError (a user error: one line): a checkpoint that is not one expert (no ``wan_config.boundary_ratio``
+            or ``expert``), two checkpoints of the same expert, or boundaries that differ (flags, paths and fields
+            named).
+        FileNotFoundError / CheckpointError: no complete checkpoint at a path (named).
+    """
+    pair: Dict[str, Tuple[str, str, dict]] = {}
+    for flag, path in (first, second):
+        d = ckpt.resolve_checkpoint_dir(path)
+        meta = ckpt.read_meta(d)
+        arch = meta.get("wan_config") or {}
+        role = arch.get("expert")
+        if arch.get("boundary_ratio") is None or role not in ("high", "low"):
+            raise ValueError(f"{flag} {path} is not one expert of a two-expert model (wan_config.boundary_ratio "
+                             f"{arch.get('boundary_ratio')}, wan_config.expert {role}): convert the experts from a "
+                             "Wan2.2 A14B pipeline's transformer/ and transformer_2/ (convert_from_hf records both), "
+                             "or train them with --expert high / low")
+        if role in pair:
+            raise ValueError(f"{first[0]} {first[1]} and {second[0]} {second[1]} are both the {role}-noise expert "
+                             f"(wan_config.expert {role}); pass one high and one low expert")
+        pair[role] = (path, d, meta)
+    b = {role: float(m["wan_config"]["boundary_ratio"]) for role, (_, _, m) in pair.items()}
+    if b["high"] != b["low"]:
+        raise ValueError(f"the experts' boundaries differ (wan_config.boundary_ratio): {b['high']} in "
+                         f"{pair['high'][0]} (high), {b['low']} in {pair['low'][0]} (low)")
+    return pair, b["high"]

@@ -45,6 +45,7 @@ capture it, so no adapter has to be re-selected before a backward.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from typing import Dict, List
 
@@ -119,8 +120,8 @@ class Stage2(Stage1):
             if args.i2v_prob > 0:
                 raise ValueError(f"--i2v-prob {args.i2v_prob}: a two-expert model (Wan2.2 A14B) is text-to-video here "
                                  "(I2V-A14B conditions by input channels, not by a clean first frame)")
-            self.dcfg.boundary = trainer.model.boundary
-            self.dcfg.__post_init__()  # validates the boundary with the simulation
+            # the rollout grid with b on it, and its crossing shortcut split (validated with the simulation)
+            self.dcfg = dataclasses.replace(self.dcfg, boundary=trainer.model.boundary)
             # co-training: each expert's own stage-1 loss on its range (docs/design/anyflow.md 2.1)
             self.expert_cfgs = {e: flow_map_objective_config(args, expert_time_range(
                 dict(trainer.arch, expert=e), "stage1", e, "the pair")) for e in ("high", "low")}
@@ -151,15 +152,10 @@ class Stage2(Stage1):
         if not (first and second):
             raise ValueError("a two-expert stage 2 starts each expert's generator from its own stage-1 run: give both "
                              "--init-adapters-from and --init-adapters-from-2 (or neither)")
-        from megatron_anyflow.checkpoint import store as ckpt
+        from megatron_anyflow.checkpoint.model_io import expert_pair
 
-        found = {}
-        for flag, path in (("--init-adapters-from", first), ("--init-adapters-from-2", second)):
-            expert = (ckpt.read_meta(ckpt.resolve_checkpoint_dir(path)).get("wan_config") or {}).get("expert")
-            if expert not in ("high", "low") or expert in found:
-                raise ValueError(f"{flag} {path}: wan_config.expert is {expert!r}; the two stage-1 checkpoints must be "
-                                 "one 'high' and one 'low' expert run (pretrain_anyflow.py --stage stage1 --expert)")
-            found[expert] = path
+        pair, _ = expert_pair(("--init-adapters-from", first), ("--init-adapters-from-2", second))
+        found = {e: path for e, (path, _, _) in pair.items()}
         model = trainer.model
         args.init_adapters_from = found["high"]  # LoRA size and targets are read from it (the low run's must match)
         return [(model.high, found["high"]), (model.low, found["low"])]

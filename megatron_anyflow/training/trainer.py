@@ -263,17 +263,10 @@ class Trainer:
             if not getattr(args, "pretrained_2", None):
                 raise ValueError(f"{where} is one expert ({arch.get('expert')}) of a two-expert model: stage 2 trains "
                                  "both; give the other expert's base with --pretrained-2")
-            d2 = ckpt.resolve_checkpoint_dir(args.pretrained_2)
-            arch2 = dict(ckpt.read_meta(d2)["wan_config"])
-            found = {arch.get("expert"): (self.pretrained_dir, arch), arch2.get("expert"): (d2, arch2)}
-            if set(found) != set(EXPERTS):
-                raise ValueError(f"--pretrained {args.pretrained} (expert {arch.get('expert')!r}) and --pretrained-2 "
-                                 f"{args.pretrained_2} (expert {arch2.get('expert')!r}, wan_config.expert) must be "
-                                 "the two experts of one model: one 'high', one 'low'")
-            if arch2.get("boundary_ratio") != arch.get("boundary_ratio"):
-                raise ValueError(f"--pretrained {args.pretrained} has boundary_ratio {arch.get('boundary_ratio')}, "
-                                 f"--pretrained-2 {args.pretrained_2} has {arch2.get('boundary_ratio')} "
-                                 "(wan_config.boundary_ratio): not one two-expert model")
+            from megatron_anyflow.checkpoint.model_io import expert_pair
+
+            pair, _ = expert_pair(("--pretrained", args.pretrained), ("--pretrained-2", args.pretrained_2))
+            found = {e: (d, dict(meta["wan_config"])) for e, (_, d, meta) in pair.items()}
         else:
             if getattr(args, "pretrained_2", None):
                 raise ValueError("--pretrained-2 needs --pretrained (the other expert's base)")
