@@ -38,6 +38,7 @@ import torch
 from diffusers import FlowMapEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
 from conftest import REPO
+from test_wan22 import tool  # in-process tools/NAME.py under the CLI error policy
 from megatron_anyflow.anyflow.sampler import TeacherEulerSampler
 from megatron_anyflow.anyflow.timesteps import flow_map_time_grid, to_model_scale
 
@@ -46,20 +47,6 @@ KW = dict(num_attention_heads=4, attention_head_dim=16, text_dim=384, freq_dim=3
           in_channels=16, out_channels=16)
 B = 0.875
 LATENT = (3, 16, 4, 6)  # [f, c, h, w]: 9 video frames of 32 x 48
-
-
-def tool(name, argv, capsys):
-    """``python tools/NAME.py ARGV`` in-process (a subprocess costs ~20 s of imports on 2 shared cores): (exit
-    status, stdout, stderr) under the CLI's error policy (megatron_anyflow/cli.py)."""
-    from megatron_anyflow.cli import run_main
-
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    capsys.readouterr()
-    rc = run_main(mod.main, [str(a) for a in argv], prog=f"{name}.py")
-    out = capsys.readouterr()
-    return rc or 0, out.out, out.err
 
 
 def _random_expert(seed):
