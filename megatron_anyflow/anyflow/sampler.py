@@ -221,8 +221,10 @@ class TeacherEulerSampler:
     low noise) with ``guidance_scale_2``. ``t_model`` is the timestep the expert is fed, ``T =
     to_model_scale(t)`` (float32 on 0..1000), compared with ``to_model_scale(boundary)``: WanPipeline
     compares its scheduler's timestep, the one its transformer is fed, with the Python float ``boundary_ratio
-    * 1000``, which torch rounds to the timestep's float32 before comparing. A grid point exactly on the
-    boundary (Wan's shift-5 grid at b = 0.875 for N a multiple of 12) therefore goes to the high expert.
+    * 1000``, which torch rounds to a float32 timestep's dtype before comparing (FlowMatchEulerDiscreteScheduler;
+    FlowMapEulerDiscreteScheduler's float64 timesteps route alike on every grid N <= 200, tested). A grid
+    point exactly on the boundary (Wan's shift-5 grid at b = 0.875 for N a multiple of 12) goes to the high
+    expert.
     The grid stays the plain one (no snapping: a teacher's Euler step is no flow map, and the reference
     samples the plain grid; docs/design/anyflow.md 2.1: the routings of an Euler teacher differ by less
     than its discretisation error).
