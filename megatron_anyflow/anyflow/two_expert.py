@@ -43,7 +43,8 @@ class TwoExpertWanModel(nn.Module):
         config: the high expert's `WanConfig` (both experts share the architecture; checked).
 
     Raises:
-        ValueError: ``boundary`` not in (0, 1), or experts of different architectures / parallel layouts.
+        ValueError: ``boundary`` not in (0, 1), or experts of different architectures (``WanConfig.arch_dict``
+            other than ``expert``).
     """
 
     def __init__(self, high: nn.Module, low: nn.Module, boundary: float):
@@ -101,7 +102,10 @@ class TwoExpertWanModel(nn.Module):
         routes by ``t``. Other arguments go to the experts as given (``text`` and ``latents`` row-split).
 
         Returns the experts' outputs in batch order: ``[b, f, c, h, w]``. A batch wholly in one range is one
-        call of that expert with the caller's tensors (bitwise that expert's output).
+        call of that expert with the caller's tensors (bitwise that expert's output). The routing reads the
+        times on the host (one synchronisation per call, as `route_experts`): the split needs the row indices.
+        Every TP / CP rank of a sample holds the same times, so all take the same branch and their collectives
+        stay in step.
         """
         high = self.expert_mask(t, t if r is None else r)
         if bool(high.all()):
