@@ -38,7 +38,11 @@ def test_rank_failure_shows_every_ranks_error(tmp_path):
     assert "RuntimeError: harness_check: planted failure on rank 1" in msg, msg
     rank1 = msg[msg.index("=== rank 1 "):]
     assert "planted failure on rank 1" in rank1.split("=== rank 1 stdout")[0], msg  # under rank 1's label
-    assert "=== rank 0 " in msg and "rank 1 started" in msg and "exitcode: 1" in rank1.split("\n")[0], msg
+    # Rank 1's own exit code is 1, unless torchrun saw rank 0's consequent failure ("connection closed by peer")
+    # first and stopped rank 1 with SIGTERM while it was still exiting (seen once in a full run): either way its
+    # header says how it ended, and its traceback is the planted error.
+    assert "=== rank 0 " in msg and "rank 1 started" in msg, msg
+    assert "exitcode: 1 " in rank1.split("\n")[0] or "SIGTERM" in rank1.split("\n")[0], msg
     assert not info.value.timed_out
     assert all(_gone(p) for p in info.value.pids)
 
