@@ -16,6 +16,7 @@ from typing import Callable, List, Optional, Tuple, Union
 import torch
 
 from .timesteps import flow_map_time_grid, to_model_scale, two_expert_time_grid
+from .two_expert import jump_ranges
 
 __all__ = ["FlowMapEulerSampler", "TeacherEulerSampler", "route_experts"]
 
@@ -195,9 +196,10 @@ def route_experts(high: ModelFn, low: ModelFn, boundary: float) -> ModelFn:
     B = float(to_model_scale(b))
 
     def model(z, T, R, text):
-        if bool((R >= B).all()):
+        in_high, in_low = jump_ranges(T, R, B)  # the rule, shared with two_expert.TwoExpertWanModel
+        if bool(in_high.all()):
             return high(z, T, R, text)
-        if bool((T <= B).all()):
+        if bool(in_low.all()):
             return low(z, T, R, text)
         raise ValueError(f"a jump crosses the expert boundary {B:g} (model scale): T in [{float(T.min()):g}, "
                          f"{float(T.max()):g}], R in [{float(R.min()):g}, {float(R.max()):g}]; no single expert "

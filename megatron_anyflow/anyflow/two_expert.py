@@ -9,10 +9,10 @@ hands every sample to the expert whose range holds its jump (``T -> R``), runs e
 samples, and puts the outputs back in the batch order. Both experts stay resident; each has its own LoRA
 adapters (parameter names ``high.*`` and ``low.*``).
 
-The routing rule is `anyflow.sampler.route_experts`' per call, applied per sample: a jump lies in the
-high range when ``R >= B`` and in the low range when ``T <= B`` (``B = to_model_scale(b)``, float32); a
-single-time call at ``T = R = B`` is the high expert's, as diffusers routes a timestep equal to the
-boundary. A jump with ``T > B > R`` belongs to neither and raises: samplers split such jumps at ``b``
+The routing rule (`jump_ranges`, shared with `anyflow.sampler.route_experts`, which applies it per call) is
+applied per sample: a jump lies in the high range when ``R >= B`` and in the low range when ``T <= B``
+(``B = to_model_scale(b)``, float32); a single-time call at ``T = R = B`` is the high expert's, as diffusers
+routes a timestep equal to the boundary. A jump with ``T > B > R`` belongs to neither and raises: samplers split such jumps at ``b``
 (`anyflow.timesteps.two_expert_time_grid`, `anyflow.distill.flow_map_backward_simulation`).
 """
 
@@ -25,10 +25,30 @@ from torch import nn
 
 from .timesteps import to_model_scale
 
-__all__ = ["TwoExpertWanModel", "EXPERTS", "load_stage2_pair", "load_expert_pair"]
+__all__ = ["TwoExpertWanModel", "EXPERTS", "jump_ranges", "load_stage2_pair", "load_expert_pair"]
 
 #: the experts' names, in diffusers' order (``transformer``, ``transformer_2``)
 EXPERTS = ("high", "low")
+
+
+def jump_ranges(T: torch.Tensor, R: torch.Tensor, B: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Which expert's range holds each sample's jump ``T -> R``: the routing rule, in one place (used by
+    `TwoExpertWanModel` per sample and `anyflow.sampler.route_experts` per call).
+
+    A jump lies in the high range when ``R >= B`` on every frame / token and in the low range when ``T <= B``
+    on every one (``B = to_model_scale(b)``, float32 on 0..1000). A single-time call at ``T = R = B`` lies in
+    both (its caller gives it to the high expert, as diffusers routes a timestep equal to the boundary), and a
+    jump with ``T > B > R`` somewhere in neither.
+
+    Args:
+        T, R: float32 ``[b, f]`` (or ``[b, S]`` per token) times on the 0..1000 scale, ``R <= T``.
+        B: the boundary on the same scale.
+
+    Returns:
+        ``(high, low)``: bool ``[b]`` each.
+    """
+    T2, R2 = T.reshape(T.shape[0], -1), R.reshape(R.shape[0], -1)
+    return (R2 >= B).all(dim=1), (T2 <= B).all(dim=1)
 
 
 class TwoExpertWanModel(nn.Module):
@@ -87,8 +107,7 @@ class TwoExpertWanModel(nn.Module):
         """
         B = self._B
         T2, R2 = T.reshape(T.shape[0], -1), R.reshape(R.shape[0], -1)
-        high = (R2 >= B).all(dim=1)
-        low = (T2 <= B).all(dim=1)
+        high, low = jump_ranges(T, R, B)
         bad = ~(high | low)
         if bool(bad.any()):
             i = int(bad.nonzero()[0])
