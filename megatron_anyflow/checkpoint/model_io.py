@@ -164,7 +164,7 @@ def _load_adapter_tensors(model: torch.nn.Module, ckpt_dir: str, ema: Optional[s
 def load_adapters(model: torch.nn.Module, path: str, adapters: List[str], ema: bool = False,
                   expert: Optional[str] = None) -> str:
     """Load the named adapters (live or EMA weights) from a training checkpoint into a LoRA model;
-    ``expert``: that expert's of a two-expert stage-2 checkpoint (`pair_expert`).
+    ``expert``: that expert's of a two-expert stage-2 checkpoint (`stage2_expert_arch`).
 
     Raises:
         KeyError: an adapter is not in the checkpoint.
@@ -179,7 +179,7 @@ def load_adapters(model: torch.nn.Module, path: str, adapters: List[str], ema: b
     return d
 
 
-def pair_expert(meta: dict, expert: Optional[str], where: str) -> Optional[dict]:
+def stage2_expert_arch(meta: dict, expert: Optional[str], where: str) -> Optional[dict]:
     """The architecture of ``expert`` in a two-expert stage-2 checkpoint (``meta["experts"]``: both experts,
     tensors under ``high.`` / ``low.``), or None for a one-model checkpoint (``expert`` must then be None).
 
@@ -204,7 +204,7 @@ def load_with_adapter(path: str, adapter: Optional[str] = None, ema: bool = Fals
     ``adapter`` None: the base alone (with the EMA of every weight under ``ema.model.`` when ``ema``: full
     fine-tuning). `load_for_inference` merges it; ``convert_to_hf --lora-only`` exports the adapter as is.
 
-    ``expert``: one expert of a two-expert stage-2 checkpoint (`pair_expert`): its recorded base (or its own
+    ``expert``: one expert of a two-expert stage-2 checkpoint (`stage2_expert_arch`): its recorded base (or its own
     saved base, ``<expert>.*``, after a random-init preset run) and its adapters.
 
     Raises:
@@ -214,12 +214,13 @@ def load_with_adapter(path: str, adapter: Optional[str] = None, ema: bool = Fals
     """
     d = ckpt.resolve_checkpoint_dir(path)
     meta = ckpt.read_meta(d)
-    arch = pair_expert(meta, expert, d)
+    arch = stage2_expert_arch(meta, expert, d)
     model = WanModel(wan_config(None, **(arch or meta["wan_config"]), perform_initialization=False, **config_overrides))
     key = f"{expert}." if arch else ""  # a two-expert checkpoint keeps each expert's tensors under its name
     if arch:
         want = {k: v for k, v in module_sharded_state_dict(model, key).items() if ".adapters." not in k}
-        if all(k in ckpt.tensor_keys(d) for k in want):  # saved with the run (random-init preset, full fine-tuning)
+        have = ckpt.tensor_keys(d)  # one read of the index (it is parsed and checked on every call)
+        if all(k in have for k in want):  # saved with the run (random-init preset, full fine-tuning)
             load_module_state(model, ckpt.load_checkpoint(d, want, strict=True), key)
         elif meta["experts"][expert]:
             load_as_base(model, meta["experts"][expert])

@@ -160,22 +160,14 @@ class Stage2(Stage1):
         args.init_adapters_from = found["high"]  # LoRA size and targets are read from it (the low run's must match)
         return [(model.high, found["high"]), (model.low, found["low"])]
 
-    def expert_role(self, expert, adapter):
-        """One expert's ``call(z, T, R, text)`` with ``adapter``, unrouted: the co-trained stage-1 loss of a
-        two-expert model calls each expert on its own range (its finite difference may step just past it)."""
-        model = getattr(self.t.model, expert)
-
-        def call(z, T, R, text):
-            return model(z, T, R, text, adapter=adapter)
-
-        return call
-
     # -- roles -------------------------------------------------------------------------------------
-    def role(self, adapter):
+    def role(self, adapter, expert=None):
         """The model as one role: ``call(z, T, R, text)`` runs ``adapter`` (None: the frozen base, the
         real score). The adapter travels with the call (`WanModel.forward`'s ``adapter``): recomputed
-        blocks replay it in backward whatever another role selected meanwhile."""
-        model = self.t.model
+        blocks replay it in backward whatever another role selected meanwhile. ``expert`` (``"high"`` /
+        ``"low"``, a two-expert model): that expert alone, unrouted; the co-trained stage-1 loss calls each
+        expert on its own range (its finite difference may step just past it)."""
+        model = self.t.model if expert is None else getattr(self.t.model, expert)
 
         def call(z, T, R, text):
             return model(z, T, R, text, adapter=adapter)
@@ -223,7 +215,7 @@ class Stage2(Stage1):
             # exactly the gradient of its own stage-1 run (with this run's weight); the logged value is the mean
             s1_value, s1_stats = 0.0, {"carry": {}}
             for e, cfg in self.expert_cfgs.items():
-                s1, st = self.stage1_loss(self.expert_role(e, GENERATOR), (e, iteration), j, x, text,
+                s1, st = self.stage1_loss(self.role(GENERATOR, e), (e, iteration), j, x, text,
                                           (carry or {}).get(e), cfg)
                 (self.dcfg.stage1_weight * s1 / n).backward()
                 s1_value = s1_value + s1.detach() / 2
@@ -363,7 +355,7 @@ class FarStage2(Stage2, FarStage1):
 
         self.bi_cfg = TeacherObjectiveConfig(shift=self.args.time_shift, text_dropout=0.0)
 
-    def role(self, adapter):
+    def role(self, adapter, expert=None):
         if adapter == GENERATOR:
             return FarGenerator(self.t.model, GENERATOR, self.chunk_partition)
-        return super().role(adapter)
+        return super().role(adapter, expert)
