@@ -15,6 +15,7 @@ from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
+from .channel_condition import with_channel_condition
 from .timesteps import flow_map_time_grid, to_model_scale, two_expert_time_grid
 from .two_expert import jump_ranges
 
@@ -38,6 +39,17 @@ def _check_noise(noise: torch.Tensor) -> None:
         raise ValueError("noise must be a [b, f, c, h, w] tensor")
     if not noise.is_floating_point():
         raise ValueError("noise must be a floating-point tensor")
+
+
+def _conditioned(model: Optional[ModelFn], y: Optional[torch.Tensor], noise: torch.Tensor) -> Optional[ModelFn]:
+    """``model`` reading the channel condition ``y`` (`channel_condition.with_channel_condition`), or ``model``."""
+    if y is None or model is None:
+        return model
+    if (not torch.is_tensor(y) or y.dim() != 5 or y.shape[:2] != noise.shape[:2]
+            or y.shape[3:] != noise.shape[3:]):
+        raise ValueError(f"channel_condition must be [b, f, c_y, h, w] with noise's b, f, h, w "
+                         f"{tuple(noise.shape)}; got {tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}")
+    return with_channel_condition(model, y.to(noise.device))
 
 
 def _euler_update(z: torch.Tensor, dt: float, u: torch.Tensor) -> torch.Tensor:
@@ -102,6 +114,7 @@ class FlowMapEulerSampler:
         trajectory: bool = False,
         condition_frames: Optional[torch.Tensor] = None,
         condition_r: str = "step",
+        channel_condition: Optional[torch.Tensor] = None,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Roll out from ``noise`` (the state at t = 1) to t = 0.
 
@@ -116,19 +129,23 @@ class FlowMapEulerSampler:
                 (image-to-video: ``fc = 1``), see the class docstring.
             condition_r: with ``condition_frames``, the condition frames' ``r``: ``"step"`` (the step's r;
                 reference, diffusers, training) or ``"zero"``.
+            channel_condition: for a model that reads a condition besides its latents (Wan2.2 I2V-A14B),
+                ``y`` ``[b, f, c_y, h, w]`` appended to the state's channels at every call
+                (`channel_condition`); the state and the update stay ``noise``'s channels.
 
         Returns:
             ``x0`` ``[b, f, c, h, w]`` in ``noise``'s dtype; with ``trajectory=True`` ``(x0, states)``.
 
         Raises:
-            ValueError: bad ``noise`` rank/dtype, ``condition_frames`` of the wrong shape, or
-                ``condition_r`` not ``"step"`` / ``"zero"``.
+            ValueError: bad ``noise`` rank/dtype, ``condition_frames`` or ``channel_condition`` of the wrong
+                shape, or ``condition_r`` not ``"step"`` / ``"zero"``.
 
         Runs under ``torch.no_grad()``.
         """
         _check_noise(noise)
         if condition_r not in ("step", "zero"):
             raise ValueError(f"condition_r={condition_r!r}; expected 'step' (reference / diffusers) or 'zero'")
+        model = _conditioned(model, channel_condition, noise)
         b, f = noise.shape[:2]
         fc = 0
         if condition_frames is not None:
@@ -287,6 +304,7 @@ class TeacherEulerSampler:
         progress: bool = False,
         trajectory: bool = False,
         model_2: Optional[ModelFn] = None,
+        channel_condition: Optional[torch.Tensor] = None,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Integrate the guided PF-ODE from ``noise`` (t = 1) to t = 0.
 
@@ -301,15 +319,20 @@ class TeacherEulerSampler:
             trajectory: also return the ``N + 1`` states.
             model_2: with a boundary, the low-noise expert (diffusers' ``transformer_2``); required then,
                 refused without one.
+            channel_condition: ``y`` ``[b, f, c_y, h, w]`` for models that read a condition besides their
+                latents (Wan2.2 I2V-A14B, `channel_condition`): appended to the state at every call of either
+                expert, the same for the conditional and the unconditional branch (``WanImageToVideoPipeline``).
 
         Returns:
             ``x0`` in ``noise``'s dtype, or ``(x0, states)`` with ``trajectory=True``.
 
         Raises:
             ValueError: bad ``noise``; ``negative_text`` missing while a guidance scale in use is not 1;
-                ``model_2`` missing with a boundary or given without one.
+                ``model_2`` missing with a boundary or given without one; ``channel_condition`` not of
+                ``noise``'s ``b, f, h, w``.
         """
         _check_noise(noise)
+        model, model_2 = _conditioned(model, channel_condition, noise), _conditioned(model_2, channel_condition, noise)
         if self.boundary is None:
             if model_2 is not None:
                 raise ValueError("model_2 (the low-noise expert) needs a boundary: TeacherEulerSampler(..., "

@@ -1,0 +1,186 @@
+"""Wan2.2 I2V-A14B's channel condition (`anyflow.channel_condition`): the 36-channel input, against diffusers.
+
+(a) `encode_i2v_condition` through the project's VAE codec equals what diffusers' ``WanImageToVideoPipeline``
+    builds in ``prepare_latents`` (mask + normalised latents of [image, 0, ...]) from the same image and VAE.
+    Tolerance: the same VAE forward on both sides; the normalisation is ``(z - m) / s`` here and
+    ``(z - m) * (1 / s)`` there, one rounding apart (2^-24 relative); the mask is exact. Bound 1e-6 relative.
+(b) The teacher's Euler sampler with two tiny I2V experts (converted from diffusers) and the condition equals
+    ``WanImageToVideoPipeline`` with ``transformer`` + ``transformer_2`` + ``boundary_ratio`` 0.9 on the same
+    weights, image, noise and embeddings (fp32, ``FlowMapEulerDiscreteScheduler(shift=5)``, whose grid is the
+    project's: tests/test_two_expert_synthesis.py). Tolerance as that file's (a): the same float operations
+    up to the forwards' summation order, ~1e-6 relative per forward, a few 1e-6 on the state; bound 5e-6.
+    Controls: the condition of another image, and no mask, must miss by orders more.
+(c) The flow-map sampler passes the condition to every call of the routed experts: equal to a loop written
+    here (cat([z, y]) per call, the expert chosen by the jump, the float64 update).
+(d) Bad conditions are refused by shape.
+"""
+
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan, FlowMapEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+
+from test_wan22 import ok  # in-process tools/NAME.py under the CLI error policy
+from megatron_anyflow.anyflow import channel_condition as C
+from megatron_anyflow.anyflow.sampler import FlowMapEulerSampler, TeacherEulerSampler, route_experts
+from megatron_anyflow.anyflow.timesteps import to_model_scale
+
+# tiny-wan2.2-i2v-a14b's sizes in diffusers' terms: 4 heads x 16 = 64 wide, FFN 160, text 384, 2 layers.
+KW = dict(num_attention_heads=4, attention_head_dim=16, text_dim=384, freq_dim=32, ffn_dim=160, num_layers=2,
+          in_channels=36, out_channels=16)
+B = 0.9
+F_, H_, W_ = 3, 4, 6  # latent frames / height / width: 9 video frames of 32 x 48 through the Wan2.1 VAE
+NUM_FRAMES, HEIGHT, WIDTH = 4 * (F_ - 1) + 1, 8 * H_, 8 * W_
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _random_expert(seed):
+    """A diffusers I2V expert with every tensor perturbed off its init (so the experts and a misrouting differ)."""
+    torch.manual_seed(seed)
+    m = WanTransformer3DModel(**KW).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+@pytest.fixture(scope="module")
+def i2v(tmp_path_factory):
+    """A diffusers I2V-A14B-shaped pipeline directory: two tiny random experts, a tiny Wan2.1 VAE, the index
+    with ``boundary_ratio`` 0.9 (what convert_from_hf reads an expert's role and boundary from)."""
+    from megatron_anyflow.testing.tiny_components import tiny_vae
+
+    root = tmp_path_factory.mktemp("i2v_a14b")
+    for sub, seed in (("transformer", 11), ("transformer_2", 12)):
+        _random_expert(seed).save_pretrained(root / sub)
+    tiny_vae(str(root / "vae"))
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "WanImageToVideoPipeline", "boundary_ratio": B, "vae": ["diffusers", "AutoencoderKLWan"],
+        "transformer": ["diffusers", "WanTransformer3DModel"], "transformer_2": ["diffusers", "WanTransformer3DModel"]}))
+    return root, None
+
+
+def _convert(root, capsys):
+    from megatron_anyflow.checkpoint.model_io import load_as_model
+
+    models = {}
+    for name, sub in (("high", "transformer"), ("low", "transformer_2")):
+        out = root / "ckpt" / name
+        if not out.exists():
+            ok("convert_from_hf", ["--input", root / sub, "--output", out, "--add-delta-embedder"], capsys)
+        models[name] = load_as_model(str(out)).eval()
+    return models
+
+
+def _image(seed):
+    """A random image in [0, 1], [1, 3, H, W] (what the pipeline's video processor maps to [-1, 1])."""
+    return torch.rand(1, 3, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(seed))
+
+
+def _pipeline(root):
+    pipe = WanImageToVideoPipeline(
+        tokenizer=None, text_encoder=None, vae=AutoencoderKLWan.from_pretrained(root / "vae").eval(),
+        scheduler=FlowMapEulerDiscreteScheduler(shift=5.0), image_processor=None, image_encoder=None,
+        transformer=WanTransformer3DModel.from_pretrained(root / "transformer").eval(),
+        transformer_2=WanTransformer3DModel.from_pretrained(root / "transformer_2").eval(), boundary_ratio=B)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _codec(root):
+    from megatron_anyflow.data.codecs import WanVAECodec
+
+    return WanVAECodec(str(root / "vae"), device="cpu", sample=True)  # sample=True: the condition still uses the mode
+
+
+def test_condition_equals_diffusers_prepare_latents(i2v):
+    root, _ = i2v
+    pipe, img = _pipeline(root), _image(0)
+    with torch.no_grad():
+        pre = pipe.video_processor.preprocess(img, height=HEIGHT, width=WIDTH).float()
+        _, ref = pipe.prepare_latents(pre, 2, 16, HEIGHT, WIDTH, NUM_FRAMES, torch.float32, torch.device("cpu"),
+                                      latents=torch.zeros(2, 16, F_, H_, W_))
+    ref = ref.permute(0, 2, 1, 3, 4)  # [b, f, 20, h, w]
+    y = C.encode_i2v_condition(_codec(root), img * 2 - 1, NUM_FRAMES).expand(2, -1, -1, -1, -1)
+    assert y.shape == (2, F_, 20, H_, W_)
+    assert torch.equal(y[:, :, :4], ref[:, :, :4])  # the mask: frame 0 all ones, then zeros
+    assert float(y[:, 0, :4].min()) == 1.0 and float(y[:, 1:, :4].abs().max()) == 0.0
+    assert rel(y[:, :, 4:], ref[:, :, 4:]) < 1e-6
+    # frames >= 1 carry the encoded zeros after the image (the causal VAE's memory), not zeros
+    assert float(y[:, 1:, 4:].abs().max()) > 1e-2
+
+
+@pytest.mark.parametrize("n", [4, 7])
+def test_teacher_sampler_with_condition_equals_wan_image_to_video_pipeline(i2v, capsys, n):
+    root, _ = i2v
+    experts = _convert(root, capsys)
+    g = torch.Generator().manual_seed(n)
+    noise, text, neg = (torch.randn(2, F_, 16, H_, W_, generator=g), torch.randn(2, 7, 384, generator=g),
+                        torch.randn(2, 5, 384, generator=g))
+    img = _image(1)
+    pipe = _pipeline(root)
+    with torch.no_grad():
+        ref = pipe(image=img, latents=noise.permute(0, 2, 1, 3, 4).clone(), prompt_embeds=text,
+                   negative_prompt_embeds=neg, guidance_scale=3.0, guidance_scale_2=2.0, num_inference_steps=n,
+                   height=HEIGHT, width=WIDTH, num_frames=NUM_FRAMES, output_type="latent",
+                   return_dict=False)[0].permute(0, 2, 1, 3, 4)
+    codec = _codec(root)
+    y = C.encode_i2v_condition(codec, img * 2 - 1, NUM_FRAMES).expand(2, -1, -1, -1, -1)
+    sampler = TeacherEulerSampler(n, 5.0, guidance_scale=3.0, boundary=B, guidance_scale_2=2.0)
+    assert "high" in sampler.experts and "low" in sampler.experts
+    out = sampler(experts["high"], noise, text, neg, model_2=experts["low"], channel_condition=y)
+    assert out.shape == noise.shape
+    err = rel(out, ref)
+    assert err < 5e-6, err
+    # controls: another image's condition, and the latents without their mask
+    other = C.encode_i2v_condition(codec, _image(2) * 2 - 1, NUM_FRAMES).expand(2, -1, -1, -1, -1)
+    no_mask = torch.cat([torch.zeros_like(y[:, :, :4]), y[:, :, 4:]], 2)
+    for yy in (other, no_mask):
+        miss = rel(sampler(experts["high"], noise, text, neg, model_2=experts["low"], channel_condition=yy), ref)
+        assert miss > 1e3 * max(err, 1e-8), (miss, err)
+
+
+def test_flow_map_sampler_feeds_the_condition_to_every_routed_call(i2v, capsys):
+    root, _ = i2v
+    experts = _convert(root, capsys)
+    g = torch.Generator().manual_seed(3)
+    noise, text = torch.randn(2, F_, 16, H_, W_, generator=g), torch.randn(2, 7, 384, generator=g)
+    y = C.i2v_condition(torch.randn(2, F_, 16, H_, W_, generator=g))
+    for n in (1, 3):
+        s = FlowMapEulerSampler(n, 5.0, boundary=B)
+        out = s(route_experts(experts["high"], experts["low"], B), noise, text, channel_condition=y)
+        z, ts = noise.clone(), s.times.tolist()
+        Bm = float(to_model_scale(B))
+        with torch.no_grad():
+            for t, r in zip(ts[:-1], ts[1:]):
+                T, R = (to_model_scale(v).expand(2, F_).clone() for v in (t, r))
+                m = experts["high"] if float(R.min()) >= Bm else experts["low"]
+                u = m(torch.cat([z, y], 2), T, R, text)
+                z = (z.double() - (t - r) * u.double()).float()
+        assert torch.equal(out, z), (n, rel(out, z))
+
+
+def test_bad_conditions_are_refused(i2v, capsys):
+    root, _ = i2v
+    experts = _convert(root, capsys)
+    noise, text = torch.randn(1, F_, 16, H_, W_), torch.randn(1, 7, 384)
+    s = FlowMapEulerSampler(2, 5.0, boundary=B)
+    model = route_experts(experts["high"], experts["low"], B)
+    with pytest.raises(ValueError, match=r"channel_condition must be \[b, f, c_y, h, w\].*\(1, 3, 16, 4, 6\)"):
+        s(model, noise, text, channel_condition=torch.randn(1, F_ - 1, 20, H_, W_))
+    with pytest.raises(ValueError, match="latents have 32 channels; the model expects in_channels=36"):
+        s(model, noise, text, channel_condition=torch.randn(1, F_, 16, H_, W_))
+    with pytest.raises(ValueError, match="36"):  # the experts read 36 channels: latents alone are refused
+        s(model, noise, text)
+    with pytest.raises(ValueError, match=r"condition image must be \[b, 3, H, W\]"):
+        C.encode_i2v_condition(_codec(root), torch.rand(3, HEIGHT, WIDTH), NUM_FRAMES)
+    with pytest.raises(ValueError, match="none was given"):
+        C.check_channel_condition(None, noise.shape, 20)
+    with pytest.raises(ValueError, match="reads its latents alone"):
+        C.check_channel_condition(torch.randn(1, F_, 20, H_, W_), noise.shape, 0)
+    cfg = experts["high"].config
+    assert C.condition_channels(cfg) == 20
