@@ -3,7 +3,10 @@ gradients of one big micro-batch (stage 1 and the teacher, the real trainer, CPU
 
 Layouts of a global batch of 8: (DP, micro, accumulation) = (1, 1, 8), (2, 1, 4), (2, 2, 2), (1, 8, 1), on the
 ``tiny`` preset (16 latent channels); for the Wan2.2 TI2V-5B family (``tiny-wan2.2-ti2v``, 48 channels) stage 1
-at (2, 2, 2), the layout that has DP, micro-batching and accumulation at once, against (1, 8, 1).
+at (2, 2, 2), the layout that has DP, micro-batching and accumulation at once, against (1, 8, 1); for Wan2.2
+I2V-A14B (``tiny-wan2.2-i2v-a14b``'s high expert: 16 latent channels and a 20-channel image condition per
+sample) stage 1 at (1, 2, 4) against (1, 8, 1), with every model call's condition rows checked against its
+samples' own (the condition travels with its sample; DP adds no path of its own for it).
 What is checked, per layout:
 
 - the split: global index i is a boundary sample iff i < floor(0.5 * 8) = 4, r = 0 iff 4 <= i < 6, free
@@ -95,7 +98,32 @@ def test_stage1_layout_matches_one_big_micro_batch_wan22_ti2v(runs_wan22):
     _check_stage1_layout(runs_wan22[(2, 2, "stage1")], big, 2, 2)
 
 
-def _check_stage1_layout(ranks, big, dp, micro):
+@pytest.fixture(scope="module")
+def runs_i2v(tmp_path_factory):
+    return _run_layouts(tmp_path_factory.mktemp("layouts_i2v"), [(1, 2), (1, 8)], ["stage1"], "tiny-wan2.2-i2v-a14b")
+
+
+def test_layout_with_a_channel_condition_wan22_i2v_a14b(runs_i2v, stage="stage1"):
+    """Wan2.2 I2V-A14B (16 latent + 20 condition channels, its high expert): micro 2 x accumulation 4 gives the
+    big micro-batch's draws and losses, and every model call reads, row by row, its own samples' conditions
+    (the rows of the loss's latents)."""
+    small, big = runs_i2v[(1, 2, stage)], runs_i2v[(1, 8, stage)]
+    for rec, micro in ((small[0], 2), (big[0], 8)):
+        assert rec["model_channels"] == (36, 16)
+        calls = rec["model_conditions"]
+        per_micro = len(calls) // len(rec["micro"])
+        assert per_micro == 4 and len(calls) == per_micro * len(rec["micro"])  # stage 1's four forwards
+        for j, idx in enumerate(rec["micro"]):
+            want = torch.stack([rec["dataset_conditions"][i] for i in idx])
+            for y in calls[j * per_micro:(j + 1) * per_micro]:
+                assert torch.equal(y, want), (stage, micro, j)
+        # the samples' conditions differ (a swapped row would be seen)
+        ys = list(rec["dataset_conditions"].values())
+        assert len(ys) == GLOBAL and all(not torch.equal(ys[0][:, 4:], y[:, 4:]) for y in ys[1:])
+    _check_stage1_layout(small, big, 1, 2, i2v_draws=False)
+
+
+def _check_stage1_layout(ranks, big, dp, micro, i2v_draws=True):
     rows, ref = _by_index(ranks), _by_index(big)
     assert ranks[0]["layout"] == {"dp": dp, "micro": micro, "acc": GLOBAL // (dp * micro)}
 
@@ -112,7 +140,8 @@ def _check_stage1_layout(ranks, big, dp, micro):
         assert abs(a - b) <= 1e-5 * abs(b), (i, a, b)
     # The draws are not degenerate: some prompts dropped, some i2v, some not.
     assert 0 < sum(bool(rows[i]["text_dropped"]) for i in range(GLOBAL)) < GLOBAL
-    assert 0 < sum(bool(rows[i]["i2v"]) for i in range(GLOBAL)) < GLOBAL
+    if i2v_draws:
+        assert 0 < sum(bool(rows[i]["i2v"]) for i in range(GLOBAL)) < GLOBAL
 
     # Paper eq. 7 over the whole iteration, float64, from the per-sample losses.
     losses = [float(rows[i]["per_sample_loss"]) for i in range(GLOBAL)]
@@ -137,8 +166,12 @@ def _check_stage1_layout(ranks, big, dp, micro):
 
 @pytest.mark.parametrize("dp,micro", LAYOUTS[:3])
 def test_teacher_layout_matches_one_big_micro_batch(runs, dp, micro):
-    ranks, big = runs[(dp, micro, "teacher")], runs[(1, 8, "teacher")]
+    _check_teacher_layout(runs[(dp, micro, "teacher")], runs[(1, 8, "teacher")], dp, micro)
+
+
+def _check_teacher_layout(ranks, big, dp, micro):
     rows, ref = _by_index(ranks), _by_index(big)
+    assert ranks[0]["layout"] == {"dp": dp, "micro": micro, "acc": GLOBAL // (dp * micro)}
     for i in range(GLOBAL):
         for n in ("t", "text_dropped", "i2v"):
             assert torch.equal(rows[i][n], ref[i][n]), (i, n)

@@ -1,4 +1,4 @@
-"""Wan2.2 I2V-A14B's channel condition (`anyflow.channel_condition`): the 36-channel input, against diffusers.
+"""Wan2.2 I2V-A14B's channel condition (`data.channel_condition`): the 36-channel input, against diffusers.
 
 (a) `encode_i2v_condition` through the project's VAE codec equals what diffusers' ``WanImageToVideoPipeline``
     builds in ``prepare_latents`` (mask + normalised latents of [image, 0, ...]) from the same image and VAE.
@@ -22,7 +22,7 @@ import torch
 from diffusers import AutoencoderKLWan, FlowMapEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
 
 from test_wan22 import ok  # in-process tools/NAME.py under the CLI error policy
-from megatron_anyflow.anyflow import channel_condition as C
+from megatron_anyflow.data import channel_condition as C
 from megatron_anyflow.anyflow.sampler import FlowMapEulerSampler, TeacherEulerSampler, route_experts
 from megatron_anyflow.anyflow.timesteps import to_model_scale
 
@@ -184,3 +184,60 @@ def test_bad_conditions_are_refused(i2v, capsys):
         C.check_channel_condition(torch.randn(1, F_, 20, H_, W_), noise.shape, 0)
     cfg = experts["high"].config
     assert C.condition_channels(cfg) == 20
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training an I2V-A14B expert on a dataset with conditions
+# ---------------------------------------------------------------------------------------------------
+TRAIN = ["--stage", "stage1", "--model-preset", "tiny-wan2.2-i2v-a14b", "--expert", "high", "--micro-batch-size", "2",
+         "--global-batch-size", "4", "--lora-rank", "4", "--lora-alpha", "4", "--train-iters", "2",
+         "--log-interval", "100", "--seed", "3"]
+
+
+def _dataset(path, condition=True, n=6):
+    from megatron_anyflow.data.latent_dataset import write_latent_dataset
+
+    g = torch.Generator().manual_seed(8)
+    lat = torch.randn(n, F_, 16, H_, W_, generator=g)
+    y = C.i2v_condition(torch.randn(n, F_, 16, H_, W_, generator=g)) if condition else None
+    write_latent_dataset(str(path), lat, torch.randn(n, 7, 384, generator=g), torch.randn(1, 7, 384, generator=g),
+                         {}, samples_per_shard=4, dtype=torch.float32, condition=y)
+    return str(path)
+
+
+def _trainer(argv):
+    from megatron_anyflow.training.arguments import parse_args
+    from megatron_anyflow.training.trainer import Trainer
+
+    return Trainer(parse_args(argv), log=lambda *a, **k: None)
+
+
+def test_stage1_trains_an_i2v_expert_from_a_conditioned_dataset(tmp_path):
+    """Two iterations of stage 1 read (latents, text, condition) through the loader's worker processes and in
+    the training process alike (the same metrics and adapters, bit for bit: the same float32 operations on the
+    same tensors), and the adapters move."""
+    data = _dataset(tmp_path / "ds")
+    results = []
+    for workers in ("0", "1"):
+        tr = _trainer([*TRAIN, "--data-path", data, "--num-workers", workers])
+        before = {k: v.detach().clone() for k, v in tr.named_trainable(lambda n: "lora_B" in n).items()}
+        m = tr.train()
+        after = {k: v.detach().clone() for k, v in tr.named_trainable(lambda n: "lora_B" in n).items()}
+        assert any(not torch.equal(before[k], after[k]) for k in before)
+        results.append((m["loss"], after))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(results[0][1][k], results[1][1][k]) for k in results[0][1])
+
+
+def test_trainer_refuses_what_an_i2v_expert_cannot_train(tmp_path):
+    plain = _dataset(tmp_path / "plain", condition=False)
+    with pytest.raises(ValueError, match=r"has no channel condition.*prepare_dataset.py --i2v-condition"):
+        _trainer([*TRAIN, "--data-path", plain])
+    with pytest.raises(ValueError, match=r"has a 20-channel condition; the model reads none"):
+        _trainer(["--stage", "stage1", "--model-preset", "tiny-wan2.2-t2v-a14b", "--expert", "low", "--train-iters", "1",
+                  "--data-path", _dataset(tmp_path / "cond")])
+    with pytest.raises(ValueError, match=r"--i2v-prob 0.5: .*20 condition channels"):
+        _trainer([*TRAIN, "--mock-data", "--mock-latent-shape", "3", "16", "4", "6", "--i2v-prob", "0.5"])
+    with pytest.raises(ValueError, match=r"stage 2 of a model that reads a 20-channel image condition"):
+        _trainer(["--stage", "stage2", "--model-preset", "tiny-wan2.2-i2v-a14b", "--mock-data", "--train-iters", "1",
+                  "--mock-latent-shape", "3", "16", "4", "6", "--lora-rank", "4", "--lora-alpha", "4"])

@@ -82,7 +82,8 @@ def test_old_float32_dataset_reads_and_trains(tmp_path):
                              "--log-interval", "100", "--num-workers", "2"]), log=lambda *a, **k: None)
     seen = []
     loss = tr.stage.loss
-    tr.stage.loss = lambda it, j, x, text, carry: (seen.append((x.clone(), text.clone())), loss(it, j, x, text, carry))[1]
+    tr.stage.loss = lambda it, j, x, text, carry, y=None: (seen.append((x.clone(), text.clone())),
+                                                            loss(it, j, x, text, carry, y))[1]
     tr.train()
     micro = tr.sampler.micro_batches(0)
     assert len(seen) == len(micro) == 2

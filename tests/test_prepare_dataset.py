@@ -337,3 +337,37 @@ def test_prepare_dataset_wan_vae_and_umt5(real_clips, tiny_wan_vae, tmp_path):
     index = json.load(open(out / "index.json"))
     assert index["codec"]["name"] == "wan-vae" and len(index["codec"]["latents_mean"]) == 16
     assert index["negative_prompt"] == WAN_NEGATIVE_PROMPT_ZH and len(index["shards"]) == 2
+
+
+def test_prepare_dataset_i2v_condition_is_each_clips_frame_zero(real_clips, tiny_wan_vae, minilm, tmp_path):
+    """``--i2v-condition`` (Wan2.2 I2V-A14B) stores per clip the channel condition of the clip's own frame 0:
+    equal to `encode_i2v_condition` of the very frame DALI decoded (recovered exactly from a pixel-codec run
+    of the same clips). Tolerance: the same float32 VAE on the same input, 1e-6 relative (batch-size dependence
+    of the CPU convolutions, as the Wan2.2 test above). The trainer reads (latents, text, condition); a pixel
+    codec is refused by name."""
+    from megatron_anyflow.data.channel_condition import encode_i2v_condition
+
+    vae_path, _ = tiny_wan_vae
+    clips = [str(real_clips / "carphone_pristine.webm"), str(real_clips / "bikes.webm")]
+    common = ["--input", *clips, "--captions", CAPTIONS, "--num-frames", "5", "--height", "16", "--width", "24",
+              "--fps", "16", "--samples-per-shard", "1", "--device", "cpu", "--quiet"]
+    runs = {}
+    for name, codec_args in (("i2v", ["--codec", "wan-vae", "--vae", vae_path, "--i2v-condition"]),
+                             ("pixel", ["--codec", "pixel"])):
+        args = prepare_dataset.parse_args([*common, "--output", str(tmp_path / name), *codec_args])
+        assert prepare_dataset.prepare(args, text_encoder=minilm)["status"] == "complete"
+        runs[name] = LatentDataset(str(tmp_path / name))
+    ds = runs["i2v"]
+    assert ds.condition_channels == 20 and len(ds[0]) == 3 and ds[0][2].shape == (2, 20, 2, 3)
+    assert json.load(open(tmp_path / "i2v" / "index.json"))["condition"] == {"kind": "wan2.2-i2v", "channels": 20}
+    codec = WanVAECodec(vae_path, device="cpu")
+    for i in range(2):
+        frames = PixelCodec(4).decode(runs["pixel"][i][0][None])  # [1, 3, 5, 16, 24], DALI's frames
+        ref = encode_i2v_condition(codec, frames[:, :, 0], 5)[0]
+        torch.testing.assert_close(ds[i][2], ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
+        torch.testing.assert_close(ds[i][0], codec.encode(frames)[0], rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
+    assert not torch.equal(ds[0][2], ds[1][2])
+    args = prepare_dataset.parse_args([*common, "--output", str(tmp_path / "bad"), "--codec", "pixel",
+                                       "--i2v-condition"])
+    with pytest.raises(SystemExit, match="--i2v-condition.*--codec wan-vae"):
+        prepare_dataset.prepare(args, text_encoder=minilm)

@@ -65,6 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--codec", choices=["pixel", "wan-vae", "wan2.2-vae"], default="pixel",
                     help="pixel (space-to-depth), wan-vae (Wan2.1 VAE: 16 channels, 8x space) or wan2.2-vae (Wan2.2 "
                          "TI2V-5B VAE: 48 channels, 16x space); both VAEs compress time 4x")
+    ap.add_argument("--i2v-condition", action="store_true",
+                    help="also store each clip's image condition for models that read one through input channels "
+                         "(Wan2.2 I2V-A14B: the mask and the VAE latents of [frame 0, zeros], 20 channels; "
+                         "--codec wan-vae)")
     ap.add_argument("--vae", default=None, help="diffusers AutoencoderKLWan directory (--codec wan-vae / wan2.2-vae)")
     ap.add_argument("--space-to-depth", type=int, default=4, help="pixel codec block size (default 4)")
     ap.add_argument("--text-encoder", choices=["minilm", "umt5"], default="minilm")
@@ -148,7 +152,9 @@ def run_config(args, codec, text_encoder, negative_prompt: str) -> dict:
             "captions_sha256": _file_hash(args.captions), "codec": cc, "text_encoder": text_encoder.config(),
             "negative_prompt": negative_prompt, "num_frames": args.num_frames, "fps": args.fps,
             "height": args.height, "width": args.width, "clips_per_video": args.clips_per_video,
-            "clip_sampling": args.clip_sampling, "seed": args.seed, "samples_per_shard": args.samples_per_shard}
+            "clip_sampling": args.clip_sampling, "seed": args.seed, "samples_per_shard": args.samples_per_shard,
+            # recorded only when set, so that datasets prepared before the option keep their configuration
+            **({"i2v_condition": "wan2.2-i2v"} if getattr(args, "i2v_condition", False) else {})}
 
 
 def _device(name: str) -> str:
@@ -170,6 +176,7 @@ def prepare(args: argparse.Namespace, codec=None, text_encoder=None) -> dict:
     """
     from tqdm import tqdm
 
+    from megatron_anyflow.data.channel_condition import encode_i2v_condition
     from megatron_anyflow.data.codecs import build_codec
     from megatron_anyflow.data.text import build_text_encoder
     from megatron_anyflow.data.video import VideoClipPipeline, validate_num_frames
@@ -183,6 +190,9 @@ def prepare(args: argparse.Namespace, codec=None, text_encoder=None) -> dict:
                                                       args.text_max_length, device=device)
     negative_prompt = args.negative_prompt if args.negative_prompt is not None else text_encoder.default_negative_prompt
     latent_shape = list(codec.latent_shape(args.num_frames, args.height, args.width))
+    if getattr(args, "i2v_condition", False) and getattr(codec, "name", None) != "wan-vae":
+        raise SystemExit(f"--i2v-condition: the image condition of Wan2.2 I2V-A14B is made by the Wan2.1 VAE "
+                         f"(--codec wan-vae --vae DIR); got --codec {getattr(codec, 'name', args.codec)}")
     cfg = run_config(args, codec, text_encoder, negative_prompt)
     index_path, progress_path = os.path.join(out, INDEX), os.path.join(out, PROGRESS)
 
@@ -247,8 +257,10 @@ def prepare(args: argparse.Namespace, codec=None, text_encoder=None) -> dict:
     def write_shard(items) -> None:
         k = len(progress["shards"])
         name = f"shard_{k:05d}.safetensors"
-        _atomic_safetensors(os.path.join(out, name), {"latents": torch.stack([it[0] for it in items]),
-                                                      "text": torch.stack([it[1] for it in items])})
+        fields = {"latents": torch.stack([it[0] for it in items]), "text": torch.stack([it[1] for it in items])}
+        if items[0][3] is not None:
+            fields["condition"] = torch.stack([it[3] for it in items])
+        _atomic_safetensors(os.path.join(out, name), fields)
         progress["shards"].append({"file": name, "num_samples": len(items), "end_position": items[-1][2]["position"] + 1,
                                    "samples": [{kk: v for kk, v in it[2].items() if kk != "position"} for it in items]})
         merge_skipped()
@@ -263,9 +275,13 @@ def prepare(args: argparse.Namespace, codec=None, text_encoder=None) -> dict:
         if list(lat.shape[1:]) != latent_shape:
             raise RuntimeError(f"codec produced latents {list(lat.shape[1:])}, expected {latent_shape}")
         txt = embed(batch.captions)
+        # Wan2.2 I2V-A14B: the clip's frame 0 as the condition image, encoded as the pipeline does
+        cond = (encode_i2v_condition(codec, batch.video[:, :, 0], args.num_frames).cpu()
+                if args.i2v_condition else None)
         for j in range(lat.shape[0]):
             pending.append((lat[j].clone(), txt[j], {"key": batch.keys[j], "start_frame": batch.start_frames[j],
-                                                      "caption": batch.captions[j], "position": batch.positions[j]}))
+                                                      "caption": batch.captions[j], "position": batch.positions[j]},
+                            None if cond is None else cond[j].clone()))
         bar.update(pipe.position - bar.n)
         while len(pending) >= args.samples_per_shard:
             write_shard(pending[:args.samples_per_shard])
@@ -307,6 +323,8 @@ def prepare(args: argparse.Namespace, codec=None, text_encoder=None) -> dict:
                        "clips_per_video": args.clips_per_video, "clip_sampling": args.clip_sampling,
                        "seed": args.seed, "layout": "latents [n, f, c, h, w] frame-major; video in [-1, 1]"},
              "captions": captions, "skipped": skipped, "config": cfg, "created_by": "tools/prepare_dataset.py"}
+    if args.i2v_condition:  # LatentDataset then reads (latents, text, condition) per sample
+        index["condition"] = {"kind": "wan2.2-i2v", "channels": 4 + latent_shape[1]}
     _atomic_json(index_path, index)
     print(f"wrote {num_samples} samples in {len(shards)} shard(s) to {out} "
           f"(latents {latent_shape}, text [{text_encoder.max_length}, {text_encoder.dim}]) in {time.time() - t0:.1f}s")

@@ -15,7 +15,8 @@ from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
-from .channel_condition import with_channel_condition
+from megatron_anyflow.data.channel_condition import with_channel_condition
+
 from .timesteps import flow_map_time_grid, to_model_scale, two_expert_time_grid
 from .two_expert import jump_ranges
 

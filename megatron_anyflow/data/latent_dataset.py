@@ -8,7 +8,13 @@ On-disk format (written by ``tools/prepare_dataset.py``)::
                                        "shards": [{"file": "shard_00000.safetensors", "num_samples": n}, ...],
                                        "negative": "negative.safetensors", ...}
     DATASET/shard_00000.safetensors   "latents" [n, f, c, h, w], "text" [n, L, d]  (both in "dtype")
+                                      [+ "condition" [n, f, c_y, h, w] when the index has "condition"]
     DATASET/negative.safetensors      "text" [1, L, d]  (the negative-prompt embedding)
+
+Image-conditioned datasets (Wan2.2 I2V-A14B, ``tools/prepare_dataset.py --i2v-condition``) also store each
+clip's channel condition ``y`` (`data.channel_condition`: the mask and the VAE latents of [frame 0, zeros])
+under ``"condition"``; the index records ``"condition": {"kind": "wan2.2-i2v", "channels": c_y}``, and samples
+read as ``(latents, text, condition)`` instead of ``(latents, text)``.
 
 Latents are already normalised by the codec (the Wan VAE's latents mean / std, or the tiny preset's
 pixel codec); ``text`` is the text encoder's last hidden state, zero beyond the prompt's tokens
@@ -28,7 +34,7 @@ import bisect
 import json
 import os
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -43,8 +49,9 @@ class LatentDataset:
     """Random access to a precomputed-latent dataset directory, one sample per read.
 
     ``ds[i]`` returns (latents [f, c, h, w], text [L, d]) in the stored dtype (`dtype`: bfloat16 for
-    datasets written by `write_latent_dataset`, float32 for older ones); `negative_text` is [1, L, d] in
-    the same dtype. Each read is a view of one sample in its memory-mapped shard
+    datasets written by `write_latent_dataset`, float32 for older ones), plus condition [f, c_y, h, w] for an
+    image-conditioned dataset (`condition_channels` = c_y > 0; module docstring); `negative_text` is [1, L, d]
+    in the same dtype. Each read is a view of one sample in its memory-mapped shard
     (``safe_open(...).get_slice(key)[j]``; only its pages are read from disk): no whole-shard loads, so a
     random order costs nothing extra.
     The open shard handles are per process (rebuilt after fork and dropped when pickled), so the dataset
@@ -74,6 +81,11 @@ class LatentDataset:
             raise ValueError(f"{index_path}: shards hold {self.offsets[-1]} samples, index says "
                              f"{self.index['num_samples']}")
         self.latent_shape = tuple(self.index["latent_shape"])
+        cond = self.index.get("condition")
+        if cond is not None and (not isinstance(cond, dict) or not isinstance(cond.get("channels"), int)
+                                 or cond["channels"] < 1):
+            raise ValueError(f"{index_path}: 'condition' is {cond!r}; expected {{'kind': ..., 'channels': c_y >= 1}}")
+        self.condition_channels = int(cond["channels"]) if cond else 0
         self._handles: dict = {}
         self._handles_pid = os.getpid()
         if "dtype" in self.index:
@@ -118,6 +130,8 @@ class LatentDataset:
         k = bisect.bisect_right(self.offsets, i) - 1
         j = i - self.offsets[k]
         h = self._handle(k)
+        if self.condition_channels:
+            return h.get_slice("latents")[j], h.get_slice("text")[j], h.get_slice("condition")[j]
         return h.get_slice("latents")[j], h.get_slice("text")[j]
 
 
@@ -126,12 +140,20 @@ class MockLatentDataset:
 
     Sample ``i`` is drawn from a generator seeded with (seed, i), so any rank and any resume sees the
     same sample for the same index. Latents are smooth in space (a low-frequency field plus noise) so a
-    model has something to learn; text [L, d] standard normal.
+    model has something to learn; text [L, d] standard normal. ``condition_channels`` > 0 (a model reading a
+    channel condition, Wan2.2 I2V-A14B): samples also carry ``y`` [f, condition_channels, h, w], the
+    `channel_condition.i2v_condition` of the sample's own latents with frames >= 1 replaced by noise (the
+    image's information, in frame 0, is the clip's).
     """
 
-    def __init__(self, num_samples: int, latent_shape: Sequence[int], text_len: int, text_dim: int, seed: int = 0):
+    def __init__(self, num_samples: int, latent_shape: Sequence[int], text_len: int, text_dim: int, seed: int = 0,
+                 condition_channels: int = 0):
         self.num = num_samples
         self.latent_shape = tuple(latent_shape)
+        self.condition_channels = int(condition_channels)
+        if self.condition_channels and self.condition_channels != 4 + self.latent_shape[1]:
+            raise ValueError(f"a mock channel condition has 4 mask + {self.latent_shape[1]} latent channels; "
+                             f"{self.condition_channels} asked")
         self.text_len, self.text_dim, self.seed = text_len, text_dim, seed
         g = torch.Generator().manual_seed(seed + 7919)
         self.negative_text = torch.randn(1, text_len, text_dim, generator=g)
@@ -147,7 +169,13 @@ class MockLatentDataset:
         coarse = torch.randn(f, c, max(h // 4, 1), max(w // 4, 1), generator=g)
         x = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
         x = x + 0.1 * torch.randn(f, c, h, w, generator=g)
-        return x, torch.randn(self.text_len, self.text_dim, generator=g)
+        text = torch.randn(self.text_len, self.text_dim, generator=g)
+        if not self.condition_channels:
+            return x, text
+        from megatron_anyflow.data.channel_condition import i2v_condition
+
+        c_lat = torch.cat([x[:1], torch.randn(f - 1, c, h, w, generator=g)])
+        return x, text, i2v_condition(c_lat[None])[0]
 
 
 @dataclass
@@ -201,24 +229,25 @@ class DataParallelSampler:
         return out
 
 
-def collate(dataset, indices: Sequence[int], dtype: torch.dtype, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Stack samples into (latents [b, f, c, h, w], text [b, L, d]) on ``device`` in ``dtype``."""
+def collate(dataset, indices: Sequence[int], dtype: torch.dtype, device) -> Tuple[torch.Tensor, ...]:
+    """Stack samples into (latents [b, f, c, h, w], text [b, L, d][, condition [b, f, c_y, h, w]]) on ``device``
+    in ``dtype`` (one stacked tensor per field of ``dataset[i]``)."""
     items = [dataset[i] for i in indices]
-    x = torch.stack([a for a, _ in items]).to(device=device, dtype=dtype)
-    txt = torch.stack([b for _, b in items]).to(device=device, dtype=dtype)
-    return x, txt
+    return tuple(torch.stack([it[k] for it in items]).to(device=device, dtype=dtype) for k in range(len(items[0])))
 
 
 def write_latent_dataset(path: str, latents: torch.Tensor, text: torch.Tensor, negative_text: torch.Tensor,
                          extra_index: dict, samples_per_shard: int = 256,
-                         dtype: torch.dtype = torch.bfloat16) -> None:
+                         dtype: torch.dtype = torch.bfloat16, condition: Optional[torch.Tensor] = None) -> None:
     """Write latents [n, f, c, h, w] and text [n, L, d] (negative_text [1, L, d]) in this module's format,
     all stored in ``dtype`` (bfloat16 by default, recorded in the index as ``"dtype"``; float32 keeps the
-    values exactly). ``index.json`` is written last, atomically, so an interrupted write never looks
+    values exactly). ``condition`` [n, f, c_y, h, w]: each sample's channel condition (Wan2.2 I2V-A14B,
+    module docstring). ``index.json`` is written last, atomically, so an interrupted write never looks
     complete.
 
     Raises:
-        ValueError: latents and text disagree on n, or ``dtype`` is not bfloat16 / float16 / float32.
+        ValueError: latents, text and condition disagree on n (or condition on f, h, w), or ``dtype`` is not
+            bfloat16 / float16 / float32.
     """
     from safetensors.torch import save_file
 
@@ -227,18 +256,26 @@ def write_latent_dataset(path: str, latents: torch.Tensor, text: torch.Tensor, n
         raise ValueError(f"write_latent_dataset {path}: dtype {dtype}, expected one of {sorted(STORAGE_DTYPES)}")
     if latents.shape[0] != text.shape[0]:
         raise ValueError(f"{latents.shape[0]} latents but {text.shape[0]} text embeddings")
+    if condition is not None and (condition.dim() != 5 or condition.shape[:2] != latents.shape[:2]
+                                  or condition.shape[3:] != latents.shape[3:]):
+        raise ValueError(f"condition {tuple(condition.shape)} does not match latents {tuple(latents.shape)} (same n, f, "
+                         "h, w expected)")
     os.makedirs(path, exist_ok=True)
     shards = []
     for k, start in enumerate(range(0, latents.shape[0], samples_per_shard)):
         name = f"shard_{k:05d}.safetensors"
         part = slice(start, start + samples_per_shard)
-        save_file({"latents": latents[part].to(dtype).contiguous(), "text": text[part].to(dtype).contiguous()},
-                  os.path.join(path, name))
+        fields = {"latents": latents[part], "text": text[part]}
+        if condition is not None:
+            fields["condition"] = condition[part]
+        save_file({k: v.to(dtype).contiguous() for k, v in fields.items()}, os.path.join(path, name))
         shards.append({"file": name, "num_samples": int(latents[part].shape[0])})
     save_file({"text": negative_text.to(dtype).contiguous()}, os.path.join(path, "negative.safetensors"))
     index = dict(extra_index, format=FORMAT, num_samples=int(latents.shape[0]), latent_shape=list(latents.shape[1:]),
                  text_len=int(text.shape[1]), text_dim=int(text.shape[2]), dtype=names[dtype], shards=shards,
                  negative="negative.safetensors")
+    if condition is not None:
+        index["condition"] = {"kind": "wan2.2-i2v", "channels": int(condition.shape[2])}
     tmp = os.path.join(path, "index.json.tmp")
     with open(tmp, "w") as f:
         json.dump(index, f, indent=1)

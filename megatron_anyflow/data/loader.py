@@ -64,7 +64,8 @@ class MicroBatchSampler(Sampler):
 
 
 class IndexedSamples(Dataset):
-    """``dataset[i]`` as ``(i, latents [f, c, h, w], text [L, d])``: the index travels with its sample."""
+    """``dataset[i]`` as ``(i, latents [f, c, h, w], text [L, d][, condition])``: the index travels with its
+    sample."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -73,8 +74,7 @@ class IndexedSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int):
-        x, text = self.dataset[i]
-        return i, x, text
+        return (i, *self.dataset[i])
 
 
 def _stack(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -89,14 +89,15 @@ def _stack(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def collate_samples(items: Sequence[Tuple[int, torch.Tensor, torch.Tensor]], dtype: torch.dtype):
-    """(indices [b] list, latents [b, f, c, h, w], text [b, L, d]) in ``dtype``, on the CPU.
+def collate_samples(items: Sequence[Tuple[torch.Tensor, ...]], dtype: torch.dtype):
+    """(indices [b] list, latents [b, f, c, h, w], text [b, L, d][, condition [b, f, c_y, h, w]]) in ``dtype``,
+    on the CPU: one stacked tensor per field of the samples ``(i, latents, text[, condition])``.
 
     The same values as `latent_dataset.collate` (stack, then cast): the cast runs in the worker, so a
     bf16 run moves bf16 through shared and pinned memory.
     """
-    idx = [int(i) for i, _, _ in items]
-    return idx, _stack([a for _, a, _ in items], dtype), _stack([b for _, _, b in items], dtype)
+    idx = [int(it[0]) for it in items]
+    return (idx, *(_stack([it[k] for it in items], dtype) for k in range(1, len(items[0]))))
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -202,7 +203,7 @@ class TrainingDataLoader:
         self._it = None
         self._next_consumed: Optional[int] = None
         self._left = 0
-        self._ready: Dict[Tuple[int, ...], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._ready: Dict[Tuple[int, ...], Tuple[torch.Tensor, ...]] = {}
         self._ready_dataset = None
         self._finalizer: Optional[weakref.finalize] = None
 
@@ -226,20 +227,20 @@ class TrainingDataLoader:
         self._ready, self._ready_dataset = {}, dataset
         micro = []
         for want in expected:
-            idx, x, text = next(self._it)
+            idx, *fields = next(self._it)
             if idx != want:
                 raise RuntimeError(f"data loader at consumed_samples {consumed_samples}: read samples {idx}, the "
                                    f"sampler expects {want}")
             micro.append(idx)
-            self._ready[tuple(idx)] = (x, text)
+            self._ready[tuple(idx)] = tuple(fields)
         self._next_consumed = consumed_samples + self.sampler.global_batch
         self._left -= 1
         if self._left == 0:
             self.close(keep_ready=True)
         return micro
 
-    def get(self, dataset, indices: Sequence[int]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """(latents [b, f, c, h, w], text [b, L, d]) on the CPU (pinned when pinning) in the loader's dtype
+    def get(self, dataset, indices: Sequence[int]) -> Optional[Tuple[torch.Tensor, ...]]:
+        """(latents [b, f, c, h, w], text [b, L, d][, condition]) on the CPU (pinned when pinning) in the loader's dtype
         for a micro-batch of the last ``next_iteration``, or None if ``indices`` is not one of them or
         ``dataset`` is not the one it read."""
         if dataset is not self._ready_dataset:

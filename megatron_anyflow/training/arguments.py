@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher: flow-matching fine-tune; stage1: forward flow-map training; stage2: distillation")
     g.add_argument("--model-preset", default="tiny",
                    choices=["tiny", "tiny-video", "wan2.1-1.3b", "wan2.1-14b", "wan2.2-ti2v-5b", "tiny-wan2.2-ti2v",
-                            "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "tiny-wan2.2-t2v-a14b"],
+                            "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "tiny-wan2.2-t2v-a14b", "tiny-wan2.2-i2v-a14b"],
                    help="architecture when --pretrained is not given (random init); a two-expert Wan2.2 A14B "
                         "preset is one expert in stage 1 (with --expert) and both experts in stage 2")
     g.add_argument("--expert", choices=["high", "low"], default=None,

@@ -19,6 +19,7 @@ import os
 
 import torch
 
+from megatron_anyflow.data.channel_condition import condition_channels
 from megatron_anyflow.models.wan.config import expert_time_range, wan_config
 from megatron_anyflow.models.wan.model import WanModel
 
@@ -105,7 +106,9 @@ def dry_run(args, log=print) -> int:
                                         + (" (the bidirectional forward; FAR sequences are padded)" if far else "")))
     checks.append((gbs % (args.micro_batch_size * dp) == 0,
                    f"global batch {gbs} divisible by micro batch {args.micro_batch_size} x DP {dp}"))
-    checks.append((c_ == cfg.in_channels, f"latent channels {c_} == model in_channels {cfg.in_channels}"))
+    cc = condition_channels(cfg)  # Wan2.2 I2V-A14B: 16 latent + 20 condition channels in
+    checks.append((c_ == cfg.in_channels - cc, f"latent channels {c_} == model in_channels {cfg.in_channels}"
+                   + (f" - {cc} image-condition channels" if cc else "")))
     checks.append((cfg.hidden_size % tp == 0 and cfg.ffn_hidden_size % tp == 0,
                    f"hidden {cfg.hidden_size} and FFN {cfg.ffn_hidden_size} divisible by TP {tp}"))
     with torch.device("meta"):

@@ -54,6 +54,7 @@ import torch
 from megatron_anyflow.anyflow.distill import (DistillConfig, FrameCondition, backward_simulation, critic_loss, generator_loss,
                                                sample_simulation_plan)
 from megatron_anyflow.anyflow.objective import check_i2v_frames, condition_mask
+from megatron_anyflow.data.channel_condition import condition_channels
 from megatron_anyflow.models import lora as L
 from megatron_anyflow.training.stages import FarStage1, MetricAccumulator, Stage1, flow_map_objective_config
 
@@ -80,6 +81,12 @@ class Stage2(Stage1):
 
     def __init__(self, trainer):
         args = trainer.args
+        cc = condition_channels(trainer.config)
+        if cc:
+            raise ValueError(f"stage 2 of a model that reads a {cc}-channel image condition (Wan2.2 I2V-A14B, "
+                             f"in_channels {trainer.config.in_channels}) is not supported yet: its rollout and its "
+                             "real and fake scores would each need the condition; stages teacher and stage1 train it "
+                             "(README, Wan2.2 I2V-A14B)")
         self.pair = getattr(trainer, "experts", None) is not None
         inits = self._stage1_checkpoints(trainer)
         if args.init_adapters_from:
@@ -181,7 +188,7 @@ class Stage2(Stage1):
     # -- one iteration -----------------------------------------------------------------------------
     def _micro_inputs(self, iteration, j, idx):
         t = self.t
-        x, text = t.batch(idx)
+        x, text, _ = t.batch(idx)  # no channel condition: refused at construction
         plan = sample_simulation_plan(t.generator("plan", iteration, j), self.dcfg)  # same on every rank
         # one generator per sample (global index): the rollout noise does not depend on the batch layout
         gens = t.sample_generators("rollout-noise", iteration, j, x.shape[0])

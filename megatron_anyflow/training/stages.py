@@ -43,6 +43,7 @@ from megatron_anyflow.anyflow.objective import (
     stage1_loss,
 )
 from megatron_anyflow.anyflow.timesteps import TimeSamplerConfig
+from megatron_anyflow.data.channel_condition import check_channel_condition, condition_channels, with_channel_condition
 from megatron_anyflow.models import lora as L
 
 
@@ -56,6 +57,14 @@ class Stage(abc.ABC):
         self.t = trainer
         self.args = trainer.args
         self.adapters: List[str] = []
+        # Wan2.2 I2V-A14B reads a channel condition (the image) besides its latents: every model call gets the
+        # micro-batch's (`conditioned`). It is another image-to-video mechanism than --i2v-prob's clean frame 0.
+        self.condition_channels = condition_channels(trainer.config)
+        if self.condition_channels and getattr(self.args, "i2v_prob", 0.0) > 0:
+            raise ValueError(f"--i2v-prob {self.args.i2v_prob}: this model (in_channels {trainer.config.in_channels}, "
+                             f"out_channels {trainer.config.out_channels}) is conditioned on the image through its "
+                             f"{self.condition_channels} condition channels (Wan2.2 I2V-A14B), on every sample; a "
+                             "clean first frame is Wan2.1 / TI2V-5B's mechanism: drop --i2v-prob")
         self.setup_lora([self.adapter])
 
     def setup_lora(self, adapters: List[str]) -> None:
@@ -97,9 +106,20 @@ class Stage(abc.ABC):
         return next(iter(self.t.groups.values()))
 
     @abc.abstractmethod
-    def loss(self, iteration: int, j: int, x, text, carry):
+    def loss(self, iteration: int, j: int, x, text, carry, condition=None):
         """(loss, stats) of micro-batch ``j`` of ``iteration`` for latents ``x`` and ``text``; ``carry`` is
-        what the previous micro-batch of the iteration left in ``stats["carry"]`` (None for the first)."""
+        what the previous micro-batch of the iteration left in ``stats["carry"]`` (None for the first);
+        ``condition``: the micro-batch's channel condition ``[b, f, c_y, h, w]`` (`conditioned`), or None."""
+
+    def conditioned(self, condition):
+        """The trainer's model as the objectives call it, ``model(z, T, R, text)``: with the micro-batch's channel
+        condition appended to the latents at every call for a model that reads one (Wan2.2 I2V-A14B;
+        `data.channel_condition`), else the model itself.
+
+        Raises:
+            ValueError: a condition missing for such a model, given to another, or of the wrong shape.
+        """
+        return self.t.model if condition is None else with_channel_condition(self.t.model, condition)
 
     def train_step(self, iteration: int, micro: List[List[int]]) -> Dict[str, float]:
         """Accumulate the micro-batches' gradients, then one (guarded) optimizer step. Metrics stay on the
@@ -108,8 +128,9 @@ class Stage(abc.ABC):
         acc = MetricAccumulator(t.device)
         carry = None
         for j, idx in enumerate(micro):
-            x, text = t.batch(idx)
-            loss, stats = self.loss(iteration, j, x, text, carry)
+            x, text, y = t.batch(idx)
+            check_channel_condition(y, x.shape, self.condition_channels, f"micro-batch {list(idx)}")
+            loss, stats = self.loss(iteration, j, x, text, carry, y)
             (loss / n).backward()
             carry = stats.get("carry")
             acc.add_mean("loss", loss.detach() / n)
@@ -222,9 +243,10 @@ class TeacherStage(Stage):
         self.cfg = TeacherObjectiveConfig(shift=self.args.time_shift, text_dropout=self.args.text_dropout,
                                           i2v_prob=self.args.i2v_prob)
 
-    def loss(self, iteration, j, x, text, carry):
+    def loss(self, iteration, j, x, text, carry, condition=None):
         ng = self.t.sample_generators("noise", iteration, j, x.shape[0])
-        return flow_matching_loss(self.t.model, x, text, self.t.negative_text, self.cfg, noise_generator=ng)
+        return flow_matching_loss(self.conditioned(condition), x, text, self.t.negative_text, self.cfg,
+                                  noise_generator=ng)
 
 
 def flow_map_objective_config(args, time_range=None) -> FlowMapObjectiveConfig:
@@ -248,8 +270,8 @@ class Stage1(Stage):
         super().__init__(trainer)
         self.cfg = flow_map_objective_config(self.args, getattr(trainer, "time_range", None))
 
-    def loss(self, iteration, j, x, text, carry):
-        return self.stage1_loss(self.t.model, iteration, j, x, text, carry)
+    def loss(self, iteration, j, x, text, carry, condition=None):
+        return self.stage1_loss(self.conditioned(condition), iteration, j, x, text, carry)
 
     def stage1_loss(self, model, iteration, j, x, text, carry, cfg=None):
         """`stage1_loss` of micro-batch ``j`` in the iteration's global layout (module docstring);

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_anyflow.checkpoint import store as ckpt
+from megatron_anyflow.data.channel_condition import condition_channels
 from megatron_anyflow.data.latent_dataset import DataParallelSampler, LatentDataset, MockLatentDataset, collate
 from megatron_anyflow.data.loader import TrainingDataLoader
 from megatron_anyflow.models.wan.config import expert_time_range, wan_config
@@ -332,17 +333,30 @@ class Trainer:
 
     def _build_data(self):
         args = self.args
+        # A model may read a channel condition besides its latents (Wan2.2 I2V-A14B: in 36 = 16 latents + 20)
+        cc = condition_channels(self.config)
+        latent_channels = self.config.in_channels - cc
         if args.mock_data:
             self.dataset = MockLatentDataset(args.mock_num_samples, args.mock_latent_shape, args.mock_text_len,
-                                             self.config.text_dim, seed=args.seed)
+                                             self.config.text_dim, seed=args.seed, condition_channels=cc)
         else:
             self.dataset = LatentDataset(args.data_path)
             if self.dataset.index["text_dim"] != self.config.text_dim:
                 raise ValueError(f"dataset {args.data_path} has text_dim {self.dataset.index['text_dim']}; the model "
                                  f"expects {self.config.text_dim}")
-            if self.dataset.latent_shape[1] != self.config.in_channels:
+            if self.dataset.latent_shape[1] != latent_channels:
                 raise ValueError(f"dataset latents have {self.dataset.latent_shape[1]} channels; the model expects "
-                                 f"{self.config.in_channels}")
+                                 f"{latent_channels}" + (f" (in_channels {self.config.in_channels} = {latent_channels} "
+                                                         f"latent + {cc} condition channels)" if cc else ""))
+            if self.dataset.condition_channels != cc:
+                raise ValueError(
+                    f"dataset {args.data_path} " + (
+                        f"has no channel condition; the model reads a {cc}-channel image condition besides its "
+                        f"latents (Wan2.2 I2V-A14B): prepare the dataset with tools/prepare_dataset.py --i2v-condition"
+                        if cc and not self.dataset.condition_channels else
+                        f"has a {self.dataset.condition_channels}-channel condition; the model reads "
+                        f"{cc or 'none'} (in_channels {self.config.in_channels}, out_channels "
+                        f"{self.config.out_channels})"))
         self.sampler = DataParallelSampler(len(self.dataset), args.global_batch_size, args.micro_batch_size,
                                            self.dp_size, self.dp_rank, seed=args.seed)
         # Workers read (and prefetch) the sampler's micro-batches; they start with train()'s first fetch.
@@ -350,13 +364,16 @@ class Trainer:
         self.negative_text = self.dataset.negative_text.to(self.device, self.dtype)
 
     def batch(self, indices: List[int]):
-        """(latents [b, f, c, h, w], text [b, L, d]) of this rank's micro-batch, in the training dtype on
-        the device: the loader's prefetched tensors when ``train()`` fetched this iteration (copied with
+        """(latents [b, f, c, h, w], text [b, L, d], condition [b, f, c_y, h, w] or None) of this rank's
+        micro-batch, in the training dtype on the device (the condition: a model that reads a channel
+        condition, Wan2.2 I2V-A14B; `data.channel_condition`): the loader's prefetched tensors when ``train()`` fetched this iteration (copied with
         ``non_blocking`` from pinned memory), else read now (``stage.train_step`` called directly)."""
         ready = self.loader.get(self.dataset, indices)
         if ready is None:
-            return collate(self.dataset, indices, self.dtype, self.device)
-        return tuple(t.to(self.device, non_blocking=True) for t in ready)
+            fields = collate(self.dataset, indices, self.dtype, self.device)
+        else:
+            fields = tuple(t.to(self.device, non_blocking=True) for t in ready)
+        return fields if len(fields) == 3 else (*fields, None)
 
     def generator(self, *parts, device=None) -> torch.Generator:
         """A generator seeded by ``derive_seed(seed, *parts)`` (on ``device``, CPU by default)."""
