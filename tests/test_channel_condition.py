@@ -21,7 +21,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan, FlowMapEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
 
-from test_wan22 import ok  # in-process tools/NAME.py under the CLI error policy
+from test_wan22 import ok, tool  # in-process tools/NAME.py under the CLI error policy
 from megatron_anyflow.data import channel_condition as C
 from megatron_anyflow.anyflow.sampler import FlowMapEulerSampler, TeacherEulerSampler, route_experts
 from megatron_anyflow.anyflow.timesteps import to_model_scale
@@ -241,3 +241,53 @@ def test_trainer_refuses_what_an_i2v_expert_cannot_train(tmp_path):
     with pytest.raises(ValueError, match=r"stage 2 of a model that reads a 20-channel image condition"):
         _trainer(["--stage", "stage2", "--model-preset", "tiny-wan2.2-i2v-a14b", "--mock-data", "--train-iters", "1",
                   "--mock-latent-shape", "3", "16", "4", "6", "--lora-rank", "4", "--lora-alpha", "4"])
+
+
+def test_synthesize_dataset_draws_each_sample_given_its_clips_condition(i2v, tmp_path, capsys):
+    """``synthesize_dataset`` with the two I2V experts on a conditioned dataset = the teacher sampler with each
+    source clip's condition on the CLI's noise stream (the same calls on the same tensors: bitwise), and the
+    output keeps the conditions; a dataset without conditions is refused by name."""
+    root, _ = i2v
+    experts = _convert(root, capsys)
+    src = _dataset(tmp_path / "src", n=3)
+    ok("synthesize_dataset", ["--teacher", root / "ckpt" / "low", "--teacher-2", root / "ckpt" / "high",
+                              "--data-path", src, "--output", tmp_path / "out", "--steps", "3", "--guidance", "2",
+                              "--batch-size", "2", "--seed", "4"], capsys)
+    from megatron_anyflow.data.latent_dataset import LatentDataset
+
+    a, b = LatentDataset(src), LatentDataset(str(tmp_path / "out"))
+    assert b.condition_channels == 20 and len(b) == 3
+    g = torch.Generator().manual_seed(4)
+    sampler = TeacherEulerSampler(3, 5.0, guidance_scale=2.0, boundary=B)
+    for start in (0, 2):
+        rows = range(start, min(start + 2, 3))
+        noise = torch.randn((len(rows), *a.latent_shape), generator=g)
+        y = torch.stack([a[i][2] for i in rows])
+        ref = sampler(experts["high"], noise, torch.stack([a[i][1] for i in rows]), a.negative_text.expand(len(rows), -1, -1),
+                      model_2=experts["low"], channel_condition=y)
+        for k, i in enumerate(rows):
+            assert torch.equal(b[i][0], ref[k]) and torch.equal(b[i][2], a[i][2]), i
+    rc, _, err = tool("synthesize_dataset", ["--teacher", root / "ckpt" / "high", "--teacher-2", root / "ckpt" / "low",
+                                             "--data-path", _dataset(tmp_path / "plain", condition=False),
+                                             "--output", tmp_path / "x", "--steps", "2"], capsys)
+    assert rc == 2 and "20-channel image condition" in err and "--i2v-condition" in err, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_tools_without_the_condition_refuse_an_i2v_expert(i2v, tmp_path, capsys):
+    """What does not build the condition yet says so, in one line, instead of sampling 36-channel noise."""
+    from megatron_anyflow.testing.tiny_components import tiny_umt5
+
+    root, _ = i2v
+    _convert(root, capsys)
+    rc, _, err = tool("generate", ["--checkpoint", root / "ckpt" / "high", "--prompt", "a cat", "--codec", "none",
+                                   "--latent-shape", F_, 16, H_, W_, "--output", tmp_path / "gen"], capsys)
+    assert rc == 2 and "20-channel image condition" in err and "channel_condition" in err, err[-2000:]
+    assert not (tmp_path / "gen").exists()
+    tiny_umt5(str(tmp_path / "te"))
+    rc, _, err = tool("convert_to_hf", ["--input", root / "ckpt" / "high", "--expert-2", root / "ckpt" / "low",
+                                        "--output", tmp_path / "exp", "--pipeline", "--vae", root / "vae",
+                                        "--text-encoder", tmp_path / "te" / "text_encoder",
+                                        "--tokenizer", tmp_path / "te" / "tokenizer"], capsys)
+    assert rc == 2 and "20-channel image" in err and "drop --pipeline" in err, err[-2000:]
+    assert not (tmp_path / "exp").exists()

@@ -166,6 +166,12 @@ def main(argv=None):
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"[1/4] {ckpt_dir} (stage {meta.get('stage', 'converted')}, iteration {meta.get('iteration')})", flush=True)
+    arch = meta.get("wan_config") or {}
+    if args.pipeline and arch.get("in_channels", 16) != arch.get("out_channels", arch.get("in_channels", 16)):
+        print(f"error: --pipeline: {ckpt_dir} reads a {arch['in_channels'] - arch['out_channels']}-channel image "
+              f"condition (Wan2.2 I2V-A14B, in_channels {arch['in_channels']}); no AnyFlow pipeline builds that "
+              "condition yet: export the transformer alone (drop --pipeline)", file=sys.stderr)
+        return 2
     if components is not None:
         problem = vae_mismatch(components["vae"][0], meta["wan_config"])
         if problem:

@@ -197,6 +197,14 @@ def run(args):
                       bf16=args.bf16, device=device, attention_impl=args.attention_impl, compile=args.compile,
                       cuda_graphs=args.cuda_graphs)
     far = G.is_far(lm.model)
+    from megatron_anyflow.data.channel_condition import condition_channels
+
+    if condition_channels(lm.model.config):
+        raise G.GenerationError(
+            f"{lm.path} reads a {condition_channels(lm.model.config)}-channel image condition besides its latents "
+            "(Wan2.2 I2V-A14B); tools/generate.py does not build it yet: sample with the library "
+            "(FlowMapEulerSampler(..., channel_condition=encode_i2v_condition(codec, image, frames)); README, Wan2.2 "
+            "I2V-A14B)")
     if far and args.condition_r is not None:
         raise G.GenerationError(f"--condition-r {args.condition_r} does not apply to a FAR checkpoint: its condition "
                                 "frames are whole chunks, copied clean and prefilled into the KV cache at t = r = 0, "

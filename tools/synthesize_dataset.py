@@ -26,6 +26,10 @@ The output's ``index.json`` records the pair under ``synthesized`` (``teacher`` 
 ``teacher_2`` the low one, ``boundary_ratio``, ``guidance`` / ``guidance_2``). On a GPU only the expert being
 called is on it (two float32 14B experts, 2 x 57 GB, do not fit one 80 GB GPU together; the other waits in
 host memory, two moves per batch: ``one_expert_resident``).
+
+Wan2.2 I2V-A14B experts (36 input channels) need a dataset prepared with ``prepare_dataset.py --i2v-condition``:
+each sample is drawn given its source clip's image condition (``WanImageToVideoPipeline``'s ``condition``,
+`data.channel_condition`), and the output keeps the conditions, so stage 1 trains on (sample, its image).
 """
 
 import argparse
@@ -141,10 +145,11 @@ def main(argv=None):
     from tqdm import tqdm
 
     from megatron_anyflow.anyflow.sampler import TeacherEulerSampler
-    from megatron_anyflow.data.latent_dataset import LatentDataset, write_latent_dataset
     from megatron_anyflow.parallel.state import initialize_parallel
     from megatron_anyflow.parallel.cpu_compat import enable_megatron_cpu_compat
     from megatron_anyflow.checkpoint.model_io import load_as_model, load_for_inference
+    from megatron_anyflow.data.channel_condition import condition_channels
+    from megatron_anyflow.data.latent_dataset import LatentDataset, write_latent_dataset
 
     enable_megatron_cpu_compat()
     initialize_parallel(1)
@@ -169,15 +174,25 @@ def main(argv=None):
     neg = ds.negative_text.to(device)
     n = len(ds) * args.samples_per_prompt
     texts = torch.stack([ds[i % len(ds)][1] for i in range(n)])
+    # Wan2.2 I2V-A14B: every sample is drawn given its source clip's image condition, which the output keeps
+    # (a text-only teacher on a conditioned dataset ignores and drops the conditions)
+    cc = condition_channels(teacher.config)
+    if cc and ds.condition_channels != cc:
+        raise ValueError(f"--teacher {args.teacher} reads a {cc}-channel image condition (Wan2.2 I2V-A14B); "
+                         f"--data-path {args.data_path} has " + (f"a {ds.condition_channels}-channel one"
+                                                                 if ds.condition_channels else
+                                                                 "none: prepare it with prepare_dataset.py --i2v-condition"))
+    conds = torch.stack([ds[i % len(ds)][2] for i in range(n)]) if cc else None
     g = torch.Generator().manual_seed(args.seed)
     outs = []
     for start in tqdm(range(0, n, args.batch_size), desc="teacher samples", unit="batch"):
         text = texts[start:start + args.batch_size].to(device)
         noise = torch.randn((text.shape[0], *ds.latent_shape), generator=g).to(device)
+        y = None if conds is None else conds[start:start + args.batch_size].to(device, torch.float32)
         with torch.no_grad():
-            outs.append(sampler(teacher, noise, text, neg.expand(text.shape[0], -1, -1), model_2=teacher_2)
-                        .float().cpu())
-    extra = {k: v for k, v in ds.index.items() if k not in ("shards", "num_samples", "format")}
+            outs.append(sampler(teacher, noise, text, neg.expand(text.shape[0], -1, -1), model_2=teacher_2,
+                                channel_condition=y).float().cpu())
+    extra = {k: v for k, v in ds.index.items() if k not in ("shards", "num_samples", "format", "condition")}
     extra["synthesized"] = {"teacher": args.teacher, "steps": args.steps, "guidance": args.guidance,
                             "shift": args.shift, "samples_per_prompt": args.samples_per_prompt, "seed": args.seed,
                             "source": args.data_path}
@@ -185,7 +200,7 @@ def main(argv=None):
         extra["synthesized"].update(teacher=experts["high"], teacher_2=experts["low"], boundary_ratio=boundary,
                                     guidance_2=sampler.guidance_scale_2)
     # stored like the source (bf16 for datasets written by write_latent_dataset, float32 for older ones)
-    write_latent_dataset(args.output, torch.cat(outs), texts, ds.negative_text, extra, dtype=ds.dtype)
+    write_latent_dataset(args.output, torch.cat(outs), texts, ds.negative_text, extra, dtype=ds.dtype, condition=conds)
     print(f"wrote {n} teacher samples to {args.output} in {time.time() - t0:.1f}s", flush=True)
     return 0
 
