@@ -21,14 +21,13 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan, FlowMapEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
 
+from test_two_expert_synthesis import _random_expert as random_expert
 from test_wan22 import ok, tool  # in-process tools/NAME.py under the CLI error policy
 from megatron_anyflow.data import channel_condition as C
 from megatron_anyflow.anyflow.sampler import FlowMapEulerSampler, TeacherEulerSampler, route_experts
 from megatron_anyflow.anyflow.timesteps import to_model_scale
 
-# tiny-wan2.2-i2v-a14b's sizes in diffusers' terms: 4 heads x 16 = 64 wide, FFN 160, text 384, 2 layers.
-KW = dict(num_attention_heads=4, attention_head_dim=16, text_dim=384, freq_dim=32, ffn_dim=160, num_layers=2,
-          in_channels=36, out_channels=16)
+# tiny-wan2.2-i2v-a14b's sizes: test_two_expert_synthesis's experts (64 wide, FFN 160, text 384, 2 layers), 36 -> 16
 B = 0.9
 F_, H_, W_ = 3, 4, 6  # latent frames / height / width: 9 video frames of 32 x 48 through the Wan2.1 VAE
 NUM_FRAMES, HEIGHT, WIDTH = 4 * (F_ - 1) + 1, 8 * H_, 8 * W_
@@ -39,13 +38,9 @@ def rel(a, b):
 
 
 def _random_expert(seed):
-    """A diffusers I2V expert with every tensor perturbed off its init (so the experts and a misrouting differ)."""
-    torch.manual_seed(seed)
-    m = WanTransformer3DModel(**KW).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return m
+    """A diffusers I2V expert (36 in, 16 out) with every tensor perturbed off its init (so the experts and a
+    misrouting differ)."""
+    return random_expert(seed, in_channels=36, out_channels=16)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +56,7 @@ def i2v(tmp_path_factory):
     (root / "model_index.json").write_text(json.dumps({
         "_class_name": "WanImageToVideoPipeline", "boundary_ratio": B, "vae": ["diffusers", "AutoencoderKLWan"],
         "transformer": ["diffusers", "WanTransformer3DModel"], "transformer_2": ["diffusers", "WanTransformer3DModel"]}))
-    return root, None
+    return root
 
 
 def _convert(root, capsys):
@@ -98,7 +93,7 @@ def _codec(root):
 
 
 def test_condition_equals_diffusers_prepare_latents(i2v):
-    root, _ = i2v
+    root = i2v
     pipe, img = _pipeline(root), _image(0)
     with torch.no_grad():
         pre = pipe.video_processor.preprocess(img, height=HEIGHT, width=WIDTH).float()
@@ -116,7 +111,7 @@ def test_condition_equals_diffusers_prepare_latents(i2v):
 
 @pytest.mark.parametrize("n", [4, 7])
 def test_teacher_sampler_with_condition_equals_wan_image_to_video_pipeline(i2v, capsys, n):
-    root, _ = i2v
+    root = i2v
     experts = _convert(root, capsys)
     g = torch.Generator().manual_seed(n)
     noise, text, neg = (torch.randn(2, F_, 16, H_, W_, generator=g), torch.randn(2, 7, 384, generator=g),
@@ -145,7 +140,7 @@ def test_teacher_sampler_with_condition_equals_wan_image_to_video_pipeline(i2v, 
 
 
 def test_flow_map_sampler_feeds_the_condition_to_every_routed_call(i2v, capsys):
-    root, _ = i2v
+    root = i2v
     experts = _convert(root, capsys)
     g = torch.Generator().manual_seed(3)
     noise, text = torch.randn(2, F_, 16, H_, W_, generator=g), torch.randn(2, 7, 384, generator=g)
@@ -165,7 +160,7 @@ def test_flow_map_sampler_feeds_the_condition_to_every_routed_call(i2v, capsys):
 
 
 def test_bad_conditions_are_refused(i2v, capsys):
-    root, _ = i2v
+    root = i2v
     experts = _convert(root, capsys)
     noise, text = torch.randn(1, F_, 16, H_, W_), torch.randn(1, 7, 384)
     s = FlowMapEulerSampler(2, 5.0, boundary=B)
@@ -247,7 +242,7 @@ def test_synthesize_dataset_draws_each_sample_given_its_clips_condition(i2v, tmp
     """``synthesize_dataset`` with the two I2V experts on a conditioned dataset = the teacher sampler with each
     source clip's condition on the CLI's noise stream (the same calls on the same tensors: bitwise), and the
     output keeps the conditions; a dataset without conditions is refused by name."""
-    root, _ = i2v
+    root = i2v
     experts = _convert(root, capsys)
     src = _dataset(tmp_path / "src", n=3)
     ok("synthesize_dataset", ["--teacher", root / "ckpt" / "low", "--teacher-2", root / "ckpt" / "high",
@@ -278,7 +273,7 @@ def test_tools_without_the_condition_refuse_an_i2v_expert(i2v, tmp_path, capsys)
     """What does not build the condition yet says so, in one line, instead of sampling 36-channel noise."""
     from megatron_anyflow.testing.tiny_components import tiny_umt5
 
-    root, _ = i2v
+    root = i2v
     _convert(root, capsys)
     rc, _, err = tool("generate", ["--checkpoint", root / "ckpt" / "high", "--prompt", "a cat", "--codec", "none",
                                    "--latent-shape", F_, 16, H_, W_, "--output", tmp_path / "gen"], capsys)

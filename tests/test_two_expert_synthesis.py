@@ -49,11 +49,12 @@ B = 0.875
 LATENT = (3, 16, 4, 6)  # [f, c, h, w]: 9 video frames of 32 x 48
 
 
-def _random_expert(seed):
-    """A diffusers expert with its default random init, every tensor perturbed (norm gains and biases off
-    their constants too), so that the two experts' fields and so a misrouting clearly differ."""
+def _random_expert(seed, **overrides):
+    """A diffusers expert (``KW``, with ``overrides``) with its default random init, every tensor perturbed (norm
+    gains and biases off their constants too), so that the two experts' fields and so a misrouting clearly
+    differ."""
     torch.manual_seed(seed)
-    m = WanTransformer3DModel(**KW).eval()
+    m = WanTransformer3DModel(**dict(KW, **overrides)).eval()
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
