@@ -233,9 +233,6 @@ def test_trainer_refuses_what_an_i2v_expert_cannot_train(tmp_path):
                   "--data-path", _dataset(tmp_path / "cond")])
     with pytest.raises(ValueError, match=r"--i2v-prob 0.5: .*20 condition channels"):
         _trainer([*TRAIN, "--mock-data", "--mock-latent-shape", "3", "16", "4", "6", "--i2v-prob", "0.5"])
-    with pytest.raises(ValueError, match=r"stage 2 of a model that reads a 20-channel image condition"):
-        _trainer(["--stage", "stage2", "--model-preset", "tiny-wan2.2-i2v-a14b", "--mock-data", "--train-iters", "1",
-                  "--mock-latent-shape", "3", "16", "4", "6", "--lora-rank", "4", "--lora-alpha", "4"])
 
 
 def test_synthesize_dataset_draws_each_sample_given_its_clips_condition(i2v, tmp_path, capsys):
@@ -286,3 +283,55 @@ def test_tools_without_the_condition_refuse_an_i2v_expert(i2v, tmp_path, capsys)
                                         "--tokenizer", tmp_path / "te" / "tokenizer"], capsys)
     assert rc == 2 and "20-channel image" in err and "drop --pipeline" in err, err[-2000:]
     assert not (tmp_path / "exp").exists()
+
+
+def test_stage2_feeds_each_samples_condition_to_every_role(tmp_path):
+    """Two-expert stage 2 of the tiny I2V pair (mock data with a condition per sample): every call of the pair
+    (rollout, real and fake score, critic) reads one micro-batch's conditions row by row, those of the micro-batch
+    whose prompts it reads; every call of one expert (the routed rows, and the co-trained stage-1 loss on its
+    range) reads rows of them; both experts' generator and fake-score adapters move."""
+    tr = _trainer(["--stage", "stage2", "--model-preset", "tiny-wan2.2-i2v-a14b", "--mock-data", "--mock-latent-shape",
+                   "3", "16", "4", "6", "--micro-batch-size", "2", "--global-batch-size", "4", "--lora-rank", "4",
+                   "--lora-alpha", "4", "--train-iters", "2", "--seed", "5", "--num-workers", "0"])
+    batches, bad, counts = [], [], {"pair": 0, "high": 0, "low": 0}  # this iteration's micro-batches: (text, y)
+    inputs = tr.stage._micro_inputs
+
+    def micro_inputs(iteration, j, idx):
+        out = inputs(iteration, j, idx)
+        if j == 0:
+            batches.clear()
+        batches.append((out[1], torch.stack([tr.dataset[i][2] for i in idx])))
+        return out
+
+    def pair_hook(m, a):
+        # a whole micro-batch's conditions, and, for a call with the prompts (not the negative text), its own
+        counts["pair"] += 1
+        y, text = a[0][:, :, 16:], a[3]
+        if not any(torch.equal(y, yb) and (torch.equal(text, tb) or not any(torch.equal(text, t2) for t2, _ in batches))
+                   for tb, yb in batches):
+            bad.append(("pair", a[0].shape))
+
+    def expert_hook(name):
+        def hook(m, a):
+            counts[name] += 1
+            for row in a[0][:, :, 16:]:
+                if not any(torch.equal(row, y) for _, yb in batches for y in yb):
+                    bad.append((name, a[0].shape))
+        return hook
+
+    tr.stage._micro_inputs = micro_inputs
+    hooks = [tr.model.register_forward_pre_hook(pair_hook)]
+    hooks += [getattr(tr.model, e).register_forward_pre_hook(expert_hook(e)) for e in ("high", "low")]
+    before = {k: v.detach().clone() for k, v in tr.named_trainable(lambda n: "lora_B" in n).items()}
+    try:
+        m = tr.train()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert not bad, bad[:5]
+    assert counts["pair"] > 0 and counts["high"] > 0 and counts["low"] > 0, counts
+    moved = {k for k, v in tr.named_trainable(lambda n: "lora_B" in n).items() if not torch.equal(before[k], v)}
+    for e in ("high", "low"):
+        assert any(k.startswith(f"{e}.") and ".generator." in k for k in moved), (e, sorted(moved)[:4])
+        assert any(k.startswith(f"{e}.") and ".fake_score." in k for k in moved), (e, sorted(moved)[:4])
+    assert all(torch.isfinite(torch.tensor(v)) for v in m.values() if isinstance(v, float))

@@ -54,7 +54,7 @@ import torch
 from megatron_anyflow.anyflow.distill import (DistillConfig, FrameCondition, backward_simulation, critic_loss, generator_loss,
                                                sample_simulation_plan)
 from megatron_anyflow.anyflow.objective import check_i2v_frames, condition_mask
-from megatron_anyflow.data.channel_condition import condition_channels
+from megatron_anyflow.data.channel_condition import check_channel_condition, condition_channels, with_channel_condition
 from megatron_anyflow.models import lora as L
 from megatron_anyflow.training.stages import FarStage1, MetricAccumulator, Stage1, flow_map_objective_config
 
@@ -81,12 +81,9 @@ class Stage2(Stage1):
 
     def __init__(self, trainer):
         args = trainer.args
-        cc = condition_channels(trainer.config)
-        if cc:
-            raise ValueError(f"stage 2 of a model that reads a {cc}-channel image condition (Wan2.2 I2V-A14B, "
-                             f"in_channels {trainer.config.in_channels}) is not supported yet: its rollout and its "
-                             "real and fake scores would each need the condition; stages teacher and stage1 train it "
-                             "(README, Wan2.2 I2V-A14B)")
+        # Wan2.2 I2V-A14B: every role's call (rollout, real and fake score, critic, co-trained stage 1) reads the
+        # micro-batch's image condition (`role(..., y=)`); the generated sample is of the clip's image
+        self.condition_channels = condition_channels(trainer.config)
         self.pair = getattr(trainer, "experts", None) is not None
         inits = self._stage1_checkpoints(trainer)
         if args.init_adapters_from:
@@ -168,18 +165,19 @@ class Stage2(Stage1):
         return [(model.high, found["high"]), (model.low, found["low"])]
 
     # -- roles -------------------------------------------------------------------------------------
-    def role(self, adapter, expert=None):
+    def role(self, adapter, expert=None, y=None):
         """The model as one role: ``call(z, T, R, text)`` runs ``adapter`` (None: the frozen base, the
         real score). The adapter travels with the call (`WanModel.forward`'s ``adapter``): recomputed
         blocks replay it in backward whatever another role selected meanwhile. ``expert`` (``"high"`` /
         ``"low"``, a two-expert model): that expert alone, unrouted; the co-trained stage-1 loss calls each
-        expert on its own range (its finite difference may step just past it)."""
+        expert on its own range (its finite difference may step just past it). ``y``: the micro-batch's channel
+        condition ``[b, f, c_y, h, w]`` (Wan2.2 I2V-A14B), appended to the latents of every call."""
         model = self.t.model if expert is None else getattr(self.t.model, expert)
 
         def call(z, T, R, text):
             return model(z, T, R, text, adapter=adapter)
 
-        return call
+        return call if y is None else with_channel_condition(call, y)
 
     def param_groups(self):
         return {GENERATOR: (self.group_params(GENERATOR), self.args.lr),
@@ -188,12 +186,13 @@ class Stage2(Stage1):
     # -- one iteration -----------------------------------------------------------------------------
     def _micro_inputs(self, iteration, j, idx):
         t = self.t
-        x, text, _ = t.batch(idx)  # no channel condition: refused at construction
+        x, text, y = t.batch(idx)
+        check_channel_condition(y, x.shape, self.condition_channels, f"micro-batch {list(idx)}")
         plan = sample_simulation_plan(t.generator("plan", iteration, j), self.dcfg)  # same on every rank
         # one generator per sample (global index): the rollout noise does not depend on the batch layout
         gens = t.sample_generators("rollout-noise", iteration, j, x.shape[0])
         noise = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, device=t.device, dtype=x.dtype) for g in gens])
-        return x, text, plan, noise, self._condition(iteration, j, x)
+        return x, text, plan, noise, self._condition(iteration, j, x), y
 
     def _condition(self, iteration, j, x):
         """The micro-batch's `FrameCondition` (frame 0 of the samples whose ``"i2v"`` coin is below
@@ -206,23 +205,23 @@ class Stage2(Stage1):
         u = torch.cat([torch.rand((1,), generator=g, device=self.t.device) for g in gens])
         return FrameCondition(x, condition_mask(u < p, x.shape[1]))
 
-    def _generator_loss(self, iteration, j, x, text, plan, noise, carry, n=1, condition=None):
+    def _generator_loss(self, iteration, j, x, text, plan, noise, carry, n=1, condition=None, y=None):
         """The generator's DMD loss of micro-batch ``j`` (with grad; the caller backpropagates ``loss / n``).
 
         The co-trained stage-1 loss (weight ``stage1_weight``) is backpropagated here, scaled by ``1 / n``,
         **before** the rollout: its graph is freed before the rollout builds its own, so the two are never
         alive together (the gradient is the same as backpropagating their sum). ``info["total_loss"]`` is
-        the detached DMD + weighted stage-1 loss.
+        the detached DMD + weighted stage-1 loss. ``y``: the micro-batch's channel condition (`role`).
         """
         t = self.t
-        gen, real, fake = self.role(GENERATOR), self.role(None), self.role(FAKE)
+        gen, real, fake = self.role(GENERATOR, y=y), self.role(None, y=y), self.role(FAKE, y=y)
         s1_value, s1_stats = None, {}
         if self.dcfg.cotrain_stage1 and self.pair:
             # each expert's own stage-1 loss on its range; the experts' parameters are disjoint, so each gets
             # exactly the gradient of its own stage-1 run (with this run's weight); the logged value is the mean
             s1_value, s1_stats = 0.0, {"carry": {}}
             for e, cfg in self.expert_cfgs.items():
-                s1, st = self.stage1_loss(self.role(GENERATOR, e), (e, iteration), j, x, text,
+                s1, st = self.stage1_loss(self.role(GENERATOR, e, y), (e, iteration), j, x, text,
                                           (carry or {}).get(e), cfg)
                 (self.dcfg.stage1_weight * s1 / n).backward()
                 s1_value = s1_value + s1.detach() / 2
@@ -244,19 +243,19 @@ class Stage2(Stage1):
         info["total_loss"] = total
         return loss, info
 
-    def _critic_loss(self, iteration, j, x0, text, condition=None):
+    def _critic_loss(self, iteration, j, x0, text, condition=None, y=None):
         t = self.t
-        loss, info = critic_loss(self.role(FAKE), x0, text,
+        loss, info = critic_loss(self.role(FAKE, y=y), x0, text,
                                  t.generator("critic", iteration, j, t.dp_rank, device=t.device), self.dcfg,
                                  condition=condition)
         return loss, info
 
-    def _critic_on_side_stream(self, iteration, j, x0, text, n, critic_acc, side, condition=None):
+    def _critic_on_side_stream(self, iteration, j, x0, text, n, critic_acc, side, condition=None, y=None):
         """The pipelined critic step of micro-batch ``j`` on ``side`` (a CUDA stream), after the main
         stream's work so far (the rollout ``x0`` is ready)."""
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            lc, _ = self._critic_loss(iteration, j, x0, text, condition)
+            lc, _ = self._critic_loss(iteration, j, x0, text, condition, y)
             (lc / n).backward()
             critic_acc.add_mean("critic_loss", lc.detach() / n)
         x0.record_stream(side)  # x0 was allocated on the main stream: keep it until the side stream is done
@@ -271,8 +270,8 @@ class Stage2(Stage1):
         inputs = []
         carry = None
         for j, idx in enumerate(micro):
-            x, text, plan, noise, cond = self._micro_inputs(iteration, j, idx)
-            loss, info = self._generator_loss(iteration, j, x, text, plan, noise, carry, n, cond)
+            x, text, plan, noise, cond, y = self._micro_inputs(iteration, j, idx)
+            loss, info = self._generator_loss(iteration, j, x, text, plan, noise, carry, n, cond, y)
             (loss / n).backward()
             carry = info["stage1_stats"].get("carry")
             gen_acc.add_mean("generator_loss", info["total_loss"] / n)
@@ -281,13 +280,13 @@ class Stage2(Stage1):
                 gen_acc.add_mean("stage1_loss", info["stage1_loss"] / n)
                 gen_acc.add_samples(idx, info["stage1_stats"])
             if self.args.schedule == "pipelined" and side is not None:
-                self._critic_on_side_stream(iteration, j, info["x0"], text, n, critic_acc, side, cond)
+                self._critic_on_side_stream(iteration, j, info["x0"], text, n, critic_acc, side, cond, y)
             elif self.args.schedule == "pipelined":
-                lc, _ = self._critic_loss(iteration, j, info["x0"], text, cond)
+                lc, _ = self._critic_loss(iteration, j, info["x0"], text, cond, y)
                 (lc / n).backward()
                 critic_acc.add_mean("critic_loss", lc.detach() / n)
             else:
-                inputs.append((text, plan, noise, cond))
+                inputs.append((text, plan, noise, cond, y))
         if side is not None:
             torch.cuda.current_stream().wait_stream(side)  # both adapters' gradients complete
         if self.args.schedule == "pipelined":
@@ -302,12 +301,12 @@ class Stage2(Stage1):
             m = self.dcfg.critic_updates_per_generator
             for c in range(m):
                 step_acc = MetricAccumulator(t.device)
-                for j, (text, plan, noise, cond) in enumerate(inputs):
+                for j, (text, plan, noise, cond, y) in enumerate(inputs):
                     with torch.no_grad():
                         x0, _ = backward_simulation(
-                            self.role(GENERATOR), noise, text, plan, self.dcfg,
+                            self.role(GENERATOR, y=y), noise, text, plan, self.dcfg,
                             generator=t.generator("rollout", iteration, j, t.dp_rank, device=t.device), condition=cond)
-                    lc, _ = self._critic_loss(iteration, j if c == 0 else (c, j), x0, text, cond)
+                    lc, _ = self._critic_loss(iteration, j if c == 0 else (c, j), x0, text, cond, y)
                     (lc / n).backward()
                     step_acc.add_mean("critic_loss", lc.detach() / n)
                 step_red = t.reduce_metrics(step_acc)
@@ -362,7 +361,9 @@ class FarStage2(Stage2, FarStage1):
 
         self.bi_cfg = TeacherObjectiveConfig(shift=self.args.time_shift, text_dropout=0.0)
 
-    def role(self, adapter, expert=None):
+    def role(self, adapter, expert=None, y=None):
+        if y is not None:  # FAR models are Wan2.1 T2V here: no channel condition reaches them
+            raise ValueError("an AnyFlow-FAR model reads no channel condition")
         if adapter == GENERATOR:
             return FarGenerator(self.t.model, GENERATOR, self.chunk_partition)
         return super().role(adapter, expert)
