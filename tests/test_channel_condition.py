@@ -266,16 +266,13 @@ def test_synthesize_dataset_draws_each_sample_given_its_clips_condition(i2v, tmp
     assert not (tmp_path / "x").exists()
 
 
-def test_tools_without_the_condition_refuse_an_i2v_expert(i2v, tmp_path, capsys):
-    """What does not build the condition yet says so, in one line, instead of sampling 36-channel noise."""
+def test_pipeline_export_refuses_an_i2v_expert(i2v, tmp_path, capsys):
+    """No AnyFlow pipeline builds the condition yet: ``convert_to_hf --pipeline`` says so in one line (the
+    transformers alone export) instead of writing a text-to-video pipeline around 36-channel experts."""
     from megatron_anyflow.testing.tiny_components import tiny_umt5
 
     root = i2v
     _convert(root, capsys)
-    rc, _, err = tool("generate", ["--checkpoint", root / "ckpt" / "high", "--prompt", "a cat", "--codec", "none",
-                                   "--latent-shape", F_, 16, H_, W_, "--output", tmp_path / "gen"], capsys)
-    assert rc == 2 and "20-channel image condition" in err and "channel_condition" in err, err[-2000:]
-    assert not (tmp_path / "gen").exists()
     tiny_umt5(str(tmp_path / "te"))
     rc, _, err = tool("convert_to_hf", ["--input", root / "ckpt" / "high", "--expert-2", root / "ckpt" / "low",
                                         "--output", tmp_path / "exp", "--pipeline", "--vae", root / "vae",
@@ -335,3 +332,49 @@ def test_stage2_feeds_each_samples_condition_to_every_role(tmp_path):
         assert any(k.startswith(f"{e}.") and ".generator." in k for k in moved), (e, sorted(moved)[:4])
         assert any(k.startswith(f"{e}.") and ".fake_score." in k for k in moved), (e, sorted(moved)[:4])
     assert all(torch.isfinite(torch.tensor(v)) for v in m.values() if isinstance(v, float))
+
+
+def test_generate_samples_an_i2v_pair_from_an_image(i2v, tmp_path, capsys):
+    """``generate.py --image`` on a two-expert I2V stage-2 checkpoint = the library: `load_stage2_pair`,
+    `encode_i2v_condition` of the same PNG through the same VAE, the flow-map sampler on the boundary grid with
+    the CLI's noise (the same calls on the same tensors: 1e-6 absolute leaves room only for a kernel choosing
+    another summation order; a missing or wrong condition is off by > 1e-2, test above). Without ``--image``, or
+    with clean latent frames, it refuses by name."""
+    import numpy as np
+    from PIL import Image
+
+    from megatron_anyflow.anyflow import generation as G
+    from megatron_anyflow.anyflow.two_expert import load_stage2_pair
+    from megatron_anyflow.data.codecs import WanVAECodec
+
+    root = i2v
+    tr = _trainer(["--stage", "stage2", "--model-preset", "tiny-wan2.2-i2v-a14b", "--mock-data", "--mock-latent-shape",
+                   "3", "16", "4", "6", "--micro-batch-size", "1", "--global-batch-size", "1", "--lora-rank", "4",
+                   "--lora-alpha", "4", "--train-iters", "1", "--seed", "2", "--save", str(tmp_path / "s2")])
+    tr.train()
+    png = tmp_path / "first.png"
+    Image.fromarray((np.random.default_rng(0).random((HEIGHT, WIDTH, 3)) * 255).astype(np.uint8)).save(png)
+    g = torch.Generator().manual_seed(6)
+    from safetensors.torch import save_file
+
+    save_file({"prompt_embeds": torch.randn(1, 7, 384, generator=g)}, str(tmp_path / "emb.safetensors"))
+    common = ["--checkpoint", tmp_path / "s2", "--prompt-embeds", tmp_path / "emb.safetensors", "--codec", "wan-vae",
+              "--vae", root / "vae", "--frames", NUM_FRAMES, "--height", HEIGHT, "--width", WIDTH, "--seed", "3"]
+    ok("generate", [*common, "--image", png, "--steps", "1", "3", "--output", tmp_path / "gen",
+                    "--save-latents", tmp_path / "gen" / "latents.safetensors", "--no-progress"], capsys)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "gen" / "latents.safetensors"))
+    pair = load_stage2_pair(str(tmp_path / "s2"), adapter="generator")
+    codec = WanVAECodec(str(root / "vae"), device="cpu")
+    y = C.encode_i2v_condition(codec, G.read_image(str(png), HEIGHT, WIDTH), NUM_FRAMES)
+    for n in (1, 3):
+        ref = FlowMapEulerSampler(n, 5.0, boundary=B)(pair, saved["noise"], saved["prompt_embeds"], channel_condition=y)
+        assert saved[f"steps_{n}"].shape == (1, F_, 16, H_, W_)
+        assert float((saved[f"steps_{n}"] - ref).abs().max()) < 1e-6, n
+    rc, _, err = tool("generate", [*common, "--steps", "1", "--output", tmp_path / "x"], capsys)
+    assert rc == 2 and "20-channel image condition" in err and "pass --image" in err, err[-2000:]
+    rc, _, err = tool("generate", [*common, "--image", png, "--condition-r", "zero", "--steps", "1",
+                                   "--output", tmp_path / "x"], capsys)
+    assert rc == 2 and "--condition-r" in err and "pass --image only" in err, err[-2000:]
+    assert not (tmp_path / "x").exists()

@@ -12,7 +12,9 @@ Text: ``--prompt`` (encoded with the run's text encoder: umT5 for Wan, MiniLM fo
 ``--prompt-embeds FILE``. Image-to-video: ``--image`` (the first latent frame held clean) or
 ``--image-latents FILE`` (the first latent frame(s) given as latents, no codec needed); video-to-video:
 ``--video`` (a clean prefix of latent frames, from a video file or a safetensors of latents); condition
-frames follow diffusers' ``AnyFlowPipeline`` (t = 0, r = the step's r; ``--condition-r``).
+frames follow diffusers' ``AnyFlowPipeline`` (t = 0, r = the step's r; ``--condition-r``). A Wan2.2 I2V-A14B
+model (a two-expert stage-2 checkpoint of it) takes ``--image`` through its condition channels instead
+(``WanImageToVideoPipeline``'s mask + the VAE latents of [image, 0, ...], at every step; needs the Wan VAE).
 Defaults (codec, text encoder, video size, fps, time shift) come from the dataset and arguments the
 checkpoint recorded, or from the pipeline's components. Sizes: ``--frames/--height/--width`` (video
 pixels, a codec) or, with ``--codec none``, ``--latent-shape F C H W`` (latents); a size flag that does not
@@ -197,14 +199,14 @@ def run(args):
                       bf16=args.bf16, device=device, attention_impl=args.attention_impl, compile=args.compile,
                       cuda_graphs=args.cuda_graphs)
     far = G.is_far(lm.model)
-    from megatron_anyflow.data.channel_condition import condition_channels
-
-    if condition_channels(lm.model.config):
-        raise G.GenerationError(
-            f"{lm.path} reads a {condition_channels(lm.model.config)}-channel image condition besides its latents "
-            "(Wan2.2 I2V-A14B); tools/generate.py does not build it yet: sample with the library "
-            "(FlowMapEulerSampler(..., channel_condition=encode_i2v_condition(codec, image, frames)); README, Wan2.2 "
-            "I2V-A14B)")
+    cc = lm.condition_channels  # Wan2.2 I2V-A14B: the image enters through 20 input channels, not a clean frame
+    if cc and not args.image:
+        raise G.GenerationError(f"{lm.path} reads a {cc}-channel image condition besides its latents (Wan2.2 "
+                                "I2V-A14B): pass --image (the first frame, PNG / JPEG of --width x --height)")
+    if cc and (args.image_latents or args.video or args.condition_r is not None):
+        flag = "--image-latents" if args.image_latents else "--video" if args.video else "--condition-r"
+        raise G.GenerationError(f"{flag} holds clean latent frames; {lm.path} takes its image through its {cc} "
+                                "condition channels (Wan2.2 I2V-A14B): pass --image only")
     if far and args.condition_r is not None:
         raise G.GenerationError(f"--condition-r {args.condition_r} does not apply to a FAR checkpoint: its condition "
                                 "frames are whole chunks, copied clean and prefilled into the KV cache at t = r = 0, "
@@ -223,7 +225,7 @@ def run(args):
     index = G.dataset_index(args.data_path or lm.data_path)
 
     # 2. codec and sizes; the FAR chunk partition (checked before the text encoder loads)
-    codec = G.resolve_codec(args.codec, args.vae, index, lm.pipeline_dir, lm.in_channels)
+    codec = G.resolve_codec(args.codec, args.vae, index, lm.pipeline_dir, lm.latent_channels)
     if codec is None and args.codec != "none":
         _refuse_video_sizes(args, "without a codec (none given, and the checkpoint records no dataset codec or VAE)")
     height, width, frames, latent_shape = G.video_size(codec, index, args.height, args.width, args.frames,
@@ -263,11 +265,14 @@ def run(args):
         prompts, args.prompt_embeds, args.num_videos, lm.text_dim, log=log,
         encoder=lambda: G.resolve_text_encoder(args.text_encoder, args.text_encoder_path, args.tokenizer,
                                                args.text_max_length, index, lm.pipeline_dir, lm.text_dim, device))
-    noise = G.initial_noise(text.shape[0], latent_shape, args.seed, args.noise, lm.in_channels)
+    noise = G.initial_noise(text.shape[0], latent_shape, args.seed, args.noise, lm.latent_channels)
 
     # 5. condition frames (I2V / V2V; FAR: whole chunks)
-    cond = None
-    if args.image:
+    cond = y = None
+    if args.image and cc:
+        y = G.image_channel_condition(args.image, codec, height, width, frames, cc)
+        log(f"image-to-video: {args.image} -> a {cc}-channel condition at every step (Wan2.2 I2V-A14B)")
+    elif args.image:
         if cp is not None:
             G.check_condition_frames(1, noise.shape[1], cp, what=f"--image {args.image} gives 1 latent frame",
                                      flag="--image-latents")
@@ -290,7 +295,8 @@ def run(args):
     samples = G.sample_any_step(lm.model, noise.to(device), text.to(device, lm.model.dtype), steps, shift=shift,
                                 condition_frames=None if cond is None else cond.to(device),
                                 condition_r=condition_r or "step", batch_size=args.batch_size,
-                                progress=rank == 0 and not args.no_progress, chunk_partition=cp)
+                                progress=rank == 0 and not args.no_progress, chunk_partition=cp,
+                                channel_condition=None if y is None else y.to(device))
     if rank != 0:
         return 0
 

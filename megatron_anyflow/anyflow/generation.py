@@ -49,7 +49,7 @@ __all__ = [
     "load_prompt_embeds", "load_noise", "make_noise", "image_condition", "video_condition", "sample_any_step",
     "save_run_tensors", "check_steps", "video_size", "prompt_embeddings", "initial_noise", "write_videos",
     "is_far", "resolve_chunk_partition", "suggest_chunk_partition", "latent_frames_hint", "condition_lengths",
-    "check_condition_frames", "image_latents_condition",
+    "check_condition_frames", "image_latents_condition", "read_image", "image_channel_condition",
 ]
 
 DEFAULT_SHIFT = 5.0
@@ -109,6 +109,18 @@ class LoadedModel:
     @property
     def in_channels(self) -> int:
         return int(self.model.config.in_channels)
+
+    @property
+    def condition_channels(self) -> int:
+        """Channels of the image condition the model reads besides its latents (20: Wan2.2 I2V-A14B; else 0)."""
+        from megatron_anyflow.data.channel_condition import condition_channels
+
+        return condition_channels(self.model.config)
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latents sampled (``in_channels`` less the condition's: 16 for I2V-A14B)."""
+        return self.in_channels - self.condition_channels
 
 
 def is_diffusers_dir(path: str) -> bool:
@@ -433,26 +445,58 @@ def _check_size(what: str, path: str, w: int, h: int, width: int, height: int) -
 def image_condition(path: str, codec, height: int, width: int) -> torch.Tensor:
     """Image-to-video: the image's clean latent frame ``[1, 1, c, h, w]`` (float32).
 
-    The image (PNG / JPEG, read with PIL, converted to RGB) must be exactly ``width x height``; it is
-    scaled to [-1, 1] and encoded as a one-frame video ``[1, 3, 1, H, W]`` (the Wan VAE's first latent
-    frame encodes the first video frame alone; the pixel codec encodes frames independently).
+    The image (`read_image`: exactly ``width x height``, scaled to [-1, 1]) is encoded as a one-frame video
+    ``[1, 3, 1, H, W]`` (the Wan VAE's first latent frame encodes the first video frame alone; the pixel codec
+    encodes frames independently).
 
     Raises:
         GenerationError: unreadable file, wrong size, or no codec to encode with.
     """
+    if codec is None:
+        raise GenerationError("--image needs a codec to encode it (--codec pixel / wan-vae, --vae DIR)")
+    video = read_image(path, height, width)[:, :, None]  # [1, 3, 1, H, W]
+    return codec.encode(video).float()[:, :1]
+
+
+def read_image(path: str, height: int, width: int) -> torch.Tensor:
+    """``--image``: the PNG / JPEG at ``path`` (read with PIL, converted to RGB), exactly ``width x height``, as
+    ``[1, 3, H, W]`` float32 in [-1, 1].
+
+    Raises:
+        GenerationError: unreadable file or wrong size.
+    """
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
-    if codec is None:
-        raise GenerationError("--image needs a codec to encode it (--codec pixel / wan-vae, --vae DIR)")
     try:
         img = Image.open(path).convert("RGB")
     except (OSError, UnidentifiedImageError) as err:
         raise GenerationError(f"--image {path}: cannot read it as an image ({err})") from err
     _check_size("--image", path, img.width, img.height, width, height)
     x = torch.from_numpy(np.asarray(img).copy()).float().div(127.5).sub(1.0)  # H, W, 3 in [-1, 1]
-    video = x.permute(2, 0, 1)[None, :, None]  # [1, 3, 1, H, W]
-    return codec.encode(video).float()[:, :1]
+    return x.permute(2, 0, 1)[None]
+
+
+def image_channel_condition(path: str, codec, height: int, width: int, frames: int,
+                            channels: int) -> torch.Tensor:
+    """Image-to-video for a model that reads the image through input channels (Wan2.2 I2V-A14B): the condition
+    ``y`` ``[1, f, channels, h, w]`` (float32) of the image at ``path``, built as ``WanImageToVideoPipeline`` does
+    (`data.channel_condition.encode_i2v_condition`: mask + the VAE latents of [image, 0, ..., 0]).
+
+    Raises:
+        GenerationError: no VAE codec, an unreadable file or wrong size, or a codec whose condition is not
+            ``channels`` wide (the codec named).
+    """
+    from megatron_anyflow.data.channel_condition import encode_i2v_condition
+
+    if codec is None or not hasattr(codec, "vae"):
+        raise GenerationError(f"--image {path}: this model reads the image through {channels} input channels "
+                              "(Wan2.2 I2V-A14B), made by the Wan VAE: pass --codec wan-vae --vae DIR")
+    y = encode_i2v_condition(codec, read_image(path, height, width), frames)
+    if y.shape[2] != channels:
+        raise GenerationError(f"--image {path}: the {codec.name} codec gives a {y.shape[2]}-channel condition; the "
+                              f"model reads {channels}")
+    return y
 
 
 def video_condition(path: str, codec, height: int, width: int, num_latent_frames: int,
@@ -755,8 +799,8 @@ def check_steps(steps: Sequence[int]) -> List[int]:
 def sample_any_step(model: Callable, noise: torch.Tensor, text: torch.Tensor, steps: Sequence[int],
                     shift: float = DEFAULT_SHIFT, condition_frames: Optional[torch.Tensor] = None,
                     condition_r: str = "step", batch_size: Optional[int] = None,
-                    progress: bool = True, chunk_partition: Optional[Sequence[int]] = None
-                    ) -> Dict[int, torch.Tensor]:
+                    progress: bool = True, chunk_partition: Optional[Sequence[int]] = None,
+                    channel_condition: Optional[torch.Tensor] = None) -> Dict[int, torch.Tensor]:
     """Flow-map Euler samples of the same noise and text at every N in ``steps``.
 
     Args:
@@ -778,6 +822,8 @@ def sample_any_step(model: Callable, noise: torch.Tensor, text: torch.Tensor, st
         progress: one tqdm bar over all model calls (NFE).
         chunk_partition: FAR models only: latent frames per chunk, positive ints summing to ``f`` (any
             partition, as diffusers' ``AnyFlowFARPipeline``); None: the model's ``config.chunk_partition``.
+        channel_condition: ``y`` ``[1 or n, f, c_y, h, w]`` for a model that reads the image through input
+            channels (Wan2.2 I2V-A14B; :func:`image_channel_condition`), appended to the latents at every call.
 
     Returns:
         ``{N: x0}`` with ``x0`` ``[n, f, c, h, w]`` in ``noise``'s dtype, on ``noise``'s device.
@@ -791,7 +837,8 @@ def sample_any_step(model: Callable, noise: torch.Tensor, text: torch.Tensor, st
             condition that is not chunk-aligned (the messages name the partition and the frame counts).
     """
     steps = check_steps(steps)
-    for name, x in (("noise", noise), ("prompt embeddings", text), ("condition frames", condition_frames)):
+    for name, x in (("noise", noise), ("prompt embeddings", text), ("condition frames", condition_frames),
+                    ("channel condition", channel_condition)):
         _check_finite(name, x)
     if condition_r not in ("step", "zero"):
         raise GenerationError(f"condition_r={condition_r!r}; expected 'step' (diffusers) or 'zero'")
@@ -803,7 +850,14 @@ def sample_any_step(model: Callable, noise: torch.Tensor, text: torch.Tensor, st
             condition_frames = condition_frames.expand(n, *condition_frames.shape[1:])
         if condition_frames.shape[0] != n:
             raise GenerationError(f"{condition_frames.shape[0]} condition sample(s) for {n} noise sample(s)")
+    if channel_condition is not None:
+        if channel_condition.shape[0] == 1 and n > 1:
+            channel_condition = channel_condition.expand(n, *channel_condition.shape[1:])
+        if channel_condition.shape[0] != n:
+            raise GenerationError(f"{channel_condition.shape[0]} channel condition(s) for {n} noise sample(s)")
     cp = resolve_chunk_partition(model, noise.shape[1], chunk_partition)  # None: bidirectional
+    if cp is not None and channel_condition is not None:
+        raise GenerationError("an AnyFlow-FAR model reads no channel condition")
     if cp is not None and condition_frames is not None:
         check_condition_frames(condition_frames.shape[1], noise.shape[1], cp, flag="condition_frames",
                                partition_flag="chunk_partition")
@@ -869,7 +923,9 @@ def sample_any_step(model: Callable, noise: torch.Tensor, text: torch.Tensor, st
         for a, b in chunks:
             cond = condition_frames[a:b] if condition_frames is not None else None
             where.update(N=N, step=0, samples=(a, b))
-            parts.append(sampler(counted, noise[a:b], text[a:b], condition_frames=cond, condition_r=condition_r))
+            y = channel_condition[a:b] if channel_condition is not None else None
+            parts.append(sampler(counted, noise[a:b], text[a:b], condition_frames=cond, condition_r=condition_r,
+                                 channel_condition=y))
         out[N] = torch.cat(parts)
         if not bool(torch.isfinite(out[N]).all()):  # finite outputs, but the update overflowed
             raise NonFiniteSampleError(f"the samples at N = {N} are not finite (the Euler update overflowed): "
