@@ -1,4 +1,5 @@
-"""Wan2.2 I2V-A14B's channel condition (`data.channel_condition`): the 36-channel input, against diffusers.
+"""Wan2.2 I2V-A14B's channel condition (`data.channel_condition`): the 36-channel input, against diffusers,
+through the data, both stages, generation and the export.
 
 (a) `encode_i2v_condition` through the project's VAE codec equals what diffusers' ``WanImageToVideoPipeline``
     builds in ``prepare_latents`` (mask + normalised latents of [image, 0, ...]) from the same image and VAE.
@@ -13,7 +14,9 @@
 (c) The flow-map sampler passes the condition to every call of the routed experts: equal to a loop written
     here (cat([z, y]) per call, the expert chosen by the jump, the float64 update).
 (d) Bad conditions are refused by shape.
-"""
+(e) Training: stage 1 from a conditioned dataset (loader workers = in process), the refusals, the teacher data
+    (`synthesize_dataset`), stage 2 (every role's call reads its micro-batch's conditions).
+(f) ``generate.py --image`` and the ``convert_to_hf --pipeline`` export of the stage-2 pair equal the library."""
 
 import json
 
@@ -266,22 +269,6 @@ def test_synthesize_dataset_draws_each_sample_given_its_clips_condition(i2v, tmp
     assert not (tmp_path / "x").exists()
 
 
-def test_pipeline_export_refuses_an_i2v_expert(i2v, tmp_path, capsys):
-    """No AnyFlow pipeline builds the condition yet: ``convert_to_hf --pipeline`` says so in one line (the
-    transformers alone export) instead of writing a text-to-video pipeline around 36-channel experts."""
-    from megatron_anyflow.testing.tiny_components import tiny_umt5
-
-    root = i2v
-    _convert(root, capsys)
-    tiny_umt5(str(tmp_path / "te"))
-    rc, _, err = tool("convert_to_hf", ["--input", root / "ckpt" / "high", "--expert-2", root / "ckpt" / "low",
-                                        "--output", tmp_path / "exp", "--pipeline", "--vae", root / "vae",
-                                        "--text-encoder", tmp_path / "te" / "text_encoder",
-                                        "--tokenizer", tmp_path / "te" / "tokenizer"], capsys)
-    assert rc == 2 and "20-channel image" in err and "drop --pipeline" in err, err[-2000:]
-    assert not (tmp_path / "exp").exists()
-
-
 def test_stage2_feeds_each_samples_condition_to_every_role(tmp_path):
     """Two-expert stage 2 of the tiny I2V pair (mock data with a condition per sample): every call of the pair
     (rollout, real and fake score, critic) reads one micro-batch's conditions row by row, those of the micro-batch
@@ -334,7 +321,17 @@ def test_stage2_feeds_each_samples_condition_to_every_role(tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for v in m.values() if isinstance(v, float))
 
 
-def test_generate_samples_an_i2v_pair_from_an_image(i2v, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def stage2_pair(tmp_path_factory):
+    """A two-expert I2V stage-2 checkpoint (tiny preset, random bases, one iteration on mock conditioned data)."""
+    out = tmp_path_factory.mktemp("i2v_s2") / "s2"
+    _trainer(["--stage", "stage2", "--model-preset", "tiny-wan2.2-i2v-a14b", "--mock-data", "--mock-latent-shape",
+              "3", "16", "4", "6", "--micro-batch-size", "1", "--global-batch-size", "1", "--lora-rank", "4",
+              "--lora-alpha", "4", "--train-iters", "1", "--seed", "2", "--save", str(out)]).train()
+    return out
+
+
+def test_generate_samples_an_i2v_pair_from_an_image(i2v, stage2_pair, tmp_path, capsys):
     """``generate.py --image`` on a two-expert I2V stage-2 checkpoint = the library: `load_stage2_pair`,
     `encode_i2v_condition` of the same PNG through the same VAE, the flow-map sampler on the boundary grid with
     the CLI's noise (the same calls on the same tensors: 1e-6 absolute leaves room only for a kernel choosing
@@ -347,25 +344,21 @@ def test_generate_samples_an_i2v_pair_from_an_image(i2v, tmp_path, capsys):
     from megatron_anyflow.anyflow.two_expert import load_stage2_pair
     from megatron_anyflow.data.codecs import WanVAECodec
 
-    root = i2v
-    tr = _trainer(["--stage", "stage2", "--model-preset", "tiny-wan2.2-i2v-a14b", "--mock-data", "--mock-latent-shape",
-                   "3", "16", "4", "6", "--micro-batch-size", "1", "--global-batch-size", "1", "--lora-rank", "4",
-                   "--lora-alpha", "4", "--train-iters", "1", "--seed", "2", "--save", str(tmp_path / "s2")])
-    tr.train()
+    root, s2 = i2v, stage2_pair
     png = tmp_path / "first.png"
     Image.fromarray((np.random.default_rng(0).random((HEIGHT, WIDTH, 3)) * 255).astype(np.uint8)).save(png)
     g = torch.Generator().manual_seed(6)
     from safetensors.torch import save_file
 
     save_file({"prompt_embeds": torch.randn(1, 7, 384, generator=g)}, str(tmp_path / "emb.safetensors"))
-    common = ["--checkpoint", tmp_path / "s2", "--prompt-embeds", tmp_path / "emb.safetensors", "--codec", "wan-vae",
+    common = ["--checkpoint", s2, "--prompt-embeds", tmp_path / "emb.safetensors", "--codec", "wan-vae",
               "--vae", root / "vae", "--frames", NUM_FRAMES, "--height", HEIGHT, "--width", WIDTH, "--seed", "3"]
     ok("generate", [*common, "--image", png, "--steps", "1", "3", "--output", tmp_path / "gen",
                     "--save-latents", tmp_path / "gen" / "latents.safetensors", "--no-progress"], capsys)
     from safetensors.torch import load_file
 
     saved = load_file(str(tmp_path / "gen" / "latents.safetensors"))
-    pair = load_stage2_pair(str(tmp_path / "s2"), adapter="generator")
+    pair = load_stage2_pair(str(s2), adapter="generator")
     codec = WanVAECodec(str(root / "vae"), device="cpu")
     y = C.encode_i2v_condition(codec, G.read_image(str(png), HEIGHT, WIDTH), NUM_FRAMES)
     for n in (1, 3):
@@ -378,3 +371,58 @@ def test_generate_samples_an_i2v_pair_from_an_image(i2v, tmp_path, capsys):
                                    "--output", tmp_path / "x"], capsys)
     assert rc == 2 and "--condition-r" in err and "pass --image only" in err, err[-2000:]
     assert not (tmp_path / "x").exists()
+
+
+def test_pipeline_export_of_an_i2v_pair(i2v, stage2_pair, tmp_path, capsys):
+    """``convert_to_hf --pipeline --verify`` exports the I2V stage-2 pair as one ``AnyFlowTwoExpertPipeline`` that
+    takes ``image=``; its own check (the loaded pipeline given an image vs this project's sampler given that
+    image's condition, N = 1 and 4) passes at fp32 precision, and as a user loads it (``trust_remote_code``, a PIL
+    image), it gives the library's latents. One expert alone is refused: its pipeline needs both.
+
+    Tolerance: the same weights and the same operations up to summation order (the diffusers transformer fuses
+    q/k/v; the condition's normalisation multiplies by 1 / std where ours divides): a few float32 ulp per
+    forward, ~1e-7 relative on the state (measured 8.7e-8 / 8.3e-8); the bound 1e-5 (tighter than the export's
+    own fp32 tolerance, 1e-4) leaves room, while a missing mask or another image's condition misses by > 1e-2
+    (the teacher-sampler test above)."""
+    import numpy as np
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    from megatron_anyflow.anyflow import generation as G
+    from megatron_anyflow.anyflow.two_expert import load_stage2_pair
+    from megatron_anyflow.data.codecs import WanVAECodec
+    from megatron_anyflow.testing.tiny_components import tiny_umt5
+
+    root = i2v
+    tiny_umt5(str(tmp_path / "te"))
+    comp = ["--vae", root / "vae", "--text-encoder", tmp_path / "te" / "text_encoder",
+            "--tokenizer", tmp_path / "te" / "tokenizer"]
+    out = ok("convert_to_hf", ["--input", stage2_pair, "--output", tmp_path / "exp", "--merge-lora", "generator",
+                               "--pipeline", *comp, "--verify"], capsys)
+    line = next(ln for ln in out.splitlines() if "final latents" in ln)
+    errs = [float(v.split()[1].rstrip(",")) for v in line.split("i2v-a14b N=")[1:]]  # "1 8.7e-08, ..."
+    assert len(errs) == 2 and max(errs) < 1e-5, line
+    pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "exp"), trust_remote_code=True, text_encoder=None,
+                                             tokenizer=None, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    png = tmp_path / "first.png"
+    Image.fromarray((np.random.default_rng(1).random((HEIGHT, WIDTH, 3)) * 255).astype(np.uint8)).save(png)
+    g = torch.Generator().manual_seed(3)
+    text = torch.randn(1, 7, 384, generator=g)
+    with torch.no_grad():
+        got = pipe(image=Image.open(png), prompt_embeds=text, num_inference_steps=2, height=HEIGHT, width=WIDTH,
+                   num_frames=NUM_FRAMES, guidance_scale=1.0, output_type="latent",
+                   generator=torch.Generator().manual_seed(4)).frames.permute(0, 2, 1, 3, 4)
+    noise = torch.randn(1, 16, F_, H_, W_, generator=torch.Generator().manual_seed(4)).permute(0, 2, 1, 3, 4)
+    y = C.encode_i2v_condition(WanVAECodec(str(root / "vae"), device="cpu"), G.read_image(str(png), HEIGHT, WIDTH),
+                               NUM_FRAMES)
+    ref = FlowMapEulerSampler(2, 5.0, boundary=B)(load_stage2_pair(str(stage2_pair)), noise, text, channel_condition=y)
+    assert rel(got, ref) < 1e-5, rel(got, ref)
+    with pytest.raises(ValueError, match="pass image="):
+        pipe(prompt_embeds=text, num_inference_steps=1, height=HEIGHT, width=WIDTH, num_frames=NUM_FRAMES,
+             output_type="latent")
+    _convert(root, capsys)
+    rc, _, err = tool("convert_to_hf", ["--input", root / "ckpt" / "high", "--output", tmp_path / "one",
+                                        "--pipeline", *comp], capsys)
+    assert rc == 2 and "one expert of Wan2.2 I2V-A14B" in err and "--expert-2" in err, err[-2000:]
+    assert not (tmp_path / "one").exists()

@@ -69,6 +69,8 @@ samples the ODE, not a flow map; the class adds the second transformer, the boun
 boundary on it. ``--verify`` checks each expert's forward and the loaded pipeline's final latents against
 this project's two-expert sampler (`anyflow.sampler.route_experts`). A two-expert stage-2 checkpoint holds
 both experts: ``--input ckpt/stage2 --merge-lora generator --ema --pipeline ...`` (no ``--expert-2``).
+Wan2.2 I2V-A14B experts (36 input channels) export the same way; the pipeline then takes ``image=`` and builds
+the 20-channel condition as ``WanImageToVideoPipeline`` does, and ``--verify`` gives both sides the same image.
 """
 
 import argparse
@@ -167,10 +169,11 @@ def main(argv=None):
         return 2
     print(f"[1/4] {ckpt_dir} (stage {meta.get('stage', 'converted')}, iteration {meta.get('iteration')})", flush=True)
     arch = meta.get("wan_config") or {}
-    if args.pipeline and arch.get("in_channels", 16) != arch.get("out_channels", arch.get("in_channels", 16)):
-        print(f"error: --pipeline: {ckpt_dir} reads a {arch['in_channels'] - arch['out_channels']}-channel image "
-              f"condition (Wan2.2 I2V-A14B, in_channels {arch['in_channels']}); no AnyFlow pipeline builds that "
-              "condition yet: export the transformer alone (drop --pipeline)", file=sys.stderr)
+    cc = arch.get("in_channels", 16) - (arch.get("out_channels") or arch.get("in_channels", 16))
+    if args.pipeline and cc and not (args.expert_2 or meta.get("experts")):
+        print(f"error: --pipeline: {ckpt_dir} is one expert of Wan2.2 I2V-A14B (a {cc}-channel image condition); "
+              "its pipeline holds both experts: pass the stage-2 pair, or --expert-2 with the other expert",
+              file=sys.stderr)
         return 2
     if components is not None:
         problem = vae_mismatch(components["vae"][0], meta["wan_config"])
@@ -419,7 +422,9 @@ def verify_pipeline(path, hf, model, shift, steps=2, expert_2=None, boundary=Non
     ``AnyFlowTwoExpertPipeline`` (``DiffusionPipeline.from_pretrained(path, trust_remote_code=True)``) against
     ``FlowMapEulerSampler(N, shift, boundary)`` on ``route_experts(model, model_2, boundary)``, at N = 1 (the
     jump split at the boundary) and N = 4 (``steps`` is not used: at b = 0.875 the 2-step grid is the
-    split 1-step one); keys ``"t2v N=1"`` etc.
+    split 1-step one); keys ``"t2v N=1"`` etc. Wan2.2 I2V-A14B experts (``in_channels > out_channels``):
+    one mode, ``"i2v-a14b"``: the pipeline given a random image against the sampler given that image's
+    `data.channel_condition.encode_i2v_condition` through this project's codec of the export's VAE.
 
     Raises:
         ValueError: the pipeline's latents have another shape than the sampler's (named)."""
@@ -446,26 +451,40 @@ def verify_pipeline(path, hf, model, shift, steps=2, expert_2=None, boundary=Non
             return FlowMapEulerSampler(n, shift, boundary=boundary)(routed, noise, text, condition_frames=c)
     pipe.set_progress_bar_config(disable=True)
     cfg = model.config
+    cc = cfg.in_channels - cfg.out_channels  # Wan2.2 I2V-A14B: the image through 20 condition channels
     pt, ph, pw = cfg.patch_size
     f, h, w = 3 * pt, 2 * ph, 3 * pw
     g = torch.Generator().manual_seed(1)
     text = torch.randn(2, 8, cfg.text_dim, generator=g)
-    cond = torch.randn(1, 1, cfg.in_channels, h, w, generator=g)
+    cond = torch.randn(1, 1, cfg.out_channels, h, w, generator=g)
     # The pixel size from this project's codec of that VAE family (16x space for the Wan2.2 VAE, 8x for
     # Wan2.1's; 4x time for both), not from the pipeline: the pipeline's own sizing is what is checked.
-    sf, tf = CODECS[vae_codec_name(os.path.join(path, "vae"))].spatial, 4
+    codec_cls = CODECS[vae_codec_name(os.path.join(path, "vae"))]
+    sf, tf = codec_cls.spatial, 4
+    image = torch.rand(1, 3, h * sf, w * sf, generator=g)  # [0, 1], what the pipeline's video processor takes
     # The pipeline draws its own noise (diffusers' randn_tensor: one CPU generator, [n, C, f, h, w] float32),
     # so it sizes the latents from the pixel size and its VAE's factors; the sampler gets the same draw.
-    noise = torch.randn(2, cfg.in_channels, f, h, w, generator=torch.Generator().manual_seed(2)).permute(0, 2, 1, 3, 4)
+    noise = torch.randn(2, cfg.out_channels, f, h, w, generator=torch.Generator().manual_seed(2)).permute(0, 2, 1, 3, 4)
+    if cc:  # the I2V pair: its condition from the image through this project's codec of the export's VAE
+        from megatron_anyflow.data.channel_condition import encode_i2v_condition
+
+        y = encode_i2v_condition(codec_cls(os.path.join(path, "vae"), device="cpu"), image * 2 - 1, (f - 1) * tf + 1)
+        modes = (("i2v-a14b", None),)
+
+        def run(n, noise, text, c):  # the pair's sampler, reading the condition channels (cc > 0: two experts)
+            y_n = y.expand(noise.shape[0], -1, -1, -1, -1)
+            return FlowMapEulerSampler(n, shift, boundary=boundary)(routed, noise, text, channel_condition=y_n)
+    else:
+        modes, run = (("t2v", None), ("i2v", cond)), sample
     out = {}
     for n in counts:
-        for mode, c in (("t2v", None), ("i2v", cond)):
+        for mode, c in modes:
+            extra = dict(image=image) if cc else dict(video_latents=None if c is None else c.expand(2, -1, -1, -1, -1))
             with torch.no_grad():
-                ours = sample(n, noise, text, c)
+                ours = run(n, noise, text, c)
                 ref = pipe(prompt_embeds=text, generator=torch.Generator().manual_seed(2), num_inference_steps=n,
                            height=h * sf, width=w * sf, num_frames=(f - 1) * tf + 1, guidance_scale=1.0,
-                           output_type="latent", video_latents=None if c is None else c.expand(2, -1, -1, -1, -1)
-                           ).frames.permute(0, 2, 1, 3, 4)
+                           output_type="latent", **extra).frames.permute(0, 2, 1, 3, 4)
             if ref.shape != ours.shape:
                 raise ValueError(f"the pipeline's latents have shape {tuple(ref.shape)}, the sampler's "
                                  f"{tuple(ours.shape)}")

@@ -13,6 +13,13 @@ learned only the jumps inside its own range). This class adds exactly that to ``
   when ``t <= b``; a crossing jump (a user's own ``sigmas`` / ``timesteps``) raises. This is the library's
   ``anyflow.sampler.route_experts`` rule.
 
+Wan2.2 I2V-A14B experts (``in_channels`` 36, ``out_channels`` 16) read the image through 20 input channels, as
+diffusers' ``WanImageToVideoPipeline`` feeds them: ``__call__(image=...)`` builds the condition once (a 4-channel
+mask, 1 on latent frame 0, and the normalised VAE latents, posterior mode, of the video [image, 0, ..., 0]) and
+every expert call reads ``cat([latents, condition])`` on the channel axis, the same condition for both CFG
+halves; the latents and the scheduler stay 16-channel. The training library's counterpart is
+``data.channel_condition``.
+
 ``tools/convert_to_hf.py --expert-2`` copies this file, unchanged, into the export as
 ``pipeline_anyflow_two_expert.py`` and names it in ``model_index.json`` (``_class_name`` =
 ``["pipeline_anyflow_two_expert", "AnyFlowTwoExpertPipeline"]``), so that
@@ -38,9 +45,10 @@ _ROUTE_TOL = 1e-6
 class _ExpertRouter(torch.nn.Module):
     """Stands in for ``transformer`` during a call: each forward goes to one expert (module docstring)."""
 
-    def __init__(self, high, low, boundary_timestep: float):
+    def __init__(self, high, low, boundary_timestep: float, condition: Optional[torch.Tensor] = None):
         super().__init__()
         self.high, self.low, self.boundary = high, low, float(boundary_timestep)
+        self.condition = condition  # [B, F, 20, h, w] (I2V-A14B) or None
 
     @property
     def dtype(self):
@@ -55,6 +63,10 @@ class _ExpertRouter(torch.nn.Module):
         return self.high.config
 
     def forward(self, *, timestep, r_timestep, **kwargs):
+        if self.condition is not None:  # CFG stacks [negative, positive] copies of the batch: one condition each
+            x, y = kwargs["hidden_states"], self.condition
+            y = y.repeat(x.shape[0] // y.shape[0], 1, 1, 1, 1).to(device=x.device, dtype=x.dtype)
+            kwargs["hidden_states"] = torch.cat([x, y], dim=2)
         b = self.boundary
         if bool((r_timestep >= b - _ROUTE_TOL).all()):
             return self.high(timestep=timestep, r_timestep=r_timestep, **kwargs)
@@ -75,6 +87,8 @@ class AnyFlowTwoExpertPipeline(AnyFlowPipeline):
         transformer: ``AnyFlowTransformer3DModel``, the high-noise expert (times ``[b, 1]``).
         transformer_2: ``AnyFlowTransformer3DModel``, the low-noise expert (times ``[0, b]``).
         boundary_ratio: ``b`` in (0, 1) (0.875 Wan2.2 T2V-A14B, 0.9 I2V-A14B).
+
+    I2V-A14B experts (``in_channels > out_channels``) need ``image`` at the call (module docstring).
 
     Raises:
         ValueError: ``boundary_ratio`` missing or outside (0, 1), or ``transformer_2`` missing.
@@ -114,15 +128,57 @@ class AnyFlowTwoExpertPipeline(AnyFlowPipeline):
         sigmas[i] = b_unshifted
         return sigmas
 
-    def __call__(self, *args, num_inference_steps: int = 50, sigmas=None, timesteps=None, **kwargs):
+    @property
+    def condition_channels(self) -> int:
+        """Channels the experts read besides the latents: 20 for I2V-A14B (the image condition), else 0."""
+        cfg = self.transformer.config
+        return int(cfg.in_channels) - int(cfg.out_channels or cfg.in_channels)
+
+    def prepare_latents(self, batch_size, num_channels_latents, *args, **kwargs):
+        # AnyFlowPipeline sizes the noise by the transformer's in_channels; an I2V expert writes out_channels
+        return super().prepare_latents(batch_size, num_channels_latents - self.condition_channels, *args, **kwargs)
+
+    @torch.no_grad()
+    def image_condition(self, image, height: int, width: int, num_frames: int) -> torch.Tensor:
+        """The I2V-A14B condition ``[B, F, 4 + z_dim, h, w]`` (frame-major, float32) of ``image`` (anything the
+        video processor takes: PIL, [B, 3, H, W] tensors in [0, 1], ...), as ``WanImageToVideoPipeline.
+        prepare_latents`` builds it: mask (1 on latent frame 0) and the normalised VAE latents (posterior mode) of
+        [image, 0, ..., 0] of ``num_frames`` frames."""
+        device = self._execution_device
+        image = self.video_processor.preprocess(image, height=height, width=width).to(device, torch.float32)
+        b = image.shape[0]
+        video = torch.cat([image[:, :, None], image.new_zeros(b, image.shape[1], num_frames - 1, height, width)], 2)
+        moments = self.vae._encode(video.to(self.vae.dtype))
+        mu = torch.chunk(moments, 2, dim=1)[0].float()  # the posterior mode, [B, z, F, h, w]
+        mean = torch.tensor(self.vae.config.latents_mean, device=mu.device).view(1, -1, 1, 1, 1)
+        inv_std = 1.0 / torch.tensor(self.vae.config.latents_std, device=mu.device).view(1, -1, 1, 1, 1)
+        latents = ((mu - mean) * inv_std).permute(0, 2, 1, 3, 4)  # [B, F, z, h, w]
+        mask = torch.zeros(b, latents.shape[1], 4, *latents.shape[3:], device=latents.device)
+        mask[:, 0] = 1
+        return torch.cat([mask, latents], dim=2)
+
+    def __call__(self, *args, num_inference_steps: int = 50, sigmas=None, timesteps=None, image=None, **kwargs):
         """``AnyFlowPipeline.__call__`` on the two-expert grid (``num_inference_steps`` = N; N = 1 runs two
         evaluations), each jump routed to its expert. Own ``sigmas`` / ``timesteps`` are used as given and
-        must not cross the boundary (ValueError)."""
+        must not cross the boundary (ValueError). ``image``: the first frame, for I2V-A14B experts (required
+        there, refused otherwise: image-to-video of other experts is ``video`` / ``video_latents``)."""
+        cc = self.condition_channels
+        if cc and image is None:
+            raise ValueError(f"the experts read a {cc}-channel image condition (Wan2.2 I2V-A14B): pass image=")
+        if not cc and image is not None:
+            raise ValueError("image= is for Wan2.2 I2V-A14B experts; these take a clean first frame as video= / "
+                             "video_latents=")
+        condition = None
+        if cc:
+            condition = self.image_condition(image, kwargs.get("height", 480), kwargs.get("width", 832),
+                                             kwargs.get("num_frames", 81))
+            if condition.shape[2] != cc:
+                raise ValueError(f"the VAE gives a {condition.shape[2]}-channel condition; the experts read {cc}")
         if sigmas is None and timesteps is None:
             sigmas = self.two_expert_sigmas(num_inference_steps)
             num_inference_steps = len(sigmas)
         high = self.transformer
-        router = _ExpertRouter(high, self.transformer_2, 1000.0 * float(self.config.boundary_ratio))
+        router = _ExpertRouter(high, self.transformer_2, 1000.0 * float(self.config.boundary_ratio), condition)
         # object.__setattr__: DiffusionPipeline.__setattr__ would rewrite the registered component in the config
         object.__setattr__(self, "transformer", router)
         try:
