@@ -82,9 +82,22 @@ def main(argv=None):
         student = load_for_inference(args.student, adapter="generator", ema=args.ema).to(device)
     ds = LatentDataset(args.data_path)
     idx, text, neg, noise, decode = evaluation_inputs(ds, args.num_samples, args.seed, device)
+    # Wan2.2 I2V-A14B: every sample is drawn given its clip's image condition (the dataset's, --i2v-condition)
+    from megatron_anyflow.data.channel_condition import condition_channels
+
+    cc = condition_channels(student.config)
+    if cc != condition_channels(teacher.config) or (cc and ds.condition_channels != cc):
+        raise ValueError(f"--student {args.student} reads {cc or 'no'} image-condition channels, --teacher "
+                         f"{args.teacher} {condition_channels(teacher.config) or 'none'}, --data-path "
+                         f"{args.data_path} holds {ds.condition_channels or 'no'} condition channels; all three must "
+                         "agree (an I2V-A14B dataset: prepare_dataset.py --i2v-condition)")
+    if cc and args.diffusers_export:
+        raise ValueError(f"--diffusers-export {args.diffusers_export}: the one-step check gives no image; an I2V-A14B "
+                         "export is checked by tools/convert_to_hf.py --verify")
+    y = torch.stack([ds[i][2] for i in idx]).to(device, torch.float32) if cc else None
     result, samples = evaluate_test_time_scaling(
         student, teacher, noise, text, neg, args.steps, args.reference_steps, args.guidance, args.shift,
-        decode=decode, keep_samples=args.video_steps, progress=log)
+        decode=decode, keep_samples=args.video_steps, progress=log, channel_condition=y)
     paths = write_report(result, args.output)
     print(result.markdown(), flush=True)
     if decode is not None:

@@ -63,7 +63,8 @@ def psnr(mse: float, data_range: float = 2.0) -> float:
 def evaluate_test_time_scaling(student, teacher, noise: torch.Tensor, text: torch.Tensor, negative_text: torch.Tensor,
                       steps: Sequence[int], reference_steps: int = 50, guidance: float = 3.0, shift: float = 5.0,
                       decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, keep_samples: Sequence[int] = (),
-                      progress: Optional[Callable[[str], None]] = None):
+                      progress: Optional[Callable[[str], None]] = None,
+                      channel_condition: Optional[torch.Tensor] = None):
     """Run the comparison; returns (ScalingResult, samples dict name -> latents for the requested N).
 
     Args:
@@ -76,11 +77,16 @@ def evaluate_test_time_scaling(student, teacher, noise: torch.Tensor, text: torc
         steps: the N to evaluate; reference_steps: the teacher's reference N (50).
         decode: latents [b, f, c, h, w] -> video [b, 3, f, H, W] in [-1, 1] (optional, for PSNR).
         keep_samples: N values whose samples are returned (for the video grid).
+        channel_condition: ``y`` ``[b, f, c_y, h, w]`` for models that read the image through input channels
+            (Wan2.2 I2V-A14B, `data.channel_condition`): every sample of the student and the teacher, reference
+            included, is drawn given its own.
     """
     log = progress or (lambda s: None)
     neg = negative_text.expand(noise.shape[0], -1, -1) if negative_text.shape[0] == 1 else negative_text
     log(f"teacher reference: {reference_steps} steps")
-    ref = TeacherEulerSampler(reference_steps, shift=shift, guidance_scale=guidance)(teacher, noise, text, neg)
+    y = channel_condition
+    ref = TeacherEulerSampler(reference_steps, shift=shift, guidance_scale=guidance)(teacher, noise, text, neg,
+                                                                                      channel_condition=y)
     ref_px = decode(ref).float() if decode is not None else None
     result = ScalingResult(list(steps), reference_steps, {"student": {}, "teacher": {}}, guidance=guidance)
     samples = {f"teacher-{reference_steps}": ref}
@@ -88,9 +94,11 @@ def evaluate_test_time_scaling(student, teacher, noise: torch.Tensor, text: torc
         for name in ("student", "teacher"):
             log(f"{name}: {n} steps")
             if name == "student":
-                out = FlowMapEulerSampler(n, shift=shift, boundary=getattr(student, "boundary", None))(student, noise, text)
+                out = FlowMapEulerSampler(n, shift=shift, boundary=getattr(student, "boundary", None))(
+                    student, noise, text, channel_condition=y)
             else:
-                out = TeacherEulerSampler(n, shift=shift, guidance_scale=guidance)(teacher, noise, text, neg)
+                out = TeacherEulerSampler(n, shift=shift, guidance_scale=guidance)(teacher, noise, text, neg,
+                                                                                   channel_condition=y)
             m = {"latent_mse": float((out.float() - ref.float()).pow(2).mean())}
             if decode is not None:
                 mse = float((decode(out).float() - ref_px).pow(2).mean())
@@ -184,7 +192,9 @@ def evaluate_causal(students: Dict[str, object], teacher, noise: torch.Tensor, t
     log = progress or (lambda s: None)
     neg = negative_text.expand(noise.shape[0], -1, -1) if negative_text.shape[0] == 1 else negative_text
     log(f"teacher reference: {reference_steps} steps")
-    ref = TeacherEulerSampler(reference_steps, shift=shift, guidance_scale=guidance)(teacher, noise, text, neg)
+    y = channel_condition
+    ref = TeacherEulerSampler(reference_steps, shift=shift, guidance_scale=guidance)(teacher, noise, text, neg,
+                                                                                      channel_condition=y)
     ref_px = decode(ref).float() if decode is not None else None
     per_frame_px = ref_px is not None and ref_px.shape[2] == noise.shape[1]
     bounds = [(sum(cp[:i]), sum(cp[:i + 1])) for i in range(len(cp))]
