@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# AnyFlow on Wan2.2-T2V-A14B: two 14B experts split at the boundary b = 0.875 (diffusers' boundary_ratio:
+# AnyFlow on Wan2.2-T2V-A14B (or I2V-A14B: PRESET=wan2.2-i2v-a14b, below): two 14B experts split at the boundary
+# b = 0.875 (0.9 for I2V; diffusers' boundary_ratio:
 # `transformer` serves t >= b, `transformer_2` below). The two-expert teacher's ODE samples for DATA_PATH's
 # prompts are the training data (tools/synthesize_dataset.py --teacher-2: each Euler step on the expert of its
 # timestep, as diffusers' WanPipeline; paper 5.1), each expert is distilled on its own time range (stage 1,
@@ -26,7 +27,10 @@
 # --pretrained-2 / --init-adapters-from-2 (stage 2). The difference from the Wan2.1 chain: no teacher-LoRA stage
 # (the trainer refuses it for an expert): each expert's converted base is its own teacher (and the pair of bases
 # the teacher that synthesises the data and stage 2's real score).
-# Wan2.2-I2V-A14B (36 input channels: the noisy latent concatenated with the image condition) is not trained here.
+# PRESET=wan2.2-i2v-a14b (WAN a Wan2.2-I2V-A14B-Diffusers directory): the experts read 36 channels, the noisy
+# latents and each clip's image condition (its frame 0 through the VAE, with a mask). DATA_PATH must then hold the
+# conditions (tools/prepare_dataset.py --codec wan-vae --i2v-condition); the synthesis draws each sample given its
+# clip's condition and keeps it, and the export's pipeline takes image= (README, "Wan2.2 I2V-A14B").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { echo; echo "=== [$(date +%H:%M:%S)] $*"; }
@@ -34,11 +38,16 @@ step() { echo; echo "=== [$(date +%H:%M:%S)] $*"; }
 OUT=${OUT:-runs/anyflow-wan22-a14b}
 TP=${TP:-4}; CP=${CP:-2}; GPUS=${GPUS:-8}
 FRAMES=${FRAMES:-81}; HEIGHT=${HEIGHT:-480}; WIDTH=${WIDTH:-832}
-export PRESET=wan2.2-t2v-a14b TP CP FRAMES HEIGHT WIDTH
+PRESET=${PRESET:-wan2.2-t2v-a14b}
+case "$PRESET" in
+  wan2.2-t2v-a14b|wan2.2-i2v-a14b) ;;
+  *) echo "PRESET=$PRESET: this script trains wan2.2-t2v-a14b or wan2.2-i2v-a14b" >&2; exit 2 ;;
+esac
+export PRESET TP CP FRAMES HEIGHT WIDTH
 
 if [ "${DRY_RUN:-0}" = 1 ]; then
   for EXPERT in high low; do
-    step "DRY_RUN: stage 1 of the $EXPERT-noise expert (one 14B model), $GPUS GPUs, ${FRAMES}x${HEIGHT}x${WIDTH}"
+    step "DRY_RUN: $PRESET stage 1 of the $EXPERT-noise expert (one 14B model), $GPUS GPUs, ${FRAMES}x${HEIGHT}x${WIDTH}"
     STAGE=stage1 DRY_RUN=1 GPUS_PER_NODE=$GPUS PRETRAINED="$OUT/ckpt/$EXPERT-base" \
       bash examples/pretrain_anyflow_14b.sh --expert "$EXPERT" "$@"
   done
@@ -49,8 +58,8 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   exit 0
 fi
 
-: "${WAN:?set WAN to a Wan2.2-T2V-A14B-Diffusers directory (or DRY_RUN=1)}"
-: "${DATA_PATH:?set DATA_PATH to the latents of your videos (tools/prepare_dataset.py --codec wan-vae)}"
+: "${WAN:?set WAN to a Wan2.2-T2V-A14B-Diffusers (PRESET=wan2.2-i2v-a14b: I2V-A14B) directory (or DRY_RUN=1)}"
+: "${DATA_PATH:?set DATA_PATH to the latents of your videos (tools/prepare_dataset.py --codec wan-vae; I2V: --i2v-condition)}"
 for EXPERT in high low; do
   SUB=$([ "$EXPERT" = high ] && echo transformer || echo transformer_2)
   if [ ! -e "$OUT/ckpt/$EXPERT-base" ]; then

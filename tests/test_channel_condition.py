@@ -461,3 +461,25 @@ def test_evaluate_an_i2v_pair_against_its_teacher(i2v, stage2_pair, tmp_path, ca
     argv[argv.index(data)] = _dataset(tmp_path / "plain", condition=False, n=2)
     with pytest.raises(ValueError, match="all three must agree"):
         load_tool("evaluate_anyflow").main([str(a) for a in argv])
+
+
+def test_dry_run_plans_an_i2v_expert_with_its_condition_channels():
+    """The launch checks (``--dry-run``, what examples/pretrain_anyflow_wan22_a14b.sh PRESET=wan2.2-i2v-a14b
+    DRY_RUN=1 runs per stage) count the 16 latent channels against in_channels 36 less the 20 condition channels,
+    for one expert's stage 1 and the pair's stage 2; 36-channel latents fail the check."""
+    from megatron_anyflow.training import dry_run as D
+    from megatron_anyflow.training.arguments import parse_args
+
+    base = ["--model-preset", "wan2.2-i2v-a14b", "--mock-data", "--train-iters", "1", "--dry-run", "--world-size", "8",
+            "--tensor-model-parallel-size", "4", "--context-parallel-size", "2", "--sequence-parallel",
+            "--mock-text-len", "512"]
+    for stage in (["--stage", "stage1", "--expert", "high"], ["--stage", "stage2"]):
+        lines = []
+        assert D.dry_run(parse_args([*stage, *base, "--mock-latent-shape", "21", "16", "60", "104"]),
+                         log=lines.append) == 0, lines
+        assert any("[ok] latent channels 16 == model in_channels 36 - 20 image-condition channels" in ln
+                   for ln in lines), lines
+    lines = []
+    assert D.dry_run(parse_args(["--stage", "stage1", "--expert", "low", *base, "--mock-latent-shape", "21", "36",
+                                 "60", "104"]), log=lines.append) == 1
+    assert any("[FAIL] latent channels 36" in ln for ln in lines), lines
