@@ -21,7 +21,8 @@
 # OUT        where the converted experts, the synthesised data ($OUT/synthetic), the stage-1 and stage-2 runs and the
 #            export go (runs/anyflow-wan22-a14b)
 # SYNTH_STEPS, GUIDANCE, GUIDANCE_2, SAMPLES_PER_PROMPT   the synthesis: Euler steps (50), the high expert's CFG (3),
-#            the low expert's (= GUIDANCE), teacher samples per prompt (1); SKIP_SYNTH=1 trains on DATA_PATH itself
+#            the low expert's (= GUIDANCE), teacher samples per prompt (1); SKIP_SYNTH=1 trains on DATA_PATH itself;
+#            the teacher runs in bf16 (synthesize_dataset.py --bf16: 29 GB per expert, tensor cores), SYNTH_BF16=0 fp32
 # Each expert's stage 1 and the pair's stage 2 run through examples/pretrain_anyflow_14b.sh (multi-node torchrun;
 # NNODES, TP = 4, CP = 2, FP8, ... as documented there) with PRESET=wan2.2-t2v-a14b, and --expert (stage 1) or
 # --pretrained-2 / --init-adapters-from-2 (stage 2). The difference from the Wan2.1 chain: no teacher-LoRA stage
@@ -74,7 +75,8 @@ elif [ ! -e "$OUT/synthetic/index.json" ]; then   # index.json is written last: 
   step "teacher-synthesised data: the two-expert teacher's ${SYNTH_STEPS:-50}-step samples for DATA_PATH's prompts"
   python tools/synthesize_dataset.py --teacher "$OUT/ckpt/high-base" --teacher-2 "$OUT/ckpt/low-base" \
     --data-path "$DATA_PATH" --output "$OUT/synthetic" --steps "${SYNTH_STEPS:-50}" --guidance "${GUIDANCE:-3}" \
-    --guidance-2 "${GUIDANCE_2:-${GUIDANCE:-3}}" --samples-per-prompt "${SAMPLES_PER_PROMPT:-1}" --batch-size 1
+    --guidance-2 "${GUIDANCE_2:-${GUIDANCE:-3}}" --samples-per-prompt "${SAMPLES_PER_PROMPT:-1}" --batch-size 1 \
+    $([ "${SYNTH_BF16:-1}" = 1 ] && echo --bf16)
 fi
 for EXPERT in high low; do
   step "stage 1 of the $EXPERT-noise expert on its time range, on $TRAIN_DATA"

@@ -234,6 +234,35 @@ def test_cli_writes_the_routed_teacher_samples_in_either_order(ckpts, tmp_path, 
     assert torch.equal(syn[4][1], mock[1][1]) and torch.equal(syn.negative_text, mock.negative_text)
 
 
+def test_bf16_teacher_samples_are_the_bf16_models_samples(ckpts, tmp_path, capsys):
+    """``--bf16``: the samples are the library sampler's with both experts loaded in bf16 (``WanConfig.bf16``:
+    the same operations, bitwise), recorded as such, and close to the float32 teacher's: bf16 rounds weights and
+    activations to 2^-9 relative, a few 1e-3 on a forward of these widths, amplified by CFG (1 + 2g = 7) over 4
+    steps to ~1e-2; the bound 0.1 is an order above that, and the difference is far above float32 rounding
+    (> 1e-4): it really ran in bf16."""
+    from megatron_anyflow.checkpoint.model_io import load_as_model
+    from megatron_anyflow.data.latent_dataset import LatentDataset
+
+    src, mock = _source(tmp_path)
+    common = ["--teacher", ckpts["high"], "--teacher-2", ckpts["low"], "--data-path", src, "--steps", "4",
+              "--guidance", "3", "--batch-size", "3", "--seed", "2"]
+    for name, extra in (("bf16", ["--bf16"]), ("fp32", [])):
+        rc, _, err = tool("synthesize_dataset", [*common, "--output", tmp_path / name, *extra], capsys)
+        assert rc == 0, err[-2000:]
+    bf, fp = (LatentDataset(str(tmp_path / n)) for n in ("bf16", "fp32"))
+    assert bf.index["synthesized"]["dtype"] == "bf16" and fp.index["synthesized"]["dtype"] == "fp32"
+    high, low = (load_as_model(str(ckpts[e]), bf16=True) for e in ("high", "low"))
+    assert high.dtype == torch.bfloat16
+    texts = torch.stack([mock[i][1] for i in range(3)])
+    ref = TeacherEulerSampler(4, guidance_scale=3.0, boundary=B)(
+        high, torch.randn((3, *LATENT), generator=torch.Generator().manual_seed(2)), texts,
+        mock.negative_text.expand(3, -1, -1), model_2=low)
+    a, b = (torch.stack([d[i][0] for i in range(3)]) for d in (bf, fp))
+    assert torch.equal(a, ref.to(a.dtype))
+    diff = float((a.double() - b.double()).norm() / b.double().norm())
+    assert 1e-4 < diff < 0.1, diff
+
+
 @pytest.mark.parametrize("case", ["same-expert", "single-with-teacher-2", "expert-alone", "boundaries-differ",
                                   "guidance-2-alone"])
 def test_bad_teacher_pairs_are_refused_by_name(ckpts, tmp_path, capsys, case):
