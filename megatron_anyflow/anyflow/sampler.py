@@ -257,7 +257,10 @@ class TeacherEulerSampler:
         boundary: None (one model) or the expert boundary ``b`` in ``(0, 1)`` on the [0, 1] time scale
             (diffusers' ``boundary_ratio``: 0.875 for T2V-A14B); then ``__call__`` needs ``model_2``.
         guidance_scale_2: the low expert's CFG scale (WanPipeline's ``guidance_scale_2``); None: equal to
-            ``guidance_scale`` (WanPipeline's default). Only with ``boundary``.
+            ``guidance_scale`` (WanPipeline's default). Only with ``boundary``. Each expert's scale applies on
+            its own steps: with ``guidance_scale`` 1 and ``guidance_scale_2`` > 1 the low expert is guided.
+            WanPipeline differs there (its CFG switch reads ``guidance_scale`` alone, so it then guides neither
+            expert); for scales > 1, the ones in use, the two agree (tests/test_two_expert_synthesis.py).
 
     Attributes:
         times: float64 ``[N + 1]`` grid in ``[0, 1]``, from 1 to 0.
