@@ -106,3 +106,44 @@ def test_row_labels_and_captions():
                                      "teacher 1 step (CFG 3)", "AnyFlow student 4 steps", "teacher 4 steps (CFG 3)"]
     index = {"shards": [{"num_samples": 2, "samples": [{"caption": "a"}, {"caption": "b"}]}, {"num_samples": 2}]}
     assert dataset_captions(index, [1, 2, 3]) == ["b", "sample 2", "sample 3"]
+
+
+def test_evaluate_causal_rows_are_the_chunked_samples_errors():
+    """`evaluate_causal` (tools/evaluate_far.py): each student's row at N is the error of `sample_chunked` at N
+    against the teacher's reference Euler samples, its per-chunk rows are that error on each chunk's frames
+    (their frame-weighted mean is the whole error), and the teacher's row is its own N-step Euler samples'. The
+    same calls on the same tensors as the recomputation here: float32 rounding of an MSE, 1e-6 relative."""
+    import pytest
+
+    from megatron_anyflow.anyflow.causal import sample_chunked
+    from megatron_anyflow.anyflow.evaluation import evaluate_causal
+    from megatron_anyflow.anyflow.sampler import TeacherEulerSampler
+    from megatron_anyflow.models.wan.config import wan_config
+    from megatron_anyflow.models.wan.far import FarModelRunner
+    from megatron_anyflow.models.wan.model import WanModel
+
+    cp = (1, 2, 2)
+    torch.manual_seed(0)
+    student = WanModel(wan_config("tiny", far=True, chunk_partition=cp)).eval()
+    teacher = WanModel(wan_config("tiny")).eval()
+    g = torch.Generator().manual_seed(4)
+    noise, text, neg = torch.randn(2, 5, 16, 4, 4, generator=g), torch.randn(2, 6, 384, generator=g), \
+        torch.randn(1, 6, 384, generator=g)
+    with torch.no_grad():
+        result, per_chunk, samples = evaluate_causal({"s": student}, teacher, noise, text, neg, [1, 2], cp,
+                                                     reference_steps=4, guidance=2.0, keep_samples=[2])
+        ref = TeacherEulerSampler(4, guidance_scale=2.0)(teacher, noise, text, neg.expand(2, -1, -1))
+        for n in (1, 2):
+            out = sample_chunked(FarModelRunner(student), noise, text, cp, n)
+            mse = float((out - ref).pow(2).mean())
+            assert result.metrics["s"][n]["latent_mse"] == pytest.approx(mse, rel=1e-6)
+            rows = per_chunk["s"][n]
+            assert len(rows) == 3 and rows[0]["latent_mse"] == pytest.approx(
+                float((out[:, :1] - ref[:, :1]).pow(2).mean()), rel=1e-6)
+            assert sum(r["latent_mse"] * c for r, c in zip(rows, cp)) / 5 == pytest.approx(mse, rel=1e-6)
+            t_n = TeacherEulerSampler(n, guidance_scale=2.0)(teacher, noise, text, neg.expand(2, -1, -1))
+            assert result.metrics["teacher"][n]["latent_mse"] == pytest.approx(float((t_n - ref).pow(2).mean()),
+                                                                               rel=1e-6)
+    assert set(samples) == {"teacher-4", "s-2", "teacher-2"}
+    with pytest.raises(ValueError, match=r"chunk_partition \[1, 2\] covers 3 latent frames; the noise has 5"):
+        evaluate_causal({"s": student}, teacher, noise, text, neg, [1], (1, 2), reference_steps=2)

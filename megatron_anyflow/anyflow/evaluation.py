@@ -192,9 +192,7 @@ def evaluate_causal(students: Dict[str, object], teacher, noise: torch.Tensor, t
     log = progress or (lambda s: None)
     neg = negative_text.expand(noise.shape[0], -1, -1) if negative_text.shape[0] == 1 else negative_text
     log(f"teacher reference: {reference_steps} steps")
-    y = channel_condition
-    ref = TeacherEulerSampler(reference_steps, shift=shift, guidance_scale=guidance)(teacher, noise, text, neg,
-                                                                                      channel_condition=y)
+    ref = TeacherEulerSampler(reference_steps, shift=shift, guidance_scale=guidance)(teacher, noise, text, neg)
     ref_px = decode(ref).float() if decode is not None else None
     per_frame_px = ref_px is not None and ref_px.shape[2] == noise.shape[1]
     bounds = [(sum(cp[:i]), sum(cp[:i + 1])) for i in range(len(cp))]

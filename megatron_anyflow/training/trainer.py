@@ -366,8 +366,9 @@ class Trainer:
     def batch(self, indices: List[int]):
         """(latents [b, f, c, h, w], text [b, L, d], condition [b, f, c_y, h, w] or None) of this rank's
         micro-batch, in the training dtype on the device (the condition: a model that reads a channel
-        condition, Wan2.2 I2V-A14B; `data.channel_condition`): the loader's prefetched tensors when ``train()`` fetched this iteration (copied with
-        ``non_blocking`` from pinned memory), else read now (``stage.train_step`` called directly)."""
+        condition, Wan2.2 I2V-A14B; `data.channel_condition`): the loader's prefetched tensors when ``train()``
+        fetched this iteration (copied with ``non_blocking`` from pinned memory), else read now
+        (``stage.train_step`` called directly)."""
         ready = self.loader.get(self.dataset, indices)
         if ready is None:
             fields = collate(self.dataset, indices, self.dtype, self.device)
