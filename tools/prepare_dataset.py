@@ -190,7 +190,8 @@ def prepare(args: argparse.Namespace, codec=None, text_encoder=None) -> dict:
                                                       args.text_max_length, device=device)
     negative_prompt = args.negative_prompt if args.negative_prompt is not None else text_encoder.default_negative_prompt
     latent_shape = list(codec.latent_shape(args.num_frames, args.height, args.width))
-    if getattr(args, "i2v_condition", False) and getattr(codec, "name", None) != "wan-vae":
+    i2v = bool(getattr(args, "i2v_condition", False))
+    if i2v and getattr(codec, "name", None) != "wan-vae":
         raise SystemExit(f"--i2v-condition: the image condition of Wan2.2 I2V-A14B is made by the Wan2.1 VAE "
                          f"(--codec wan-vae --vae DIR); got --codec {getattr(codec, 'name', args.codec)}")
     cfg = run_config(args, codec, text_encoder, negative_prompt)
@@ -276,8 +277,7 @@ def prepare(args: argparse.Namespace, codec=None, text_encoder=None) -> dict:
             raise RuntimeError(f"codec produced latents {list(lat.shape[1:])}, expected {latent_shape}")
         txt = embed(batch.captions)
         # Wan2.2 I2V-A14B: the clip's frame 0 as the condition image, encoded as the pipeline does
-        cond = (encode_i2v_condition(codec, batch.video[:, :, 0], args.num_frames).cpu()
-                if args.i2v_condition else None)
+        cond = encode_i2v_condition(codec, batch.video[:, :, 0], args.num_frames).cpu() if i2v else None
         for j in range(lat.shape[0]):
             pending.append((lat[j].clone(), txt[j], {"key": batch.keys[j], "start_frame": batch.start_frames[j],
                                                       "caption": batch.captions[j], "position": batch.positions[j]},
@@ -323,7 +323,7 @@ def prepare(args: argparse.Namespace, codec=None, text_encoder=None) -> dict:
                        "clips_per_video": args.clips_per_video, "clip_sampling": args.clip_sampling,
                        "seed": args.seed, "layout": "latents [n, f, c, h, w] frame-major; video in [-1, 1]"},
              "captions": captions, "skipped": skipped, "config": cfg, "created_by": "tools/prepare_dataset.py"}
-    if args.i2v_condition:  # LatentDataset then reads (latents, text, condition) per sample
+    if i2v:  # LatentDataset then reads (latents, text, condition) per sample
         index["condition"] = {"kind": "wan2.2-i2v", "channels": 4 + latent_shape[1]}
     _atomic_json(index_path, index)
     print(f"wrote {num_samples} samples in {len(shards)} shard(s) to {out} "
