@@ -483,3 +483,15 @@ def test_dry_run_plans_an_i2v_expert_with_its_condition_channels():
     assert D.dry_run(parse_args(["--stage", "stage1", "--expert", "low", *base, "--mock-latent-shape", "21", "36",
                                  "60", "104"]), log=lines.append) == 1
     assert any("[FAIL] latent channels 36" in ln for ln in lines), lines
+
+
+def test_generate_refuses_one_expert_alone(i2v, tmp_path, capsys):
+    """One expert of a pair (here the I2V high-noise expert, as any A14B expert) knows only its time range:
+    ``generate.py`` refuses it by name and range instead of sampling the whole range with it."""
+    root = i2v
+    _convert(root, capsys)
+    for role, span in (("high", "[0.9, 1]"), ("low", "[0, 0.9]")):
+        rc, _, err = tool("generate", ["--checkpoint", root / "ckpt" / role, "--prompt", "a cat", "--codec", "none",
+                                       "--latent-shape", F_, 16, H_, W_, "--output", tmp_path / "gen"], capsys)
+        assert rc == 2 and f"the {role}-noise expert" in err and span in err and "--expert-2" in err, err[-2000:]
+    assert not (tmp_path / "gen").exists()

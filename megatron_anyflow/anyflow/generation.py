@@ -244,6 +244,14 @@ def _load_model(path, adapter, ema, tensor_model_parallel_size, context_parallel
                                   f"(stage {meta.get('stage', 'converted')!r}); drop --ema")
     from megatron_anyflow.checkpoint.model_io import load_for_inference
 
+    arch = meta.get("wan_config") or {}
+    if arch.get("expert") and not meta.get("experts"):  # one expert alone knows only its own time range
+        b = arch.get("boundary_ratio")
+        span = f"[{b:g}, 1]" if arch["expert"] == "high" else f"[0, {b:g}]"
+        raise GenerationError(f"{d} is the {arch['expert']}-noise expert of a two-expert model (Wan2.2 A14B, "
+                              f"boundary_ratio {b:g}): it knows t in {span} only, and a video needs both experts; "
+                              "generate from the pair's stage-2 checkpoint, or export both experts with "
+                              "tools/convert_to_hf.py --expert-2 ... --pipeline")
     if meta.get("experts"):  # a two-expert stage-2 run (Wan2.2 A14B): both experts, each step routed to its own
         from megatron_anyflow.anyflow.two_expert import load_stage2_pair
 
