@@ -429,39 +429,44 @@ def test_pipeline_export_of_an_i2v_pair(i2v, stage2_pair, tmp_path, capsys):
 
 
 def test_evaluate_an_i2v_pair_against_its_teacher(i2v, stage2_pair, tmp_path, capsys):
-    """``evaluate_anyflow --teacher-2`` on a conditioned dataset: every sample (the teacher's reference, the
-    student at each N) is drawn given its clip's condition; the student's rows equal an independent computation
-    (the sampler's own two-expert teacher path with ``model_2``, and the student on the boundary grid; the same
-    samples to float32 rounding: 1e-4 relative on an MSE). A dataset without conditions is refused by name."""
+    """``evaluate_anyflow --teacher-2`` on a conditioned dataset, in fp32 and with ``--bf16``: every sample (the
+    teacher's reference, the student at each N) is drawn given its clip's condition; the student's rows equal an
+    independent computation (the sampler's own two-expert teacher path with ``model_2``, and the student pair on
+    the boundary grid, on models loaded in the same dtype; the same samples to float32 rounding: 1e-4 relative on
+    an MSE). A dataset without conditions is refused by name."""
     from megatron_anyflow.anyflow.two_expert import load_stage2_pair
+    from megatron_anyflow.checkpoint.model_io import load_for_inference
     from megatron_anyflow.data.latent_dataset import LatentDataset
     from test_pipeline_export import load_tool
 
     root = i2v
-    experts = _convert(root, capsys)
+    _convert(root, capsys)
     data = _dataset(tmp_path / "data", n=2)
-    argv = ["--teacher", root / "ckpt" / "high", "--teacher-2", root / "ckpt" / "low", "--student", stage2_pair,
-            "--data-path", data, "--output", tmp_path / "eval", "--steps", 1, 2, "--reference-steps", 4,
-            "--num-samples", 2, "--guidance", 2]
-    assert load_tool("evaluate_anyflow").main([str(a) for a in argv]) == 0
-    res = json.load(open(tmp_path / "eval" / "scaling.json"))
     tool_mod = load_tool("evaluate_anyflow")
     ds = LatentDataset(data)
     idx, text, neg, noise, _ = tool_mod.evaluation_inputs(ds, 2, 0, torch.device("cpu"))
     y = torch.stack([ds[i][2] for i in idx])
-    student = load_stage2_pair(str(stage2_pair))
-    with torch.no_grad():
-        ref = TeacherEulerSampler(4, guidance_scale=2, boundary=B)(experts["high"], noise, text, neg.expand(2, -1, -1),
-                                                                   model_2=experts["low"], channel_condition=y)
-        for n in (1, 2):
-            out = FlowMapEulerSampler(n, boundary=B)(student, noise, text, channel_condition=y)
-            mse = float((out.float() - ref.float()).pow(2).mean())
-            got = res["metrics"]["student"][str(n)]["latent_mse"]
-            assert got == pytest.approx(mse, rel=1e-4), (n, got, mse)
+    for extra in ([], ["--bf16"]):
+        out = tmp_path / f"eval{len(extra)}"
+        argv = ["--teacher", root / "ckpt" / "high", "--teacher-2", root / "ckpt" / "low", "--student", stage2_pair,
+                "--data-path", data, "--output", out, "--steps", 1, 2, "--reference-steps", 4, "--num-samples", 2,
+                "--guidance", 2, *extra]
+        assert load_tool("evaluate_anyflow").main([str(a) for a in argv]) == 0
+        res = json.load(open(out / "scaling.json"))
+        dtype = dict(bf16=True) if extra else {}
+        high, low = (load_for_inference(str(root / "ckpt" / e), **dtype) for e in ("high", "low"))
+        student = load_stage2_pair(str(stage2_pair), **dtype)
+        with torch.no_grad():
+            ref = TeacherEulerSampler(4, guidance_scale=2, boundary=B)(high, noise, text, neg.expand(2, -1, -1),
+                                                                       model_2=low, channel_condition=y)
+            for n in (1, 2):
+                x0 = FlowMapEulerSampler(n, boundary=B)(student, noise, text, channel_condition=y)
+                mse = float((x0.float() - ref.float()).pow(2).mean())
+                got = res["metrics"]["student"][str(n)]["latent_mse"]
+                assert got == pytest.approx(mse, rel=1e-4), (extra, n, got, mse)
     argv[argv.index(data)] = _dataset(tmp_path / "plain", condition=False, n=2)
     with pytest.raises(ValueError, match="all three must agree"):
         load_tool("evaluate_anyflow").main([str(a) for a in argv])
-
 
 def test_dry_run_plans_an_i2v_expert_with_its_condition_channels():
     """The launch checks (``--dry-run``, what examples/pretrain_anyflow_wan22_a14b.sh PRESET=wan2.2-i2v-a14b

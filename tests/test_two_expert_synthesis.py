@@ -291,13 +291,11 @@ def test_bad_teacher_pairs_are_refused_by_name(ckpts, tmp_path, capsys, case):
 
 
 def test_only_the_called_expert_is_on_the_device():
-    """``one_expert_resident`` (the CLI on a GPU: two float32 14B experts do not fit one 80 GB GPU together):
+    """`two_expert.one_resident` (the CLIs on a GPU: two float32 14B experts do not fit one 80 GB GPU together):
     the expert being called is moved onto the device and the other off it, twice per rollout; the result is
     the sampler's with the experts called directly. The moves are recorded, not made (no GPU needed)."""
-    spec = importlib.util.spec_from_file_location("synthesize_dataset", os.path.join(REPO, "tools",
-                                                                                     "synthesize_dataset.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from megatron_anyflow.anyflow.two_expert import one_resident
+
     moves = []
 
     class Expert(torch.nn.Module):
@@ -313,7 +311,8 @@ def test_only_the_called_expert_is_on_the_device():
             return self.scale * z + T[:, :, None, None, None] / 1000 + text.mean()
 
     high, low = Expert("high", 0.5), Expert("low", -1.0)
-    fh, fl = mod.one_expert_resident(high, low, "cuda")
+    fns = one_resident({"high": high, "low": low}, "cuda")
+    fh, fl = fns["high"], fns["low"]
     assert moves == [("high", "cpu"), ("low", "cpu")]
     del moves[:]
     sampler = TeacherEulerSampler(4, boundary=B, guidance_scale=2.0, guidance_scale_2=3.0)  # high, high, low, low
@@ -323,4 +322,4 @@ def test_only_the_called_expert_is_on_the_device():
                      ("low", "cpu"), ("high", "cuda"), ("high", "cpu"), ("low", "cuda")]
     ref = sampler(high, noise, text, neg, model_2=low)
     assert all(torch.equal(o, ref) for o in outs)
-    assert mod.one_expert_resident(high, low, "cpu") == (high, low)  # on the CPU: the experts themselves
+    assert one_resident({"high": high, "low": low}, "cpu") == {"high": high, "low": low}  # CPU: the experts

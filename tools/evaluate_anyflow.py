@@ -12,6 +12,11 @@ reference, student at each ``--video-steps`` N, teacher at the same N; columns =
 looped to last ``--video-seconds``). With ``--diffusers-export DIR`` it also loads an export made by
 ``tools/convert_to_hf.py`` in diffusers and checks one sampling step (``AnyFlowTransformer3DModel`` +
 ``FlowMapEulerDiscreteScheduler``) against this project's sampler.
+
+Two experts (Wan2.2 A14B: ``--teacher HIGH --teacher-2 LOW --student STAGE2``): the teacher and the student
+route each call by its time range; the four 14B experts wait in host memory and only the one being called is on
+the GPU (`anyflow.two_expert.one_resident`; ``--bf16`` halves them: 29 GB each). Wan2.2 I2V-A14B: every sample is
+drawn given its clip's image condition (a dataset prepared with ``--i2v-condition``).
 """
 
 import argparse
@@ -41,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--video-steps", type=int, nargs="+", default=[1, 4], help="N shown in the MP4 grid")
     p.add_argument("--video-seconds", type=float, default=6.0, help="loop the sample clips to last this long")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 weights and forwards for the teacher and the student (the Euler states stay float32): "
+                        "half the memory; a two-expert evaluation keeps one of its four experts on the GPU at a time")
     p.add_argument("--diffusers-export", default=None, help="diffusers export of the student to check one step")
     return p.parse_args(argv)
 
@@ -71,24 +79,37 @@ def main(argv=None):
         raise ValueError(f"--student {args.student} is a two-expert stage-2 run: give the teacher's other expert with "
                          "--teacher-2" if pair_student else
                          f"--teacher-2 names a two-expert teacher, but --student {args.student} holds one model")
+    dtype = dict(bf16=True) if args.bf16 else {}
+    if args.teacher_2 and args.diffusers_export:
+        raise ValueError(f"--diffusers-export {args.diffusers_export}: the one-step check is of one transformer; a "
+                         "two-expert export is checked by tools/convert_to_hf.py --verify")
     if args.teacher_2:  # a two-expert model (Wan2.2 A14B): both teacher bases and both student experts
-        from megatron_anyflow.anyflow.two_expert import load_expert_pair, load_stage2_pair
+        from megatron_anyflow.anyflow.sampler import route_experts
+        from megatron_anyflow.anyflow.two_expert import load_expert_pair, load_stage2_pair, one_resident
 
-        teacher = load_expert_pair(args.teacher, args.teacher_2,
-                                   lambda p: load_for_inference(p, adapter=args.teacher_adapter)).to(device)
-        student = load_stage2_pair(args.student, adapter="generator", ema=args.ema).to(device)
+        t_pair = load_expert_pair(args.teacher, args.teacher_2,
+                                  lambda p: load_for_inference(p, adapter=args.teacher_adapter, **dtype))
+        s_pair = load_stage2_pair(args.student, adapter="generator", ema=args.ema, **dtype)
+        configs = (t_pair.config, s_pair.config)
+        # four 14B experts do not fit one GPU: only the one being called is on it (on the CPU nothing moves); the
+        # calls route as TwoExpertWanModel does (`route_experts`: the same rule, per call)
+        fns = one_resident({"teacher-high": t_pair.high, "teacher-low": t_pair.low, "student-high": s_pair.high,
+                            "student-low": s_pair.low}, device)
+        teacher = route_experts(fns["teacher-high"], fns["teacher-low"], t_pair.boundary)
+        student = route_experts(fns["student-high"], fns["student-low"], s_pair.boundary)
     else:
-        teacher = load_for_inference(args.teacher, adapter=args.teacher_adapter).to(device)
-        student = load_for_inference(args.student, adapter="generator", ema=args.ema).to(device)
+        teacher = load_for_inference(args.teacher, adapter=args.teacher_adapter, **dtype).to(device)
+        student = load_for_inference(args.student, adapter="generator", ema=args.ema, **dtype).to(device)
+        configs = (teacher.config, student.config)
     ds = LatentDataset(args.data_path)
     idx, text, neg, noise, decode = evaluation_inputs(ds, args.num_samples, args.seed, device)
     # Wan2.2 I2V-A14B: every sample is drawn given its clip's image condition (the dataset's, --i2v-condition)
     from megatron_anyflow.data.channel_condition import condition_channels
 
-    cc = condition_channels(student.config)
-    if cc != condition_channels(teacher.config) or (cc and ds.condition_channels != cc):
+    cc, cc_teacher = condition_channels(configs[1]), condition_channels(configs[0])
+    if cc != cc_teacher or (cc and ds.condition_channels != cc):
         raise ValueError(f"--student {args.student} reads {cc or 'no'} image-condition channels, --teacher "
-                         f"{args.teacher} {condition_channels(teacher.config) or 'none'}, --data-path "
+                         f"{args.teacher} {cc_teacher or 'none'}, --data-path "
                          f"{args.data_path} holds {ds.condition_channels or 'no'} condition channels; all three must "
                          "agree (an I2V-A14B dataset: prepare_dataset.py --i2v-condition)")
     if cc and args.diffusers_export:

@@ -25,7 +25,7 @@ expert, a single model with ``--teacher-2``, one expert without ``--teacher-2``,
 The output's ``index.json`` records the pair under ``synthesized`` (``teacher`` the high expert,
 ``teacher_2`` the low one, ``boundary_ratio``, ``guidance`` / ``guidance_2``). On a GPU only the expert being
 called is on it (two float32 14B experts, 2 x 57 GB, do not fit one 80 GB GPU together; the other waits in
-host memory, two moves per batch: ``one_expert_resident``). ``--bf16`` loads and runs the teacher in bf16 (the
+host memory, two moves per batch: `anyflow.two_expert.one_resident`). ``--bf16`` loads and runs the teacher in bf16 (the
 Euler state stays float32): half the memory and the GPU's bf16 tensor cores, at samples within ~1e-2 relative of
 the float32 teacher's (0.7 % on the tiny family, tests/test_two_expert_synthesis.py).
 
@@ -105,43 +105,6 @@ def teacher_experts(teacher, teacher_2):
     return {role: path for role, (path, _, _) in pair.items()}, boundary
 
 
-def one_expert_resident(high, low, device):
-    """The two experts as sampler callables of which only the one being called is on ``device``.
-
-    Two 14B experts in float32 are 2 x 57 GB, more than one 80 GB GPU holds; the teacher's Euler steps use
-    the high expert for the first steps of a rollout and the low one for the rest, so keeping the inactive
-    expert in host memory costs two moves per batch (against 2N forwards of a 14B). On the CPU nothing moves.
-
-    Args:
-        high, low: ``torch.nn.Module`` experts (anywhere; both go to host memory first when ``device`` is not
-            the CPU).
-        device: the device the active expert runs on.
-
-    Returns:
-        ``(high_fn, low_fn)``: ``fn(z, T, R, text) -> v`` calls its expert after moving it onto ``device``
-        and the other one off it, when needed.
-    """
-    import torch
-
-    device = torch.device(device)
-    if device.type == "cpu":
-        return high.to(device), low.to(device)
-    experts = {"high": high.to("cpu"), "low": low.to("cpu")}
-    on = [None]  # the expert now on the device
-
-    def resident(role):
-        def fn(z, T, R, text):
-            if on[0] != role:
-                if on[0] is not None:
-                    experts[on[0]].to("cpu")
-                experts[role].to(device)
-                on[0] = role
-            return experts[role](z, T, R, text)
-        return fn
-
-    return resident("high"), resident("low")
-
-
 def main(argv=None):
     args = parse_args(argv)
     import warnings
@@ -172,9 +135,15 @@ def main(argv=None):
 
     if boundary is None:
         teacher, teacher_2 = load(args.teacher).to(device), None
+        cc = condition_channels(teacher.config)
         sampler = TeacherEulerSampler(args.steps, shift=args.shift, guidance_scale=args.guidance)
     else:
-        teacher, teacher_2 = one_expert_resident(load(experts["high"]), load(experts["low"]), device)
+        from megatron_anyflow.anyflow.two_expert import one_resident
+
+        pair = {"high": load(experts["high"]), "low": load(experts["low"])}
+        cc = condition_channels(pair["high"].config)  # the pair shares one architecture (expert_pair checked it)
+        fns = one_resident(pair, device)
+        teacher, teacher_2 = fns["high"], fns["low"]
         sampler = TeacherEulerSampler(args.steps, shift=args.shift, guidance_scale=args.guidance, boundary=boundary,
                                       guidance_scale_2=args.guidance_2)
     ds = LatentDataset(args.data_path)
@@ -183,7 +152,6 @@ def main(argv=None):
     texts = torch.stack([ds[i % len(ds)][1] for i in range(n)])
     # Wan2.2 I2V-A14B: every sample is drawn given its source clip's image condition, which the output keeps
     # (a text-only teacher on a conditioned dataset ignores and drops the conditions)
-    cc = condition_channels(teacher.config)
     if cc and ds.condition_channels != cc:
         raise ValueError(f"--teacher {args.teacher} reads a {cc}-channel image condition (Wan2.2 I2V-A14B); "
                          f"--data-path {args.data_path} has " + (f"a {ds.condition_channels}-channel one"

@@ -202,7 +202,9 @@ def route_experts(high: ModelFn, low: ModelFn, boundary: float) -> ModelFn:
 
     Returns:
         ``model(z, T, R, text) -> u``: one call of one expert with the same arguments. Every (sample, frame)
-        time pair of a call must lie in one expert's range (frames held clean, ``T = 0``, follow ``R``).
+        time pair of a call must lie in one expert's range (frames held clean, ``T = 0``, follow ``R``). Its
+        ``boundary`` attribute is ``b``, as `two_expert.TwoExpertWanModel`'s (the samplers of
+        `anyflow.generation` and `anyflow.evaluation` read it to sample on the boundary grid).
 
     Raises:
         ValueError: ``boundary`` not in (0, 1) (at construction); at a call, a jump that crosses ``b``, or
@@ -223,6 +225,7 @@ def route_experts(high: ModelFn, low: ModelFn, boundary: float) -> ModelFn:
                          f"{float(T.max()):g}], R in [{float(R.min()):g}, {float(R.max()):g}]; no single expert "
                          "knows it: sample on two_expert_time_grid (FlowMapEulerSampler(..., boundary=b))")
 
+    model.boundary = b
     return model
 
 

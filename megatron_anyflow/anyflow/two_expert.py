@@ -18,14 +18,14 @@ routes a timestep equal to the boundary. A jump with ``T > B > R`` belongs to ne
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Tuple
+from typing import Callable, Dict, Iterator, Tuple
 
 import torch
 from torch import nn
 
 from .timesteps import to_model_scale
 
-__all__ = ["TwoExpertWanModel", "EXPERTS", "jump_ranges", "load_stage2_pair", "load_expert_pair"]
+__all__ = ["TwoExpertWanModel", "EXPERTS", "jump_ranges", "load_stage2_pair", "load_expert_pair", "one_resident"]
 
 #: the experts' names, in diffusers' order (``transformer``, ``transformer_2``)
 EXPERTS = ("high", "low")
@@ -185,3 +185,38 @@ def load_expert_pair(path: str, path_2: str, load: Callable[[str], nn.Module]) -
 
     pair, boundary = expert_pair(("--teacher", path), ("--teacher-2", path_2))
     return TwoExpertWanModel(load(pair["high"][0]), load(pair["low"][0]), boundary).eval()
+
+
+def one_resident(models: Dict[str, nn.Module], device) -> Dict[str, Callable]:
+    """The models as callables of which only the one being called is on ``device``; the others wait in host memory.
+
+    Two float32 14B experts are 2 x 57 GB, more than one 80 GB GPU holds, and an evaluation holds four (the
+    teacher's pair and the student's). A sampler calls one expert for a stretch of steps and then the other, so
+    keeping the rest in host memory costs two moves per rollout (against N forwards of a 14B). On the CPU
+    nothing moves and the models themselves are returned.
+
+    Args:
+        models: name -> ``torch.nn.Module`` (anywhere; all go to host memory first when ``device`` is not the CPU).
+        device: the device the called model runs on.
+
+    Returns:
+        name -> ``fn(*args, **kwargs)``: calls its model after moving it onto ``device`` and the previous one off
+        it, when needed.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return {k: m.to(device) for k, m in models.items()}
+    models = {k: m.to("cpu") for k, m in models.items()}
+    on = [None]  # the name of the model now on the device
+
+    def resident(name):
+        def fn(*args, **kwargs):
+            if on[0] != name:
+                if on[0] is not None:
+                    models[on[0]].to("cpu")
+                models[name].to(device)
+                on[0] = name
+            return models[name](*args, **kwargs)
+        return fn
+
+    return {k: resident(k) for k in models}
