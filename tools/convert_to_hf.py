@@ -37,7 +37,10 @@ what the run trained on (its teacher, with the delta embedder the run started fr
 same checkpoint without ``--merge-lora``. ``alpha / rank`` is folded into ``lora_B`` (the file's PEFT
 config has ``lora_alpha == r``), so every loader convention applies the same scale. AnyFlow-FAR's
 generator is not expressible as a LoRA (its ``far_patch_embedding`` is trained fully, not low-rank): it is
-refused (export it merged). The LoRA file's size and the merged export's are printed. ``--verify`` loads the
+refused (export it merged). A two-expert stage-2 run (Wan2.2 A14B) gives one file per expert,
+``high_noise_lora.safetensors`` and ``low_noise_lora.safetensors``, for the base pair's pipeline:
+``pipe.load_lora_weights(DIR, weight_name="high_noise_lora.safetensors")`` and ``pipe.load_lora_weights(DIR,
+weight_name="low_noise_lora.safetensors", load_into_transformer_2=True)``. The LoRA file's size and the merged export's are printed. ``--verify`` loads the
 base and the file in diffusers and compares one forward with the merged model.
 
 Safety: weights with a non-finite value are never exported (the keys are named). ``--verify`` (on by
@@ -181,10 +184,10 @@ def main(argv=None):
             print(f"error: {problem}", file=sys.stderr)
             return 2
     lora = meta.get("lora")
-    if meta.get("experts") and (not args.pipeline or args.lora_only is not None):
+    if meta.get("experts") and not args.pipeline and args.lora_only is None:
         print(f"error: {ckpt_dir} holds both experts of a two-expert model (a two-expert stage-2 run): it exports as "
-              "one two-expert pipeline: pass --pipeline with --vae / --text-encoder, and not --lora-only",
-              file=sys.stderr)
+              "one two-expert pipeline (--pipeline with --vae / --text-encoder) or as the two experts' LoRAs "
+              "(--lora-only)", file=sys.stderr)
         return 2
     if args.lora_only is not None:
         return export_lora_only(args, ckpt_dir, meta, t0)
@@ -613,8 +616,15 @@ def tensor_bytes(sd):
     return sum(v.numel() * v.element_size() for v in sd.values())
 
 
+#: a two-expert stage-2 run's LoRA files (``--lora-only``): one per expert, diffusers' ``transformer`` then
+#: ``transformer_2`` (``load_lora_weights(..., weight_name=..., load_into_transformer_2=True)`` for the second)
+EXPERT_LORA_FILES = {"high": "high_noise_lora.safetensors", "low": "low_noise_lora.safetensors"}
+
+
 def export_lora_only(args, ckpt_dir, meta, t0):
-    """``--lora-only``: the adapter as ``OUTPUT/pytorch_lora_weights.safetensors`` (module docstring).
+    """``--lora-only``: the adapter as ``OUTPUT/pytorch_lora_weights.safetensors`` (module docstring); for a
+    two-expert stage-2 run, each expert's as ``OUTPUT/high_noise_lora.safetensors`` and
+    ``OUTPUT/low_noise_lora.safetensors`` (`EXPERT_LORA_FILES`), each verified on its own expert.
 
     Returns the exit code: 0, 1 (non-finite adapter, --verify failed), 2 (bad request: no such adapter, a
     FAR generator, whose fully trained ``far_patch_embedding`` a LoRA cannot carry)."""
@@ -640,54 +650,64 @@ def export_lora_only(args, ckpt_dir, meta, t0):
               "far_patch_embedding fully (not a low-rank update), which a diffusers LoRA cannot carry; export the "
               "merged model (--merge-lora generator)", file=sys.stderr)
         return 2
-    print(f"[2/4] loading the base and adapter {adapter!r}{' (EMA)' if args.ema else ''}", flush=True)
-    try:
-        model = load_with_adapter(ckpt_dir, adapter, ema=args.ema)
-    except (KeyError, FileNotFoundError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    cfg = model.config
+    # one model, or each expert of a two-expert stage-2 run: its own file, written and verified one expert at a
+    # time (a 14B expert and its diffusers copy are held once), all in OUTPUT.tmp until every file passed
+    files = EXPERT_LORA_FILES if meta.get("experts") else {None: "pytorch_lora_weights.safetensors"}
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    layers, lora_config = lora_to_diffusers(model, adapter, cfg.head_dim)
-    layers = {k: v.to(dtype) for k, v in layers.items()}
-    bad = non_finite_keys(layers)
-    if bad:
-        print(f"error: {len(bad)} LoRA tensor(s) of {ckpt_dir} hold non-finite values in {args.dtype}: "
-              f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; refusing to export them", file=sys.stderr)
-        return 1
-    # The base as the diffusers model sees it (the LoRA linears' wrapped weights under their plain names).
-    base = {canonical_key(k): v for k, v in model.state_dict().items() if v is not None and ".adapters." not in k}
-    base_hf = megatron_to_hf(base, cfg.head_dim)
     hf_cfg = hf_config_from_arch(arch)
     tmp = args.output + ".tmp"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
-    print(f"[3/4] {len(lora_config['target_modules'])} diffusers modules, rank {lora_config['r']} "
-          f"(alpha {lora['alpha']:g} / rank {lora['rank']} folded into lora_B)", flush=True)
-    WanLoraLoaderMixin.save_lora_weights(tmp, transformer_lora_layers=layers,
-                                         transformer_lora_adapter_metadata=lora_config)
+    for expert, name in files.items():
+        what = f"the {expert}-noise expert's " if expert else "the "
+        print(f"[2/4] loading {what}base and adapter {adapter!r}{' (EMA)' if args.ema else ''}", flush=True)
+        try:
+            model = load_with_adapter(ckpt_dir, adapter, ema=args.ema, expert=expert)
+        except (KeyError, FileNotFoundError, CheckpointError) as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        cfg = model.config
+        layers, lora_config = lora_to_diffusers(model, adapter, cfg.head_dim)
+        layers = {k: v.to(dtype) for k, v in layers.items()}
+        bad = non_finite_keys(layers)
+        if bad:
+            shutil.rmtree(tmp, ignore_errors=True)
+            print(f"error: {len(bad)} LoRA tensor(s) of {ckpt_dir}{' (' + expert + ')' if expert else ''} hold "
+                  f"non-finite values in {args.dtype}: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+                  "refusing to export them", file=sys.stderr)
+            return 1
+        # The base as the diffusers model sees it (the LoRA linears' wrapped weights under their plain names).
+        base = {canonical_key(k): v for k, v in model.state_dict().items() if v is not None and ".adapters." not in k}
+        base_hf = megatron_to_hf(base, cfg.head_dim)
+        del base
+        print(f"[3/4] {what}LoRA: {len(lora_config['target_modules'])} diffusers modules, rank {lora_config['r']} "
+              f"(alpha {lora['alpha']:g} / rank {lora['rank']} folded into lora_B)", flush=True)
+        WanLoraLoaderMixin.save_lora_weights(tmp, transformer_lora_layers=layers, weight_name=name,
+                                             transformer_lora_adapter_metadata=lora_config)
+        merged_mib = sum(v.numel() for v in base_hf.values()) * dtype.itemsize / 2**20  # same shapes as the base
+        print(f"[4/4] wrote {os.path.join(args.output, name)}: LoRA {os.path.getsize(os.path.join(tmp, name)) / 2**20:.3g}"
+              f" MiB; the merged {hf_cfg['_class_name']} {'expert ' if expert else ''}export: {merged_mib:.3g} MiB of "
+              f"{args.dtype} tensors", flush=True)
+        if args.verify:
+            import diffusers
+
+            tol = args.verify_tolerance if args.verify_tolerance is not None else VERIFY_TOLERANCE[args.dtype]
+            hf = getattr(diffusers, hf_cfg["_class_name"]).from_config(hf_cfg).float().eval()
+            hf.load_state_dict({k: v.float() for k, v in base_hf.items()}, strict=True)
+            hf.load_lora_adapter(tmp, weight_name=name, prefix="transformer")
+            del base_hf
+            L.merge_adapter(model, adapter)
+            L.remove_lora(model)
+            err = verify(hf, model, cfg, hf_cfg["_class_name"])
+            print(f"verify: {name + ': ' if expert else ''}diffusers base + LoRA vs megatron_anyflow merged, relative "
+                  f"error {err:.2e} (tolerance {tol:.0e})", flush=True)
+            if not math.isfinite(err) or err > tol:
+                return verify_failed(tmp, f"{name}: relative error {err:.2e} (tolerance {tol:.0e}): the LoRA on "
+                                          "the base does not reproduce the merged checkpoint")
+        del model
     write_checksums_for_tree(tmp)
     os.replace(tmp, args.output)
-    path = os.path.join(args.output, "pytorch_lora_weights.safetensors")
-    merged_mib = sum(v.numel() for v in base_hf.values()) * dtype.itemsize / 2**20  # same shapes as the base
-    print(f"[4/4] wrote {path}: LoRA {os.path.getsize(path) / 2**20:.3g} MiB; the merged {hf_cfg['_class_name']} "
-          f"export: {merged_mib:.3g} MiB of {args.dtype} tensors", flush=True)
-    if args.verify:
-        import diffusers
-
-        tol = args.verify_tolerance if args.verify_tolerance is not None else VERIFY_TOLERANCE[args.dtype]
-        hf = getattr(diffusers, hf_cfg["_class_name"]).from_config(hf_cfg).float().eval()
-        hf.load_state_dict({k: v.float() for k, v in base_hf.items()}, strict=True)
-        hf.load_lora_adapter(args.output, weight_name="pytorch_lora_weights.safetensors", prefix="transformer")
-        del base, base_hf
-        L.merge_adapter(model, adapter)
-        L.remove_lora(model)
-        err = verify(hf, model, cfg, hf_cfg["_class_name"])
-        print(f"verify: diffusers base + LoRA vs megatron_anyflow merged, relative error {err:.2e} "
-              f"(tolerance {tol:.0e})", flush=True)
-        if not math.isfinite(err) or err > tol:
-            return verify_failed(args.output, f"relative error {err:.2e} (tolerance {tol:.0e}): the LoRA on the base "
-                                              "does not reproduce the merged checkpoint")
     print(f"done in {time.time() - t0:.1f}s", flush=True)
     return 0
 
