@@ -40,8 +40,9 @@ generator is not expressible as a LoRA (its ``far_patch_embedding`` is trained f
 refused (export it merged). A two-expert stage-2 run (Wan2.2 A14B) gives one file per expert,
 ``high_noise_lora.safetensors`` and ``low_noise_lora.safetensors``, for the base pair's pipeline:
 ``pipe.load_lora_weights(DIR, weight_name="high_noise_lora.safetensors")`` and ``pipe.load_lora_weights(DIR,
-weight_name="low_noise_lora.safetensors", load_into_transformer_2=True)``. The LoRA file's size and the merged export's are printed. ``--verify`` loads the
-base and the file in diffusers and compares one forward with the merged model.
+weight_name="low_noise_lora.safetensors", load_into_transformer_2=True)``. The LoRA file's size and the
+merged export's are printed. ``--verify`` loads the base and the file in diffusers and compares one forward
+with the merged model (each expert's, for a pair).
 
 Safety: weights with a non-finite value are never exported (the keys are named). ``--verify`` (on by
 default; ``--no-verify`` skips it) loads the
