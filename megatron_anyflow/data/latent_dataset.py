@@ -38,6 +38,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_anyflow.data.channel_condition import i2v_condition
+
 FORMAT = "anyflow-latents-v1"
 
 
@@ -172,8 +174,6 @@ class MockLatentDataset:
         text = torch.randn(self.text_len, self.text_dim, generator=g)
         if not self.condition_channels:
             return x, text
-        from megatron_anyflow.data.channel_condition import i2v_condition
-
         c_lat = torch.cat([x[:1], torch.randn(f - 1, c, h, w, generator=g)])
         return x, text, i2v_condition(c_lat[None])[0]
 

@@ -122,8 +122,9 @@ class Stage2(Stage1):
             from megatron_anyflow.models.wan.config import expert_time_range
 
             if args.i2v_prob > 0:
-                raise ValueError(f"--i2v-prob {args.i2v_prob}: a two-expert model (Wan2.2 A14B) is text-to-video here "
-                                 "(I2V-A14B conditions by input channels, not by a clean first frame)")
+                raise ValueError(f"--i2v-prob {args.i2v_prob}: a two-expert model (Wan2.2 A14B) holds no clean first "
+                                 "frame: T2V-A14B is text only, and I2V-A14B is conditioned on every sample through its "
+                                 "input channels (a dataset with --i2v-condition); drop --i2v-prob")
             # the rollout grid with b on it, and its crossing shortcut split (validated with the simulation)
             self.dcfg = dataclasses.replace(self.dcfg, boundary=trainer.model.boundary)
             # co-training: each expert's own stage-1 loss on its range (docs/design/anyflow.md 2.1)

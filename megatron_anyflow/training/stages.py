@@ -113,12 +113,8 @@ class Stage(abc.ABC):
 
     def conditioned(self, condition):
         """The trainer's model as the objectives call it, ``model(z, T, R, text)``: with the micro-batch's channel
-        condition appended to the latents at every call for a model that reads one (Wan2.2 I2V-A14B;
-        `data.channel_condition`), else the model itself.
-
-        Raises:
-            ValueError: a condition missing for such a model, given to another, or of the wrong shape.
-        """
+        condition (``train_step`` checked it against the model) appended to the latents at every call for a model
+        that reads one (Wan2.2 I2V-A14B; `data.channel_condition`), else the model itself."""
         return self.t.model if condition is None else with_channel_condition(self.t.model, condition)
 
     def train_step(self, iteration: int, micro: List[List[int]]) -> Dict[str, float]:

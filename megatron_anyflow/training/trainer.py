@@ -348,15 +348,15 @@ class Trainer:
                 raise ValueError(f"dataset latents have {self.dataset.latent_shape[1]} channels; the model expects "
                                  f"{latent_channels}" + (f" (in_channels {self.config.in_channels} = {latent_channels} "
                                                          f"latent + {cc} condition channels)" if cc else ""))
-            if self.dataset.condition_channels != cc:
-                raise ValueError(
-                    f"dataset {args.data_path} " + (
-                        f"has no channel condition; the model reads a {cc}-channel image condition besides its "
-                        f"latents (Wan2.2 I2V-A14B): prepare the dataset with tools/prepare_dataset.py --i2v-condition"
-                        if cc and not self.dataset.condition_channels else
-                        f"has a {self.dataset.condition_channels}-channel condition; the model reads "
-                        f"{cc or 'none'} (in_channels {self.config.in_channels}, out_channels "
-                        f"{self.config.out_channels})"))
+            have = self.dataset.condition_channels
+            if cc and not have:
+                raise ValueError(f"dataset {args.data_path} has no channel condition; the model reads a {cc}-channel "
+                                 "image condition besides its latents (Wan2.2 I2V-A14B): prepare the dataset with "
+                                 "tools/prepare_dataset.py --i2v-condition")
+            if have != cc:
+                raise ValueError(f"dataset {args.data_path} has a {have}-channel condition; the model reads "
+                                 f"{cc or 'none'} (in_channels {self.config.in_channels}, out_channels "
+                                 f"{self.config.out_channels})")
         self.sampler = DataParallelSampler(len(self.dataset), args.global_batch_size, args.micro_batch_size,
                                            self.dp_size, self.dp_rank, seed=args.seed)
         # Workers read (and prefetch) the sampler's micro-batches; they start with train()'s first fetch.
